@@ -1,0 +1,163 @@
+"""The trained artifact: a folder with ``config.json`` and ``reconstructor.safetensors``.
+
+Loading reads JSON and tensors only (never pickle, never code from the artifact), and refuses a
+model whose KV geometry or K/V projection weights differ from the ones it was trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .capture import attention_modules
+from .models import kv_geometry
+from .reconstructor import Reconstructor
+from .selection import HeadLayout
+
+FORMAT = "echokv-artifact/1"
+CONFIG, WEIGHTS = "config.json", "reconstructor.safetensors"
+STAGE1_WEIGHTS = "reconstructor_stage1.safetensors"  # the closed-form start, for ablations
+
+
+class ArtifactError(ValueError):
+    """An artifact is missing, malformed, or made for another model."""
+
+
+def fingerprint(model) -> str:
+    """sha256 of every layer's K/V projection weights, rounded to bfloat16 so that float32 and
+    bfloat16 loads of the same checkpoint agree."""
+    h = hashlib.sha256()
+    for layer, mod in sorted(attention_modules(model).items()):
+        for name in ("k_proj", "v_proj"):
+            proj = getattr(mod, name)
+            for t in (proj.weight, proj.bias):
+                if t is not None:
+                    h.update(t.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _versions() -> dict:
+    import transformers
+
+    from . import __version__
+
+    return {"echokv": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def save(
+    recon: Reconstructor,
+    model,
+    out_dir: str | Path,
+    report: dict | None = None,
+    overwrite: bool = False,
+    stage1_state: dict | None = None,
+):
+    """Write the artifact atomically: a temporary folder renamed into place when complete."""
+    out = Path(out_dir)
+    check_output_dir(out, overwrite)
+    geo = kv_geometry(model)
+    config = {
+        "format": FORMAT,
+        "model": {
+            "name": getattr(model, "echokv_name", None),
+            "model_type": geo.model_type,
+            "geometry": geo.to_dict(),
+            "kv_fingerprint": fingerprint(model),
+        },
+        "layout": recon.layout.to_dict(),
+        "head_dim": recon.head_dim,
+        "bias": recon.groups[0].use_bias if len(recon.groups) else True,
+        "reconstructor_parameters": recon.num_parameters(),
+        "reconstructor_bytes": recon.num_bytes(),
+        "training": (report or {}).get("config", {}),
+        "versions": _versions(),
+    }
+    tensors = {name: p.detach().contiguous().float() for name, p in recon.state_dict().items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        stage1_state = stage1_state if stage1_state is not None else getattr(recon, "stage1_state", None)
+        if stage1_state is not None:
+            s1 = {k: v.detach().contiguous().float() for k, v in stage1_state.items()}
+            save_file(s1, str(tmp / STAGE1_WEIGHTS), metadata={"format": FORMAT})
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+        if report is not None:
+            (tmp / "train_report.json").write_text(json.dumps(report, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output folder {out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output path {out} exists and is not a folder")
+
+
+def read_config(path: str | Path) -> dict:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ArtifactError(f"artifact folder not found: {folder} (train one with `echokv train --out {folder}`)")
+    for name in (CONFIG, WEIGHTS):
+        if not (folder / name).is_file():
+            raise ArtifactError(f"{folder} is not a complete echokv artifact: {name} is missing")
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{folder / CONFIG} is not valid JSON: {exc}") from exc
+    if config.get("format") != FORMAT:
+        raise ArtifactError(f"{folder} has format {config.get('format')!r}, expected {FORMAT!r}")
+    return config
+
+
+def check_compatible(config: dict, model, path="artifact") -> None:
+    """Refuse an artifact made for another geometry or other K/V weights."""
+    geo = kv_geometry(model).to_dict()
+    want = config["model"]["geometry"]
+    for key in ("num_layers", "num_kv_heads", "head_dim", "num_attention_heads", "sliding_layers"):
+        if want.get(key) != geo.get(key):
+            raise ArtifactError(
+                f"{path} was trained for a model with {key}={want.get(key)}, but this model has {geo.get(key)} "
+                f"(artifact model: {config['model'].get('name')}); train an artifact for this model"
+            )
+    if config["model"]["kv_fingerprint"] != fingerprint(model):
+        raise ArtifactError(
+            f"{path} was trained on a different model (its K/V projection weights differ; artifact model: "
+            f"{config['model'].get('name')}); train an artifact for this model"
+        )
+
+
+def load(path: str | Path, model=None, stage: int = 2) -> Reconstructor:
+    """Load a reconstructor; with ``model``, check it is the model the artifact was trained for.
+
+    ``stage=1`` loads the stage-1 (closed-form) weights, when the artifact has them.
+    """
+    config = read_config(path)
+    if model is not None:
+        check_compatible(config, model, str(path))
+    layout = HeadLayout.from_dict(config["layout"])
+    recon = Reconstructor(layout, config["head_dim"], bias=config.get("bias", True))
+    weights = Path(path) / (WEIGHTS if stage == 2 else STAGE1_WEIGHTS)
+    if not weights.is_file():
+        raise ArtifactError(f"{path} has no stage-{stage} weights ({weights.name})")
+    state = load_file(str(weights))
+    missing = set(recon.state_dict()) - set(state)
+    if missing:
+        raise ArtifactError(f"{weights} lacks tensors {sorted(missing)[:3]}")
+    recon.load_state_dict(state, strict=True)
+    recon.requires_grad_(False)
+    recon.artifact_config = config
+    return recon

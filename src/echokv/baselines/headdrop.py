@@ -1,0 +1,134 @@
+"""Head dropping: EchoKV's retained heads, the discarded ones filled without a network.
+
+The ablation of EchoKV (arXiv 2603.22910) that isolates what its reconstruction buys: the cache
+keeps exactly the KV heads EchoKV's default paper layout keeps at that ratio
+(:func:`~echokv.selection.nearest_paper_layout`: per group of S layers the first layer whole and the
+first m heads of the others), and attention sees, in place of each discarded head,
+
+* ``fill="mean"`` (default): that head's mean cached K/V over the calibration text (keys after RoPE,
+  as cached; per (layer, head), one d-vector, the same for every token);
+* ``fill="zero"``: zeros (a zero key gives the head's tokens a logit of 0, a zero value contributes
+  nothing).
+
+Parameters
+    fill: ``"mean"`` or ``"zero"``.
+    group_size, m: force the paper layout's S and m (default: searched for the ratio, like EchoKV).
+
+Memory: the kept fraction is the layout's, ``kept heads / all heads`` of the full-attention layers
+(:attr:`achieved_kept_fraction`; the nearest paper layout, so not every ratio is reachable exactly).
+The means are method parameters (``2 * L * H * d`` float32 numbers, :meth:`parameter_bytes`).
+
+Simplified: nothing; this is the baseline by construction (the fill is a constant per head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cache import KVCodec
+from ..models import kv_geometry
+from ..selection import HeadLayout, make_groups, nearest_paper_layout
+from ._stats import group_moments, require_calibration
+from .base import Method
+
+FILLS = ("mean", "zero")
+
+
+class HeadDropCodec(KVCodec):
+    """Stores the retained heads; rebuilds the others as a constant per head (mean or zero)."""
+
+    def __init__(self, layout: HeadLayout, num_kv_heads: int, head_dim: int, means: dict | None):
+        self.layout = layout
+        self.layers = list(layout.layers)
+        self.h, self.d = num_kv_heads, head_dim
+        self.kept = {kind: {i: layout.retained_in_layer(kind, i) for i in self.layers} for kind in ("k", "v")}
+        self.dropped = {
+            kind: {i: [h for h in range(num_kv_heads) if h not in self.kept[kind][i]] for i in self.layers}
+            for kind in ("k", "v")
+        }
+        self.means = means  # kind -> layer -> [H, d] float32, or None (zero fill)
+
+    def encode(self, keys, values):
+        return {
+            i: {
+                "k": keys[i][:, self.kept["k"][i]].contiguous(),
+                "v": values[i][:, self.kept["v"][i]].contiguous(),
+            }
+            for i in self.layers
+        }
+
+    def decode(self, layer, stored):
+        out = []
+        for kind in ("k", "v"):
+            s = stored[layer][kind]  # [B, kept, T, d]
+            b, _, t, _ = s.shape
+            x = s.new_zeros(b, self.h, t, self.d)
+            x[:, self.kept[kind][layer]] = s
+            drop = self.dropped[kind][layer]
+            if drop and self.means is not None:
+                fill = self.means[kind][layer][drop].to(device=s.device, dtype=s.dtype)
+                x[:, drop] = fill[None, :, None, :].expand(b, -1, t, -1)
+            out.append(x)
+        return out[0], out[1]
+
+
+@dataclass
+class HeadDropMethod(Method):
+    """EchoKV's retained heads, discarded heads filled with the calibration mean or zeros."""
+
+    name: str = "headdrop"
+    fill: str = "mean"
+    group_size: int | None = None
+    m: int | None = None
+    layout: HeadLayout | None = field(default=None, repr=False)
+    means: dict | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.fill not in FILLS:
+            raise ValueError(f"unknown fill {self.fill!r}; choose one of {', '.join(FILLS)}")
+
+    def prepare(self, model, tokenizer, calibration) -> None:
+        geo = kv_geometry(model)
+        layers = geo.full_attention_layers
+        self.layout = nearest_paper_layout(layers, geo.num_kv_heads, self.compression_ratio,
+                                           group_size=self.group_size, m=self.m)
+        if self.fill == "mean":
+            cal = require_calibration(calibration, f"{self.name} (fill='mean')")
+            mom = group_moments(model, cal, make_groups(layers, 1))
+            self.means = {
+                kind: {lay: mom[src][i].mean.float() for i, lay in enumerate(layers)}
+                for kind, src in (("k", "k_post"), ("v", "v"))
+            }
+
+    def make_codec(self, model):
+        if self.layout is None and self.fill == "zero":  # nothing to learn
+            self.prepare(model, None, None)
+        if self.layout is None:
+            raise RuntimeError(f"{self.name}: call prepare(model, tokenizer, calibration) first")
+        geo = kv_geometry(model)
+        return HeadDropCodec(self.layout, geo.num_kv_heads, geo.head_dim, self.means if self.fill == "mean" else None)
+
+    # -- reporting --------------------------------------------------------------------------------
+    @property
+    def achieved_kept_fraction(self) -> float:
+        return self.layout.kept_fraction()
+
+    def parameter_bytes(self) -> int:
+        if self.fill != "mean" or not self.means:
+            return 0
+        return sum(4 * t.numel() for per in self.means.values() for t in per.values())
+
+    def info(self) -> dict:
+        return {
+            "method": self.label,
+            "fill": self.fill,
+            "group_size": len(self.layout.groups[0]),
+            "m": len(self.layout.retained_in_layer("k", self.layout.groups[0][-1]))
+            if len(self.layout.groups[0]) > 1 else None,
+            "target_kept_fraction": 1.0 - self.compression_ratio,
+            "achieved_kept_fraction": self.achieved_kept_fraction,
+            "parameter_bytes": self.parameter_bytes(),
+        }

@@ -1,0 +1,238 @@
+"""Low-rank projection of the cached K/V onto calibration PCA bases (Palu-like).
+
+Palu (Chang et al. 2024, "Palu: Compressing KV-Cache with Low-Rank Projection", arXiv 2407.21118)
+factorises the K and V projection weights, ``W = A B``, caches the rank-r latent ``h = x A`` instead of
+the K/V, and reconstructs ``h B`` on the fly (keys pre-RoPE, RoPE re-applied after reconstruction).
+Heads are decomposed alone (M-LRD), all together (J-LRD) or in groups (G-LRD); ranks are allocated
+per layer by a Fisher-information search.
+
+Here the model weights are untouched: per layer (and per group of KV heads), K and V are projected
+onto the top-r principal axes of the calibration K/V, the r-dim latent is stored, and the transpose
+reconstructs. Since K = x W_k is linear in the layer input x, the rank-r PCA of K is the best rank-r
+latent computable from x in the calibration MSE, i.e. at least as accurate there as Palu's
+(whitened) weight SVD with the same rank.
+
+Parameters
+    keys: ``"pre_rope"`` (default, as Palu): the cached post-RoPE keys are rotated back to pre-RoPE with
+        the model's own cos/sin, projected, and RoPE is re-applied after reconstruction. Exact under
+        the assumption that the cache's token i sits at position i (batch of one or right padding,
+        position ids 0..T-1 in cache order; what :class:`~echokv.baselines.base.Method` does). Keys of
+        calibration blocks are rotated back with positions 0..T-1 likewise. ``"post_rope"``: PCA of
+        the cached keys as they are (position-free but weaker: RoPE smears the spectrum).
+    head_group: KV heads per latent (``None``: all heads of a layer share one latent, Palu's J-LRD,
+        the most accurate; 1: per-head M-LRD; other divisors of the head count: G-LRD).
+    allocation: ``"greedy"`` (default): the ``round((1 - ratio) * 2*L*H*d)`` latent dims of the model
+        go, one at a time, to the basis (layer x K/V x head group) whose next component removes the
+        most relative error (a calibration-only proxy of Palu's Fisher rank search);
+        ``"uniform"``: every basis keeps ``round((1 - ratio) * its dims)``.
+    center: subtract the calibration mean before projecting and add it back (default True; it costs
+        one vector per basis and can only lower the error; Palu has no such bias).
+
+Memory: per token the cache stores ``sum r`` latent numbers (the cache's dtype) instead of 2*L*H*d;
+the kept fraction is ``sum r / (2*L*H*d)`` (:attr:`achieved_kept_fraction`), within one latent dim
+of 1 - ratio. Bases and means are method parameters (float32), reported as :meth:`parameter_bytes`
+apart from the cache, like EchoKV's network.
+
+Simplified vs Palu: no weight factorisation or fused kernels (the latent is computed from the
+cached K/V, which is the same thing up to the better basis), no quantisation of the latent, and
+the rank search is the energy proxy above.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cache import KVCodec
+from ..models import kv_geometry
+from ..selection import make_groups
+from ._stats import ALLOCATIONS, Rope, allocate_ranks, group_moments, pca, require_calibration, rotate, unrotate
+from .base import Method
+
+KEY_SPACES = ("pre_rope", "post_rope")
+
+
+@dataclass
+class Basis:
+    """One latent: ``kind`` features of ``layers`` x ``heads`` (layer-major), projected to rank r."""
+
+    kind: str
+    layers: list[int]
+    heads: list[int]
+    mean: torch.Tensor  # [D] float32
+    basis: torch.Tensor  # [D, r] float32
+    name: str = ""
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[1]
+
+    @property
+    def dims(self) -> int:
+        return self.basis.shape[0]
+
+    def num_parameters(self) -> int:
+        return self.basis.numel() + self.mean.numel()
+
+
+class ProjectionCodec(KVCodec):
+    """Stores, per :class:`Basis`, the latent of its features on the basis's first layer.
+
+    Stored tensors are ``[B, 1, T, r]`` named after the basis; layers that are not the first of any
+    basis store nothing (their tokens are counted, their bytes are zero).
+    """
+
+    def __init__(self, model, bases: list[Basis], keys: str):
+        geo = kv_geometry(model)
+        self.h, self.d = geo.num_kv_heads, geo.head_dim
+        self.bases = bases
+        self.layers = sorted({lay for b in bases for lay in b.layers})
+        self.pre_rope = keys == "pre_rope"
+        self.ropes = {lay: Rope(model, lay) for lay in self.layers} if self.pre_rope else {}
+        self.offset = 0  # position of the next token to encode
+        dev = next(model.parameters()).device
+        for b in bases:
+            b.mean, b.basis = b.mean.to(dev), b.basis.to(dev)
+        # per (layer, kind): [(basis, feature rows of this layer, its heads)]
+        self.plan: dict[tuple[int, str], list] = {}
+        for b in bases:
+            width = len(b.heads) * self.d
+            for j, lay in enumerate(b.layers):
+                rows = slice(j * width, (j + 1) * width)
+                self.plan.setdefault((lay, b.kind), []).append((b, b.basis[rows], b.mean[rows]))
+
+    def _features(self, kind: str, layer: int, x: torch.Tensor, start: int) -> torch.Tensor:
+        """[B, H, T, d] as cached -> [B, T, H, d] float32 in the projected space."""
+        if kind == "k" and self.pre_rope:
+            cos, sin = self.ropes[layer].at(start, x.shape[2], x.device)
+            x = unrotate(x, cos, sin)
+        return x.float().transpose(1, 2)
+
+    def encode(self, keys, values):
+        n = next(iter(keys.values())).shape[2]
+        feats = {}
+        out = {lay: {} for lay in self.layers}
+        for b in self.bases:
+            src = keys if b.kind == "k" else values
+            parts = []
+            for lay in b.layers:
+                if (b.kind, lay) not in feats:
+                    feats[(b.kind, lay)] = self._features(b.kind, lay, src[lay], self.offset)
+                parts.append(feats[(b.kind, lay)][:, :, b.heads].flatten(2))
+            x = torch.cat(parts, dim=-1)  # [B, T, D]
+            z = (x - b.mean) @ b.basis  # [B, T, r]
+            out[b.layers[0]][b.name] = z.to(src[b.layers[0]].dtype).unsqueeze(1).contiguous()
+        self.offset += n
+        return out
+
+    def decode(self, layer, stored):
+        res = []
+        for kind in ("k", "v"):
+            x = None
+            for b, rows, mu in self.plan[(layer, kind)]:
+                z = stored[b.layers[0]][b.name][:, 0].float()  # [B, T, r]
+                y = (z @ rows.T + mu).unflatten(-1, (len(b.heads), self.d))  # [B, T, h, d]
+                if x is None:
+                    x = y if len(b.heads) == self.h else y.new_zeros(*y.shape[:2], self.h, self.d)
+                if len(b.heads) != self.h:
+                    x[:, :, b.heads] = y
+            x = x.transpose(1, 2)  # [B, H, T, d]
+            if kind == "k" and self.pre_rope:
+                cos, sin = self.ropes[layer].table(x.shape[2], x.device)
+                x = rotate(x, cos, sin)
+            res.append(x)
+        return res[0], res[1]
+
+
+def fit_bases(moments: dict, groups: list[list[int]], h: int, d: int, head_group: int, keys: str,
+              kept: float, allocation: str, center: bool) -> list[Basis]:
+    """PCA bases per (group of layers, K/V, head group) with ranks allocated for ``kept``."""
+    if keys not in KEY_SPACES:
+        raise ValueError(f"unknown key space {keys!r}; choose one of {', '.join(KEY_SPACES)}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown rank allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+    if keys == "pre_rope" and moments["k_pre"] is None:
+        raise ValueError("this model has no rotary embedding module to undo RoPE with; use keys='post_rope'")
+    head_sets = [list(range(s, s + head_group)) for s in range(0, h, head_group)]
+    cands = []
+    for gi, group in enumerate(groups):
+        for kind in ("k", "v"):
+            mom = moments[("k_pre" if keys == "pre_rope" else "k_post") if kind == "k" else "v"][gi]
+            for heads in head_sets:
+                idx = torch.cat([torch.arange((j * h + hh) * d, (j * h + hh + 1) * d)
+                                 for j in range(len(group)) for hh in heads])
+                evals, evecs, mu = pca(mom, idx, center=center)
+                cands.append((kind, group, heads, evals, evecs, mu))
+    ranks = allocate_ranks([c[3] for c in cands], kept, allocation)
+    return [
+        Basis(kind, list(group), heads, mu.float(), evecs[:, :r].float().contiguous(), name=f"{kind}{i}")
+        for i, ((kind, group, heads, _, evecs, mu), r) in enumerate(zip(cands, ranks))
+    ]
+
+
+@dataclass
+class LowRankMethod(Method):
+    """Palu-like per-layer low-rank K/V projection (see the module docstring)."""
+
+    name: str = "lowrank"
+    keys: str = "pre_rope"
+    head_group: int | None = None
+    allocation: str = "greedy"
+    center: bool = True
+    bases: list = field(default_factory=list, repr=False)
+
+    #: layers per shared latent (1 here; :class:`~echokv.baselines.xlayer_svd.CrossLayerSVDMethod` > 1)
+    def layer_groups(self, layers: list[int]) -> list[list[int]]:
+        return make_groups(layers, 1)
+
+    def prepare(self, model, tokenizer, calibration) -> None:
+        if self.keys not in KEY_SPACES:
+            raise ValueError(f"unknown key space {self.keys!r}; choose one of {', '.join(KEY_SPACES)}")
+        geo = kv_geometry(model)
+        h, d = geo.num_kv_heads, geo.head_dim
+        hg = h if self.head_group is None else self.head_group
+        if not isinstance(hg, int) or hg < 1 or h % hg:
+            raise ValueError(f"head_group={self.head_group!r} must divide the {h} KV heads of this model")
+        groups = self.layer_groups(geo.full_attention_layers)
+        cal = require_calibration(calibration, self.name)
+        moments = group_moments(model, cal, groups)
+        self.bases = fit_bases(moments, groups, h, d, hg, self.keys, 1.0 - self.compression_ratio,
+                               self.allocation, self.center)
+
+    def make_codec(self, model):
+        if not self.bases:
+            raise RuntimeError(f"{self.name}: call prepare(model, tokenizer, calibration) first")
+        return ProjectionCodec(model, self.bases, self.keys)
+
+    # -- reporting --------------------------------------------------------------------------------
+    @property
+    def achieved_kept_fraction(self) -> float:
+        """Stored latent dims over full K/V dims of the compressed layers (what the cache will measure)."""
+        return sum(b.rank for b in self.bases) / max(sum(b.dims for b in self.bases), 1)
+
+    @property
+    def kept_step(self) -> float:
+        """Change of the kept fraction per latent dim (the granularity of the achievable ratios)."""
+        return 1.0 / max(sum(b.dims for b in self.bases), 1)
+
+    def parameter_bytes(self) -> int:
+        """Bytes of the bases and means (float32), held once for the model, not per token."""
+        return sum(4 * b.num_parameters() for b in self.bases)
+
+    def ranks(self) -> dict:
+        """{(kind, first layer, first head): rank} of every basis."""
+        return {(b.kind, b.layers[0], b.heads[0]): b.rank for b in self.bases}
+
+    def info(self) -> dict:
+        return {
+            "method": self.label,
+            "keys": self.keys,
+            "allocation": self.allocation,
+            "target_kept_fraction": 1.0 - self.compression_ratio,
+            "achieved_kept_fraction": self.achieved_kept_fraction,
+            "kept_step": self.kept_step,
+            "rank_k": sum(b.rank for b in self.bases if b.kind == "k"),
+            "rank_v": sum(b.rank for b in self.bases if b.kind == "v"),
+            "parameter_bytes": self.parameter_bytes(),
+        }

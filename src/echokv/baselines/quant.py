@@ -1,0 +1,198 @@
+"""KV quantization: per-token, group-wise asymmetric integer codes with fp16 scales and zero-points.
+
+The standard family of KV quantizers (KIVI, Liu et al. 2024, arXiv 2402.02750; KVQuant, Hooper et al.
+2024, arXiv 2401.18079; transformers' ``QuantizedCache``): each token's K and V are cut, per head,
+into groups of ``group_size`` channels; a group is stored as b-bit codes
+``q = round((x - z) / s)`` in ``[0, 2^b - 1]`` with its own scale ``s`` and zero-point ``z`` (float16),
+and read back as ``q * s + z``. Codes of b < 8 bits are packed ``8 / b`` per byte, so the stored
+bytes are real. Rounding of ``s`` (up) and ``z`` (down) to float16 is done so that every value stays
+inside the group's code range: the round-trip error is at most half a step ``s / 2``.
+
+Parameters
+    bits: bits per code: 1, 2, 4, 8, 16 (16: a plain float16 copy, no scales; only a reduction for
+        float32 models), or ``None`` (default): the option whose kept fraction, scales included, is
+        nearest to ``1 - compression_ratio`` for the model's dtype (ratio 0: full precision).
+    group_size: channels per scale/zero-point (default 32; the whole head when it does not divide the
+        head dim).
+
+Kept fraction (scales included), ``(g*b/8 + 4) / (g*e)`` for element size e and group g, e.g. with
+g = 32: float32 models: 16 bit 0.5, 8 bit 0.281, 4 bit 0.156, 2 bit 0.094, 1 bit 0.063; 16-bit
+models: 8 bit 0.563, 4 bit 0.313, 2 bit 0.188, 1 bit 0.125. :meth:`options` lists them for a model,
+:attr:`achieved_kept_fraction` is the one used.
+
+Simplified vs KIVI: keys are quantized per token like the values (KIVI quantizes keys per channel
+across groups of tokens, with a full-precision residual of recent tokens, which needs tokens to be
+buffered in groups); no outlier handling (KVQuant's dense-and-sparse) and no pre-RoPE keys.
+transformers' ``QuantizedCache`` (optimum-quanto 0.2.7 backend) does install and run on this CPU,
+but offers 2/4 bits only and re-quantizes its whole cache every ``residual_length`` tokens, so this
+codec, which plugs into the shared cache like every other baseline, is used instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import KVCodec
+from ..models import kv_geometry
+from .base import Method
+
+BITS = (1, 2, 4, 8, 16)
+SCALE_DTYPE = torch.float16
+_FP16_MAX = 65504.0
+
+
+def group_for(head_dim: int, group_size: int) -> int:
+    return group_size if 0 < group_size <= head_dim and head_dim % group_size == 0 else head_dim
+
+
+def kept_fraction(bits: int | None, element_size: int, group: int) -> float:
+    """Stored bytes over full bytes for ``bits`` (None: full precision)."""
+    if bits is None or 8 * element_size <= bits:
+        return 1.0
+    if bits == 16:
+        return 2 / element_size
+    scale_bytes = 2 * SCALE_DTYPE.itemsize
+    return (group * bits / 8 + scale_bytes) / (group * element_size)
+
+
+def _round_fp16(x: torch.Tensor, up: bool) -> torch.Tensor:
+    """float32 -> float16, rounded towards +inf (``up``) or -inf, so the result bounds x."""
+    h = x.clamp(-_FP16_MAX, _FP16_MAX).to(SCALE_DTYPE)
+    bad = h.float() < x if up else h.float() > x
+    if bad.any():
+        target = torch.full_like(h, float("inf") if up else float("-inf"))
+        h = torch.where(bad, torch.nextafter(h, target), h)
+    return h
+
+
+def quantize(x: torch.Tensor, bits: int, group: int) -> dict[str, torch.Tensor]:
+    """x [..., d] -> {"q": packed uint8 [..., d*bits/8], "s": scale, "z": zero [..., d/group] fp16}."""
+    xf = x.float().clamp(-_FP16_MAX, _FP16_MAX)
+    xg = xf.unflatten(-1, (-1, group))
+    levels = 2**bits - 1
+    zero = _round_fp16(xg.amin(-1), up=False)
+    span = xg.amax(-1) - zero.float()
+    scale = _round_fp16(span / levels, up=True)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # constant group: q = 0 is exact
+    q = ((xg - zero.float()[..., None]) / scale.float()[..., None]).round().clamp_(0, levels).to(torch.uint8)
+    return {"q": pack(q.flatten(-2), bits), "s": scale, "z": zero}
+
+
+def dequantize(stored: dict[str, torch.Tensor], bits: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+    q = unpack(stored["q"], bits).float().unflatten(-1, (-1, group))
+    x = q * stored["s"].float()[..., None] + stored["z"].float()[..., None]
+    return x.flatten(-2).to(dtype)
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [..., d] of ``bits`` < 8 -> [..., d * bits / 8] bytes (little end first)."""
+    if bits == 8:
+        return q
+    per = 8 // bits
+    q = q.unflatten(-1, (-1, per))
+    out = torch.zeros(q.shape[:-1], dtype=torch.uint8, device=q.device)
+    for j in range(per):
+        out |= q[..., j] << (bits * j)
+    return out
+
+
+def unpack(p: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return p
+    per, mask = 8 // bits, (1 << bits) - 1
+    return torch.stack([(p >> (bits * j)) & mask for j in range(per)], dim=-1).flatten(-2)
+
+
+class QuantCodec(KVCodec):
+    """Stores every token's K/V as packed b-bit codes + fp16 scale and zero per channel group."""
+
+    def __init__(self, layers: list[int], bits: int | None, group: int, dtype: torch.dtype):
+        self.layers = list(layers)
+        self.bits, self.group, self.dtype = bits, group, dtype
+
+    def _enc(self, x: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
+        if self.bits is None:
+            return {kind: x.contiguous()}
+        if self.bits == 16:
+            return {kind: x.float().clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)}
+        return {kind + name: t.contiguous() for name, t in quantize(x, self.bits, self.group).items()}
+
+    def _dec(self, s: dict, kind: str) -> torch.Tensor:
+        if self.bits is None or self.bits == 16:
+            return s[kind].to(self.dtype)
+        return dequantize({n: s[kind + n] for n in ("q", "s", "z")}, self.bits, self.group, self.dtype)
+
+    def encode(self, keys, values):
+        return {i: {**self._enc(keys[i], "k"), **self._enc(values[i], "v")} for i in self.layers}
+
+    def decode(self, layer, stored):
+        s = stored[layer]
+        return self._dec(s, "k"), self._dec(s, "v")
+
+
+@dataclass
+class QuantMethod(Method):
+    """Per-token group-wise asymmetric KV quantization (see the module docstring)."""
+
+    name: str = "quant"
+    bits: int | None = None
+    group_size: int = 32
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.bits is not None and self.bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS} or None (from the ratio), got {self.bits!r}")
+        self._chosen: dict | None = None
+
+    def options(self, model) -> list[dict]:
+        """Every bit width with the kept fraction it gives on ``model`` (scales included)."""
+        geo = kv_geometry(model)
+        e, g = geo.bytes_per_element, group_for(geo.head_dim, self.group_size)
+        opts = [{"bits": None, "label": f"{8 * e}-bit (full)", "kept_fraction": 1.0}]
+        for b in BITS:
+            if b < 8 * e:
+                opts.append({"bits": b, "label": f"{b}-bit", "kept_fraction": kept_fraction(b, e, g)})
+        return opts
+
+    def choose(self, model) -> dict:
+        opts = self.options(model)
+        if self.bits is not None:
+            match = [o for o in opts if o["bits"] == self.bits]
+            if not match:
+                raise ValueError(f"{self.bits}-bit is no reduction for a {kv_geometry(model).dtype} model")
+            return match[0]
+        target = 1.0 - self.compression_ratio
+        return min(opts, key=lambda o: (round(abs(o["kept_fraction"] - target), 12), o["kept_fraction"]))
+
+    def prepare(self, model, tokenizer, calibration) -> None:
+        self._chosen = self.choose(model)
+
+    def make_codec(self, model):
+        if self._chosen is None:
+            self.prepare(model, None, None)
+        geo = kv_geometry(model)
+        dtype = next(model.parameters()).dtype
+        return QuantCodec(geo.full_attention_layers, self._chosen["bits"], group_for(geo.head_dim, self.group_size),
+                          dtype)
+
+    # -- reporting --------------------------------------------------------------------------------
+    @property
+    def achieved_kept_fraction(self) -> float:
+        if self._chosen is None:
+            raise RuntimeError(f"{self.name}: call prepare() first")
+        return self._chosen["kept_fraction"]
+
+    def parameter_bytes(self) -> int:
+        return 0
+
+    def info(self) -> dict:
+        return {
+            "method": self.label,
+            "bits": self._chosen["bits"] if self._chosen else self.bits,
+            "group_size": self.group_size,
+            "target_kept_fraction": 1.0 - self.compression_ratio,
+            "achieved_kept_fraction": self.achieved_kept_fraction,
+            "parameter_bytes": 0,
+        }

@@ -1,0 +1,298 @@
+"""A transformers cache that runs in full mode and switches to a compressed store on demand.
+
+``CompressedCache`` is a :class:`transformers.DynamicCache` whose full-attention layers are
+:class:`CompressedLayer` objects. In full mode they are stock ``DynamicLayer`` s (same tensors, same
+operations: logits are bit-identical to the default cache). Once compressed, every token older than
+the optional full window W is handed to a :class:`KVCodec`, which keeps what it needs (EchoKV: the
+retained heads) and gives the full K/V back when attention asks for them. Sliding-window layers keep
+their own behaviour.
+
+``EchoKVCache`` is this cache with the EchoKV codec. Baselines are other codecs.
+
+Prefill: one ``model(...)`` call attends with the exact K/V of its own tokens; compression happens
+after the call. :func:`prefill` feeds a long prompt in chunks so the cache compresses between chunks
+and never holds a full cache for the whole prompt.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .models import kv_geometry
+
+
+class KVCodec(ABC):
+    """How compressed tokens are stored. Stored tensors keep the token axis at dim -2."""
+
+    #: full-attention layers this codec compresses
+    layers: list[int]
+
+    @abstractmethod
+    def encode(self, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor]) -> dict[int, dict]:
+        """Full K/V [B, H, T, d] of a block of tokens, for every layer -> stored tensors per layer."""
+
+    @abstractmethod
+    def decode(self, layer: int, stored: dict[int, dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full K/V [B, H, T_stored, d] of ``layer`` from everything stored (all layers)."""
+
+
+class CompressedLayer(DynamicLayer):
+    """A DynamicLayer (the recent, uncompressed tokens) plus the codec's stored tensors."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.stored: dict[str, torch.Tensor] = {}
+        self.n_stored = 0
+
+    def get_seq_length(self) -> int:
+        return super().get_seq_length() + self.n_stored
+
+    def recent_length(self) -> int:
+        return super().get_seq_length()
+
+    def append_stored(self, tensors: dict[str, torch.Tensor], n_tokens: int) -> None:
+        for name, t in tensors.items():
+            old = self.stored.get(name)
+            self.stored[name] = t if old is None else torch.cat([old, t], dim=-2)
+        self.n_stored += n_tokens
+
+    def stored_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.stored.values())
+
+    def reset(self) -> None:
+        self.stored, self.n_stored = {}, 0
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove < 0 and -tokens_to_remove > self.recent_length():
+            raise NotImplementedError("cannot crop into compressed tokens")
+        super().crop(tokens_to_remove)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.stored = {k: v[indices, ...] for k, v in self.stored.items()}
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.stored = {k: v.repeat_interleave(repeats, dim=0) for k, v in self.stored.items()}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.stored = {k: v.index_select(0, beam_idx.to(v.device)) for k, v in self.stored.items()}
+
+
+class CompressedCache(DynamicCache):
+    """Full cache until a switch; compressed by ``codec`` afterwards.
+
+    Args:
+        model: the model the cache is used with (for its layer layout).
+        codec: what compressed tokens become.
+        mode: ``"full"`` (until :meth:`compress` is called), ``"compressed"`` (from the first token),
+            or ``"auto"`` (switch at ``switch_at_tokens`` or ``memory_budget_bytes``).
+        switch_at_tokens: auto mode: compress once the context holds at least this many tokens.
+        memory_budget_bytes: auto mode: compress once the cache would hold more than this many bytes.
+        full_window: keep the most recent W tokens uncompressed (0: compress everything).
+    """
+
+    MODES = ("full", "compressed", "auto")
+
+    def __init__(
+        self,
+        model,
+        codec: KVCodec,
+        mode: str = "auto",
+        switch_at_tokens: int | None = None,
+        memory_budget_bytes: int | None = None,
+        full_window: int = 0,
+    ):
+        if mode not in self.MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(self.MODES)}")
+        if switch_at_tokens is not None and (not isinstance(switch_at_tokens, int) or switch_at_tokens < 1):
+            raise ValueError(f"switch_at_tokens must be a positive integer, got {switch_at_tokens!r}")
+        if memory_budget_bytes is not None and (
+            not isinstance(memory_budget_bytes, int) or memory_budget_bytes < 1
+        ):
+            raise ValueError(f"memory_budget_bytes must be a positive integer, got {memory_budget_bytes!r}")
+        if not isinstance(full_window, int) or full_window < 0:
+            raise ValueError(f"full_window must be a non-negative integer, got {full_window!r}")
+        if mode == "auto" and switch_at_tokens is None and memory_budget_bytes is None:
+            raise ValueError("mode 'auto' needs switch_at_tokens or memory_budget_bytes")
+        super().__init__(config=model.config)
+        self.geometry = kv_geometry(model)
+        if len(self.layers) != self.geometry.num_layers:  # config without layer types: build them now
+            self.layers = [DynamicLayer() for _ in range(self.geometry.num_layers)]
+            self.layer_class_to_replicate = None
+        self.codec = codec
+        self.compressible = sorted(codec.layers)
+        for i in self.compressible:
+            if type(self.layers[i]) is not DynamicLayer:
+                raise ValueError(f"layer {i} is not a full-attention layer; the codec cannot compress it")
+            self.layers[i] = CompressedLayer()
+        self.mode = mode
+        self.switch_at_tokens = switch_at_tokens
+        self.memory_budget_bytes = memory_budget_bytes
+        self.full_window = full_window
+        self.is_compressed = mode == "compressed"
+        self.switched_at: int | None = 0 if self.is_compressed else None
+
+    # -- the cache protocol ---------------------------------------------------------------------
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        keys, values = layer.update(key_states, value_states)
+        if isinstance(layer, CompressedLayer) and layer.n_stored:
+            past_k, past_v = self.codec.decode(layer_idx, {i: self.layers[i].stored for i in self.compressible})
+            keys = torch.cat([past_k.to(keys.dtype), keys], dim=-2)
+            values = torch.cat([past_v.to(values.dtype), values], dim=-2)
+        if layer_idx == len(self.layers) - 1:
+            self._after_forward()
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if layer_idx >= len(self.layers):
+            return 0
+        return self.layers[layer_idx].get_seq_length()
+
+    # -- switching ------------------------------------------------------------------------------
+    def seen_tokens(self) -> int:
+        return self.layers[self.compressible[0]].get_seq_length() if self.compressible else 0
+
+    def _should_switch(self) -> bool:
+        if self.mode != "auto":
+            return False
+        if self.switch_at_tokens is not None and self.seen_tokens() >= self.switch_at_tokens:
+            return True
+        return self.memory_budget_bytes is not None and self.nbytes() > self.memory_budget_bytes
+
+    def _after_forward(self) -> None:
+        if not self.is_compressed and self._should_switch():
+            self.is_compressed, self.switched_at = True, self.seen_tokens()
+        if self.is_compressed:
+            self._flush()
+
+    def compress(self) -> None:
+        """Switch to compressed mode now: existing entries are converted and their memory freed."""
+        if not self.is_compressed:
+            self.is_compressed, self.switched_at = True, self.seen_tokens()
+        self._flush()
+
+    def _flush(self) -> None:
+        """Move every token older than the full window from the recent part into the codec."""
+        layers = [self.layers[i] for i in self.compressible]
+        n = min((lay.recent_length() for lay in layers), default=0) - self.full_window
+        if n <= 0:
+            return
+        keys = {i: lay.keys[:, :, :n] for i, lay in zip(self.compressible, layers)}
+        values = {i: lay.values[:, :, :n] for i, lay in zip(self.compressible, layers)}
+        stored = self.codec.encode(keys, values)
+        for i, lay in zip(self.compressible, layers):
+            lay.append_stored(stored[i], n)
+            # a copy, so the memory of the compressed prefix is really released
+            lay.keys = lay.keys[:, :, n:].clone()
+            lay.values = lay.values[:, :, n:].clone()
+
+    @property
+    def mode_now(self) -> str:
+        return "compressed" if self.is_compressed else "full"
+
+    # -- memory accounting ----------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache holds now."""
+        total = 0
+        for lay in self.layers:
+            for t in (getattr(lay, "keys", None), getattr(lay, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+            if isinstance(lay, CompressedLayer):
+                total += lay.stored_bytes()
+        return total
+
+    def full_nbytes(self) -> int:
+        """Bytes a default DynamicCache would hold for the same tokens."""
+        total = 0
+        for lay in self.layers:
+            keys = getattr(lay, "keys", None)
+            if not isinstance(keys, torch.Tensor) or keys.dim() != 4:
+                continue
+            b, h, _, d = keys.shape
+            t = lay.get_seq_length() if isinstance(lay, CompressedLayer) else keys.shape[-2]
+            total += 2 * b * h * t * d * keys.element_size()
+        return total
+
+    def kept_fraction(self) -> float:
+        full = self.full_nbytes()
+        return self.nbytes() / full if full else 1.0
+
+    def memory_report(self) -> dict:
+        return {
+            "mode": self.mode_now,
+            "switched_at": self.switched_at,
+            "tokens": self.seen_tokens(),
+            "cache_bytes": self.nbytes(),
+            "full_cache_bytes": self.full_nbytes(),
+            "kept_fraction": self.kept_fraction(),
+        }
+
+
+class EchoCodec(KVCodec):
+    """EchoKV: store the retained heads; rebuild the discarded ones with the reconstructor."""
+
+    def __init__(self, reconstructor):
+        self.recon = reconstructor
+        self.layout = reconstructor.layout
+        self.layers = list(self.layout.layers)
+        self._heads = {
+            kind: {i: self.layout.retained_in_layer(kind, i) for i in self.layers} for kind in ("k", "v")
+        }
+
+    def encode(self, keys, values):
+        return {
+            i: {"k": keys[i][:, self._heads["k"][i]].contiguous(), "v": values[i][:, self._heads["v"][i]].contiguous()}
+            for i in self.layers
+        }
+
+    def decode(self, layer, stored):
+        group = self.layout.groups[self.layout.group_of(layer)]
+        k = self.recon.rebuild("k", layer, {i: stored[i]["k"] for i in group})
+        v = self.recon.rebuild("v", layer, {i: stored[i]["v"] for i in group})
+        return k, v
+
+
+class EchoKVCache(CompressedCache):
+    """EchoKV cache: ``EchoKVCache(model, artifact_dir_or_reconstructor, switch_at_tokens=4096)``."""
+
+    def __init__(self, model, artifact, mode: str | None = None, **kwargs):
+        from .artifact import load
+        from .reconstructor import Reconstructor
+
+        recon = artifact if isinstance(artifact, Reconstructor) else load(artifact, model)
+        param = next(model.parameters())
+        recon.to(device=param.device)
+        if mode is None:
+            mode = "auto" if kwargs.get("switch_at_tokens") or kwargs.get("memory_budget_bytes") else "full"
+        super().__init__(model, EchoCodec(recon), mode=mode, **kwargs)
+
+
+@torch.no_grad()
+def prefill(model, cache, input_ids, attention_mask=None, chunk_size: int = 512):
+    """Feed ``input_ids`` through ``model`` in chunks with ``cache``; returns the last logits [B, V].
+
+    Between chunks a compressing cache compresses, so peak memory stays near one chunk of full KV.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    logits = None
+    start = cache.get_seq_length()
+    for s in range(0, input_ids.shape[1], chunk_size):
+        ids = input_ids[:, s : s + chunk_size]
+        mask = None if attention_mask is None else attention_mask[:, : s + ids.shape[1]]
+        pos = torch.arange(start + s, start + s + ids.shape[1], device=ids.device)
+        kwargs = {"cache_position": pos}
+        if mask is not None:
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]
+        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, **kwargs)
+        logits = out.logits[:, -1]
+    return logits

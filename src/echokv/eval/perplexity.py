@@ -1,0 +1,91 @@
+"""Perplexity of held-out text through each method's KV cache.
+
+The text is the evaluation split of :mod:`echokv.data` (never seen by calibration or training), cut
+into ``sequences`` blocks of ``seq_len`` tokens. Each block is streamed through a fresh cache of the
+method in chunks of ``chunk`` tokens (:meth:`echokv.baselines.base.Method.nll`): a chunk attends to
+its own tokens exactly and to everything before it through the cache as the method keeps it, so in
+compressed mode every token after the first chunk is predicted from the compressed past (EchoKV:
+rebuilt discarded heads). Perplexity is ``exp(total NLL / predicted tokens)`` over all blocks.
+
+A perplexity row has the fields of every result row (:mod:`echokv.eval.report`) with
+``task = "perplexity"`` and ``score = 1 / perplexity`` (the geometric-mean probability of the next
+token, in (0, 1], higher is better, so it sorts and plots like the other scores), plus
+``perplexity``, ``nll_per_token``, ``tokens`` and ``sequences``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from echokv.eval.suites import PERPLEXITY, PerplexitySpec
+
+
+def heldout_blocks(tokenizer, spec: PerplexitySpec, paths=None) -> torch.Tensor:
+    """``[sequences, seq_len]`` token ids from the start of the evaluation split."""
+    from echokv.data import token_blocks
+
+    return token_blocks(tokenizer, "evaluation", spec.sequences * spec.seq_len, spec.seq_len, paths)
+
+
+def perplexity_row(model, method, blocks: torch.Tensor, chunk: int, progress: bool = False,
+                   desc: str | None = None) -> dict:
+    """Stream every block through ``method``'s cache and return one result row (no method fields).
+
+    The row holds ``task``, ``context_length`` (the block length), ``score`` (1 / perplexity),
+    ``perplexity``, ``nll_per_token``, ``tokens``, ``sequences``, ``n`` (= sequences), the measured
+    ``kept_fraction`` and ``cache_bytes`` (means over blocks, at the end of each block) and
+    ``seconds``.
+    """
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    total, count, kept, cache_bytes = 0.0, 0, [], []
+    start = time.perf_counter()
+    for block in tqdm(blocks, desc=desc or "perplexity", disable=not progress, leave=False, unit="seq"):
+        nll, n, report = method.nll(model, block[None].to(device), chunk_size=chunk)
+        total += nll
+        count += n
+        kept.append(float(report["kept_fraction"]))
+        cache_bytes.append(float(report["cache_bytes"]))
+    if count == 0:
+        raise ValueError("perplexity needs sequences of at least 2 tokens")
+    nll_per_token = total / count
+    ppl = math.exp(nll_per_token)
+    return {
+        "task": PERPLEXITY,
+        "context_length": int(blocks.shape[1]),
+        "score": 1.0 / ppl,
+        "perplexity": ppl,
+        "nll_per_token": nll_per_token,
+        "tokens": count,
+        "sequences": int(blocks.shape[0]),
+        "n": int(blocks.shape[0]),
+        "kept_fraction": sum(kept) / len(kept),
+        "cache_bytes": sum(cache_bytes) / len(cache_bytes),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def perplexity_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: perplexity per method and ratio, and its change relative to ``full``."""
+    ppl_rows = [r for r in rows if r.get("task") == PERPLEXITY]
+    if not ppl_rows:
+        return []
+    full = next((r for r in ppl_rows if r["method"] == "full" and not r.get("error")), None)
+    lines = [
+        "| method | compression | kept | tokens | perplexity | vs full |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(ppl_rows, key=lambda r: (r["method"] != "full", r["method"], r.get("compression_ratio", 0))):
+        ratio = float(r.get("compression_ratio", 0.0))
+        if r.get("error"):
+            message = " ".join(str(r["error"]).split()).replace("|", "\\|")[:120]
+            lines.append(f"| {r['method']} | {ratio:g} | — | — | error: {message} | — |")
+            continue
+        rel = f"{100 * (r['perplexity'] / full['perplexity'] - 1):+.1f}%" if full else "—"
+        lines.append(f"| {r['method']} | {ratio:g} | {r['kept_fraction']:.2f} | {r['tokens']} | "
+                     f"{r['perplexity']:.2f} | {rel} |")
+    return lines

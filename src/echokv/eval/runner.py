@@ -1,0 +1,506 @@
+"""``echokv eval``: run methods side by side on one suite and write the results.
+
+:func:`run_eval` is the whole evaluation as a function; :func:`cmd_eval` is the command line. Both
+go through two steps so that every mistake is reported before any model work:
+
+1. :func:`plan_eval` checks what needs no model: suite, tasks, context lengths, sample count,
+   method names (:func:`echokv.methods.parse_methods` lists the known ones), compression ratios in
+   [0, 1), artifact folders (well-formed), the LongBench folder (read and validated) and the output
+   folder (exists without ``overwrite``).
+2. :func:`execute` checks what needs the model: context lengths against its context (the ``ruler``
+   suite's default lengths are clipped instead), artifacts made for another model
+   (:func:`echokv.artifact.check_compatible`); then builds the inputs once (RULER samples with the
+   evaluation split's prose as haystack, LongBench samples, perplexity blocks), shared by every
+   method, and runs the methods.
+
+Methods: ``full`` runs once (compression ratio 0); every other method runs at every ratio. All
+methods share one :class:`~echokv.baselines.base.Calibration` (8192 tokens of the calibration split
+in blocks of 512; statistics shared through ``calibration.cache``). A method whose construction,
+``prepare`` or run raises (:class:`~echokv.baselines.base.MethodUnavailable` or any other error)
+gets rows with an ``error`` message and the other methods still run.
+
+Each sample is answered with :meth:`Method.generate` (context prefilled and compressed, then the
+question and answer decoded through the compressed cache) and scored with
+:func:`echokv.eval.metrics.score`. One row per (method, ratio, task, context length[, depth]):
+``method``, ``compression_ratio``, ``kept_fraction`` and ``cache_bytes`` (measured: means of the
+cache's memory report over the samples), ``task``, ``context_length``, ``depth``, ``score`` (mean in
+[0, 1]), ``n``, ``seconds``; perplexity rows are described in :mod:`echokv.eval.perplexity`.
+:func:`echokv.eval.report.write_results` writes ``results.json``, ``report.md`` and the figures; the
+runner adds a perplexity table to the report and ``predictions.jsonl`` (every answer).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from echokv.eval import suites
+from echokv.eval.suites import PERPLEXITY, Plan
+
+FULL = "full"
+CALIBRATION_TOKENS = 8192
+CALIBRATION_SEQ_LEN = 512
+# Chat-template end-of-turn tokens that stop an answer like EOS does (used when the template has them).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
+GENERATED_FILES = ("results.json", "report.md", "predictions.jsonl")
+
+
+@dataclass
+class EvalJob:
+    """A validated evaluation: the suite plan, the (method, ratio) runs and where to write."""
+
+    plan: Plan
+    runs: list[tuple[str, float]]
+    artifacts: list[str]
+    artifact_configs: dict[str, dict]
+    data: str | None
+    seed: int
+    out: Path | None
+    overwrite: bool
+    notes: list[str] = field(default_factory=list)
+
+
+# -- step 1: checks without the model -------------------------------------------------------------
+
+
+def parse_ratios(ratios: str | float | Sequence[float] | None) -> list[float]:
+    """``"0.5,0.7"`` (or a number or list) -> ratios, each in [0, 1) (fraction of the cache removed)."""
+    from echokv.selection import check_ratio
+
+    if ratios is None:
+        return []
+    if isinstance(ratios, str):
+        items = [t.strip() for t in ratios.split(",") if t.strip()]
+    elif isinstance(ratios, (int, float)):
+        items = [ratios]
+    else:
+        items = list(ratios)
+    out = []
+    for item in items:
+        try:
+            value = float(item)
+        except (TypeError, ValueError):
+            raise ValueError(f"compression ratio {item!r} is not a number (pass e.g. --compression-ratios 0.5,0.7)") from None
+        out.append(check_ratio(value))
+    return list(dict.fromkeys(out))
+
+
+def _method_names(methods: str | Sequence[str]) -> list[str]:
+    from echokv.methods import parse_methods
+
+    spec = methods if isinstance(methods, str) else ",".join(str(m) for m in methods)
+    return list(dict.fromkeys(parse_methods(spec)))
+
+
+def plan_eval(suite: str, methods, ratios, artifacts=None, data=None, tasks=None, context_lengths=None,
+              samples: int | None = None, seed: int = 0, out=None, overwrite: bool = False) -> EvalJob:
+    """Validate everything that needs no model and return the job; raises ``ValueError`` and friends.
+
+    Raises ``ValueError`` (unknown suite, task or method, bad ratio, length or sample count, malformed
+    LongBench file), ``FileNotFoundError`` (LongBench folder), :class:`echokv.artifact.ArtifactError`
+    (artifact folder) or ``FileExistsError`` (``out`` exists and ``overwrite`` is false).
+    """
+    from echokv.artifact import check_output_dir, read_config
+
+    plan = suites.resolve(suite, tasks, context_lengths, samples)
+    names = _method_names(methods)
+    ratio_list = parse_ratios(ratios)
+    compressed = [m for m in names if m != FULL]
+    if compressed and not ratio_list:
+        raise ValueError(f"method(s) {', '.join(compressed)} need --compression-ratios (e.g. 0.5)")
+    runs = ([(FULL, 0.0)] if FULL in names else []) + [(m, r) for m in compressed for r in ratio_list]
+
+    artifacts = [str(a) for a in artifacts or []]
+    configs = {a: read_config(a) for a in artifacts}
+    job = EvalJob(plan, runs, artifacts, configs, None if data is None else str(data), seed,
+                  None if out is None else Path(out), overwrite)
+    for method in ("echokv", "echokv-s1"):
+        if method not in names:
+            continue
+        have = {round(_config_ratio(c), 9) for c in configs.values()}
+        missing = [r for r in ratio_list if round(r, 9) not in have]
+        if missing:
+            job.notes.append(
+                f"{method}: no artifact for compression ratio(s) {', '.join(f'{r:g}' for r in missing)}; one "
+                "is trained on the fly (minutes; kept in runs/ for later runs)"
+            )
+    if plan.suite.source == "longbench":
+        if data is None:
+            from echokv.eval.longbench import DOWNLOAD_HINT
+
+            raise ValueError(f"the longbench suite needs --data FOLDER: {DOWNLOAD_HINT}")
+        from echokv.eval.longbench import load_longbench
+
+        load_longbench(data, plan.tasks, limit=plan.samples)  # reads and validates every file now
+    elif data is not None:
+        job.notes.append(f"--data is only used by the longbench suite; ignored for {plan.name}")
+    if job.out is not None:
+        check_output_dir(job.out, overwrite)
+    return job
+
+
+def _config_ratio(config: dict) -> float:
+    training = config.get("training") or {}
+    return float(training.get("compression_ratio", 1 - config["layout"]["kept_fraction"]))
+
+
+# -- step 2: with the model ------------------------------------------------------------------------
+
+
+def eos_token_ids(tokenizer, model=None) -> set[int]:
+    """EOS of the tokenizer and the model's generation config, plus the chat template's end-of-turn token."""
+    ids: set[int] = set()
+
+    def add(value) -> None:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple, set)):
+            for v in value:
+                add(v)
+
+    add(getattr(tokenizer, "eos_token_id", None))
+    generation_config = getattr(model, "generation_config", None)
+    add(getattr(generation_config, "eos_token_id", None))
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        vocab = tokenizer.get_vocab()
+        for token in END_OF_TURN_TOKENS:
+            if token in template and token in vocab:
+                ids.add(int(vocab[token]))
+    return ids
+
+
+def check_with_model(job: EvalJob, model) -> None:
+    """Checks that need the model, before any work: context lengths and artifact compatibility."""
+    from echokv.artifact import check_compatible
+    from echokv.models import kv_geometry
+
+    job.plan.check_model(kv_geometry(model).max_context)
+    for path, config in job.artifact_configs.items():
+        check_compatible(config, model, path)
+
+
+@dataclass
+class Inputs:
+    """What every method is evaluated on: sample cells and perplexity blocks (built once)."""
+
+    cells: list[tuple[dict, list]]  # (row keys: task, context_length, depth), samples
+    ppl_blocks: object = None  # [N, T] token ids or None
+    prompt_ids: dict = field(default_factory=dict)  # id(sample) -> (context_ids, question_ids)
+
+    @property
+    def n_samples(self) -> int:
+        return sum(len(s) for _, s in self.cells)
+
+
+def build_inputs(job: EvalJob, model, tokenizer, progress: bool = True) -> Inputs:
+    """Generate (RULER) or load (LongBench) the samples and cut the perplexity blocks, once."""
+    from tqdm.auto import tqdm
+
+    from echokv.data import load_text
+    from echokv.eval.sample import prompt_ids
+    from echokv.models import kv_geometry
+
+    plan = job.plan
+    samples = []
+    if plan.suite.source == "ruler" and plan.tasks:
+        from echokv.eval.ruler import RULER_TASKS, generate
+
+        prose = load_text("evaluation")
+        combos = [(t, c) for t in plan.tasks for c in plan.context_lengths]
+        for task, length in tqdm(combos, desc="generating samples", disable=not progress, leave=False):
+            depths = plan.depths if suites.uses_depths(task) else None
+            haystack = prose if RULER_TASKS[task].options.get("haystack") == "essay" else None
+            samples += generate(task, tokenizer, length, plan.samples, seed=job.seed, depths=depths,
+                                haystack_text=haystack)
+    elif plan.suite.source == "longbench":
+        from echokv.eval.longbench import load_longbench
+
+        cap = plan.longbench_max_prompt(kv_geometry(model).max_context)
+        samples = load_longbench(job.data, plan.tasks, tokenizer, max_prompt_tokens=cap, limit=plan.samples)
+    if plan.max_new_tokens:
+        for s in samples:
+            s.max_new_tokens = min(s.max_new_tokens, plan.max_new_tokens)
+
+    groups: dict[tuple, list] = {}
+    for s in samples:
+        length = s.context_length if plan.suite.source == "ruler" else None
+        groups.setdefault((s.task, length, s.depth), []).append(s)
+    cells = []
+    for (task, length, depth), group in groups.items():
+        if length is None:  # LongBench: the mean prompt length of the task's samples
+            length = round(sum(s.context_length for s in group) / len(group))
+        cells.append(({"task": task, "context_length": int(length), "depth": depth}, group))
+    ids = {id(s): prompt_ids(tokenizer, s) for s in samples}
+
+    blocks = None
+    if plan.perplexity is not None:
+        from echokv.eval.perplexity import heldout_blocks
+
+        blocks = heldout_blocks(tokenizer, plan.perplexity)
+    return Inputs(cells, blocks, ids)
+
+
+def _error_rows(base: dict, inputs: Inputs, plan: Plan, message: str, ppl_suite: str | None) -> list[dict]:
+    rows = [{**base, **keys, "n": 0, "error": message} for keys, _ in inputs.cells]
+    if inputs.ppl_blocks is not None:
+        row = {**base, "task": PERPLEXITY, "context_length": int(inputs.ppl_blocks.shape[1]), "n": 0,
+               "error": message}
+        if ppl_suite:
+            row["suite"] = ppl_suite
+        rows.append(row)
+    return rows
+
+
+def _message(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def run_method(name: str, ratio: float, model, tokenizer, job: EvalJob, inputs: Inputs, calibration,
+               eos_ids: set[int], progress: bool = True, predictions: list | None = None) -> list[dict]:
+    """Rows of one (method, ratio) over every cell, and its perplexity row; failures become error rows."""
+    from tqdm.auto import tqdm
+
+    from echokv.baselines.base import MethodUnavailable
+    from echokv.eval.metrics import score
+    from echokv.methods import make_method
+
+    plan = job.plan
+    base = {"method": name, "compression_ratio": float(ratio)}
+    ppl_suite = f"{plan.name}-perplexity" if plan.suite.source != "ppl" else None
+    label = name if name == FULL else f"{name}@{ratio:g}"
+    try:
+        method = make_method(name, ratio, job.artifacts)
+        start = time.perf_counter()
+        method.prepare(model, tokenizer, calibration)
+        prepare_seconds = time.perf_counter() - start
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of one method must not stop the others
+        _report_failure(label, "prepare", exc)
+        return _error_rows(base, inputs, plan, _message(exc), ppl_suite)
+
+    rows: list[dict] = []
+    unavailable: str | None = None
+    bar = tqdm(total=inputs.n_samples, desc=label, disable=not progress or not inputs.n_samples, unit="sample")
+    for keys, samples in inputs.cells:
+        if unavailable:
+            rows.append({**base, **keys, "n": 0, "error": unavailable})
+            bar.update(len(samples))
+            continue
+        bar.set_postfix_str(f"{keys['task']} @ {keys['context_length']}")
+        scores, kept, cache_bytes, full_bytes, new_tokens, prompt_tokens = [], [], [], [], [], []
+        start = time.perf_counter()
+        try:
+            for sample in samples:
+                context_ids, question_ids = inputs.prompt_ids[id(sample)]
+                new_ids, report = method.generate(model, context_ids, question_ids, sample.max_new_tokens, eos_ids)
+                prediction = tokenizer.decode(new_ids, skip_special_tokens=True)
+                value = score(sample, prediction)
+                scores.append(value)
+                kept.append(float(report["kept_fraction"]))
+                cache_bytes.append(float(report["cache_bytes"]))
+                full_bytes.append(float(report["full_cache_bytes"]))
+                new_tokens.append(len(new_ids))
+                prompt_tokens.append(len(context_ids) + len(question_ids))
+                if predictions is not None:
+                    predictions.append({**base, **keys, "index": sample.metadata.get("index", sample.metadata.get("_id")),
+                                        "prediction": prediction, "answers": sample.answers, "score": value})
+                bar.update(1)
+        except (KeyboardInterrupt, SystemExit):
+            bar.close()
+            raise
+        except Exception as exc:  # noqa: BLE001
+            _report_failure(label, f"{keys['task']} @ {keys['context_length']}", exc)
+            rows.append({**base, **keys, "n": 0, "error": _message(exc)})
+            bar.update(len(samples) - len(scores))
+            if isinstance(exc, MethodUnavailable):
+                unavailable = _message(exc)
+            continue
+        seconds = time.perf_counter() - start
+        n = len(scores)
+        rows.append({
+            **base, **keys,
+            "score": sum(scores) / n,
+            "n": n,
+            "kept_fraction": sum(kept) / n,
+            "cache_bytes": sum(cache_bytes) / n,
+            "full_cache_bytes": sum(full_bytes) / n,
+            "prompt_tokens": sum(prompt_tokens) / n,
+            "new_tokens": sum(new_tokens) / n,
+            "seconds": seconds,
+            "prepare_seconds": prepare_seconds,
+        })
+    bar.close()
+
+    if inputs.ppl_blocks is not None:
+        from echokv.eval.perplexity import perplexity_row
+
+        try:
+            if unavailable:
+                raise MethodUnavailable(unavailable)
+            row = {**base, **perplexity_row(model, method, inputs.ppl_blocks, plan.perplexity.chunk, progress,
+                                            desc=f"{label} perplexity")}
+            row["prepare_seconds"] = prepare_seconds
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            _report_failure(label, PERPLEXITY, exc)
+            row = {**base, "task": PERPLEXITY, "context_length": int(inputs.ppl_blocks.shape[1]), "n": 0,
+                   "error": _message(exc)}
+        if ppl_suite:
+            row["suite"] = ppl_suite
+        rows.append(row)
+    return rows
+
+
+def _report_failure(label: str, where: str, exc: BaseException) -> None:
+    """Say on stderr that a method failed; with the end of the traceback unless it is unavailable here."""
+    from tqdm.auto import tqdm
+
+    from echokv.baselines.base import MethodUnavailable
+
+    tqdm.write(f"[echokv eval] {label} failed ({where}): {_message(exc)}", file=sys.stderr)
+    if not isinstance(exc, MethodUnavailable):
+        tqdm.write("".join(traceback.format_exception(exc, limit=-3)).rstrip(), file=sys.stderr)
+
+
+def execute(job: EvalJob, model, tokenizer, progress: bool = True) -> list[dict]:
+    """Check against the model, build the inputs once, run every (method, ratio), write the results."""
+    from echokv.baselines.base import Calibration
+    from echokv.data import token_blocks
+
+    check_with_model(job, model)
+    for note in job.notes + job.plan.notes:
+        print(f"[echokv eval] {note}", file=sys.stderr)
+    inputs = build_inputs(job, model, tokenizer, progress)
+    calibration = None
+    if any(name != FULL for name, _ in job.runs):
+        calibration = Calibration(token_blocks(tokenizer, "calibration", CALIBRATION_TOKENS, CALIBRATION_SEQ_LEN))
+    eos_ids = eos_token_ids(tokenizer, model)
+    predictions: list[dict] = []
+    rows: list[dict] = []
+    for name, ratio in job.runs:
+        rows += run_method(name, ratio, model, tokenizer, job, inputs, calibration, eos_ids, progress, predictions)
+    if job.out is not None:
+        write(rows, predictions, job)
+    return rows
+
+
+def write(rows: list[dict], predictions: list[dict], job: EvalJob) -> dict[str, Path]:
+    """``results.json``, ``report.md`` (with a perplexity table) and figures; ``predictions.jsonl``."""
+    from echokv.eval.perplexity import perplexity_table
+    from echokv.eval.report import write_results
+
+    out = job.out
+    if out.is_dir() and job.overwrite:  # files of an earlier run that this one might not rewrite
+        for path in list(out.glob("*.png")) + [out / f for f in GENERATED_FILES]:
+            if path.is_file():
+                path.unlink()
+    written = write_results(rows, out, job.plan.name)
+    ppl = perplexity_table(rows)
+    if ppl:
+        text = written["report"].read_text(encoding="utf-8").rstrip("\n")
+        text += ("\n\n## Perplexity\n\nHeld-out perplexity of the evaluation split, streamed through each "
+                 f"method's cache in chunks of {job.plan.perplexity.chunk} tokens (lower is better; the "
+                 "tables above show 100 / perplexity as the score).\n\n" + "\n".join(ppl) + "\n")
+        written["report"].write_text(text, encoding="utf-8")
+    path = out / "predictions.jsonl"
+    with path.open("w", encoding="utf-8") as f:
+        for p in predictions:
+            f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    written["predictions"] = path
+    return written
+
+
+def run_eval(model, tokenizer, suite: str, methods, ratios, artifacts=None, data=None, tasks=None,
+             context_lengths=None, samples: int | None = None, seed: int = 0, out=None, progress: bool = True,
+             overwrite: bool = False) -> list[dict]:
+    """Evaluate ``methods`` (at every ratio of ``ratios``; ``full`` once) on ``suite`` and return the rows.
+
+    Args:
+        model, tokenizer: a loaded causal LM and its tokenizer.
+        suite: ``quick``, ``ruler``, ``longbench`` or ``ppl`` (see :mod:`echokv.eval.suites`).
+        methods: method names (list or comma-separated string; ``"all"``: every available method).
+        ratios: compression ratios in [0, 1) (list or comma-separated string).
+        artifacts: EchoKV artifact folders, matched to the ratios by their training ratio.
+        data: LongBench folder (``longbench`` suite only).
+        tasks, context_lengths, samples: overrides of the suite's defaults.
+        seed: seed of the RULER samples.
+        out: folder for ``results.json``, ``report.md``, figures and ``predictions.jsonl`` (None: no files).
+        progress: tqdm progress bars.
+        overwrite: allow ``out`` to exist.
+
+    Every check runs before any model work (:func:`plan_eval`, :func:`check_with_model`).
+    """
+    job = plan_eval(suite, methods, ratios, artifacts, data, tasks, context_lengths, samples, seed, out, overwrite)
+    return execute(job, model, tokenizer, progress)
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+
+def summary_lines(rows: list[dict]) -> list[str]:
+    """A plain-text table: mean score x100 per task for each method and ratio (perplexity as is)."""
+    from collections import defaultdict
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows if r.get("task")))
+    groups: dict[tuple, dict] = defaultdict(dict)
+    for r in rows:
+        key = (r["method"] != FULL, r["method"], float(r.get("compression_ratio", 0.0)))
+        cell = groups[key].setdefault(r.get("task"), {"sum": 0.0, "n": 0, "ppl": None, "error": None,
+                                                     "kept": [], "seconds": 0.0})
+        if r.get("error"):
+            cell["error"] = r["error"]
+            continue
+        if r.get("task") == PERPLEXITY:
+            cell["ppl"] = r["perplexity"]
+        else:
+            cell["sum"] += r["score"] * r["n"]
+            cell["n"] += r["n"]
+        cell["kept"].append(r["kept_fraction"])
+        cell["seconds"] += r.get("seconds", 0.0)
+    header = f"{'method':<16} {'ratio':>5} {'kept':>5} " + " ".join(f"{t[:16]:>16}" for t in tasks) + f" {'seconds':>8}"
+    lines = [header]
+    for key in sorted(groups):
+        cells = groups[key]
+        kept = [k for c in cells.values() for k in c["kept"]]
+        kept_text = f"{sum(kept) / len(kept):.2f}" if kept else "-"
+        values = []
+        for t in tasks:
+            c = cells.get(t)
+            if c is None:
+                values.append("-")
+            elif c["error"] and not c["n"] and c["ppl"] is None:
+                values.append("error")
+            elif t == PERPLEXITY:
+                values.append(f"ppl {c['ppl']:.2f}")
+            else:
+                values.append(f"{100 * c['sum'] / c['n']:.1f}")
+        seconds = sum(c["seconds"] for c in cells.values())
+        lines.append(f"{key[1]:<16} {key[2]:>5g} {kept_text:>5} " + " ".join(f"{v:>16}" for v in values)
+                     + f" {seconds:>8.1f}")
+    return lines
+
+
+def cmd_eval(args) -> int:
+    """``echokv eval``: validate, load the model, check against it, evaluate, write and summarise."""
+    from echokv.cli import _load
+
+    start = time.perf_counter()
+    job = plan_eval(args.suite, args.methods, args.compression_ratios, args.artifacts, args.data, args.tasks,
+                    args.context_lengths, args.samples, args.seed, args.out, args.overwrite)
+    model, tokenizer = _load(args)
+    rows = execute(job, model, tokenizer, progress=True)
+    errors = [r for r in rows if r.get("error")]
+    print("\n".join(summary_lines(rows)))
+    print(f"wrote {job.out / 'report.md'} and {job.out / 'results.json'} "
+          f"({time.perf_counter() - start:.0f} s in all)")
+    if errors:
+        print(f"{len(errors)} result row(s) hold errors; see the report", file=sys.stderr)
+    return 0

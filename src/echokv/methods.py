@@ -1,0 +1,107 @@
+"""Method registry: ``full``, ``echokv`` (stage 1+2 and stage-1-only) and the baselines.
+
+``make_method("echokv", 0.5, artifacts=[...])`` picks the artifact trained for that ratio; without
+one, an artifact is trained on the fly with default settings (minutes) and kept in ``work_dir``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .baselines import BASELINES, KVPRESS_PRESSES, kvpress_available
+from .baselines.base import Calibration, Method, MethodUnavailable
+from .cache import EchoCodec
+from .selection import check_ratio
+
+
+@dataclass
+class EchoKVMethod(Method):
+    """EchoKV (arXiv 2603.22910): retained heads + the trained reconstructor of an artifact."""
+
+    name: str = "echokv"
+    artifact: str | None = None
+    stage: int = 2
+    work_dir: str | None = None
+    train_overrides: dict = field(default_factory=dict)
+
+    def prepare(self, model, tokenizer, calibration: Calibration | None) -> None:
+        from . import artifact as art
+
+        if self.artifact is None:
+            self.artifact = _train_on_the_fly(model, tokenizer, self.compression_ratio, self.work_dir, self.train_overrides)
+        self._recon = art.load(self.artifact, model, stage=self.stage)
+
+    def make_codec(self, model):
+        return EchoCodec(self._recon)
+
+
+def _train_on_the_fly(model, tokenizer, ratio: float, work_dir, overrides) -> str:
+    from . import artifact as art
+    from .training import TrainConfig, train
+
+    out = Path(work_dir or "runs") / f"echokv-artifact-{ratio:g}"
+    if out.exists():
+        try:
+            art.check_compatible(art.read_config(out), model, str(out))
+            return str(out)
+        except art.ArtifactError:
+            pass
+    print(f"[echokv] no artifact for compression ratio {ratio:g}: training one into {out}")
+    recon, report = train(model, tokenizer, TrainConfig(compression_ratio=ratio, **overrides))
+    art.save(recon, model, out, report, overwrite=True)
+    return str(out)
+
+
+def artifact_ratio(path: str) -> float:
+    from .artifact import read_config
+
+    cfg = read_config(path)
+    return float(cfg["training"].get("compression_ratio", 1 - cfg["layout"]["kept_fraction"]))
+
+
+def known_methods() -> list[str]:
+    return ["full", "echokv", "echokv-s1", *BASELINES, *(f"kvpress:{p}" for p in KVPRESS_PRESSES)]
+
+
+def available_methods() -> list[str]:
+    """Every method that can run in this environment (kvpress ones need the peers extra)."""
+    return [m for m in known_methods() if not m.startswith("kvpress:") or kvpress_available()]
+
+
+def parse_methods(spec: str) -> list[str]:
+    """'full,echokv,...' or 'all' -> method names; unknown names raise listing the known ones."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if names == ["all"]:
+        return available_methods()
+    known = known_methods()
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise ValueError(f"unknown method(s) {', '.join(bad)}; known methods: {', '.join(known)}, or 'all'")
+    if not names:
+        raise ValueError("no method given; known methods: " + ", ".join(known))
+    return names
+
+
+def make_method(name: str, ratio: float, artifacts: list[str] | None = None, work_dir: str | None = None) -> Method:
+    check_ratio(ratio)
+    if name == "full":
+        return Method(0.0)
+    if name in ("echokv", "echokv-s1"):
+        match = [a for a in artifacts or [] if abs(artifact_ratio(a) - ratio) < 1e-9]
+        return EchoKVMethod(
+            ratio, name=name, artifact=match[0] if match else None, stage=1 if name == "echokv-s1" else 2,
+            work_dir=work_dir,
+        )
+    if name.startswith("kvpress:"):
+        if not kvpress_available():
+            raise MethodUnavailable(
+                f"{name} needs kvpress: install the peers environment (pip install 'echokv[peers]', "
+                "transformers 5.2.x)"
+            )
+        from .baselines.kvpress_press import KVPressMethod
+
+        return KVPressMethod(ratio, name=name, press=name.split(":", 1)[1])
+    if name in BASELINES:
+        return BASELINES[name](ratio)
+    raise ValueError(f"unknown method {name!r}; known methods: {', '.join(known_methods())}")

@@ -1,0 +1,137 @@
+"""The reconstruction network: per group of S layers, linear maps from retained heads to discarded ones.
+
+Values: each discarded head is ``sum_s W[t, s] v_s + b_t`` over the retained heads s that feed it
+(the layout's input mask). Keys: the RoPE-commuting form of :mod:`echokv.moments`, one complex
+coefficient per (target, source, frequency), applied to the post-RoPE keys the cache holds.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .moments import KeyMoments, ValueMoments
+from .selection import HeadLayout
+
+
+class GroupReconstructor(nn.Module):
+    """Maps the retained heads of one group to its discarded heads."""
+
+    def __init__(self, layout: HeadLayout, group: list[int], head_dim: int, bias: bool = True):
+        super().__init__()
+        self.group, self.head_dim, self.use_bias = list(group), head_dim, bias
+        f = head_dim // 2
+        mk, mv = layout.input_mask("k", group), layout.input_mask("v", group)
+        self.register_buffer("k_mask", mk.float(), persistent=False)
+        self.register_buffer("v_mask", mv.float(), persistent=False)
+        self.k_re = nn.Parameter(torch.zeros(*mk.shape, f))
+        self.k_im = nn.Parameter(torch.zeros(*mk.shape, f))
+        self.v_weight = nn.Parameter(torch.zeros(*mv.shape, head_dim, head_dim))  # [t, s, out, in]
+        self.v_bias = nn.Parameter(torch.zeros(mv.shape[0], head_dim), requires_grad=bias)
+
+    def key_coefficients(self):
+        return self.k_re * self.k_mask[..., None], self.k_im * self.k_mask[..., None]
+
+    def value_weight(self):
+        return self.v_weight * self.v_mask[..., None, None]
+
+    def keys(self, src: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """src [B, n_src, T, d] post-RoPE -> discarded keys [B, n_tgt, T, d] (or only ``rows``)."""
+        a, b = self.key_coefficients()
+        if rows is not None:
+            a, b = a[rows], b[rows]
+        a, b = a.to(src.dtype), b.to(src.dtype)
+        f = self.head_dim // 2
+        x1, x2 = src[..., :f], src[..., f:]
+        re = torch.einsum("bsnf,tsf->btnf", x1, a) - torch.einsum("bsnf,tsf->btnf", x2, b)
+        im = torch.einsum("bsnf,tsf->btnf", x2, a) + torch.einsum("bsnf,tsf->btnf", x1, b)
+        return torch.cat([re, im], dim=-1)
+
+    def values(self, src: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """src [B, n_src, T, d] -> discarded values [B, n_tgt, T, d] (or only ``rows``)."""
+        w, bias = self.value_weight(), self.v_bias
+        if rows is not None:
+            w, bias = w[rows], bias[rows]
+        out = torch.einsum("bsnd,tsed->btne", src, w.to(src.dtype))
+        return out + bias.to(src.dtype)[None, :, None, :]
+
+    def num_parameters(self) -> int:
+        """Parameters that are really used (masked-out entries do not count)."""
+        f, d = self.head_dim // 2, self.head_dim
+        n = int(self.k_mask.sum()) * 2 * f + int(self.v_mask.sum()) * d * d
+        return n + (self.v_bias.numel() if self.use_bias else 0)
+
+
+class Reconstructor(nn.Module):
+    """All groups of a model; rebuilds the full K and V of a layer from the retained heads."""
+
+    def __init__(self, layout: HeadLayout, head_dim: int, bias: bool = True):
+        super().__init__()
+        self.layout, self.head_dim = layout, head_dim
+        self.groups = nn.ModuleList(GroupReconstructor(layout, g, head_dim, bias) for g in layout.groups)
+        # per layer: (group index, target rows of this layer, target head ids) for k and v
+        self._plan = {}
+        for gi, group in enumerate(layout.groups):
+            for layer in group:
+                entry = {}
+                for kind in ("k", "v"):
+                    tgt = layout.targets(kind, group)
+                    rows = [i for i, (lay, _) in enumerate(tgt) if lay == layer]
+                    entry[kind] = (torch.tensor(rows, dtype=torch.long), [tgt[i][1] for i in rows])
+                self._plan[layer] = (gi, entry)
+
+    # -- stage 1: closed form --------------------------------------------------------------------
+    @torch.no_grad()
+    def fit_closed_form(self, moments: dict[str, list], ridge: float = 1e-3) -> None:
+        """Ridge least squares from per-group moments (``moments[kind][g]``, heads layer-major)."""
+        lay, h = self.layout, self.layout.num_kv_heads
+        for gi, (group, mod) in enumerate(zip(lay.groups, self.groups)):
+            index = {x: i for i, x in enumerate(lay.group_heads(group))}
+            for kind in ("k", "v"):
+                mom: KeyMoments | ValueMoments = moments[kind][gi]
+                src = [index[x] for x in lay.sources(kind, group)]
+                mask = lay.input_mask(kind, group)
+                for t, head in enumerate(lay.targets(kind, group)):
+                    cols = [j for j in range(len(src)) if mask[t, j]]
+                    if kind == "k":
+                        c = mom.solve([src[j] for j in cols], index[head], ridge)  # [F, |cols|]
+                        for jj, j in enumerate(cols):
+                            mod.k_re[t, j] = c[:, jj].real.float()
+                            mod.k_im[t, j] = c[:, jj].imag.float()
+                    else:
+                        w, b = mom.solve([src[j] for j in cols], index[head], ridge)  # [d, |cols|*d]
+                        for jj, j in enumerate(cols):
+                            mod.v_weight[t, j] = w[:, jj * self.head_dim : (jj + 1) * self.head_dim].float()
+                        if mod.use_bias:
+                            mod.v_bias[t] = b.float()
+        del h
+
+    # -- inference ---------------------------------------------------------------------------------
+    def group_sources(self, kind: str, group_idx: int, retained: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Concatenate the retained heads of a group's layers (layer-major = the sources order)."""
+        group = self.layout.groups[group_idx]
+        parts = [retained[layer] for layer in group if retained[layer].shape[1] > 0]
+        return torch.cat(parts, dim=1)
+
+    def rebuild(self, kind: str, layer: int, retained: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Full [B, H, T, d] keys or values of ``layer`` from the retained heads of its group.
+
+        ``retained[l]`` is [B, n_kept(l), T, d] for every layer l of the group.
+        """
+        gi, entry = self._plan[layer]
+        rows, heads = entry[kind]
+        own = retained[layer]
+        b, _, t, d = own.shape
+        full = own.new_empty(b, self.layout.num_kv_heads, t, d)
+        full[:, self.layout.retained_in_layer(kind, layer)] = own
+        if heads:
+            src = self.group_sources(kind, gi, retained)
+            mod = self.groups[gi]
+            full[:, heads] = mod.keys(src, rows) if kind == "k" else mod.values(src, rows)
+        return full
+
+    def num_parameters(self) -> int:
+        return sum(g.num_parameters() for g in self.groups)
+
+    def num_bytes(self, dtype: torch.dtype = torch.float32) -> int:
+        return self.num_parameters() * torch.empty((), dtype=dtype).element_size()

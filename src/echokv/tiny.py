@@ -1,0 +1,62 @@
+"""Tiny randomly initialised models of the supported architectures, for tests and examples.
+
+Nothing is downloaded: each model is built from a small config written here (a few layers, GQA,
+head_dim 16-32), so a test that needs "a Llama" or "a Gemma3" runs in a second on a CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3")
+
+
+def tiny_config(arch: str = "llama", **overrides):
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    if arch == "llama":
+        cfg = LlamaConfig(**{**common, **overrides})
+    elif arch == "mistral":
+        cfg = MistralConfig(**{**common, "sliding_window": None, **overrides})
+    elif arch == "qwen2":
+        cfg = Qwen2Config(**{**common, "use_sliding_window": False, **overrides})
+    elif arch == "gemma3":
+        gemma = dict(
+            common,
+            num_hidden_layers=6,
+            head_dim=32,
+            sliding_window=16,
+            layer_types=["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 2
+            + ["full_attention"],
+            query_pre_attn_scalar=32,
+        )
+        cfg = Gemma3TextConfig(**{**gemma, **overrides})
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A randomly initialised causal LM of architecture ``arch`` in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), dtype=dtype)
+    model.eval()
+    model.echokv_name = f"tiny-{arch}"
+    return model

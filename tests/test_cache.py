@@ -1,0 +1,194 @@
+"""EchoKVCache / CompressedCache: a drop-in transformers cache with an on-demand switch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import exact_tiny_llama, one_head_layout, train_tiny
+from transformers import DynamicCache
+
+from echokv.cache import EchoKVCache, prefill
+from echokv.tiny import ARCHITECTURES, tiny_model
+
+
+@pytest.fixture(scope="module")
+def exact():
+    model = exact_tiny_llama()
+    recon, _ = train_tiny(model, one_head_layout(), steps=0, ridge=1e-9, bias=False)
+    return model, recon
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def trained(request):
+    model = tiny_model(request.param)
+    recon, _ = train_tiny(model, steps=2)
+    return model, recon
+
+
+def test_full_mode_is_bit_identical_to_the_default_cache(trained):
+    model, recon = trained
+    ids = torch.randint(3, 250, (2, 21))
+    ref = model(ids, past_key_values=DynamicCache(config=model.config)).logits
+    cache = EchoKVCache(model, recon, mode="full")
+    assert torch.equal(model(ids, past_key_values=cache).logits, ref)
+    gen_ref = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=DynamicCache(config=model.config))
+    gen = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=EchoKVCache(model, recon, mode="full"))
+    assert torch.equal(gen, gen_ref)
+
+
+def test_compressed_with_exact_reconstructor_reproduces_full_logits(exact):
+    model, recon = exact
+    ids = torch.randint(3, 250, (1, 40))
+    ref = model(ids).logits
+    cache = EchoKVCache(model, recon, mode="compressed")
+    out = torch.cat([model(ids[:, s : s + 7], past_key_values=cache).logits for s in range(0, 40, 7)], dim=1)
+    assert cache.memory_report()["kept_fraction"] == pytest.approx(0.5)
+    assert torch.allclose(out, ref, atol=1e-4)
+
+
+def test_switch_mid_generation_keeps_the_prefix(trained):
+    model, recon = trained
+    ids = torch.randint(3, 250, (1, 16))
+    full = model.generate(ids, max_new_tokens=24, do_sample=False, past_key_values=DynamicCache(config=model.config))
+    cache = EchoKVCache(model, recon, switch_at_tokens=16 + 10)
+    mixed = model.generate(ids, max_new_tokens=24, do_sample=False, past_key_values=cache)
+    assert cache.memory_report()["mode"] == "compressed" and cache.switched_at == 26
+    # tokens produced before the switch are unchanged
+    assert torch.equal(mixed[:, : 16 + 11], full[:, : 16 + 11])
+
+
+def test_manual_compress_converts_and_frees(trained):
+    model, recon = trained
+    cache = EchoKVCache(model, recon, mode="full")
+    model(torch.randint(3, 250, (1, 30)), past_key_values=cache)
+    before = cache.nbytes()
+    cache.compress()
+    after = cache.memory_report()
+    assert after["mode"] == "compressed" and after["cache_bytes"] < before
+    assert after["full_cache_bytes"] == before
+    for i in cache.compressible:
+        assert cache.layers[i].recent_length() == 0 and cache.layers[i].n_stored == 30
+
+
+def test_memory_budget_switch(trained):
+    model, recon = trained
+    cache = EchoKVCache(model, recon, memory_budget_bytes=1)
+    model(torch.randint(3, 250, (1, 5)), past_key_values=cache)
+    assert cache.mode_now == "compressed"
+    roomy = EchoKVCache(model, recon, memory_budget_bytes=10**9)
+    model(torch.randint(3, 250, (1, 5)), past_key_values=roomy)
+    assert roomy.mode_now == "full"
+
+
+def _held_bytes(cache) -> int:
+    seen, total = set(), 0
+    for layer in cache.layers:
+        tensors = [getattr(layer, "keys", None), getattr(layer, "values", None), *getattr(layer, "stored", {}).values()]
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_accounting_equals_the_tensors_held(trained, window):
+    model, recon = trained
+    cache = EchoKVCache(model, recon, mode="compressed", full_window=window)
+    ids = torch.randint(3, 250, (2, 23))
+    model(ids, past_key_values=cache)
+    model(ids[:, :1], past_key_values=cache)
+    report = cache.memory_report()
+    assert report["cache_bytes"] == _held_bytes(cache)
+    ref = DynamicCache(config=model.config)
+    model(torch.cat([ids, ids[:, :1]], 1), past_key_values=ref)
+    full = sum(lay.keys.numel() * lay.keys.element_size() * 2 for lay in ref.layers)
+    assert report["full_cache_bytes"] == full
+    assert report["kept_fraction"] == pytest.approx(report["cache_bytes"] / full)
+    for i in cache.compressible:
+        assert cache.layers[i].recent_length() == window
+
+
+def test_batch_with_left_padding_and_sampling(exact):
+    model, recon = exact
+    ids = torch.randint(3, 250, (2, 12))
+    mask = torch.ones_like(ids)
+    ids[1, :4], mask[1, :4] = 0, 0
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    cache = EchoKVCache(model, recon, mode="compressed")
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, past_key_values=cache, pad_token_id=0)
+    assert torch.equal(out, ref)
+    torch.manual_seed(1)
+    s_ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=True, pad_token_id=0)
+    torch.manual_seed(1)
+    s_out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=True, pad_token_id=0,
+                           past_key_values=EchoKVCache(model, recon, mode="full"))
+    assert torch.equal(s_out, s_ref)
+
+
+def test_chunked_prefill_compresses_between_chunks(exact):
+    model, recon = exact
+    ids = torch.randint(3, 250, (1, 50))
+    cache = EchoKVCache(model, recon, mode="compressed")
+    logits = prefill(model, cache, ids, chunk_size=16)
+    assert torch.allclose(logits, model(ids).logits[:, -1], atol=1e-4)
+    assert all(cache.layers[i].n_stored == 50 for i in cache.compressible)
+
+
+def test_generate_continues_from_a_prefilled_cache(exact):
+    model, recon = exact
+    ids = torch.randint(3, 250, (1, 30))
+    cache = EchoKVCache(model, recon, mode="compressed")
+    prefill(model, cache, ids[:, :-1], chunk_size=8)
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=cache)
+    assert torch.equal(out, model.generate(ids, max_new_tokens=6, do_sample=False))
+
+
+def test_gemma3_sliding_layers_keep_their_own_behaviour():
+    model = tiny_model("gemma3")
+    recon, _ = train_tiny(model, steps=0)
+    cache = EchoKVCache(model, recon, mode="compressed")
+    model(torch.randint(3, 250, (1, 40)), past_key_values=cache)
+    assert cache.compressible == [2, 5]
+    for i in (0, 1, 3, 4):
+        assert type(cache.layers[i]).__name__ == "DynamicSlidingWindowLayer"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"mode": "sometimes"}, "unknown mode"),
+        ({"mode": "auto"}, "needs switch_at_tokens or memory_budget_bytes"),
+        ({"switch_at_tokens": 0}, "switch_at_tokens must be a positive integer"),
+        ({"memory_budget_bytes": -5}, "memory_budget_bytes must be a positive integer"),
+        ({"mode": "full", "full_window": -1}, "full_window must be a non-negative integer"),
+    ],
+)
+def test_bad_cache_settings(trained, kwargs, message):
+    model, recon = trained
+    with pytest.raises(ValueError, match=message):
+        EchoKVCache(model, recon, **kwargs)
+
+
+def test_artifact_for_another_model_is_refused_by_the_cache(tmp_path):
+    from echokv import artifact
+
+    model = tiny_model(seed=0)
+    recon, report = train_tiny(model, steps=0)
+    artifact.save(recon, model, tmp_path / "a", report)
+    with pytest.raises(artifact.ArtifactError, match="different model"):
+        EchoKVCache(tiny_model(seed=5), tmp_path / "a")
+
+
+@pytest.mark.real_model
+def test_real_model_answers_after_switching(smollm2, smollm2_artifact):
+    from echokv.cli import encode_prompt
+
+    model, tok = smollm2
+    ids = encode_prompt(tok, "What is the capital of France?")
+    cache = EchoKVCache(model, smollm2_artifact, switch_at_tokens=ids.shape[1] - 5)
+    out = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache,
+                         attention_mask=torch.ones_like(ids))
+    assert cache.memory_report()["mode"] == "compressed"
+    assert cache.memory_report()["kept_fraction"] == pytest.approx(0.5, abs=0.02)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:])

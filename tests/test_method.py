@@ -1,0 +1,190 @@
+"""The EchoKV method: selection, reconstruction, two-stage training, artifact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import exact_tiny_llama, one_head_layout, train_tiny
+
+from echokv import artifact
+from echokv.moments import KeyMoments, ValueMoments
+from echokv.selection import data_layout, nearest_paper_layout, paper_layout, paper_options
+from echokv.tiny import tiny_model
+from echokv.training import TrainConfig
+
+
+def test_exact_linear_head_is_reconstructed_to_machine_precision():
+    model = exact_tiny_llama()
+    recon, report = train_tiny(model, one_head_layout(), steps=0, ridge=1e-9, bias=False)
+    assert report["heldout"]["rel_error_stage1"]["k"] < 1e-9
+    assert report["heldout"]["rel_error_stage1"]["v"] < 1e-9
+    assert report["stage2"]["omse_before"] < 1e-9
+
+
+def test_key_map_commutes_with_rope():
+    """A key head predicted from post-RoPE keys is right at every position, not only those calibrated."""
+    from echokv.capture import capture
+
+    model = exact_tiny_llama()
+    recon, _ = train_tiny(model, one_head_layout(), steps=0, ridge=1e-9, bias=False)
+    seen = {}
+    long_ids = torch.randint(3, 250, (1, 300))  # calibration used positions < 64 only
+    capture(model, long_ids, lambda layer, mod, q, k, v: seen.setdefault(layer, k), progress=False)
+    k = seen[2]
+    rebuilt = recon.rebuild("k", 2, {2: k[:, :1]})
+    assert torch.allclose(rebuilt, k, atol=1e-4, rtol=1e-4)
+
+
+def test_paper_layout_keeps_first_layer_and_m_heads():
+    lay = paper_layout(list(range(30)), 3, group_size=2, m=0)
+    assert lay.kept_fraction() == pytest.approx(0.5)
+    assert (0, 0) in lay.retained_k and (1, 0) not in lay.retained_k
+    lay = paper_layout(list(range(30)), 3, group_size=4, m=1)
+    assert lay.retained_in_layer("v", 1) == [0]
+    mask = lay.input_mask("v", lay.groups[0])
+    # a discarded head of layer 1 reads the 3 global heads and layer 1's own local head only
+    assert mask[0].tolist() == [True, True, True, True, False, False]
+
+
+def test_paper_options_report_reachable_ratios():
+    opts = paper_options(list(range(30)), 3)
+    assert any(o["group_size"] == 2 and o["m"] == 0 and o["compression_ratio"] == 0.5 for o in opts)
+    lay = nearest_paper_layout(list(range(30)), 3, 0.7)
+    assert abs((1 - lay.kept_fraction()) - 0.7) <= min(abs(o["compression_ratio"] - 0.7) for o in opts) + 1e-12
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.5, 0.7, 0.9])
+def test_data_layout_respects_the_ratio_exactly(ratio):
+    layers, h, d = list(range(6)), 3, 8
+    g = torch.Generator().manual_seed(0)
+    stats = {"k": [], "v": []}
+    for _ in range(3):  # groups of 2 layers
+        km, vm = KeyMoments(6, d), ValueMoments(6, d)
+        x = torch.randn(200, 6, d, generator=g)
+        km.add(x)
+        vm.add(x)
+        stats["k"].append(km)
+        stats["v"].append(vm)
+    lay = data_layout(layers, h, 2, ratio, ratio, stats)
+    total = len(layers) * h
+    assert len(lay.retained_k) == round((1 - ratio) * total) == len(lay.retained_v)
+
+
+def test_data_layout_picks_the_explanatory_head():
+    """Head 1 is a copy of head 0 and head 2 is independent: keeping one of {0,1} and head 2 is best."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(500, 1, 8, generator=g)
+    x = torch.cat([base, base * 2, torch.randn(500, 1, 8, generator=g)], dim=1)
+    vm, km = ValueMoments(3, 8), KeyMoments(3, 8)
+    vm.add(x)
+    km.add(x)
+    lay = data_layout([0], 3, 1, 1 / 3, 1 / 3, {"k": [km], "v": [vm]})
+    kept = {h for _, h in lay.retained_v}
+    assert 2 in kept and len(kept & {0, 1}) == 1
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5])
+def test_ratio_out_of_range(bad):
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+        TrainConfig(compression_ratio=bad).validate(tiny_model())
+
+
+def test_group_size_and_m_that_do_not_fit():
+    model = tiny_model()  # 4 layers, 2 KV heads
+    with pytest.raises(ValueError, match="group size S=9 does not fit"):
+        TrainConfig(group_size=9).validate(model)
+    with pytest.raises(ValueError, match="local input size m=3 does not fit"):
+        TrainConfig(m=3).validate(model)
+
+
+def test_stage2_is_deterministic_with_a_seed():
+    model = tiny_model()
+    _, r1 = train_tiny(model, steps=4, seed=3)
+    _, r2 = train_tiny(model, steps=4, seed=3)
+    assert r1["stage2"]["losses"] == r2["stage2"]["losses"]
+
+
+def test_reconstructor_reports_its_size():
+    recon, report = train_tiny(tiny_model(), steps=0)
+    n = recon.num_parameters()
+    assert n > 0 and report["reconstructor_bytes"] == 4 * n
+
+
+def test_artifact_round_trip_gives_identical_tensors(tmp_path):
+    model = tiny_model()
+    recon, report = train_tiny(model, steps=2)
+    artifact.save(recon, model, tmp_path / "a", report)
+    loaded = artifact.load(tmp_path / "a", model)
+    for name, t in recon.state_dict().items():
+        assert torch.equal(t, loaded.state_dict()[name]), name
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    for key in ("kv_fingerprint", "geometry"):
+        assert key in cfg["model"]
+    assert cfg["layout"]["retained_k"] and cfg["versions"]["torch"]
+    stage1 = artifact.load(tmp_path / "a", model, stage=1)
+    assert any(not torch.equal(stage1.state_dict()[k], v) for k, v in loaded.state_dict().items()) or (
+        report["stage2"]["reverted_to_stage1"]
+    )
+
+
+def test_artifact_for_another_model_is_refused(tmp_path):
+    model = tiny_model(seed=0)
+    recon, report = train_tiny(model, steps=0)
+    artifact.save(recon, model, tmp_path / "a", report)
+    with pytest.raises(artifact.ArtifactError, match="different model"):
+        artifact.load(tmp_path / "a", tiny_model(seed=1))
+    with pytest.raises(artifact.ArtifactError, match="num_layers=4, but this model has 6"):
+        artifact.load(tmp_path / "a", tiny_model(num_hidden_layers=6))
+
+
+def test_existing_output_is_not_overwritten(tmp_path):
+    model = tiny_model()
+    recon, report = train_tiny(model, steps=0)
+    (tmp_path / "a").mkdir()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        artifact.save(recon, model, tmp_path / "a", report)
+    artifact.save(recon, model, tmp_path / "a", report, overwrite=True)
+    assert (tmp_path / "a" / "config.json").exists()
+
+
+def test_interrupted_save_leaves_no_complete_looking_artifact(tmp_path, monkeypatch):
+    model = tiny_model()
+    recon, report = train_tiny(model, steps=0)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifact, "save_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        artifact.save(recon, model, tmp_path / "a", report)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_incomplete_artifact_folder_is_refused(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.json").write_text("{}")
+    with pytest.raises(artifact.ArtifactError, match="reconstructor.safetensors is missing"):
+        artifact.load(tmp_path / "a")
+
+
+def test_text_too_short_is_refused_before_work(smollm2_tokenizer):
+    from echokv.data import TextTooShortError, require_tokens
+
+    with pytest.raises(TextTooShortError, match="tokens"):
+        require_tokens(smollm2_tokenizer, "evaluation", 10**7, 512)
+
+
+@pytest.mark.real_model
+def test_real_model_train_report_and_stage2_gain(smollm2_artifact):
+    report = json.loads((smollm2_artifact / "train_report.json").read_text())
+    for key in ("kept_fraction", "total_seconds"):
+        assert key in report
+    assert report["kept_fraction"] == pytest.approx(0.5)
+    s2 = report["stage2"]
+    assert {"seconds", "omse_before", "omse_after"} <= set(s2) and "final_loss" in report["stage1"]
+    # held-out text (evaluation split), not the training batch
+    assert s2["omse_after"] <= s2["omse_before"]
+    held = report["heldout"]
+    assert held["rel_error_stage1"]["v"] < held["rel_error_mean_fill"]["v"] < held["rel_error_zero_fill"]["v"]
