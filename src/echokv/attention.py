@@ -18,6 +18,9 @@ NAME = "echokv"
 
 # hook(module, query, key, value, attention_mask, scaling) -> attention output [B, T, H, d] or None
 _HOOK: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("echokv_attention_hook", default=None)
+# (layer_idx, fn(query, key, value, attention_mask, scaling)): set by a cache's update() for the
+# attention call that immediately follows it in the same layer
+_DEFERRED: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("echokv_deferred", default=None)
 
 
 def _sdpa():
@@ -27,12 +30,26 @@ def _sdpa():
 
 
 def echokv_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    deferred = _DEFERRED.get()
+    if deferred is not None and deferred[0] == module.layer_idx:
+        _DEFERRED.set(None)
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        return deferred[1](query, key, value, attention_mask, scaling), None
     hook = _HOOK.get()
     if hook is not None:
         out = hook(module, query, key, value, attention_mask, kwargs.get("scaling"))
         if out is not None:
             return out, None
     return _sdpa()(module, query, key, value, attention_mask, **kwargs)
+
+
+def defer(layer_idx: int, fn: Callable) -> None:
+    """Have the next echokv attention call of layer ``layer_idx`` computed by ``fn`` instead."""
+    _DEFERRED.set((layer_idx, fn))
+
+
+def is_enabled(model) -> bool:
+    return all(cfg._attn_implementation == NAME for cfg in _configs(model))
 
 
 def register() -> None:
@@ -77,15 +94,24 @@ def hooked(hook: Callable):
 
 
 @contextlib.contextmanager
-def echokv_attention(model):
-    """Temporarily switch ``model`` to the echokv attention (restored afterwards)."""
+def implementation(model, name: str = NAME):
+    """Temporarily switch ``model`` to the attention implementation ``name`` (restored afterwards)."""
     saved = [(cfg, cfg._attn_implementation) for cfg in _configs(model)]
-    enable(model)
+    if name == NAME:
+        enable(model)
+    else:
+        for cfg in _configs(model):
+            cfg._attn_implementation = name
     try:
         yield model
     finally:
         for cfg, impl in saved:
             cfg._attn_implementation = impl
+
+
+def echokv_attention(model):
+    """Temporarily switch ``model`` to the echokv attention (restored afterwards)."""
+    return implementation(model, NAME)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:

@@ -39,6 +39,11 @@ class KVCodec(ABC):
     def decode(self, layer: int, stored: dict[int, dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Full K/V [B, H, T_stored, d] of ``layer`` from everything stored (all layers)."""
 
+    def fast_attention(self, layer: int, stored: dict[int, dict]):
+        """Optional: fn(q, recent_k, recent_v, mask, scaling) -> attention output over the stored past
+        and the recent tokens, without decoding; ``None`` when the codec has no such path."""
+        return None
+
 
 class CompressedLayer(DynamicLayer):
     """A DynamicLayer (the recent, uncompressed tokens) plus the codec's stored tensors."""
@@ -108,6 +113,7 @@ class CompressedCache(DynamicCache):
         switch_at_tokens: int | None = None,
         memory_budget_bytes: int | None = None,
         full_window: int = 0,
+        fast: bool = False,
     ):
         if mode not in self.MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(self.MODES)}")
@@ -138,13 +144,27 @@ class CompressedCache(DynamicCache):
         self.full_window = full_window
         self.is_compressed = mode == "compressed"
         self.switched_at: int | None = 0 if self.is_compressed else None
+        self.fast = fast
+        if fast:
+            from . import attention
+
+            attention.enable(model)  # same SDPA outputs; lets the fast path replace one layer's attention
 
     # -- the cache protocol ---------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         layer = self.layers[layer_idx]
         keys, values = layer.update(key_states, value_states)
         if isinstance(layer, CompressedLayer) and layer.n_stored:
-            past_k, past_v = self.codec.decode(layer_idx, {i: self.layers[i].stored for i in self.compressible})
+            stored = {i: self.layers[i].stored for i in self.compressible}
+            fn = self.codec.fast_attention(layer_idx, stored) if self.fast else None
+            if fn is not None:
+                from . import attention
+
+                attention.defer(layer_idx, lambda q, k, v, mask, scaling: fn(q, k, v, mask, scaling))
+                if layer_idx == len(self.layers) - 1:
+                    self._after_forward()
+                return keys, values
+            past_k, past_v = self.codec.decode(layer_idx, stored)
             keys = torch.cat([past_k.to(keys.dtype), keys], dim=-2)
             values = torch.cat([past_v.to(values.dtype), values], dim=-2)
         if layer_idx == len(self.layers) - 1:
@@ -238,31 +258,57 @@ class CompressedCache(DynamicCache):
 
 
 class EchoCodec(KVCodec):
-    """EchoKV: store the retained heads; rebuild the discarded ones with the reconstructor."""
+    """EchoKV: store the retained heads; rebuild the discarded ones with the reconstructor.
+
+    The retained heads of a group are stored as one tensor [B, n_retained, T, d] on the group's first
+    layer (the others hold views of it when decoding): the fast path reads a group's sources in one go.
+    """
 
     def __init__(self, reconstructor):
         self.recon = reconstructor
         self.layout = reconstructor.layout
         self.layers = list(self.layout.layers)
-        self._heads = {
-            kind: {i: self.layout.retained_in_layer(kind, i) for i in self.layers} for kind in ("k", "v")
-        }
+        self._plans = {}
 
     def encode(self, keys, values):
-        return {
-            i: {"k": keys[i][:, self._heads["k"][i]].contiguous(), "v": values[i][:, self._heads["v"][i]].contiguous()}
-            for i in self.layers
-        }
+        out = {i: {} for i in self.layers}
+        for group in self.layout.groups:
+            for kind, full in (("k", keys), ("v", values)):
+                parts = [full[i][:, self.layout.retained_in_layer(kind, i)] for i in group]
+                out[group[0]][kind] = torch.cat(parts, dim=1)
+        return out
+
+    def _retained(self, kind: str, group: list[int], stored) -> dict[int, torch.Tensor]:
+        whole, views, start = stored[group[0]][kind], {}, 0
+        for i in group:
+            n = len(self.layout.retained_in_layer(kind, i))
+            views[i] = whole[:, start : start + n]
+            start += n
+        return views
 
     def decode(self, layer, stored):
         group = self.layout.groups[self.layout.group_of(layer)]
-        k = self.recon.rebuild("k", layer, {i: stored[i]["k"] for i in group})
-        v = self.recon.rebuild("v", layer, {i: stored[i]["v"] for i in group})
+        k = self.recon.rebuild("k", layer, self._retained("k", group, stored))
+        v = self.recon.rebuild("v", layer, self._retained("v", group, stored))
         return k, v
+
+    def fast_attention(self, layer, stored):
+        from .fast_attention import LayerPlan, attend
+
+        if layer not in self._plans:
+            self._plans[layer] = LayerPlan(self.recon, layer)
+        plan, first = self._plans[layer], self.layout.groups[self.layout.group_of(layer)][0]
+        gk, gv = stored[first]["k"], stored[first]["v"]
+        return lambda q, k, v, mask, scaling: attend(plan, q, k, v, gk, gv, mask, scaling)
 
 
 class EchoKVCache(CompressedCache):
-    """EchoKV cache: ``EchoKVCache(model, artifact_dir_or_reconstructor, switch_at_tokens=4096)``."""
+    """EchoKV cache: ``EchoKVCache(model, artifact_dir_or_reconstructor, switch_at_tokens=4096)``.
+
+    ``fast=True`` (the default where it applies) decodes compressed layers with
+    :mod:`echokv.fast_attention` (switching the model to the output-identical ``echokv`` attention);
+    ``fast=False`` rebuilds the discarded heads explicitly (the reference).
+    """
 
     def __init__(self, model, artifact, mode: str | None = None, **kwargs):
         from .artifact import load
@@ -273,6 +319,7 @@ class EchoKVCache(CompressedCache):
         recon.to(device=param.device)
         if mode is None:
             mode = "auto" if kwargs.get("switch_at_tokens") or kwargs.get("memory_budget_bytes") else "full"
+        kwargs.setdefault("fast", getattr(model.config, "attn_logit_softcapping", None) is None)
         super().__init__(model, EchoCodec(recon), mode=mode, **kwargs)
 
 

@@ -91,6 +91,9 @@ def require_calibration(calibration, who: str) -> Calibration:
     return calibration
 
 
+CAPTURE_BLOCK = 4  # layers per group of one capture pass, when the requested groups fit in such blocks
+
+
 def group_moments(model, calibration: Calibration, groups: list[list[int]], progress: bool = True) -> dict:
     """Mean/covariance of the K and V features of each group of layers, over the calibration blocks.
 
@@ -98,12 +101,56 @@ def group_moments(model, calibration: Calibration, groups: list[list[int]], prog
     :class:`~echokv.moments.ValueMoments` per group whose features are the group's layers (in order),
     then KV heads, then channels. ``k_post`` are the keys as the cache holds them (after RoPE);
     ``k_pre`` the same keys with RoPE undone (calibration blocks start at position 0), or None when
-    the model has no rotary module. Cached in ``calibration.cache``.
+    the model has no rotary module.
+
+    Results live in ``calibration.cache``; a request whose groups each lie inside a group already
+    captured is answered by slicing, without running the model again. A pass captures blocks of
+    ``CAPTURE_BLOCK`` adjacent full-attention layers whenever the requested groups fit in them, so
+    per-layer statistics (lowrank, headdrop) and cross-layer ones (xlayer-svd, up to 4 layers) share
+    one pass.
     """
     groups = [list(g) for g in groups]
+    found = _from_cache(model, calibration, groups)
+    if found is not None:
+        return found
+    layers = kv_geometry(model).full_attention_layers
+    blocks = [layers[i : i + CAPTURE_BLOCK] for i in range(0, len(layers), CAPTURE_BLOCK)]
+    fits = all(any(set(g) <= set(b) for b in blocks) for g in groups)
+    _capture_moments(model, calibration, blocks if fits else groups, progress)
+    return _from_cache(model, calibration, groups)
+
+
+def _from_cache(model, calibration, groups):
+    for key, val in calibration.cache.items():
+        if not (isinstance(key, tuple) and key[:2] == ("baselines.group_moments", id(model))):
+            continue
+        have = [list(g) for g in key[2]]
+        where = []
+        for g in groups:
+            host = next((i for i, b in enumerate(have) if set(g) <= set(b)), None)
+            if host is None:
+                break
+            where.append(host)
+        else:
+            return {kind: None if val[kind] is None else [
+                _sub(val[kind][host], have[host], g) for g, host in zip(groups, where)] for kind in val}
+    return None
+
+
+def _sub(mom: ValueMoments, have: list[int], want: list[int]) -> ValueMoments:
+    """The moments of the layers ``want`` (a subset of ``have``, in ``want``'s order)."""
+    if want == have:
+        return mom
+    h = mom.n // len(have)
+    width = h * mom.d
+    idx = torch.cat([torch.arange(have.index(lay) * width, (have.index(lay) + 1) * width) for lay in want])
+    out = ValueMoments(len(want) * h, mom.d)
+    out.count, out.total, out.outer = mom.count, mom.total[idx], mom.outer[idx][:, idx]
+    return out
+
+
+def _capture_moments(model, calibration, groups, progress) -> None:
     key = ("baselines.group_moments", id(model), tuple(tuple(g) for g in groups))
-    if key in calibration.cache:
-        return calibration.cache[key]
     geo = kv_geometry(model)
     h, d = geo.num_kv_heads, geo.head_dim
     try:
@@ -142,34 +189,38 @@ def group_moments(model, calibration: Calibration, groups: list[list[int]], prog
 
     capture(model, calibration.blocks, on_layer, layers=sorted(group_of), desc="baseline statistics", progress=progress)
     calibration.cache[key] = out
-    return out
 
 
 def pca(moments: ValueMoments, index: torch.Tensor | None = None, center: bool = True):
-    """Principal axes of (a sub-block ``index`` of) the features: (eigenvalues desc, basis [D, D], mean [D]).
+    """Principal axes of (a sub-block ``index`` of) the features.
 
-    ``center=False`` uses the uncentred second moment (an SVD of the raw vectors, as Palu/xKV do).
+    Returns (eigenvalues desc, basis [D, D], mean [D], energy): ``energy`` is E||x||^2 (uncentred), the
+    scale errors are measured against. ``center=False`` uses the uncentred second moment (an SVD of
+    the raw vectors, as Palu/xKV do) and a zero mean.
     """
     mu = moments.total / max(moments.count, 1)
-    mat = moments.cov if center else moments.outer / max(moments.count, 1)
+    second = moments.outer / max(moments.count, 1)
     if index is not None:
-        mu, mat = mu[index], mat[index][:, index]
+        mu, second = mu[index], second[index][:, index]
+    mat = second - torch.outer(mu, mu) if center else second
     evals, evecs = torch.linalg.eigh(mat)
     evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
-    return evals, evecs, (mu if center else torch.zeros_like(mu))
+    return evals, evecs, (mu if center else torch.zeros_like(mu)), float(second.trace())
 
 
 # -- rank allocation ------------------------------------------------------------------------------
 ALLOCATIONS = ("greedy", "uniform")
 
 
-def allocate_ranks(spectra: list[torch.Tensor], kept: float, mode: str = "greedy") -> list[int]:
+def allocate_ranks(spectra: list[torch.Tensor], kept: float, mode: str = "greedy",
+                   scales: list[float] | None = None) -> list[int]:
     """Ranks for several bases (eigenvalues ``spectra``, descending) keeping a ``kept`` share of all dims.
 
     ``greedy``: exactly ``round(kept * total dims)`` latent dims, given one at a time to the basis whose
-    next component removes the most *relative* residual energy (its eigenvalue over the basis's total):
-    this minimises the sum of relative reconstruction errors of the bases (a calibration-only proxy of
-    Palu's Fisher-information rank search). ``uniform``: every basis keeps ``round(kept * its dims)``.
+    next component removes the most *relative* squared error, its eigenvalue over the basis's scale
+    (``scales``, default the eigenvalue sum): this minimises the sum over bases of the error relative
+    to the scale (a calibration-only proxy of Palu's Fisher-information rank search).
+    ``uniform``: every basis keeps ``round(kept * its dims)``.
     """
     if mode not in ALLOCATIONS:
         raise ValueError(f"unknown rank allocation {mode!r}; choose one of {', '.join(ALLOCATIONS)}")
@@ -180,7 +231,8 @@ def allocate_ranks(spectra: list[torch.Tensor], kept: float, mode: str = "greedy
     scores = []
     for i, s in enumerate(spectra):
         s = s.double()
-        rel = s / s.sum().clamp_min(1e-30)
+        scale = float(s.sum()) if scales is None else scales[i]
+        rel = s / max(scale, 1e-30)
         # tiny decreasing tie-breaker keeps each basis's components in order when eigenvalues vanish
         rel = rel + 1e-18 * (len(s) - torch.arange(len(s), dtype=torch.float64))
         scores += [(float(r), i) for r in rel]

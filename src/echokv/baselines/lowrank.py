@@ -146,7 +146,7 @@ class ProjectionCodec(KVCodec):
 
 
 def fit_bases(moments: dict, groups: list[list[int]], h: int, d: int, head_group: int, keys: str,
-              kept: float, allocation: str, center: bool) -> list[Basis]:
+              kept: float, allocation: str, center: bool, norm: str = "energy") -> list[Basis]:
     """PCA bases per (group of layers, K/V, head group) with ranks allocated for ``kept``."""
     if keys not in KEY_SPACES:
         raise ValueError(f"unknown key space {keys!r}; choose one of {', '.join(KEY_SPACES)}")
@@ -162,12 +162,13 @@ def fit_bases(moments: dict, groups: list[list[int]], h: int, d: int, head_group
             for heads in head_sets:
                 idx = torch.cat([torch.arange((j * h + hh) * d, (j * h + hh + 1) * d)
                                  for j in range(len(group)) for hh in heads])
-                evals, evecs, mu = pca(mom, idx, center=center)
-                cands.append((kind, group, heads, evals, evecs, mu))
-    ranks = allocate_ranks([c[3] for c in cands], kept, allocation)
+                evals, evecs, mu, energy = pca(mom, idx, center=center)
+                cands.append((kind, group, heads, evals, evecs, mu, energy))
+    scales = [c[6] for c in cands] if norm == "energy" else None
+    ranks = allocate_ranks([c[3] for c in cands], kept, allocation, scales)
     return [
         Basis(kind, list(group), heads, mu.float(), evecs[:, :r].float().contiguous(), name=f"{kind}{i}")
-        for i, ((kind, group, heads, _, evecs, mu), r) in enumerate(zip(cands, ranks))
+        for i, ((kind, group, heads, _, evecs, mu, _), r) in enumerate(zip(cands, ranks))
     ]
 
 
@@ -180,6 +181,7 @@ class LowRankMethod(Method):
     head_group: int | None = None
     allocation: str = "greedy"
     center: bool = True
+    norm: str = "energy"
     bases: list = field(default_factory=list, repr=False)
 
     #: layers per shared latent (1 here; :class:`~echokv.baselines.xlayer_svd.CrossLayerSVDMethod` > 1)
@@ -198,7 +200,7 @@ class LowRankMethod(Method):
         cal = require_calibration(calibration, self.name)
         moments = group_moments(model, cal, groups)
         self.bases = fit_bases(moments, groups, h, d, hg, self.keys, 1.0 - self.compression_ratio,
-                               self.allocation, self.center)
+                               self.allocation, self.center, self.norm)
 
     def make_codec(self, model):
         if not self.bases:
