@@ -69,8 +69,10 @@ def _run(meth, model, ids, split=40):
 
 
 # -- ratio 0 / full rank: exact -----------------------------------------------------------------------
-@pytest.mark.parametrize("which", list(FACTORIES))
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize(
+    "which,arch",
+    [(w, "llama") for w in FACTORIES] + [(w, "gemma3") for w in ("headdrop", "lowrank", "xlayer-svd", "quant")],
+)
 def test_ratio_zero_equals_full(which, arch, llama, gemma3, calib):
     model = llama if arch == "llama" else gemma3
     meth = _prepared(FACTORIES[which], 0.0, model, calib)
@@ -150,7 +152,7 @@ def test_unrotated_cache_keys_are_the_pre_rope_projection(arch, llama, gemma3):
 
 # -- kept bytes ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["lowrank", "lowrank-post", "lowrank-uniform-perhead", "xlayer-svd"])
-@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.75, 0.9])
+@pytest.mark.parametrize("ratio", [0.3, 0.75, 0.9])
 def test_lowrank_kept_bytes(which, ratio, llama, calib):
     meth = _prepared(FACTORIES[which], ratio, llama, calib)
     _, rep = _run(meth, llama, _ids(50))
@@ -187,7 +189,10 @@ def test_quant_kept_bytes_is_the_nearest_bit_width(ratio, dtype, calib):
     # nearest: no other bit width is closer; the target lies within one bit step of the choice
     assert all(abs(k - (1 - ratio)) >= abs(kept[i] - (1 - ratio)) - 1e-12 for k in kept)
     lo, hi = kept[max(i - 1, 0)], kept[min(i + 1, len(kept) - 1)]
-    assert lo - 1e-12 <= 1 - ratio <= hi + 1e-12
+    if 1 - ratio >= kept[0]:
+        assert lo - 1e-12 <= 1 - ratio <= hi + 1e-12
+    else:  # below every option (e.g. 0.9 on a 16-bit model): the smallest one
+        assert i == 0
 
 
 def test_quant_kept_fraction_formula():
@@ -279,7 +284,7 @@ def test_headdrop_zero_needs_no_calibration(llama):
 def test_allocate_ranks():
     spectra = [torch.tensor([8.0, 1.0, 1.0, 0.0]), torch.tensor([1.0, 1.0, 1.0, 1.0])]
     ranks = allocate_ranks(spectra, 0.5, "greedy")
-    assert sum(ranks) == 4 and ranks == [1, 3] or ranks == [2, 2]
+    assert ranks == [1, 3]  # relative: 0.8 first, then the flat spectrum (0.25 each) beats 0.1
     assert allocate_ranks(spectra, 1.0) == [4, 4] and allocate_ranks(spectra, 0.0) == [0, 0]
     assert allocate_ranks(spectra, 0.5, "uniform") == [2, 2]
     with pytest.raises(ValueError):
@@ -292,7 +297,7 @@ def test_lowrank_lower_error_with_more_rank(llama, calib):
     errs = []
     for r in (0.2, 0.5, 0.8):
         logits, _ = _run(_prepared(FACTORIES["lowrank"], r, llama, calib), llama, ids)
-        errs.append(float((logits - ref).abs().max()))
+        errs.append(float((logits - ref).abs().max().detach()))
     assert errs[0] < errs[2] and all(math.isfinite(e) for e in errs)
 
 
@@ -312,3 +317,21 @@ def test_bad_parameters(llama, calib):
         QuantMethod(0.5, bits=3)
     with pytest.raises(ValueError, match="calibration"):
         LowRankMethod(0.5).prepare(llama, None, None)
+
+
+def test_group_moments_share_one_capture(llama):
+    """Per-layer statistics sliced from a cross-layer capture equal a per-layer capture."""
+    from echokv.baselines._stats import _capture_moments, group_moments
+
+    blocks = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(4))
+    shared, direct = Calibration(blocks=blocks), Calibration(blocks=blocks)
+    group_moments(llama, shared, [[0, 1], [2, 3]], progress=False)
+    assert len(shared.cache) == 1
+    sliced = group_moments(llama, shared, [[1], [2]], progress=False)
+    assert len(shared.cache) == 1  # answered from the first pass
+    _capture_moments(llama, direct, [[1], [2]], progress=False)
+    ref = next(iter(direct.cache.values()))
+    for kind in ("k_post", "k_pre", "v"):
+        for a, b in zip(sliced[kind], ref[kind]):
+            assert a.count == b.count
+            assert torch.allclose(a.total, b.total) and torch.allclose(a.outer, b.outer, atol=1e-9)

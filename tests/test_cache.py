@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import exact_tiny_llama, one_head_layout, train_tiny
 from transformers import DynamicCache
 
+from conftest import exact_tiny_llama, one_head_layout, train_tiny
 from echokv.cache import EchoKVCache, prefill
 from echokv.tiny import ARCHITECTURES, tiny_model
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import train_tiny
 
+from conftest import train_tiny
 from echokv.cache import EchoKVCache
 from echokv.tiny import tiny_model
 

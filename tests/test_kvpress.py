@@ -7,13 +7,13 @@ import torch
 
 kvpress = pytest.importorskip("kvpress")
 
-from transformers import DynamicCache  # noqa: E402
+from transformers import DynamicCache
 
-from echokv.baselines import KVPRESS_PRESSES  # noqa: E402
-from echokv.baselines.base import MethodUnavailable  # noqa: E402
-from echokv.baselines.kvpress_press import PRESSES, KVPressMethod  # noqa: E402
-from echokv.methods import make_method  # noqa: E402
-from echokv.tiny import tiny_model  # noqa: E402
+from echokv.baselines import KVPRESS_PRESSES
+from echokv.baselines.base import MethodUnavailable
+from echokv.baselines.kvpress_press import PRESSES, KVPressMethod
+from echokv.methods import make_method
+from echokv.tiny import tiny_model
 
 pytestmark = pytest.mark.peers
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import exact_tiny_llama, one_head_layout, train_tiny
 
+from conftest import exact_tiny_llama, one_head_layout, train_tiny
 from echokv import artifact
 from echokv.moments import KeyMoments, ValueMoments
 from echokv.selection import data_layout, nearest_paper_layout, paper_layout, paper_options
@@ -17,7 +17,7 @@ from echokv.training import TrainConfig
 
 def test_exact_linear_head_is_reconstructed_to_machine_precision():
     model = exact_tiny_llama()
-    recon, report = train_tiny(model, one_head_layout(), steps=0, ridge=1e-9, bias=False)
+    _recon, report = train_tiny(model, one_head_layout(), steps=0, ridge=1e-9, bias=False)
     assert report["heldout"]["rel_error_stage1"]["k"] < 1e-9
     assert report["heldout"]["rel_error_stage1"]["v"] < 1e-9
     assert report["stage2"]["omse_before"] < 1e-9

@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .models import DEFAULT_MODEL, KVGeometry, kv_geometry, load_model  # noqa: E402
+from .models import DEFAULT_MODEL, KVGeometry, kv_geometry, load_model
 
-__all__ = ["DEFAULT_MODEL", "KVGeometry", "kv_geometry", "load_model", "__version__"]
+__all__ = ["DEFAULT_MODEL", "KVGeometry", "__version__", "kv_geometry", "load_model"]

@@ -42,7 +42,7 @@ class KVCodec(ABC):
     def fast_attention(self, layer: int, stored: dict[int, dict]):
         """Optional: fn(q, recent_k, recent_v, mask, scaling) -> attention output over the stored past
         and the recent tokens, without decoding; ``None`` when the codec has no such path."""
-        return None
+        return
 
 
 class CompressedLayer(DynamicLayer):

@@ -6,7 +6,7 @@ would not fit in memory as activations.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -33,7 +33,7 @@ def capture(
     def hook(module, q, k, v, mask, scaling):
         if wanted is None or module.layer_idx in wanted:
             on_layer(module.layer_idx, module, q.detach(), k.detach(), v.detach())
-        return None  # let the stock attention run
+        # let the stock attention run
 
     device = next(model.parameters()).device
     with attention.echokv_attention(model), attention.hooked(hook):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 
-from .reconstructor import Reconstructor
 
 
 def key_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -34,7 +33,7 @@ def key_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class LayerPlan:
     """What one layer needs: which of the group's retained heads are its own, and the folded maps."""
 
-    def __init__(self, recon: Reconstructor, layer: int):
+    def __init__(self, recon, layer: int):
         lay = recon.layout
         gi = lay.group_of(layer)
         group = lay.groups[gi]
@@ -50,11 +49,9 @@ class LayerPlan:
             setattr(self, f"{kind}_own_heads", heads)
             setattr(self, f"{kind}_tgt_heads", [tgt[r][1] for r in rows])
             if kind == "k":
-                a, b = mod.key_coefficients()
-                self.k_map = key_matrix(a[rows], b[rows]).detach()  # [n_tgt, n_src, d_in, d_out]
+                self.k_map = mod.key_maps()[rows].detach()  # [n_tgt, n_src, d_in, d_out]
             else:
-                w = mod.value_weight()[rows]  # [n_tgt, n_src, out, in]
-                self.v_map = w.transpose(-1, -2).detach()  # [n_tgt, n_src, in, out]
+                self.v_map = mod.value_maps()[rows].detach()
                 self.v_bias = mod.v_bias[rows].detach()
 
 

@@ -35,31 +35,45 @@ class GroupReconstructor(nn.Module):
     def value_weight(self):
         return self.v_weight * self.v_mask[..., None, None]
 
+    def key_maps(self) -> torch.Tensor:
+        """Dense real form [n_tgt, n_src, d_in, d_out] of the complex key coefficients."""
+        from .fast_attention import key_matrix
+
+        return key_matrix(*self.key_coefficients())
+
+    def value_maps(self) -> torch.Tensor:
+        """[n_tgt, n_src, d_in, d_out]."""
+        return self.value_weight().transpose(-1, -2)
+
     def keys(self, src: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """src [B, n_src, T, d] post-RoPE -> discarded keys [B, n_tgt, T, d] (or only ``rows``)."""
-        a, b = self.key_coefficients()
-        if rows is not None:
-            a, b = a[rows], b[rows]
-        a, b = a.to(src.dtype), b.to(src.dtype)
-        f = self.head_dim // 2
-        x1, x2 = src[..., :f], src[..., f:]
-        re = torch.einsum("bsnf,tsf->btnf", x1, a) - torch.einsum("bsnf,tsf->btnf", x2, b)
-        im = torch.einsum("bsnf,tsf->btnf", x2, a) + torch.einsum("bsnf,tsf->btnf", x1, b)
-        return torch.cat([re, im], dim=-1)
+        maps = self.key_maps()
+        return _apply(src, maps if rows is None else maps[rows])
 
     def values(self, src: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """src [B, n_src, T, d] -> discarded values [B, n_tgt, T, d] (or only ``rows``)."""
-        w, bias = self.value_weight(), self.v_bias
+        maps, bias = self.value_maps(), self.v_bias
         if rows is not None:
-            w, bias = w[rows], bias[rows]
-        out = torch.einsum("bsnd,tsed->btne", src, w.to(src.dtype))
-        return out + bias.to(src.dtype)[None, :, None, :]
+            maps, bias = maps[rows], bias[rows]
+        return _apply(src, maps) + bias.to(src.dtype)[None, :, None, :]
 
     def num_parameters(self) -> int:
         """Parameters that are really used (masked-out entries do not count)."""
         f, d = self.head_dim // 2, self.head_dim
         n = int(self.k_mask.sum()) * 2 * f + int(self.v_mask.sum()) * d * d
         return n + (self.v_bias.numel() if self.use_bias else 0)
+
+
+def _apply(src: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Every target head from every source head in one matrix product.
+
+    src [B, n_src, T, d_in], maps [n_tgt, n_src, d_in, d_out] -> [B, n_tgt, T, d_out]
+    """
+    b, s, t, d = src.shape
+    n_tgt, d_out = maps.shape[0], maps.shape[-1]
+    x = src.permute(0, 2, 1, 3).reshape(b, t, s * d)
+    w = maps.to(src.dtype).permute(1, 2, 0, 3).reshape(s * d, n_tgt * d_out)
+    return (x @ w).view(b, t, n_tgt, d_out).permute(0, 2, 1, 3)
 
 
 class Reconstructor(nn.Module):

@@ -118,7 +118,7 @@ class HeadLayout:
         return out
 
     @classmethod
-    def from_dict(cls, d: dict) -> "HeadLayout":
+    def from_dict(cls, d: dict) -> HeadLayout:
         fields = ("layers", "num_kv_heads", "groups", "retained_k", "retained_v", "inputs", "strategy")
         return cls(**{k: d[k] for k in fields})
 
@@ -141,7 +141,7 @@ def paper_options(layers: list[int], num_kv_heads: int, max_group: int = 8) -> l
     """Every (S, m) of the paper layout with the compression ratio it reaches exactly."""
     out = []
     for s in range(1, min(max_group, len(layers)) + 1):
-        for m in range(0, num_kv_heads + 1):
+        for m in range(num_kv_heads + 1):
             lay = paper_layout(layers, num_kv_heads, s, m)
             kept = lay.kept_fraction("k")
             out.append({"group_size": s, "m": m, "kept_fraction": kept, "compression_ratio": 1 - kept})

@@ -14,20 +14,20 @@ ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3")
 def tiny_config(arch: str = "llama", **overrides):
     from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
-    common = dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=2048,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
+    common = {
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 2048,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "tie_word_embeddings": False,
+    }
     if arch == "llama":
         cfg = LlamaConfig(**{**common, **overrides})
     elif arch == "mistral":

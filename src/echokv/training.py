@@ -43,6 +43,7 @@ class TrainConfig:
     stage2_steps: int = 60
     stage2_lr: float = 1e-3
     stage2_batch: int = 2
+    stage2_queries: int | None = 128  # query positions scored per sequence in stage 2 (None: all)
     ridge: float = 1e-3
     bias: bool = True
     seed: int = 0
@@ -184,25 +185,53 @@ def relative_kv_error(recon: Reconstructor, samples: dict, fill: str = "recon", 
 
 
 class OutputMSE:
-    """Relative output MSE of the attention of compressed layers, on fixed Q/K/V samples."""
+    """Relative output MSE of the attention of compressed layers, on fixed Q/K/V samples.
 
-    def __init__(self, layout: HeadLayout, samples: dict, modules: dict):
-        self.layout, self.samples, self.modules = layout, samples, modules
-        self.ref = {}
+    ``queries``: score only this many query positions per sequence (a fixed random subset of the
+    later positions, which attend to the most context); None scores every position. Keys and values
+    are always those of every position, so the reconstruction is trained where attention reads it.
+    Everything that does not depend on the network (sources, queries, reference outputs) is prepared
+    once, so a step is the reconstruction, one attention per layer, and the projection.
+    """
+
+    def __init__(self, layout: HeadLayout, samples: dict, modules: dict, queries: int | None = None, seed: int = 0):
+        self.layout, self.modules = layout, modules
+        q0 = next(iter(samples.values()))[0]
+        self.n, t = q0.shape[0], q0.shape[2]
+        if queries is None or queries >= t:
+            self.pos, self.mask = None, None
+        else:
+            gen = torch.Generator().manual_seed(seed)
+            lo = t // 8
+            self.pos = (lo + torch.randperm(t - lo, generator=gen)[:queries]).sort().values
+            self.mask = torch.arange(t)[None, :] <= self.pos[:, None]  # [queries, T] causal
+        self.sources = {}  # (group, kind) -> retained heads of the group [N, n_src, T, d]
+        for gi, group in enumerate(layout.groups):
+            for kind in ("k", "v"):
+                ret = retained_of(layout, {lay: samples[lay] for lay in group}, kind)
+                self.sources[gi, kind] = torch.cat([ret[lay] for lay in group], dim=1)
+        self.layers = {}  # layer -> prepared tensors
         self.den = 0.0
         with torch.no_grad():
             for layer, (q, k, v) in samples.items():
                 mod = modules[layer]
                 n_rep = q.shape[1] // k.shape[1]
-                heads = self.affected(layer)
-                qi = self.query_heads(heads, n_rep)
-                full = F.scaled_dot_product_attention(
-                    q, k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1), is_causal=True,
-                    scale=mod.scaling,
-                )
+                full = self.attend(q, k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1), mod.scaling)
                 self.den += float(self.project(mod, full, list(range(q.shape[1]))).pow(2).sum())
-                if heads:
-                    self.ref[layer] = full[:, qi]
+                heads = self.affected(layer)
+                if not heads:
+                    continue
+                qi = self.query_heads(heads, n_rep)
+                entry = {"heads": heads, "qi": qi, "n_rep": n_rep, "ref": full[:, qi],
+                         "q": q[:, qi] if self.pos is None else q[:, qi][:, :, self.pos]}
+                gi = layout.group_of(layer)
+                for kind, x in (("k", k), ("v", v)):
+                    tgt = layout.targets(kind, layout.groups[gi])
+                    rows = [r for r, (tl, th) in enumerate(tgt) if tl == layer and th in heads]
+                    entry[kind + "_rows"] = torch.tensor(rows, dtype=torch.long)
+                    entry[kind + "_at"] = torch.tensor([heads.index(tgt[r][1]) for r in rows], dtype=torch.long)
+                    entry[kind + "_orig"] = x[:, heads]  # the exact ones stay, discarded ones are replaced
+                self.layers[layer] = entry
 
     def affected(self, layer: int) -> list[int]:
         lay = self.layout
@@ -210,6 +239,14 @@ class OutputMSE:
             h for h in range(lay.num_kv_heads)
             if h not in lay.retained_in_layer("k", layer) or h not in lay.retained_in_layer("v", layer)
         ]
+
+    def attend(self, q, k, v, scale):
+        """Causal attention; with a query subset, ``q`` holds only those positions."""
+        if self.pos is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        if q.shape[2] != len(self.pos):
+            q = q[:, :, self.pos]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=scale)
 
     @staticmethod
     def query_heads(kv_heads: list[int], n_rep: int) -> list[int]:
@@ -223,26 +260,23 @@ class OutputMSE:
         w = mod.o_proj.weight[:, cols]
         return o.transpose(1, 2).reshape(b, t, nq * d) @ w.T
 
-    def __call__(self, recon: Reconstructor, batch: torch.Tensor | None = None) -> torch.Tensor:
-        lay = self.layout
+    def __call__(self, recon, batch: torch.Tensor | None = None) -> torch.Tensor:
         pick = (lambda x: x) if batch is None else (lambda x: x[batch])
-        sel = {layer: tuple(pick(x) for x in qkv) for layer, qkv in self.samples.items()}
-        ret = {kind: retained_of(lay, sel, kind) for kind in ("k", "v")}
         total = 0.0
-        for layer, ref in self.ref.items():
-            q, k, v = sel[layer]
-            mod = self.modules[layer]
-            n_rep = q.shape[1] // k.shape[1]
-            heads = self.affected(layer)
-            k_hat = recon.rebuild("k", layer, ret["k"])[:, heads]
-            v_hat = recon.rebuild("v", layer, ret["v"])[:, heads]
-            qi = self.query_heads(heads, n_rep)
-            out = F.scaled_dot_product_attention(
-                q[:, qi], k_hat.repeat_interleave(n_rep, 1), v_hat.repeat_interleave(n_rep, 1), is_causal=True,
-                scale=mod.scaling,
-            )
-            total = total + self.project(mod, out - pick(ref), qi).pow(2).sum()
-        scale = 1.0 if batch is None else len(next(iter(self.samples.values()))[0]) / len(batch)
+        for layer, e in self.layers.items():
+            gi = self.layout.group_of(layer)
+            mod, group_mod = self.modules[layer], recon.groups[gi]
+            kv = []
+            for kind in ("k", "v"):
+                x = pick(e[kind + "_orig"])
+                if len(e[kind + "_rows"]):
+                    src = pick(self.sources[gi, kind])
+                    fn = group_mod.keys if kind == "k" else group_mod.values
+                    x = x.index_copy(1, e[kind + "_at"], fn(src, e[kind + "_rows"]))
+                kv.append(x.repeat_interleave(e["n_rep"], 1))
+            out = self.attend(pick(e["q"]), kv[0], kv[1], mod.scaling)
+            total = total + self.project(mod, out - pick(e["ref"]), e["qi"]).pow(2).sum()
+        scale = 1.0 if batch is None else self.n / len(batch)
         return total * scale / max(self.den, 1e-30)
 
 
@@ -287,7 +321,7 @@ def train(model, tokenizer, cfg: TrainConfig, calib=None, held=None, layout=None
     t2 = time.perf_counter()
     with torch.no_grad():
         omse_before = float(held_omse(recon))
-    train_omse = OutputMSE(layout, cal.samples, modules)
+    train_omse = OutputMSE(layout, cal.samples, modules, queries=cfg.stage2_queries, seed=cfg.seed)
     stage1_state = {k: v.clone() for k, v in recon.state_dict().items()}
     with torch.no_grad():
         train_before = float(train_omse(recon))
@@ -363,7 +397,7 @@ def _moment_error(layout: HeadLayout, moments) -> dict:
 
 
 def stage2(recon: Reconstructor, objective: OutputMSE, cfg: TrainConfig) -> list[float]:
-    n = len(next(iter(objective.samples.values()))[0])
+    n = objective.n
     params = [p for p in recon.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.stage2_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -388,16 +422,27 @@ class _FillReconstructor:
     """Stand-in for a Reconstructor that fills discarded heads with zeros or per-head means."""
 
     def __init__(self, recon: Reconstructor, fill: str, means: dict):
-        self.layout, self.fill, self.means = recon.layout, fill, means
-
-    def rebuild(self, kind, layer, retained):
-        own = retained[layer]
-        b, _, t, d = own.shape
-        full = own.new_zeros(b, self.layout.num_kv_heads, t, d)
-        if self.fill == "mean":
-            full[:] = self.means[kind][layer][None, :, None, :]
-        full[:, self.layout.retained_in_layer(kind, layer)] = own
-        return full
+        self.groups = [_FillGroup(recon.layout, group, fill, means) for group in recon.layout.groups]
 
 
-__all__ = ["TrainConfig", "train", "build_layout", "OutputMSE", "relative_kv_error", "KeyMoments", "ValueMoments"]
+class _FillGroup:
+    def __init__(self, layout: HeadLayout, group: list[int], fill: str, means: dict):
+        self.targets = {kind: layout.targets(kind, group) for kind in ("k", "v")}
+        self.fill, self.means = fill, means
+
+    def _fill(self, kind, src, rows):
+        b, _, t, d = src.shape
+        heads = [self.targets[kind][r] for r in rows.tolist()]
+        if self.fill == "zero":
+            return src.new_zeros(b, len(heads), t, d)
+        mean = torch.stack([self.means[kind][layer][h] for layer, h in heads]).to(src.dtype)
+        return mean[None, :, None, :].expand(b, -1, t, -1)
+
+    def keys(self, src, rows):
+        return self._fill("k", src, rows)
+
+    def values(self, src, rows):
+        return self._fill("v", src, rows)
+
+
+__all__ = ["KeyMoments", "OutputMSE", "TrainConfig", "ValueMoments", "build_layout", "relative_kv_error", "train"]

@@ -112,7 +112,8 @@ class _FullCache(CompressedCache):
 
 
 class _NoCodec(KVCodec):
-    layers: list[int] = []
+    def __init__(self):
+        self.layers: list[int] = []
 
     def encode(self, keys, values):
         return {}

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from ..cache import KVCodec
 from ..models import kv_geometry
 from ..selection import HeadLayout, make_groups, nearest_paper_layout

@@ -9,14 +9,17 @@ rebuilt discarded heads). Perplexity is ``exp(total NLL / predicted tokens)`` ov
 
 A perplexity row has the fields of every result row (:mod:`echokv.eval.report`) with
 ``task = "perplexity"`` and ``score = 1 / perplexity`` (the geometric-mean probability of the next
-token, in (0, 1], higher is better, so it sorts and plots like the other scores), plus
-``perplexity``, ``nll_per_token``, ``tokens`` and ``sequences``.
+token, in (0, 1], higher is better, so it sorts like the other scores), plus ``perplexity``,
+``nll_per_token``, ``tokens`` and ``sequences``. The runner keeps these rows in ``results.json`` but
+reports them in their own table (:func:`perplexity_table`) and figure (:func:`plot_perplexity`)
+rather than among the task scores.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -89,3 +92,34 @@ def perplexity_table(rows: list[dict]) -> list[str]:
         lines.append(f"| {r['method']} | {ratio:g} | {r['kept_fraction']:.2f} | {r['tokens']} | "
                      f"{r['perplexity']:.2f} | {rel} |")
     return lines
+
+
+def plot_perplexity(rows: list[dict], path) -> Path | None:
+    """Perplexity against the measured kept KV fraction, one line per method (``full``: dashed line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("task") == PERPLEXITY and not r.get("error")]
+    if not ok:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in sorted({r["method"] for r in ok if r["method"] != "full"}):
+        points = sorted((r["kept_fraction"], r["perplexity"]) for r in ok if r["method"] == method)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    full = [r["perplexity"] for r in ok if r["method"] == "full"]
+    if full:
+        ax.axhline(full[0], color="black", linestyle="--", linewidth=1)
+        ax.plot([1.0], [full[0]], marker="*", markersize=12, color="black", linestyle="none", label="full")
+    ax.set_xlabel("kept KV fraction")
+    ax.set_ylabel("held-out perplexity (lower is better)")
+    ax.set_xlim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -246,14 +246,11 @@ def build_inputs(job: EvalJob, model, tokenizer, progress: bool = True) -> Input
     return Inputs(cells, blocks, ids)
 
 
-def _error_rows(base: dict, inputs: Inputs, plan: Plan, message: str, ppl_suite: str | None) -> list[dict]:
+def _error_rows(base: dict, inputs: Inputs, message: str) -> list[dict]:
     rows = [{**base, **keys, "n": 0, "error": message} for keys, _ in inputs.cells]
     if inputs.ppl_blocks is not None:
-        row = {**base, "task": PERPLEXITY, "context_length": int(inputs.ppl_blocks.shape[1]), "n": 0,
-               "error": message}
-        if ppl_suite:
-            row["suite"] = ppl_suite
-        rows.append(row)
+        rows.append({**base, "task": PERPLEXITY, "context_length": int(inputs.ppl_blocks.shape[1]), "n": 0,
+                     "error": message})
     return rows
 
 
@@ -272,7 +269,6 @@ def run_method(name: str, ratio: float, model, tokenizer, job: EvalJob, inputs: 
 
     plan = job.plan
     base = {"method": name, "compression_ratio": float(ratio)}
-    ppl_suite = f"{plan.name}-perplexity" if plan.suite.source != "ppl" else None
     label = name if name == FULL else f"{name}@{ratio:g}"
     try:
         method = make_method(name, ratio, job.artifacts)
@@ -283,7 +279,7 @@ def run_method(name: str, ratio: float, model, tokenizer, job: EvalJob, inputs: 
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of one method must not stop the others
         _report_failure(label, "prepare", exc)
-        return _error_rows(base, inputs, plan, _message(exc), ppl_suite)
+        return _error_rows(base, inputs, _message(exc))
 
     rows: list[dict] = []
     unavailable: str | None = None
@@ -353,8 +349,6 @@ def run_method(name: str, ratio: float, model, tokenizer, job: EvalJob, inputs: 
             _report_failure(label, PERPLEXITY, exc)
             row = {**base, "task": PERPLEXITY, "context_length": int(inputs.ppl_blocks.shape[1]), "n": 0,
                    "error": _message(exc)}
-        if ppl_suite:
-            row["suite"] = ppl_suite
         rows.append(row)
     return rows
 
@@ -393,8 +387,13 @@ def execute(job: EvalJob, model, tokenizer, progress: bool = True) -> list[dict]
 
 
 def write(rows: list[dict], predictions: list[dict], job: EvalJob) -> dict[str, Path]:
-    """``results.json``, ``report.md`` (with a perplexity table) and figures; ``predictions.jsonl``."""
-    from echokv.eval.perplexity import perplexity_table
+    """``results.json`` (every row), ``report.md``, figures and ``predictions.jsonl`` in ``job.out``.
+
+    Task rows go through :func:`echokv.eval.report.write_results`; perplexity rows, which are not
+    scores of a task, get their own table and figure (:mod:`echokv.eval.perplexity`) appended to
+    the report.
+    """
+    from echokv.eval.perplexity import perplexity_table, plot_perplexity
     from echokv.eval.report import write_results
 
     out = job.out
@@ -402,13 +401,21 @@ def write(rows: list[dict], predictions: list[dict], job: EvalJob) -> dict[str, 
         for path in list(out.glob("*.png")) + [out / f for f in GENERATED_FILES]:
             if path.is_file():
                 path.unlink()
-    written = write_results(rows, out, job.plan.name)
+    task_rows = [r for r in rows if r.get("task") != PERPLEXITY]
+    written = write_results(task_rows, out, job.plan.name)
+    written["results"].write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     ppl = perplexity_table(rows)
     if ppl:
         text = written["report"].read_text(encoding="utf-8").rstrip("\n")
-        text += ("\n\n## Perplexity\n\nHeld-out perplexity of the evaluation split, streamed through each "
-                 f"method's cache in chunks of {job.plan.perplexity.chunk} tokens (lower is better; the "
-                 "tables above show 100 / perplexity as the score).\n\n" + "\n".join(ppl) + "\n")
+        if not task_rows:
+            text = text.rstrip() + "\n"  # the ppl suite: no task table above
+        text += ("\n\n## Perplexity\n\nHeld-out perplexity of the evaluation split "
+                 f"({_ppl_tokens(rows)} predicted tokens per method), streamed through each method's cache in "
+                 f"chunks of {job.plan.perplexity.chunk} tokens (lower is better).\n\n" + "\n".join(ppl) + "\n")
+        png = plot_perplexity(rows, out / f"{job.plan.name}_perplexity_vs_kept.png")
+        if png is not None:
+            written["perplexity_plot"] = png
+            text += f"\n![perplexity vs kept KV fraction]({png.name})\n"
         written["report"].write_text(text, encoding="utf-8")
     path = out / "predictions.jsonl"
     with path.open("w", encoding="utf-8") as f:
@@ -416,6 +423,11 @@ def write(rows: list[dict], predictions: list[dict], job: EvalJob) -> dict[str, 
             f.write(json.dumps(p, ensure_ascii=False) + "\n")
     written["predictions"] = path
     return written
+
+
+def _ppl_tokens(rows: list[dict]) -> int:
+    """Predicted tokens behind a perplexity row (the same for every method)."""
+    return max((int(r.get("tokens", 0)) for r in rows if r.get("task") == PERPLEXITY), default=0)
 
 
 def run_eval(model, tokenizer, suite: str, methods, ratios, artifacts=None, data=None, tasks=None,
