@@ -29,12 +29,12 @@ def smollm2_tokenizer():
 
 @pytest.fixture(scope="session")
 def smollm2_artifact(tmp_path_factory):
-    """A small ratio-0.5 artifact for the embedded model, trained once through `echokv train`."""
+    """A small ratio-0.5 artifact (paper layout: the cheap one) trained once through `echokv train`."""
     from echokv.cli import main
 
     out = tmp_path_factory.mktemp("artifact") / "smollm2-0.5"
     rc = main([
-        "train", "--compression-ratio", "0.5", "--calib-tokens", "4096", "--heldout-tokens", "1024",
+        "train", "--compression-ratio", "0.5", "--layout", "paper", "--calib-tokens", "4096", "--heldout-tokens", "1024",
         "--steps", "20", "--out", str(out), "--no-progress",
     ])
     assert rc == 0

@@ -243,8 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compression-ratio", type=_ratio, default=0.5, help="fraction of the KV cache removed (default 0.5)")
     s.add_argument("--k-ratio", type=_ratio, default=None, help="compression ratio of keys (default: --compression-ratio)")
     s.add_argument("--v-ratio", type=_ratio, default=None, help="compression ratio of values")
-    s.add_argument("--layout", choices=["paper", "data"], default="paper",
-                   help="paper: first layer of each group + first m heads; data: greedy choice from calibration")
+    s.add_argument("--layout", choices=["paper", "data"], default="data",
+                   help="data (default): greedy choice of retained heads from calibration; "
+                   "paper: first layer of each group + first m heads (loses answers on SmolLM2 at 0.5)")
     s.add_argument("--group-size", "-S", type=_positive, default=None, help="layers per group S (default: searched)")
     s.add_argument("--m", type=int, default=None, help="paper layout: heads kept in each non-first layer (default: searched)")
     s.add_argument("--inputs", choices=["global+local", "all", "global", "local"], default=None,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 
 
-
 def key_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Complex per-frequency coefficients a + jb [..., f] -> real [..., d_in, d_out] (rotate-half layout)."""
     f = a.shape[-1]

@@ -32,7 +32,7 @@ class TrainConfig:
     compression_ratio: float = 0.5
     k_ratio: float | None = None  # defaults to compression_ratio
     v_ratio: float | None = None
-    layout: str = "paper"  # "paper" | "data"
+    layout: str = "data"  # "data" (measured best) | "paper" (EchoKV's own layout)
     group_size: int | None = None  # paper: searched when None; data: 4
     m: int | None = None  # paper only: local heads kept per non-first layer; searched when None
     inputs: str | None = None  # paper: "global+local"; data: "all"

@@ -295,7 +295,9 @@ def run_method(name: str, ratio: float, model, tokenizer, job: EvalJob, inputs: 
         try:
             for sample in samples:
                 context_ids, question_ids = inputs.prompt_ids[id(sample)]
+                t0 = time.perf_counter()
                 new_ids, report = method.generate(model, context_ids, question_ids, sample.max_new_tokens, eos_ids)
+                sample_seconds = time.perf_counter() - t0
                 prediction = tokenizer.decode(new_ids, skip_special_tokens=True)
                 value = score(sample, prediction)
                 scores.append(value)
@@ -306,7 +308,8 @@ def run_method(name: str, ratio: float, model, tokenizer, job: EvalJob, inputs: 
                 prompt_tokens.append(len(context_ids) + len(question_ids))
                 if predictions is not None:
                     predictions.append({**base, **keys, "index": sample.metadata.get("index", sample.metadata.get("_id")),
-                                        "prediction": prediction, "answers": sample.answers, "score": value})
+                                        "prediction": prediction, "answers": sample.answers, "score": value,
+                                        "seconds": sample_seconds})
                 bar.update(1)
         except (KeyboardInterrupt, SystemExit):
             bar.close()

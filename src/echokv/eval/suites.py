@@ -63,12 +63,12 @@ PERPLEXITY = "perplexity"
 
 SUITES = ("quick", "ruler", "longbench", "ppl")
 
-QUICK_TASKS = ("niah_single_1", "niah_single_2")
+QUICK_TASKS = ("niah_single_2", "niah_multikey_1")
 QUICK_LENGTHS = (512, 1024)
 QUICK_SAMPLES = 25
 QUICK_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-QUICK_MAX_NEW_TOKENS = 16
-QUICK_PPL_SEQUENCES = 2
+QUICK_MAX_NEW_TOKENS = 12
+QUICK_PPL_SEQUENCES = 4
 
 RULER_LENGTHS = (1024, 2048, 4096)
 RULER_SAMPLES = 20
