@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .. import attention
 from ..cache import CompressedCache, KVCodec, prefill
 from ..selection import check_ratio
 
@@ -62,11 +63,21 @@ class Method:
         codec = self.make_codec(model)
         if codec is None:
             return _FullCache(model)
-        return CompressedCache(model, codec, mode="full")
+        return CompressedCache(model, codec, mode="full", fast=True)
+
+    def generate(self, model, context_ids, question_ids, max_new_tokens: int, eos_ids=()):
+        """Greedy answer to one sample. Returns (new token ids, cache memory report)."""
+        # the echokv attention (SDPA + the fast decode path of codecs that have one), only for this call
+        with attention.implementation(model, attention.NAME):
+            return self._generate(model, context_ids, question_ids, max_new_tokens, eos_ids)
+
+    def nll(self, model, ids: torch.Tensor, chunk_size: int | None = None) -> tuple[float, int, dict]:
+        """Summed next-token NLL of ``ids`` [1, T] decoded chunk by chunk through the compressed cache."""
+        with attention.implementation(model, attention.NAME):
+            return self._nll(model, ids, chunk_size)
 
     @torch.no_grad()
-    def generate(self, model, context_ids: list[int], question_ids: list[int], max_new_tokens: int, eos_ids=()):
-        """Greedy answer to one sample. Returns (new token ids, cache memory report)."""
+    def _generate(self, model, context_ids, question_ids, max_new_tokens, eos_ids):
         device = next(model.parameters()).device
         cache = self.new_cache(model)
         ctx = torch.tensor([context_ids], device=device)
@@ -84,8 +95,7 @@ class Method:
         return out, cache.memory_report()
 
     @torch.no_grad()
-    def nll(self, model, ids: torch.Tensor, chunk_size: int | None = None) -> tuple[float, int, dict]:
-        """Summed next-token NLL of ``ids`` [1, T] decoded chunk by chunk through the compressed cache."""
+    def _nll(self, model, ids, chunk_size):
         chunk = chunk_size or self.chunk_size
         cache = self.new_cache(model)
         total, count = 0.0, 0
