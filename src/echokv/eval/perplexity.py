@@ -117,9 +117,6 @@ def plot_perplexity(rows: list[dict], path) -> Path | None:
     ax.set_xlim(0, 1.05)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    from .plots import _save
+
+    return _save(fig, path)
