@@ -217,6 +217,18 @@ def test_failing_method_gets_error_rows(tiny, monkeypatch, tmp_path):
     assert "not available" in (out / "report.md").read_text()
 
 
+def test_lengths_get_independent_samples(tiny):
+    model, tokenizer = tiny
+    job = runner.plan_eval("quick", ["full"], [], tasks="niah_single_1", context_lengths="200,300", samples=2)
+    inputs = runner.build_inputs(job, model, tokenizer, progress=False)
+    answers: dict[int, list] = {}
+    for keys, samples in inputs.cells:
+        answers.setdefault(keys["context_length"], []).extend(s.answers[0] for s in samples)
+    assert len(answers[200]) == 2 and not set(answers[200]) & set(answers[300])  # other needles
+    again = runner.build_inputs(job, model, tokenizer, progress=False)
+    assert [[s.context for s in ss] for _, ss in again.cells] == [[s.context for s in ss] for _, ss in inputs.cells]
+
+
 def test_eos_ids_include_the_chat_end_token(smollm2_tokenizer):
     ids = runner.eos_token_ids(smollm2_tokenizer)
     assert smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>") in ids
@@ -227,7 +239,7 @@ def test_eos_ids_include_the_chat_end_token(smollm2_tokenizer):
 def test_quick_suite_full_cache_scores_above_chance(smollm2, tmp_path):
     """A reduced quick suite on SmolLM2-135M: the full cache finds the needle (chance: 0)."""
     model, tokenizer = smollm2
-    rows = runner.run_eval(model, tokenizer, "quick", ["full"], [], tasks="niah_single_1", context_lengths="512",
+    rows = runner.run_eval(model, tokenizer, "quick", ["full"], [], tasks="niah_single_2", context_lengths="512",
                            samples=4, out=tmp_path / "eval", progress=False)
     scored = [r for r in rows if not r.get("error")]
     n = sum(r["n"] for r in scored)

@@ -212,12 +212,12 @@ def build_inputs(job: EvalJob, model, tokenizer, progress: bool = True) -> Input
         from echokv.eval.ruler import RULER_TASKS, generate
 
         prose = load_text("evaluation")
-        combos = [(t, c) for t in plan.tasks for c in plan.context_lengths]
-        for task, length in tqdm(combos, desc="generating samples", disable=not progress, leave=False):
+        combos = [(t, j, c) for t in plan.tasks for j, c in enumerate(plan.context_lengths)]
+        for task, j, length in tqdm(combos, desc="generating samples", disable=not progress, leave=False):
             depths = plan.depths if suites.uses_depths(task) else None
             haystack = prose if RULER_TASKS[task].options.get("haystack") == "essay" else None
-            samples += generate(task, tokenizer, length, plan.samples, seed=job.seed, depths=depths,
-                                haystack_text=haystack)
+            samples += generate(task, tokenizer, length, plan.samples, seed=suites.length_seed(job.seed, j),
+                                depths=depths, haystack_text=haystack)
     elif plan.suite.source == "longbench":
         from echokv.eval.longbench import load_longbench
 

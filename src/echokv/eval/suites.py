@@ -7,37 +7,38 @@ A :class:`Suite` is a default; :func:`resolve` applies the command line's overri
 Suites
 ------
 
-``quick`` (the default): a smoke test of the cache of a *small* model on 2 CPU cores, sized so
+``quick`` (the default): a smoke test of a method on a *small* model with 2 CPU cores, sized so
 that ``full`` + ``echokv`` at one compression ratio finish in at most 10 minutes with SmolLM2-135M-
-Instruct (~135M parameters, 30 layers), and so that a 10-point difference between methods is not
-noise.
+Instruct (30 layers, 3 KV heads), and so that a 10-point difference between methods is not noise.
 
-* Tasks: ``niah_single_1`` (a 7-digit number hidden in the repeated-sentence noise haystack) and
-  ``niah_single_2`` (the same needle in real prose: the evaluation split's text), at 512 and 1024
-  tokens, needles at depths 0, 25, 50, 75 and 100 %. These are the RULER tasks where SmolLM2-135M
-  scores clearly above chance but below 100 % at these lengths (measured with the full cache, seed 0,
-  20 samples per task and length): niah_single_1 ~85 % at 512 and ~55 % at 1024 tokens,
-  niah_single_2 ~60 % / ~40 %. The other tasks were measured too and left out: ``niah_single_3``,
-  ``niah_multikey_1``, ``niah_multivalue``, ``niah_multiquery`` score about 0-35 % for this model
-  (multi-needle retrieval is beyond it), ``vt``, ``cwe`` and ``fwe`` (aggregation and tracking) about
-  0-20 %, i.e. floor effects that cannot show a compression loss. Chance is 0: the score is string
-  recall of a random 7-digit number.
-* Samples: 25 per task and length, i.e. n = 100 per method. A method's mean score is a proportion
-  of Bernoulli outcomes, so its binomial standard error is ``sqrt(p (1 - p) / n) <= sqrt(0.25 / 100)
-  = 5`` points; the two methods see the *same* samples (paired), so the standard error of their
-  difference is at most ~5-7 points and a 10-point gap is about two standard errors or more, not
-  noise. More samples would tighten this but not fit the time budget.
-* Generation is capped at :data:`QUICK_MAX_NEW_TOKENS` new tokens (RULER allows 128 for NIAH): the
-  answer is a 7-digit number right after the answer prefix, so 16 tokens hold it, and greedy decoding
-  of an instruct model that does not stop early would otherwise spend most of the time on text
-  that cannot change the score (``string_match_all`` only looks for the number).
-* Perplexity: 2 sequences x 1024 tokens of the evaluation split, streamed in chunks of 128 tokens
+* Tasks: ``niah_single_2`` (a 7-digit number hidden in real prose, the evaluation split's text) and
+  ``niah_multikey_1`` (the same with three distractor needles under other keys), at 512 and 1024
+  tokens, needles at depths 0, 25, 50, 75 and 100 %. Full-cache scores of SmolLM2-135M measured per
+  RULER task (seed 0, 5 samples per task and length, 512 / 1024 tokens, RULER's generation lengths):
+  niah_single_1 100/100, niah_single_2 100/100, niah_single_3 80/0, niah_multikey_1 60/60,
+  niah_multivalue 95/95, niah_multiquery 70/70, vt 52/36, fwe 53/47 (cwe cannot be made shorter than
+  ~690 tokens and answers with ~120 tokens). The two chosen tasks are clearly above chance (0 for a
+  guessed 7-digit number, ~25 % for returning a random needle of multikey) and test retrieval, what a
+  lossy KV cache breaks first: niah_single_2 sits at the ceiling (any loss shows), niah_multikey_1 at
+  ~80 % (key discrimination, with room both ways). Left out: niah_single_1 duplicates niah_single_2 on
+  an artificial haystack; niah_single_3 collapses at 1024; multivalue, multiquery, vt, fwe and cwe
+  answer with 30-120 tokens (3-10x the decoding time) for partial-credit scores.
+* Samples: 25 per task and length, each length with its own needles (:func:`length_seed`), i.e.
+  n = 100 independent samples per method. A method's mean is a proportion of (mostly 0/1) outcomes,
+  so its binomial standard error is ``sqrt(p (1 - p) / n) <= sqrt(0.25 / 100) = 5`` points; methods
+  answer the *same* samples, so a 10-point gap is two standard errors or more, not noise.
+* Generation is capped at :data:`QUICK_MAX_NEW_TOKENS` = 12 new tokens (RULER allows 128): the answer
+  is the 7-digit number right after the answer prefix (" 4780374." is 9 SmolLM2 tokens), and a
+  broken cache that never stops would otherwise spend most of the time on text that cannot change
+  ``string_match_all``.
+* Perplexity: 4 sequences x 1024 tokens of the evaluation split, streamed in chunks of 128 tokens
   through each method's cache (every chunk attends to the compressed past).
 
-Time (measured, see ``echokv eval --suite quick``): prefill dominates, about 0.2 s (512) / 0.45 s
-(1024) per sample for ``full`` on 2 idle cores, and ``echokv`` decodes slower (it rebuilds the
-discarded heads of the whole compressed context at every step), so the suite is sized with a
-margin for cores shared with other work.
+Time, measured on 2 otherwise idle cores (``echokv eval --suite quick --methods full,echokv
+--compression-ratios 0.5``): ``full`` 1.2 s per sample at 512 tokens and 2.2 s at 1024, ``echokv`` 1.8
+and 3.0 s (decoding rebuilds the discarded heads), perplexity 2-3 s per sequence: 176 s + 249 s, and
+7.5 minutes in all with the model load. Processes sharing the cores slow 2-thread PyTorch down far
+more than their share (a run beside other jobs took 59 minutes).
 
 ``ruler``: all RULER tasks (:data:`echokv.eval.ruler.RULER_TASKS`) at 1024, 2048 and 4096 tokens
 (lengths beyond the model's context, minus the generation budget, are dropped), 20 samples per task
@@ -277,6 +278,16 @@ def resolve(suite: str, tasks=None, context_lengths=None, samples: int | None = 
         spec, chosen, lengths or list(spec.context_lengths), samples or spec.samples, spec.depths,
         spec.max_new_tokens, ppl, explicit_lengths=lengths is not None,
     )
+
+
+def length_seed(seed: int, index: int) -> int:
+    """Seed of the RULER samples at the ``index``-th context length of a plan.
+
+    Each length gets its own seed, so the samples of different lengths hold different needles
+    and keys: every sample of a task is an independent draw (the sample count behind a task's
+    mean, and its standard error, is the total over lengths).
+    """
+    return seed + 1000 * index
 
 
 def uses_depths(task: str) -> bool:
