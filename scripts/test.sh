@@ -10,5 +10,5 @@ echo "== main environment: whole suite"
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 echo "== peers environment: cache, attention, baselines, kvpress"
 .venv-peers/bin/python -m pytest -q -p no:cacheprovider -m "not real_model" \
-  tests/test_cache.py tests/test_method.py tests/test_baselines.py tests/test_kvpress.py \
+  tests/test_cache.py tests/test_method.py tests/test_hybrid.py tests/test_fast_path.py tests/test_baselines.py tests/test_kvpress.py \
   tests/test_models.py::test_gemma3_loads_with_correct_tokenizer "$@"

@@ -27,17 +27,27 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
-@pytest.fixture(scope="session")
-def smollm2_artifact(tmp_path_factory):
-    """A small ratio-0.5 artifact (paper layout: the cheap one) trained once through `echokv train`."""
+def _train_cli(out, *extra) -> None:
     from echokv.cli import main
 
-    out = tmp_path_factory.mktemp("artifact") / "smollm2-0.5"
-    rc = main([
-        "train", "--compression-ratio", "0.5", "--layout", "paper", "--calib-tokens", "4096", "--heldout-tokens", "1024",
-        "--steps", "20", "--out", str(out), "--no-progress",
-    ])
+    rc = main(["train", "--compression-ratio", "0.5", "--calib-tokens", "4096", "--heldout-tokens", "1024",
+               "--out", str(out), "--no-progress", *extra])
     assert rc == 0
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifact(tmp_path_factory):
+    """A small ratio-0.5 artifact (default data layout, 20 stage-2 steps) trained once through `echokv train`."""
+    out = tmp_path_factory.mktemp("artifact") / "smollm2-0.5"
+    _train_cli(out, "--steps", "20")
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_hybrid_artifact(tmp_path_factory):
+    """A ratio-0.5 EchoKV-Hybrid artifact, stage 1 only (the cheapest real one)."""
+    out = tmp_path_factory.mktemp("artifact") / "smollm2-hybrid-0.5"
+    _train_cli(out, "--variant", "hybrid", "--steps", "0")
     return out
 
 

@@ -194,10 +194,10 @@ def test_real_model_keeps_full_mode_answer_before_switching(smollm2, smollm2_art
 
 
 @pytest.mark.real_model
-@pytest.mark.xfail(strict=True, reason=(
-    "measured: the paper layout at ratio 0.5 loses this answer in compressed mode on SmolLM2-135M; the "
-    "data-driven layout (the default, ~5-10 min to train on 2 cores, too slow for CI) answers 'Paris'"))
-def test_real_model_answers_after_switching(smollm2, smollm2_artifact):
+@pytest.mark.parametrize("which", ["smollm2_artifact", "smollm2_hybrid_artifact"])
+def test_real_model_answers_after_switching(smollm2, which, request):
+    """Measured: the paper layout (S=2, m=0) loses this answer at 0.5; the data layout and the hybrid keep it."""
+    smollm2_artifact = request.getfixturevalue(which)
     from echokv.cli import encode_prompt
 
     model, tok = smollm2

@@ -262,6 +262,7 @@ class EchoCodec(KVCodec):
 
     The retained heads of a group are stored as one tensor [B, n_retained, T, d] on the group's first
     layer (the others hold views of it when decoding): the fast path reads a group's sources in one go.
+    EchoKV-Hybrid stores the group's key latent [B, 1, T, r] there instead of retained key heads.
     """
 
     def __init__(self, reconstructor):
@@ -272,8 +273,11 @@ class EchoCodec(KVCodec):
 
     def encode(self, keys, values):
         out = {i: {} for i in self.layers}
-        for group in self.layout.groups:
+        for gi, group in enumerate(self.layout.groups):
             for kind, full in (("k", keys), ("v", values)):
+                if kind == "k" and self.layout.hybrid:
+                    out[group[0]]["k"] = self.recon.encode_keys(gi, [keys[i] for i in group])
+                    continue
                 parts = [full[i][:, self.layout.retained_in_layer(kind, i)] for i in group]
                 out[group[0]][kind] = torch.cat(parts, dim=1)
         return out
@@ -288,7 +292,10 @@ class EchoCodec(KVCodec):
 
     def decode(self, layer, stored):
         group = self.layout.groups[self.layout.group_of(layer)]
-        k = self.recon.rebuild("k", layer, self._retained("k", group, stored))
+        if self.layout.hybrid:
+            k = self.recon.decode_keys(layer, stored[group[0]]["k"])
+        else:
+            k = self.recon.rebuild("k", layer, self._retained("k", group, stored))
         v = self.recon.rebuild("v", layer, self._retained("v", group, stored))
         return k, v
 
@@ -340,6 +347,8 @@ def prefill(model, cache, input_ids, attention_mask=None, chunk_size: int = 512)
         kwargs = {"cache_position": pos}
         if mask is not None:
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, **kwargs)
+        # only the last position's logits are used: skip the vocabulary projection of the others
+        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                    **kwargs)
         logits = out.logits[:, -1]
     return logits

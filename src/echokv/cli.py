@@ -96,6 +96,7 @@ def cmd_train(args) -> int:
         k_ratio=args.k_ratio,
         v_ratio=args.v_ratio,
         layout=args.layout,
+        variant=args.variant,
         group_size=args.group_size,
         m=args.m,
         inputs=args.inputs,
@@ -246,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layout", choices=["paper", "data"], default="data",
                    help="data (default): greedy choice of retained heads from calibration; "
                    "paper: first layer of each group + first m heads (loses answers on SmolLM2 at 0.5)")
+    s.add_argument("--variant", choices=["echo", "hybrid"], default="echo",
+                   help="echo (default): rebuild discarded K and V heads; hybrid (EchoKV-Hybrid): keys as a low-rank "
+                   "latent that commutes with RoPE, values rebuilt by Echo")
     s.add_argument("--group-size", "-S", type=_positive, default=None, help="layers per group S (default: searched)")
     s.add_argument("--m", type=int, default=None, help="paper layout: heads kept in each non-first layer (default: searched)")
     s.add_argument("--inputs", choices=["global+local", "all", "global", "local"], default=None,

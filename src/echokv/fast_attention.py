@@ -8,6 +8,9 @@ space of the group's retained heads, scores are taken there, and the value map i
 attention-weighted sum instead of to every past token. The key map commutes with RoPE
 (:mod:`echokv.moments`), which is what makes folding it into the query exact.
 
+EchoKV-Hybrid stores keys as a latent y = x B (:mod:`echokv.key_latent`), decoded by the layer's rows
+R of B: q . k_hat_t = (q R^T) . y_t, so every query is folded into the latent space the same way.
+
 The explicit reconstruction (:meth:`Reconstructor.rebuild`) stays the reference; tests check both give
 the same logits.
 """
@@ -52,6 +55,11 @@ class LayerPlan:
             else:
                 self.v_map = mod.value_maps()[rows].detach()
                 self.v_bias = mod.v_bias[rows].detach()
+        self.k_fold = None
+        if lay.hybrid:  # keys are a latent: every query head is folded, none is scored as is
+            self.k_own_heads, self.k_tgt_heads = [], []
+            rows = recon.key_rows(layer).detach()
+            self.k_fold = rows.view(lay.num_kv_heads, recon.head_dim, rows.shape[-1])  # [H, d, r]
 
 
 def _query_rows(heads: list[int], n_rep: int) -> list[int]:
@@ -84,6 +92,9 @@ def attend(plan: LayerPlan, q, recent_k, recent_v, group_k, group_v, mask, scali
         folded = folded.reshape(b, group_k.shape[1], len(rows) * tq, d)
         part = (folded @ group_k.transpose(-1, -2)).sum(1)  # [B, rows*Tq, Tc]
         scores[:, rows] = part.view(b, len(rows), tq, tc)
+    if plan.k_fold is not None:  # hybrid: group_k is the latent [B, 1, Tc, r]
+        folded = q.reshape(b, h, n_rep * tq, d) @ plan.k_fold.to(dtype)  # [B, H, n_rep*Tq, r]
+        scores = (folded.reshape(b, 1, hq * tq, -1) @ group_k.transpose(-1, -2)).view(b, hq, tq, tc)
     recent = q @ recent_k.repeat_interleave(n_rep, 1).transpose(-1, -2)
     logits = torch.cat([scores, recent], dim=-1) * scaling
     if mask is None:

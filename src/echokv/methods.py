@@ -1,7 +1,8 @@
-"""Method registry: ``full``, ``echokv`` (stage 1+2 and stage-1-only) and the baselines.
+"""Method registry: ``full``, ``echokv`` (stage 1+2 and stage-1-only), ``echokv-hybrid`` and the baselines.
 
 ``make_method("echokv", 0.5, artifacts=[...])`` picks the artifact trained for that ratio; without
 one, an artifact is trained on the fly with default settings (minutes) and kept in ``work_dir``.
+``echokv`` / ``echokv-s1`` take head-only artifacts, ``echokv-hybrid`` hybrid ones (``--variant hybrid``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def _train_on_the_fly(model, tokenizer, ratio: float, work_dir, overrides) -> st
     from . import artifact as art
     from .training import TrainConfig, train
 
-    out = Path(work_dir or "runs") / f"echokv-artifact-{ratio:g}"
+    variant = overrides.get("variant", "echo")
+    out = Path(work_dir or "runs") / f"echokv-{'hybrid-' if variant == 'hybrid' else ''}artifact-{ratio:g}"
     if out.exists():
         try:
             art.check_compatible(art.read_config(out), model, str(out))
@@ -60,8 +62,14 @@ def artifact_ratio(path: str) -> float:
     return float(cfg["training"].get("compression_ratio", 1 - cfg["layout"]["kept_fraction"]))
 
 
+def artifact_is_hybrid(path: str) -> bool:
+    from .artifact import read_config
+
+    return read_config(path)["layout"].get("key_latent") is not None
+
+
 def known_methods() -> list[str]:
-    return ["full", "echokv", "echokv-s1", *BASELINES, *(f"kvpress:{p}" for p in KVPRESS_PRESSES)]
+    return ["full", "echokv", "echokv-s1", "echokv-hybrid", *BASELINES, *(f"kvpress:{p}" for p in KVPRESS_PRESSES)]
 
 
 def available_methods() -> list[str]:
@@ -87,11 +95,12 @@ def make_method(name: str, ratio: float, artifacts: list[str] | None = None, wor
     check_ratio(ratio)
     if name == "full":
         return Method(0.0)
-    if name in ("echokv", "echokv-s1"):
-        match = [a for a in artifacts or [] if abs(artifact_ratio(a) - ratio) < 1e-9]
+    if name in ("echokv", "echokv-s1", "echokv-hybrid"):
+        hybrid = name == "echokv-hybrid"
+        match = [a for a in artifacts or [] if abs(artifact_ratio(a) - ratio) < 1e-9 and artifact_is_hybrid(a) == hybrid]
         return EchoKVMethod(
             ratio, name=name, artifact=match[0] if match else None, stage=1 if name == "echokv-s1" else 2,
-            work_dir=work_dir,
+            work_dir=work_dir, train_overrides={"variant": "hybrid"} if hybrid else {},
         )
     if name.startswith("kvpress:"):
         if not kvpress_available():

@@ -3,6 +3,8 @@
 Values: each discarded head is ``sum_s W[t, s] v_s + b_t`` over the retained heads s that feed it
 (the layout's input mask). Keys: the RoPE-commuting form of :mod:`echokv.moments`, one complex
 coefficient per (target, source, frequency), applied to the post-RoPE keys the cache holds.
+EchoKV-Hybrid keeps keys as a per-group latent instead (:mod:`echokv.key_latent`): the group's
+``k_basis`` buffer, fitted in stage 1 and left as it is by stage 2.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import key_latent
 from .moments import KeyMoments, ValueMoments
 from .selection import HeadLayout
 
@@ -28,6 +31,11 @@ class GroupReconstructor(nn.Module):
         self.k_im = nn.Parameter(torch.zeros(*mk.shape, f))
         self.v_weight = nn.Parameter(torch.zeros(*mv.shape, head_dim, head_dim))  # [t, s, out, in]
         self.v_bias = nn.Parameter(torch.zeros(mv.shape[0], head_dim), requires_grad=bias)
+        if layout.hybrid:
+            n = len(group) * layout.num_kv_heads
+            self.register_buffer("k_basis", torch.zeros(n * head_dim, layout.key_latent[layout.groups.index(list(group))]))
+        else:
+            self.k_basis = None
 
     def key_coefficients(self):
         return self.k_re * self.k_mask[..., None], self.k_im * self.k_mask[..., None]
@@ -61,6 +69,7 @@ class GroupReconstructor(nn.Module):
         """Parameters that are really used (masked-out entries do not count)."""
         f, d = self.head_dim // 2, self.head_dim
         n = int(self.k_mask.sum()) * 2 * f + int(self.v_mask.sum()) * d * d
+        n += 0 if self.k_basis is None else self.k_basis.numel()
         return n + (self.v_bias.numel() if self.use_bias else 0)
 
 
@@ -98,9 +107,11 @@ class Reconstructor(nn.Module):
     @torch.no_grad()
     def fit_closed_form(self, moments: dict[str, list], ridge: float = 1e-3) -> None:
         """Ridge least squares from per-group moments (``moments[kind][g]``, heads layer-major)."""
-        lay, h = self.layout, self.layout.num_kv_heads
+        lay = self.layout
         for gi, (group, mod) in enumerate(zip(lay.groups, self.groups)):
             index = {x: i for i, x in enumerate(lay.group_heads(group))}
+            if lay.hybrid:
+                mod.k_basis.copy_(key_latent.fit_basis(moments["k"][gi], mod.k_basis.shape[1])[0])
             for kind in ("k", "v"):
                 mom: KeyMoments | ValueMoments = moments[kind][gi]
                 src = [index[x] for x in lay.sources(kind, group)]
@@ -118,7 +129,6 @@ class Reconstructor(nn.Module):
                             mod.v_weight[t, j] = w[:, jj * self.head_dim : (jj + 1) * self.head_dim].float()
                         if mod.use_bias:
                             mod.v_bias[t] = b.float()
-        del h
 
     # -- inference ---------------------------------------------------------------------------------
     def group_sources(self, kind: str, group_idx: int, retained: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -143,6 +153,21 @@ class Reconstructor(nn.Module):
             mod = self.groups[gi]
             full[:, heads] = mod.keys(src, rows) if kind == "k" else mod.values(src, rows)
         return full
+
+    # -- hybrid keys -----------------------------------------------------------------------------------
+    def key_rows(self, layer: int) -> torch.Tensor:
+        """Hybrid: the rows of the group's key basis that decode ``layer``'s heads [H*d, r]."""
+        gi = self.layout.group_of(layer)
+        j, width = self.layout.groups[gi].index(layer), self.layout.num_kv_heads * self.head_dim
+        return self.groups[gi].k_basis[j * width : (j + 1) * width]
+
+    def encode_keys(self, group_idx: int, keys: list[torch.Tensor]) -> torch.Tensor:
+        """Hybrid: full keys [B, H, T, d] of the group's layers (in order) -> latent [B, 1, T, r]."""
+        return key_latent.encode(torch.cat(keys, dim=1), self.groups[group_idx].k_basis)
+
+    def decode_keys(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
+        """Hybrid: the group's latent [B, 1, T, r] -> ``layer``'s keys [B, H, T, d]."""
+        return key_latent.decode(latent, self.key_rows(layer), self.head_dim)
 
     def num_parameters(self) -> int:
         return sum(g.num_parameters() for g in self.groups)

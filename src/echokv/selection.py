@@ -12,6 +12,10 @@ Layouts
   computed from calibration second moments); a discarded head is predicted from all retained heads
   of its group. Reaches any ratio exactly (up to one head).
 
+EchoKV-Hybrid (``key_latent`` set): keys are not kept as heads but as a low-rank latent per group
+(:mod:`echokv.key_latent`); ``retained_k`` then lists every head (none is rebuilt head by head) and
+``key_latent[g]`` is the number of latent values stored per token for group g.
+
 The compression ratio is the fraction of the cache removed (kvpress convention): 0.5 keeps half.
 """
 
@@ -52,6 +56,8 @@ class HeadLayout:
     retained_v: list[Head]
     inputs: str = "global+local"
     strategy: str = "paper"
+    key_latent: list[int] | None = None  # hybrid: latent values per token, per group
+    head_dim: int | None = None  # needed to count a key latent's kept fraction
 
     def __post_init__(self):
         self.groups = [list(g) for g in self.groups]
@@ -59,6 +65,14 @@ class HeadLayout:
         self.retained_v = sorted(tuple(h) for h in self.retained_v)
         if self.inputs not in INPUTS:
             raise ValueError(f"unknown inputs {self.inputs!r}; choose one of {', '.join(INPUTS)}")
+        if self.key_latent is not None:
+            self.key_latent = [int(x) for x in self.key_latent]
+            if len(self.key_latent) != len(self.groups) or not self.head_dim:
+                raise ValueError("a key latent needs one size per group and the head dimension")
+
+    @property
+    def hybrid(self) -> bool:
+        return self.key_latent is not None
 
     # -- counting -------------------------------------------------------------------------------
     @property
@@ -68,7 +82,9 @@ class HeadLayout:
     def kept_fraction(self, kind: str | None = None) -> float:
         """Fraction of the compressible layers' K+V (or only ``kind`` 'k'/'v') that is kept."""
         if kind is None:
-            return (len(self.retained_k) + len(self.retained_v)) / (2 * self.total_heads)
+            return (self.kept_fraction("k") + self.kept_fraction("v")) / 2
+        if kind == "k" and self.hybrid:
+            return sum(self.key_latent) / (self.total_heads * self.head_dim)
         return len(self.retained(kind)) / self.total_heads
 
     def retained(self, kind: str) -> list[Head]:
@@ -120,7 +136,17 @@ class HeadLayout:
     @classmethod
     def from_dict(cls, d: dict) -> HeadLayout:
         fields = ("layers", "num_kv_heads", "groups", "retained_k", "retained_v", "inputs", "strategy")
-        return cls(**{k: d[k] for k in fields})
+        return cls(**{k: d[k] for k in fields}, key_latent=d.get("key_latent"), head_dim=d.get("head_dim"))
+
+    def with_key_latent(self, ratio_k: float, head_dim: int) -> HeadLayout:
+        """The hybrid of this layout: values as they are, keys as a latent at ``ratio_k``."""
+        from .key_latent import latent_dims
+
+        check_ratio(ratio_k, "K ratio")
+        dims = [latent_dims(len(g) * self.num_kv_heads, head_dim, ratio_k) for g in self.groups]
+        every = [(layer, h) for layer in self.layers for h in range(self.num_kv_heads)]
+        return HeadLayout(self.layers, self.num_kv_heads, self.groups, every, self.retained_v, self.inputs,
+                          self.strategy + "+key-latent", key_latent=dims, head_dim=head_dim)
 
 
 def paper_layout(
@@ -189,7 +215,7 @@ def data_layout(layers, num_kv_heads, group_size, ratio_k, ratio_v, stats) -> He
         chosen_all = []
         for g, (group, budget) in enumerate(zip(groups, _budgets(groups, num_kv_heads, ratio))):
             n = len(group) * num_kv_heads
-            chosen: list[int] = []
+            chosen: list[int] = list(range(n)) if budget >= n else []
             while len(chosen) < budget:
                 rest = [i for i in range(n) if i not in chosen]
                 best = min(rest, key=lambda c: stats[kind][g].residual(chosen + [c], [i for i in rest if i != c]))

@@ -27,12 +27,16 @@ from .reconstructor import Reconstructor
 from .selection import HeadLayout, check_ratio, data_layout, make_groups, nearest_paper_layout
 
 
+VARIANTS = ("echo", "hybrid")
+
+
 @dataclass
 class TrainConfig:
     compression_ratio: float = 0.5
     k_ratio: float | None = None  # defaults to compression_ratio
     v_ratio: float | None = None
     layout: str = "data"  # "data" (measured best) | "paper" (EchoKV's own layout)
+    variant: str = "echo"  # "echo": keys and values as heads | "hybrid": keys as a RoPE-commuting latent
     group_size: int | None = None  # paper: searched when None; data: 4
     m: int | None = None  # paper only: local heads kept per non-first layer; searched when None
     inputs: str | None = None  # paper: "global+local"; data: "all"
@@ -62,6 +66,8 @@ class TrainConfig:
         self.ratios()
         if self.layout not in ("paper", "data"):
             raise ValueError(f"unknown layout {self.layout!r}; choose 'paper' or 'data'")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
         geo = kv_geometry(model)
         layers = geo.full_attention_layers
         if self.group_size is not None:
@@ -81,8 +87,11 @@ class TrainConfig:
 
 def build_layout(cfg: TrainConfig, model, moments=None) -> HeadLayout:
     geo = kv_geometry(model)
-    layers, h = geo.full_attention_layers, geo.num_kv_heads
     rk, rv = cfg.ratios()
+    if cfg.variant == "hybrid":  # values choose their heads; keys become the latent
+        heads = build_layout(TrainConfig(**{**asdict(cfg), "variant": "echo", "k_ratio": 0.0}), model, moments)
+        return heads.with_key_latent(rk, geo.head_dim)
+    layers, h = geo.full_attention_layers, geo.num_kv_heads
     if cfg.layout == "data":
         if moments is None:
             raise ValueError("the data-driven layout needs calibration moments")
@@ -167,12 +176,15 @@ def relative_kv_error(recon: Reconstructor, samples: dict, fill: str = "recon", 
     for kind, i in (("k", 1), ("v", 2)):
         ret = retained_of(lay, samples, kind)
         num = den = 0.0
+        latent = kind == "k" and lay.hybrid  # every key head is coded, none is kept as is
         for layer in samples:
-            disc = [h for h in range(lay.num_kv_heads) if h not in lay.retained_in_layer(kind, layer)]
+            disc = [h for h in range(lay.num_kv_heads) if latent or h not in lay.retained_in_layer(kind, layer)]
             if not disc:
                 continue
             true = samples[layer][i][:, disc]
-            if fill == "recon":
+            if fill == "recon" and latent:
+                est = projected_keys(recon, layer, samples)
+            elif fill == "recon":
                 est = recon.rebuild(kind, layer, ret)[:, disc]
             elif fill == "zero":
                 est = torch.zeros_like(true)
@@ -182,6 +194,13 @@ def relative_kv_error(recon: Reconstructor, samples: dict, fill: str = "recon", 
             den += float(true.pow(2).sum())
         out[kind] = num / max(den, 1e-30)
     return out
+
+
+def projected_keys(recon: Reconstructor, layer: int, samples: dict) -> torch.Tensor:
+    """Hybrid: the keys of ``layer`` after encoding its group into the latent and decoding."""
+    gi = recon.layout.group_of(layer)
+    latent = recon.encode_keys(gi, [samples[lay][1] for lay in recon.layout.groups[gi]])
+    return recon.decode_keys(layer, latent)
 
 
 class OutputMSE:
@@ -194,8 +213,11 @@ class OutputMSE:
     once, so a step is the reconstruction, one attention per layer, and the projection.
     """
 
-    def __init__(self, layout: HeadLayout, samples: dict, modules: dict, queries: int | None = None, seed: int = 0):
+    def __init__(self, layout: HeadLayout, samples: dict, modules: dict, queries: int | None = None, seed: int = 0,
+                 recon: Reconstructor | None = None):
         self.layout, self.modules = layout, modules
+        if layout.hybrid and recon is None:
+            raise ValueError("a hybrid layout needs its fitted reconstructor (the key latent is fixed in stage 2)")
         q0 = next(iter(samples.values()))[0]
         self.n, t = q0.shape[0], q0.shape[2]
         if queries is None or queries >= t:
@@ -231,10 +253,14 @@ class OutputMSE:
                     entry[kind + "_rows"] = torch.tensor(rows, dtype=torch.long)
                     entry[kind + "_at"] = torch.tensor([heads.index(tgt[r][1]) for r in rows], dtype=torch.long)
                     entry[kind + "_orig"] = x[:, heads]  # the exact ones stay, discarded ones are replaced
+                if layout.hybrid:  # keys as the cache will give them back
+                    entry["k_orig"] = projected_keys(recon, layer, samples)[:, heads]
                 self.layers[layer] = entry
 
     def affected(self, layer: int) -> list[int]:
         lay = self.layout
+        if lay.hybrid:
+            return list(range(lay.num_kv_heads))
         return [
             h for h in range(lay.num_kv_heads)
             if h not in lay.retained_in_layer("k", layer) or h not in lay.retained_in_layer("v", layer)
@@ -310,18 +336,18 @@ def train(model, tokenizer, cfg: TrainConfig, calib=None, held=None, layout=None
     recon = Reconstructor(layout, geo.head_dim, bias=cfg.bias)
     recon.fit_closed_form(cal.moments, cfg.ridge)
     stage1_seconds = time.perf_counter() - t1
-    calib_err = _moment_error(layout, cal.moments)
+    calib_err = _moment_error(layout, cal.moments, geo.head_dim)
 
     ho = collect(model, held, groups, len(held), "held-out capture", cfg.progress)
     modules = attention_modules(model)
-    held_omse = OutputMSE(layout, ho.samples, modules)
+    held_omse = OutputMSE(layout, ho.samples, modules, recon=recon)
     held_err = {fill: relative_kv_error(recon, ho.samples, fill, cal.means) for fill in ("recon", "zero", "mean")}
 
     # Stage 2: output MSE
     t2 = time.perf_counter()
     with torch.no_grad():
         omse_before = float(held_omse(recon))
-    train_omse = OutputMSE(layout, cal.samples, modules, queries=cfg.stage2_queries, seed=cfg.seed)
+    train_omse = OutputMSE(layout, cal.samples, modules, queries=cfg.stage2_queries, seed=cfg.seed, recon=recon)
     stage1_state = {k: v.clone() for k, v in recon.state_dict().items()}
     with torch.no_grad():
         train_before = float(train_omse(recon))
@@ -346,7 +372,8 @@ def train(model, tokenizer, cfg: TrainConfig, calib=None, held=None, layout=None
         "kept_fraction": layout.kept_fraction(),
         "kept_fraction_k": layout.kept_fraction("k"),
         "kept_fraction_v": layout.kept_fraction("v"),
-        "layout": {"strategy": layout.strategy, "group_size": len(layout.groups[0]), "inputs": layout.inputs},
+        "layout": {"strategy": layout.strategy, "variant": cfg.variant, "group_size": len(layout.groups[0]),
+                   "inputs": layout.inputs},
         "reconstructor_parameters": recon.num_parameters(),
         "reconstructor_bytes": recon.num_bytes(),
         "calibration_tokens": cal.tokens,
@@ -377,12 +404,20 @@ def train(model, tokenizer, cfg: TrainConfig, calib=None, held=None, layout=None
     return recon, report
 
 
-def _moment_error(layout: HeadLayout, moments) -> dict:
-    """Calibration relative error of the discarded heads under the closed-form fit."""
+def _moment_error(layout: HeadLayout, moments, head_dim: int) -> dict:
+    """Calibration relative error of the discarded heads under the closed-form fit (hybrid keys: of
+    every key under the latent)."""
+    from .key_latent import fit_basis
+
     out = {}
     for kind in ("k", "v"):
         num = den = 0.0
         for gi, group in enumerate(layout.groups):
+            if kind == "k" and layout.hybrid:
+                energy = moments["k"][gi].energy(list(range(len(group) * layout.num_kv_heads)))
+                num += fit_basis(moments["k"][gi], layout.key_latent[gi])[1] * energy
+                den += energy
+                continue
             index = {x: i for i, x in enumerate(layout.group_heads(group))}
             mom = moments[kind][gi]
             mask = layout.input_mask(kind, group)
