@@ -9,6 +9,7 @@ from conftest import train_tiny
 from echokv import artifact
 from echokv.cache import EchoKVCache
 from echokv.tiny import tiny_model
+from echokv.training import TrainConfig
 
 
 def _rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -59,8 +60,11 @@ def test_hybrid_kept_fraction_is_exact_and_measured(ratio, k_ratio):
     recon, report = train_tiny(model, steps=0, variant="hybrid", compression_ratio=ratio, k_ratio=k_ratio)
     lay = recon.layout
     step = 2 / (lay.num_kv_heads * len(lay.groups[0]) * lay.head_dim)  # one complex component per group
-    want = 1 - (k_ratio if k_ratio is not None else ratio)
+    want = 1 - TrainConfig(compression_ratio=ratio, k_ratio=k_ratio, variant="hybrid").ratios()[0]
     assert lay.hybrid and report["kept_fraction_k"] == pytest.approx(want, abs=step / 2 + 1e-12)
+    if k_ratio is None:  # the default split favours keys but keeps the overall ratio
+        assert report["kept_fraction_k"] > report["kept_fraction_v"]
+        assert report["kept_fraction"] == pytest.approx(1 - ratio, abs=0.07)
     cache = EchoKVCache(model, recon, mode="compressed")
     model(torch.randint(3, 250, (1, 40)), past_key_values=cache)
     mem = cache.memory_report()
@@ -105,7 +109,5 @@ def test_hybrid_artifact_round_trip(tmp_path, hybrid):
 
 
 def test_unknown_variant_is_refused():
-    from echokv.training import TrainConfig
-
     with pytest.raises(ValueError, match="unknown variant"):
         TrainConfig(variant="nope").validate(tiny_model())

@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "paper: first layer of each group + first m heads (loses answers on SmolLM2 at 0.5)")
     s.add_argument("--variant", choices=["echo", "hybrid"], default="echo",
                    help="echo (default): rebuild discarded K and V heads; hybrid (EchoKV-Hybrid): keys as a low-rank "
-                   "latent that commutes with RoPE, values rebuilt by Echo")
+                   "latent that commutes with RoPE, values rebuilt by Echo; keys get 60%% of the kept budget unless "
+                   "--k-ratio/--v-ratio are given")
     s.add_argument("--group-size", "-S", type=_positive, default=None, help="layers per group S (default: searched)")
     s.add_argument("--m", type=int, default=None, help="paper layout: heads kept in each non-first layer (default: searched)")
     s.add_argument("--inputs", choices=["global+local", "all", "global", "local"], default=None,
