@@ -99,7 +99,8 @@ def build_layout(cfg: TrainConfig, model, moments=None) -> HeadLayout:
     geo = kv_geometry(model)
     rk, rv = cfg.ratios()
     if cfg.variant == "hybrid":  # values choose their heads; keys become the latent
-        heads = build_layout(TrainConfig(**{**asdict(cfg), "variant": "echo", "k_ratio": 0.0}), model, moments)
+        heads = build_layout(TrainConfig(**{**asdict(cfg), "variant": "echo", "k_ratio": 0.0, "v_ratio": rv}), model,
+                             moments)
         return heads.with_key_latent(rk, geo.head_dim)
     layers, h = geo.full_attention_layers, geo.num_kv_heads
     if cfg.layout == "data":
