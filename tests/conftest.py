@@ -37,17 +37,17 @@ def _train_cli(out, *extra) -> None:
 
 @pytest.fixture(scope="session")
 def smollm2_artifact(tmp_path_factory):
-    """A small ratio-0.5 artifact (default data layout, 20 stage-2 steps) trained once through `echokv train`."""
+    """A small ratio-0.5 artifact (defaults: hybrid, data layout; 20 stage-2 steps) trained through `echokv train`."""
     out = tmp_path_factory.mktemp("artifact") / "smollm2-0.5"
     _train_cli(out, "--steps", "20")
     return out
 
 
 @pytest.fixture(scope="session")
-def smollm2_hybrid_artifact(tmp_path_factory):
-    """A ratio-0.5 EchoKV-Hybrid artifact, stage 1 only (the cheapest real one)."""
-    out = tmp_path_factory.mktemp("artifact") / "smollm2-hybrid-0.5"
-    _train_cli(out, "--variant", "hybrid", "--steps", "0")
+def smollm2_echo_artifact(tmp_path_factory):
+    """A ratio-0.5 head-only EchoKV artifact (data layout), stage 1 only (the cheapest real one)."""
+    out = tmp_path_factory.mktemp("artifact") / "smollm2-echo-0.5"
+    _train_cli(out, "--variant", "echo", "--steps", "0")
     return out
 
 
@@ -88,5 +88,6 @@ def train_tiny(model, layout=None, steps: int = 3, seed: int = 0, **cfg):
     vocab = model.config.vocab_size
     calib = torch.randint(3, vocab, (8, 64), generator=g)
     held = torch.randint(3, vocab, (4, 64), generator=g)
+    cfg.setdefault("variant", "echo")  # the head-only form unless a test asks for the hybrid
     config = TrainConfig(stage2_steps=steps, progress=False, seed=seed, **cfg)
     return train(model, None, config, calib=calib, held=held, layout=layout)

@@ -194,9 +194,10 @@ def test_real_model_keeps_full_mode_answer_before_switching(smollm2, smollm2_art
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("which", ["smollm2_artifact", "smollm2_hybrid_artifact"])
+@pytest.mark.parametrize("which", ["smollm2_artifact", "smollm2_echo_artifact"])
 def test_real_model_answers_after_switching(smollm2, which, request):
-    """Measured: the paper layout (S=2, m=0) loses this answer at 0.5; the data layout and the hybrid keep it."""
+    """The default (hybrid) and the head-only data layout keep this answer at 0.5 (the paper layout, S=2 and
+    m=0, loses it: measured)."""
     smollm2_artifact = request.getfixturevalue(which)
     from echokv.cli import encode_prompt
 

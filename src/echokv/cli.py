@@ -247,10 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layout", choices=["paper", "data"], default="data",
                    help="data (default): greedy choice of retained heads from calibration; "
                    "paper: first layer of each group + first m heads (loses answers on SmolLM2 at 0.5)")
-    s.add_argument("--variant", choices=["echo", "hybrid"], default="echo",
-                   help="echo (default): rebuild discarded K and V heads; hybrid (EchoKV-Hybrid): keys as a low-rank "
-                   "latent that commutes with RoPE, values rebuilt by Echo; keys get 60%% of the kept budget unless "
-                   "--k-ratio/--v-ratio are given")
+    s.add_argument("--variant", choices=["hybrid", "echo"], default="hybrid",
+                   help="hybrid (default, EchoKV-Hybrid): keys as a low-rank latent that commutes with RoPE, values "
+                   "rebuilt by Echo; keys get 60%% of the kept budget unless --k-ratio/--v-ratio are given. "
+                   "echo: rebuild discarded K and V heads (loses retrieval on SmolLM2 at 0.5, measured)")
     s.add_argument("--group-size", "-S", type=_positive, default=None, help="layers per group S (default: searched)")
     s.add_argument("--m", type=int, default=None, help="paper layout: heads kept in each non-first layer (default: searched)")
     s.add_argument("--inputs", choices=["global+local", "all", "global", "local"], default=None,

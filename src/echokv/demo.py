@@ -27,7 +27,8 @@ def _artifact(model, tokenizer, ratio: float, out: Path, steps: int) -> tuple[st
         try:
             art.check_compatible(art.read_config(path), model, str(path))
             report = json.loads((path / "train_report.json").read_text())
-            if abs(report["compression_ratio"] - ratio) < 1e-9 and report["stage2"]["steps"] == steps:
+            same = report["layout"].get("variant") == TrainConfig.variant and report["stage2"]["steps"] == steps
+            if abs(report["compression_ratio"] - ratio) < 1e-9 and same:
                 print(f"reusing {path}")
                 return str(path), report
         except (art.ArtifactError, OSError, KeyError, json.JSONDecodeError):
@@ -75,8 +76,9 @@ def cmd_demo(args) -> int:
 
     bar = "=" * 100
     print(bar)
-    print(f"echokv demo: {getattr(model, 'echokv_name', args.model)}, compression ratio {args.compression_ratio:g} "
-          f"(kept {report['kept_fraction']:.3f} of K/V), artifact {path}")
+    print(f"echokv demo: {getattr(model, 'echokv_name', args.model)}, EchoKV-{report['layout'].get('variant', 'echo')}, "
+          f"compression ratio {args.compression_ratio:g} (kept {report['kept_fraction']:.3f} of K/V: "
+          f"K {report['kept_fraction_k']:.2f}, V {report['kept_fraction_v']:.2f}), artifact {path}")
     s1, s2 = report["stage1"], report["stage2"]
     print(f"training: stage 1 {s1['seconds']:.0f} s, stage 2 {s2['seconds']:.0f} s; held-out output MSE "
           f"stage 1 {s2['omse_before']:.3f} -> stage 2 {s2['omse_after']:.3f} "

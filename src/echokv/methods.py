@@ -41,7 +41,7 @@ def _train_on_the_fly(model, tokenizer, ratio: float, work_dir, overrides) -> st
     from . import artifact as art
     from .training import TrainConfig, train
 
-    variant = overrides.get("variant", "echo")
+    variant = overrides.get("variant", "hybrid")
     out = Path(work_dir or "runs") / f"echokv-{'hybrid-' if variant == 'hybrid' else ''}artifact-{ratio:g}"
     if out.exists():
         try:
@@ -100,7 +100,7 @@ def make_method(name: str, ratio: float, artifacts: list[str] | None = None, wor
         match = [a for a in artifacts or [] if abs(artifact_ratio(a) - ratio) < 1e-9 and artifact_is_hybrid(a) == hybrid]
         return EchoKVMethod(
             ratio, name=name, artifact=match[0] if match else None, stage=1 if name == "echokv-s1" else 2,
-            work_dir=work_dir, train_overrides={"variant": "hybrid"} if hybrid else {},
+            work_dir=work_dir, train_overrides={"variant": "hybrid" if hybrid else "echo"},
         )
     if name.startswith("kvpress:"):
         if not kvpress_available():

@@ -40,7 +40,7 @@ class TrainConfig:
     k_ratio: float | None = None  # defaults to compression_ratio
     v_ratio: float | None = None
     layout: str = "data"  # "data" (measured best) | "paper" (EchoKV's own layout)
-    variant: str = "echo"  # "echo": keys and values as heads | "hybrid": keys as a RoPE-commuting latent
+    variant: str = "hybrid"  # "hybrid" (measured best): keys as a RoPE-commuting latent | "echo": heads only
     group_size: int | None = None  # paper: searched when None; data: 4
     m: int | None = None  # paper only: local heads kept per non-first layer; searched when None
     inputs: str | None = None  # paper: "global+local"; data: "all"
