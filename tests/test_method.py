@@ -181,7 +181,7 @@ def test_real_model_train_report_and_stage2_gain(smollm2_artifact):
     report = json.loads((smollm2_artifact / "train_report.json").read_text())
     for key in ("kept_fraction", "total_seconds"):
         assert key in report
-    assert report["kept_fraction"] == pytest.approx(0.5)
+    assert report["kept_fraction"] == pytest.approx(0.5, abs=2e-3)  # the key latent: whole complex components
     s2 = report["stage2"]
     assert {"seconds", "omse_before", "omse_after"} <= set(s2) and "final_loss" in report["stage1"]
     # held-out text (evaluation split), not the training batch
