@@ -26,7 +26,7 @@ def tiny(smollm2_tokenizer):
 
 @pytest.fixture(scope="module")
 def tiny_artifact(tiny, tmp_path_factory):
-    """An EchoKV artifact at compression ratio 0.5 for the tiny model (2 stage-2 steps on random blocks)."""
+    """A head-only EchoKV artifact (variant echo) at ratio 0.5 for the tiny model (2 stage-2 steps, random blocks)."""
     from echokv import artifact
     from echokv.training import TrainConfig, train
 
@@ -34,7 +34,7 @@ def tiny_artifact(tiny, tmp_path_factory):
     gen = torch.Generator().manual_seed(0)
     calib = torch.randint(0, len(tokenizer), (8, 64), generator=gen)
     held = torch.randint(0, len(tokenizer), (2, 64), generator=gen)
-    recon, report = train(model, None, TrainConfig(compression_ratio=0.5, stage2_steps=2, progress=False),
+    recon, report = train(model, None, TrainConfig(compression_ratio=0.5, stage2_steps=2, progress=False, variant="echo"),
                           calib=calib, held=held)
     return str(artifact.save(recon, model, tmp_path_factory.mktemp("art") / "tiny-0.5", report))
 
@@ -215,6 +215,46 @@ def test_failing_method_gets_error_rows(tiny, monkeypatch, tmp_path):
     assert errors and all(r["method"] == "echokv" and "not available" in r["error"] for r in errors)
     assert [r for r in rows if r["method"] == "full" and "score" in r]
     assert "not available" in (out / "report.md").read_text()
+
+
+def test_artifact_of_the_other_variant_is_an_error_not_a_training(tiny, tiny_artifact, tmp_path, monkeypatch):
+    # the user's echo artifact must not make echokv-hybrid train one silently on the fly
+    from echokv import methods
+
+    monkeypatch.chdir(tmp_path)
+    model, tokenizer = tiny
+    job = runner.plan_eval("quick", "full,echokv-hybrid", "0.5", artifacts=[tiny_artifact],
+                           tasks="niah_single_1", context_lengths="200", samples=1)
+    assert any("other variant" in note for note in job.notes)
+    with pytest.raises(ValueError, match="'echo' variant but echokv-hybrid needs the 'hybrid' variant"):
+        methods.make_method("echokv-hybrid", 0.5, [tiny_artifact])
+    rows = runner.run_eval(model, tokenizer, "quick", "full,echokv-hybrid", "0.5", artifacts=[tiny_artifact],
+                           tasks="niah_single_1", context_lengths="200", samples=1, progress=False)
+    errors = [r for r in rows if r.get("error")]
+    assert errors and all(r["method"] == "echokv-hybrid" and "--variant hybrid" in r["error"] for r in errors)
+    assert [r for r in rows if r["method"] == "full" and "score" in r]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_results_are_written_after_every_method(tiny, monkeypatch, tmp_path):
+    # a long run stopped in its second method keeps the first method's results on disk
+    from echokv import methods
+
+    real = methods.make_method
+
+    def make(name, ratio, artifacts=None, work_dir=None):
+        if name == "headdrop":
+            raise KeyboardInterrupt
+        return real(name, ratio, artifacts, work_dir)
+
+    monkeypatch.setattr(methods, "make_method", make)
+    model, tokenizer = tiny
+    out = tmp_path / "eval"
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_eval(model, tokenizer, "quick", "full,headdrop", "0.5", tasks="niah_single_1",
+                        context_lengths="200", samples=1, out=out, progress=False)
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in rows} == {"full"} and all("score" in r for r in rows)
 
 
 def test_lengths_get_independent_samples(tiny):

@@ -97,7 +97,16 @@ def make_method(name: str, ratio: float, artifacts: list[str] | None = None, wor
         return Method(0.0)
     if name in ("echokv", "echokv-s1", "echokv-hybrid"):
         hybrid = name == "echokv-hybrid"
-        match = [a for a in artifacts or [] if abs(artifact_ratio(a) - ratio) < 1e-9 and artifact_is_hybrid(a) == hybrid]
+        same_ratio = [a for a in artifacts or [] if abs(artifact_ratio(a) - ratio) < 1e-9]
+        match = [a for a in same_ratio if artifact_is_hybrid(a) == hybrid]
+        if same_ratio and not match:
+            # the user handed an artifact for this ratio: training another one silently would surprise them
+            have, want = ("hybrid", "echo") if not hybrid else ("echo", "hybrid")
+            raise ValueError(
+                f"{name}@{ratio:g}: artifact {same_ratio[0]} is the {have!r} variant but {name} needs the "
+                f"{want!r} variant; train one with `echokv train --variant {want} --compression-ratio {ratio:g}` "
+                f"and pass it too (or use method {'echokv-hybrid' if have == 'hybrid' else 'echokv'})"
+            )
         return EchoKVMethod(
             ratio, name=name, artifact=match[0] if match else None, stage=1 if name == "echokv-s1" else 2,
             work_dir=work_dir, train_overrides={"variant": "hybrid" if hybrid else "echo"},

@@ -119,15 +119,24 @@ def plan_eval(suite: str, methods, ratios, artifacts=None, data=None, tasks=None
     configs = {a: read_config(a) for a in artifacts}
     job = EvalJob(plan, runs, artifacts, configs, None if data is None else str(data), seed,
                   None if out is None else Path(out), overwrite)
-    for method in ("echokv", "echokv-s1"):
+    for method in ("echokv", "echokv-s1", "echokv-hybrid"):
         if method not in names:
             continue
-        have = {round(_config_ratio(c), 9) for c in configs.values()}
-        missing = [r for r in ratio_list if round(r, 9) not in have]
+        hybrid = method == "echokv-hybrid"
+        have = {round(_config_ratio(c), 9) for c in configs.values()
+                if (c["layout"].get("key_latent") is not None) == hybrid}
+        other = {round(_config_ratio(c), 9) for c in configs.values()} - have
+        missing = [r for r in ratio_list if round(r, 9) not in have | other]
+        wrong = [r for r in ratio_list if round(r, 9) in other - have]
         if missing:
             job.notes.append(
                 f"{method}: no artifact for compression ratio(s) {', '.join(f'{r:g}' for r in missing)}; one "
                 "is trained on the fly (minutes; kept in runs/ for later runs)"
+            )
+        if wrong:
+            job.notes.append(
+                f"{method}: the artifact for ratio(s) {', '.join(f'{r:g}' for r in wrong)} is the other variant "
+                f"({'echo' if hybrid else 'hybrid'}); {method} reports an error there, the other methods run"
             )
     if plan.suite.source == "longbench":
         if data is None:
@@ -384,8 +393,8 @@ def execute(job: EvalJob, model, tokenizer, progress: bool = True) -> list[dict]
     rows: list[dict] = []
     for name, ratio in job.runs:
         rows += run_method(name, ratio, model, tokenizer, job, inputs, calibration, eos_ids, progress, predictions)
-    if job.out is not None:
-        write(rows, predictions, job)
+        if job.out is not None:  # after every method: a long run that is stopped keeps what it measured
+            write(rows, predictions, job)
     return rows
 
 
