@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .models import kv_geometry
+from .models import cache_kwarg, kv_geometry
 
 
 class KVCodec(ABC):
@@ -348,7 +348,7 @@ def prefill(model, cache, input_ids, attention_mask=None, chunk_size: int = 512)
         if mask is not None:
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]
         # only the last position's logits are used: skip the vocabulary projection of the others
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                    **kwargs)
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **kwargs,
+                    **cache_kwarg(model, cache))
         logits = out.logits[:, -1]
     return logits

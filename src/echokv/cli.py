@@ -162,13 +162,14 @@ def run_generation(model, tokenizer, input_ids, cache, max_new_tokens: int, samp
     from transformers import TextStreamer
 
     from .cache import prefill
+    from .models import cache_kwarg
 
     torch.manual_seed(seed)
     if input_ids.shape[1] > 1:  # long prompts: chunked, so a compressing cache compresses between chunks
         prefill(model, cache, input_ids[:, :-1])
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    kwargs = {"do_sample": sample, "max_new_tokens": max_new_tokens, "past_key_values": cache, "streamer": streamer,
-                  "pad_token_id": tokenizer.pad_token_id}
+    kwargs = {"do_sample": sample, "max_new_tokens": max_new_tokens, "streamer": streamer,
+              "pad_token_id": tokenizer.pad_token_id, **cache_kwarg(model, cache)}
     if sample:
         kwargs.update(temperature=temperature, top_p=top_p)
     else:

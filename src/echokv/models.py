@@ -7,7 +7,9 @@ default, or ``gemma3-270m``), a Hugging Face Hub id, a local folder or a ``.gguf
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -115,6 +117,17 @@ def _check_gemma_tokenizer(tokenizer) -> None:
             f"('The capital of France is' -> {len(ids)} tokens, first {ids[:1]}); use the newest "
             "transformers (the main environment), not the 5.2.x 'peers' environment"
         )
+
+
+def cache_kwarg(model, cache) -> dict:
+    """``{name: cache}`` for a forward call: transformers >= 5.24 names the argument ``cache`` (and warns
+    on ``past_key_values``, to be removed in 5.40); 5.2.x knows only ``past_key_values``."""
+    return {"cache" if _forward_takes_cache(type(model)) else "past_key_values": cache}
+
+
+@functools.cache
+def _forward_takes_cache(cls) -> bool:
+    return "cache" in inspect.signature(cls.forward).parameters
 
 
 def load_model(

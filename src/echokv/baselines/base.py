@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .. import attention
 from ..cache import CompressedCache, KVCodec, prefill
+from ..models import cache_kwarg
 from ..selection import check_ratio
 
 
@@ -103,7 +104,7 @@ class Method:
             x = ids[:, s : s + chunk]
             y = ids[:, s + 1 : s + 1 + chunk]
             pos = torch.arange(s, s + x.shape[1], device=ids.device)
-            logits = model(input_ids=x, past_key_values=cache, use_cache=True, cache_position=pos).logits
+            logits = model(input_ids=x, use_cache=True, cache_position=pos, **cache_kwarg(model, cache)).logits
             logits = logits[:, : y.shape[1]]
             total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum"))
             count += y.numel()

@@ -1,0 +1,28 @@
+"""``echokv bench`` on a tiny model: what it measures and reports (no timing assertions)."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import train_tiny
+from echokv.bench import VARIANTS, bench_context
+from echokv.tiny import tiny_model
+
+
+def test_bench_context_reports_every_variant_and_the_real_cache_bytes():
+    model = tiny_model("llama", seed=0, num_hidden_layers=4)
+    recon, _ = train_tiny(model, steps=1, compression_ratio=0.5)
+    ids = torch.randint(3, model.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(0))
+    r = bench_context(model, recon, ids, decode_tokens=3, repeats=2, chunk=16)
+
+    assert r["context"] == 48 and set(r["variants"]) == set(VARIANTS)
+    for v in r["variants"].values():
+        assert len(v["decode_seconds"]) == 2 and v["decode_tokens_per_second"] > 0 and v["prefill_seconds"] > 0
+    for key in ("full_vs_stock_decode_ratio", "compressed_vs_full_decode_ratio", "fast_vs_explicit_decode_ratio"):
+        assert r[key] > 0
+    full, fast = r["variants"]["full"]["cache_bytes"], r["variants"]["fast"]["cache_bytes"]
+    # after the untimed pass (3 steps) the full cache holds 48 + 3 tokens of K and V for every layer and head, in float32
+    geo = model.config
+    assert full == 4 * 51 * 2 * geo.num_key_value_heads * geo.head_dim * 4
+    assert r["variants"]["stock"]["cache_bytes"] == full
+    assert abs(r["kv_bytes_ratio"] - recon.layout.kept_fraction()) < 0.01 and fast < full
