@@ -25,7 +25,7 @@ def _chunked_logits(model, recon, ids, mask, chunk, fast, **kw):
     return torch.cat(out, dim=1)
 
 
-@pytest.mark.parametrize("length, chunk", [(9, 3), (40, 7), (70, 1)])
+@pytest.mark.parametrize("length, chunk", [(9, 3), (40, 7), (70, 1), (70, 24)])  # 24: explicit prefill chunks
 def test_fast_equals_explicit_for_several_lengths(trained, length, chunk):
     model, recon = trained
     ids = torch.randint(3, 250, (1, length))

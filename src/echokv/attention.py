@@ -23,10 +23,16 @@ _HOOK: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("echokv_
 _DEFERRED: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("echokv_deferred", default=None)
 
 
-def _sdpa():
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+_SDPA: Callable | None = None
 
-    return sdpa_attention_forward
+
+def _sdpa() -> Callable:
+    global _SDPA  # looked up once: this runs for every layer of every decode step
+    if _SDPA is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        _SDPA = sdpa_attention_forward
+    return _SDPA
 
 
 def echokv_attention_forward(module, query, key, value, attention_mask, **kwargs):
