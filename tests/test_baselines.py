@@ -177,6 +177,29 @@ def test_headdrop_kept_bytes_is_the_nearest_paper_layout(ratio, llama, calib):
     assert abs(meth.achieved_kept_fraction - (1 - ratio)) == pytest.approx(best, abs=1e-12)
 
 
+def test_headdrop_keeps_the_retained_heads_of_an_echo_artifact(llama, calib, tmp_path):
+    # the ablation of EchoKV: its retained heads, no network; eval hands headdrop the run's echo artifact
+    from conftest import train_tiny
+    from echokv import artifact
+
+    echo, report = train_tiny(llama, steps=1, compression_ratio=0.5)  # data layout (default)
+    path = str(artifact.save(echo, llama, tmp_path / "echo-0.5", report))
+    meth = make_method("headdrop", 0.5, [path])
+    assert meth.artifact == path
+    meth.prepare(llama, None, calib)
+    assert meth.layout.retained_k == echo.layout.retained_k and meth.layout.retained_v == echo.layout.retained_v
+    _, rep = _run(meth, llama, _ids(50))
+    assert rep["kept_fraction"] == pytest.approx(echo.layout.kept_fraction(), abs=1e-12)
+    assert meth.info()["layout"] == "data"
+    assert make_method("headdrop", 0.7, [path]).artifact is None  # another ratio: the paper layout
+
+    hybrid, report = train_tiny(llama, steps=1, compression_ratio=0.5, variant="hybrid")
+    hpath = str(artifact.save(hybrid, llama, tmp_path / "hybrid-0.5", report))
+    assert make_method("headdrop", 0.5, [hpath]).artifact is None
+    with pytest.raises(ValueError, match="head-only artifact"):
+        HeadDropMethod(0.5, artifact=hpath)
+
+
 @pytest.mark.parametrize("ratio", [0.3, 0.5, 0.7, 0.8, 0.9])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quant_kept_bytes_is_the_nearest_bit_width(ratio, dtype, calib):

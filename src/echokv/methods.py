@@ -120,6 +120,9 @@ def make_method(name: str, ratio: float, artifacts: list[str] | None = None, wor
         from .baselines.kvpress_press import KVPressMethod
 
         return KVPressMethod(ratio, name=name, press=name.split(":", 1)[1])
+    if name == "headdrop":  # the same retained heads as a head-only EchoKV artifact of this ratio, if given
+        echo = [a for a in artifacts or [] if abs(artifact_ratio(a) - ratio) < 1e-9 and not artifact_is_hybrid(a)]
+        return BASELINES[name](ratio, artifact=echo[0] if echo else None)
     if name in BASELINES:
         return BASELINES[name](ratio)
     raise ValueError(f"unknown method {name!r}; known methods: {', '.join(known_methods())}")

@@ -1,9 +1,10 @@
 """Head dropping: EchoKV's retained heads, the discarded ones filled without a network.
 
 The ablation of EchoKV (arXiv 2603.22910) that isolates what its reconstruction buys: the cache
-keeps exactly the KV heads EchoKV's default paper layout keeps at that ratio
-(:func:`~echokv.selection.nearest_paper_layout`: per group of S layers the first layer whole and the
-first m heads of the others), and attention sees, in place of each discarded head,
+keeps exactly the KV heads of a head-only EchoKV artifact of the same ratio when the run has one
+(``artifact``; ``echokv eval`` passes it: the same retained heads, no network), otherwise the paper
+layout at that ratio (:func:`~echokv.selection.nearest_paper_layout`: per group of S layers the first
+layer whole and the first m heads of the others), and attention sees, in place of each discarded head,
 
 * ``fill="mean"`` (default): that head's mean cached K/V over the calibration text (keys after RoPE,
   as cached; per (layer, head), one d-vector, the same for every token);
@@ -13,6 +14,7 @@ first m heads of the others), and attention sees, in place of each discarded hea
 Parameters
     fill: ``"mean"`` or ``"zero"``.
     group_size, m: force the paper layout's S and m (default: searched for the ratio, like EchoKV).
+    artifact: a head-only (``--variant echo``) EchoKV artifact folder whose retained heads to keep.
 
 Memory: the kept fraction is the layout's, ``kept heads / all heads`` of the full-attention layers
 (:attr:`achieved_kept_fraction`; the nearest paper layout, so not every ratio is reachable exactly).
@@ -80,6 +82,7 @@ class HeadDropMethod(Method):
     fill: str = "mean"
     group_size: int | None = None
     m: int | None = None
+    artifact: str | None = None
     layout: HeadLayout | None = field(default=None, repr=False)
     means: dict | None = field(default=None, repr=False)
 
@@ -87,12 +90,24 @@ class HeadDropMethod(Method):
         super().__post_init__()
         if self.fill not in FILLS:
             raise ValueError(f"unknown fill {self.fill!r}; choose one of {', '.join(FILLS)}")
+        if self.artifact is not None:
+            from ..artifact import read_config
+
+            layout = read_config(self.artifact)["layout"]
+            if layout.get("key_latent") is not None:
+                raise ValueError(f"{self.name}: artifact {self.artifact} is EchoKV-Hybrid (keys as a latent, not "
+                                 "heads); head-drop needs a head-only artifact (echokv train --variant echo)")
 
     def prepare(self, model, tokenizer, calibration) -> None:
         geo = kv_geometry(model)
         layers = geo.full_attention_layers
-        self.layout = nearest_paper_layout(layers, geo.num_kv_heads, self.compression_ratio,
-                                           group_size=self.group_size, m=self.m)
+        if self.artifact is not None:
+            from ..artifact import load
+
+            self.layout = load(self.artifact, model).layout  # refuses an artifact of another model
+        else:
+            self.layout = nearest_paper_layout(layers, geo.num_kv_heads, self.compression_ratio,
+                                               group_size=self.group_size, m=self.m)
         if self.fill == "mean":
             cal = require_calibration(calibration, f"{self.name} (fill='mean')")
             mom = group_moments(model, cal, make_groups(layers, 1))
@@ -123,6 +138,8 @@ class HeadDropMethod(Method):
         return {
             "method": self.label,
             "fill": self.fill,
+            "layout": self.layout.strategy,
+            "artifact": self.artifact,
             "group_size": len(self.layout.groups[0]),
             "m": len(self.layout.retained_in_layer("k", self.layout.groups[0][-1]))
             if len(self.layout.groups[0]) > 1 else None,
