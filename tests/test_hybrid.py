@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import train_tiny
-from echokv import artifact
+from echokv import artifact, key_latent
 from echokv.cache import EchoKVCache
 from echokv.tiny import tiny_model
 from echokv.training import TrainConfig
@@ -104,6 +104,20 @@ def test_hybrid_artifact_round_trip(tmp_path, hybrid):
     assert loaded.layout.hybrid and loaded.layout.key_latent == recon.layout.key_latent
     for name, t in recon.state_dict().items():
         assert torch.equal(t, loaded.state_dict()[name]), name
+    # the file holds each key basis in its complex form: n*r + r/2 numbers, not n*d*r
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "h" / artifact.WEIGHTS))
+    assert not [n for n in stored if n.endswith("k_basis")]
+    for g, mod in enumerate(recon.groups):
+        n_d, r = mod.k_basis.shape
+        axes = stored[f"groups.{g}.k_basis_axes"]
+        assert axes.shape == (r // 2, n_d // recon.head_dim, 2)
+        assert key_latent.stored_numel(mod.k_basis, recon.head_dim) == axes.numel() + r // 2 < mod.k_basis.numel() / 8
+    if getattr(recon, "stage1_state", None) is not None:
+        s1 = artifact.load(tmp_path / "h", model, stage=1)
+        for name, t in recon.stage1_state.items():
+            assert torch.equal(t, s1.state_dict()[name]), name
     ids = torch.randint(3, 250, (1, 20))
     a = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=EchoKVCache(model, recon, mode="compressed"))
     b = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=EchoKVCache(model, loaded, mode="compressed"))

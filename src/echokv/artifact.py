@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import key_latent
 from .capture import attention_modules
 from .models import kv_geometry
 from .reconstructor import Reconstructor
@@ -79,15 +80,14 @@ def save(
         "training": (report or {}).get("config", {}),
         "versions": _versions(),
     }
-    tensors = {name: p.detach().contiguous().float() for name, p in recon.state_dict().items()}
+    tensors = _pack(recon.state_dict(), recon.head_dim)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         stage1_state = stage1_state if stage1_state is not None else getattr(recon, "stage1_state", None)
         if stage1_state is not None:
-            s1 = {k: v.detach().contiguous().float() for k, v in stage1_state.items()}
-            save_file(s1, str(tmp / STAGE1_WEIGHTS), metadata={"format": FORMAT})
+            save_file(_pack(stage1_state, recon.head_dim), str(tmp / STAGE1_WEIGHTS), metadata={"format": FORMAT})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2))
         if report is not None:
             (tmp / "train_report.json").write_text(json.dumps(report, indent=2))
@@ -140,6 +140,29 @@ def check_compatible(config: dict, model, path="artifact") -> None:
         )
 
 
+_FREQ, _AXES = "_freq", "_axes"
+
+
+def _pack(state: dict, head_dim: int) -> dict[str, torch.Tensor]:
+    """float32 tensors to save; hybrid key bases in their complex form (64x smaller at head_dim 64)."""
+    out = {}
+    for name, t in state.items():
+        t = t.detach().contiguous().float()
+        form = key_latent.complex_form(t, head_dim) if name.endswith("k_basis") else None
+        if form is None:
+            out[name] = t
+        else:
+            out[name + _FREQ], out[name + _AXES] = form
+    return out
+
+
+def _unpack(state: dict, head_dim: int) -> dict[str, torch.Tensor]:
+    for name in [n for n in state if n.endswith("k_basis" + _AXES)]:
+        base = name[: -len(_AXES)]
+        state[base] = key_latent.from_complex_form(state.pop(base + _FREQ), state.pop(name), head_dim)
+    return state
+
+
 def load(path: str | Path, model=None, stage: int = 2) -> Reconstructor:
     """Load a reconstructor; with ``model``, check it is the model the artifact was trained for.
 
@@ -153,7 +176,7 @@ def load(path: str | Path, model=None, stage: int = 2) -> Reconstructor:
     weights = Path(path) / (WEIGHTS if stage == 2 else STAGE1_WEIGHTS)
     if not weights.is_file():
         raise ArtifactError(f"{path} has no stage-{stage} weights ({weights.name})")
-    state = load_file(str(weights))
+    state = _unpack(load_file(str(weights)), config["head_dim"])
     missing = set(recon.state_dict()) - set(state)
     if missing:
         raise ArtifactError(f"{weights} lacks tensors {sorted(missing)[:3]}")

@@ -22,8 +22,10 @@ the positions and an explicit rebuild of every past key at every decode step.
 
 Real form. With u = p + jq a unit complex axis, a head's key laid out as [Re z | Im z] (rotate-half),
 the component c = u^H z is the pair (e1 . x, e2 . x) with e1 = [p; q], e2 = [-q; p]; e1, e2 are
-orthonormal and x_hat = e1 c_re + e2 c_im. The basis is stored as one real matrix B [S*H*d, r] with
-orthonormal columns: latent y = x B, keys x_hat = y B^T.
+orthonormal and x_hat = e1 c_re + e2 c_im. The basis is used as one real matrix B [S*H*d, r] with
+orthonormal columns: latent y = x B, keys x_hat = y B^T. Artifacts store its complex form (the
+frequency and the unit axis u of each component: n*r + r/2 numbers instead of n*d*r), which is also
+what counts as its size (:func:`complex_form`).
 """
 
 from __future__ import annotations
@@ -71,3 +73,40 @@ def decode(y: torch.Tensor, rows: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Latent [B, 1, T, r] and the basis rows of some heads [h*d, r] -> their keys [B, h, T, d]."""
     out = y[:, 0] @ rows.to(y.dtype).T  # [B, T, h*d]
     return out.unflatten(-1, (-1, head_dim)).transpose(1, 2)
+
+
+def complex_form(basis: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The compact form of a basis made by :func:`fit_basis`: ``freq`` [r/2] (int32) and ``axes``
+    [r/2, n, 2] (p, q of each component's unit axis); None when ``basis`` is not of that form."""
+    nd, r = basis.shape
+    d, f = head_dim, head_dim // 2
+    if r % 2 or nd % d:
+        return None
+    cols = basis.reshape(nd // d, d, r)
+    first = cols[..., 0::2]  # [n, d, r/2]: column e1 = [p; q] of each component
+    freq = (first[:, :f].abs() + first[:, f:].abs()).sum(0).argmax(0)  # [r/2]
+    idx = freq[None, None, :].expand(cols.shape[0], 1, -1)
+    p = first[:, :f].gather(1, idx)[:, 0]  # [n, r/2]
+    q = first[:, f:].gather(1, idx)[:, 0]
+    axes = torch.stack([p, q], -1).transpose(0, 1).contiguous()  # [r/2, n, 2]
+    freq = freq.to(torch.int32)
+    return (freq, axes) if torch.equal(from_complex_form(freq, axes, head_dim).to(basis.dtype), basis) else None
+
+
+def from_complex_form(freq: torch.Tensor, axes: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The dense real basis [n*d, r] of a complex form (inverse of :func:`complex_form`)."""
+    k, n, _ = axes.shape
+    d, f = head_dim, head_dim // 2
+    p, q = axes[..., 0].T, axes[..., 1].T  # [n, r/2]
+    basis = torch.zeros(n, d, 2 * k, dtype=axes.dtype)
+    cols = torch.arange(k)
+    fr = freq.long()
+    basis[:, fr, 2 * cols], basis[:, f + fr, 2 * cols] = p, q
+    basis[:, fr, 2 * cols + 1], basis[:, f + fr, 2 * cols + 1] = -q, p
+    return basis.reshape(n * d, 2 * k)
+
+
+def stored_numel(basis: torch.Tensor, head_dim: int) -> int:
+    """Numbers an artifact stores for ``basis`` (its complex form when it has one)."""
+    form = complex_form(basis, head_dim)
+    return basis.numel() if form is None else form[0].numel() + form[1].numel()

@@ -69,7 +69,7 @@ class GroupReconstructor(nn.Module):
         """Parameters that are really used (masked-out entries do not count)."""
         f, d = self.head_dim // 2, self.head_dim
         n = int(self.k_mask.sum()) * 2 * f + int(self.v_mask.sum()) * d * d
-        n += 0 if self.k_basis is None else self.k_basis.numel()
+        n += 0 if self.k_basis is None else key_latent.stored_numel(self.k_basis, d)
         return n + (self.v_bias.numel() if self.use_bias else 0)
 
 
