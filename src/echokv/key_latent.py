@@ -44,7 +44,6 @@ def fit_basis(moments: KeyMoments, dims: int) -> tuple[torch.Tensor, float]:
     """Real orthonormal basis [n*d, dims] of the top complex components, and the calibration
     relative error of the projection (discarded eigenvalue mass over the total)."""
     n, d = moments.n, moments.d
-    f = d // 2
     gram = moments.gram / max(moments.count, 1)  # [F, n, n], entries E[conj(z_a) z_b]
     # z as a column vector has covariance E[z z^H] = conj(gram)
     evals, evecs = torch.linalg.eigh(gram.conj())
@@ -53,14 +52,11 @@ def fit_basis(moments: KeyMoments, dims: int) -> tuple[torch.Tensor, float]:
     order = evals.flatten().argsort(descending=True)[:keep]
     total = float(evals.sum())
     err = 1.0 - float(evals.flatten()[order].sum()) / max(total, 1e-30)
-    basis = torch.zeros(n, d, 2 * keep, dtype=torch.float64)
-    for c, flat in enumerate(sorted(order.tolist())):  # sorted: frequency-major, stable across runs
-        i, col = divmod(flat, n)
-        u = evecs[i][:, col]
-        p, q = u.real, u.imag
-        basis[:, i, 2 * c], basis[:, f + i, 2 * c] = p, q
-        basis[:, i, 2 * c + 1], basis[:, f + i, 2 * c + 1] = -q, p
-    return basis.reshape(n * d, 2 * keep).float(), err
+    flat = order.sort().values  # frequency-major, stable across runs
+    freq, col = flat // n, flat % n
+    u = evecs[freq, :, col]  # [keep, n]: the unit axis of each kept component
+    axes = torch.stack([u.real, u.imag], -1)  # [keep, n, 2]
+    return from_complex_form(freq, axes, d).float(), err
 
 
 def encode(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:

@@ -55,17 +55,24 @@ def _train_on_the_fly(model, tokenizer, ratio: float, work_dir, overrides) -> st
     return str(out)
 
 
-def artifact_ratio(path: str) -> float:
+def config_ratio(config: dict) -> float:
+    """The compression ratio an artifact (its ``config.json``) was trained for."""
+    training = config.get("training") or {}
+    return float(training.get("compression_ratio", 1 - config["layout"]["kept_fraction"]))
+
+
+def config_is_hybrid(config: dict) -> bool:
+    """Whether an artifact is EchoKV-Hybrid (keys as a latent) rather than head-only Echo."""
+    return config["layout"].get("key_latent") is not None
+
+
+def artifacts_at(artifacts: list[str] | None, ratio: float, hybrid: bool | None = None) -> list[str]:
+    """The artifact folders trained for ``ratio`` (and, unless None, of the hybrid or echo variant)."""
     from .artifact import read_config
 
-    cfg = read_config(path)
-    return float(cfg["training"].get("compression_ratio", 1 - cfg["layout"]["kept_fraction"]))
-
-
-def artifact_is_hybrid(path: str) -> bool:
-    from .artifact import read_config
-
-    return read_config(path)["layout"].get("key_latent") is not None
+    configs = {a: read_config(a) for a in artifacts or []}
+    return [a for a, c in configs.items()
+            if abs(config_ratio(c) - ratio) < 1e-9 and (hybrid is None or config_is_hybrid(c) == hybrid)]
 
 
 def known_methods() -> list[str]:
@@ -97,8 +104,8 @@ def make_method(name: str, ratio: float, artifacts: list[str] | None = None, wor
         return Method(0.0)
     if name in ("echokv", "echokv-s1", "echokv-hybrid"):
         hybrid = name == "echokv-hybrid"
-        same_ratio = [a for a in artifacts or [] if abs(artifact_ratio(a) - ratio) < 1e-9]
-        match = [a for a in same_ratio if artifact_is_hybrid(a) == hybrid]
+        same_ratio = artifacts_at(artifacts, ratio)
+        match = artifacts_at(same_ratio, ratio, hybrid)
         if same_ratio and not match:
             # the user handed an artifact for this ratio: training another one silently would surprise them
             have, want = ("hybrid", "echo") if not hybrid else ("echo", "hybrid")
@@ -121,7 +128,7 @@ def make_method(name: str, ratio: float, artifacts: list[str] | None = None, wor
 
         return KVPressMethod(ratio, name=name, press=name.split(":", 1)[1])
     if name == "headdrop":  # the same retained heads as a head-only EchoKV artifact of this ratio, if given
-        echo = [a for a in artifacts or [] if abs(artifact_ratio(a) - ratio) < 1e-9 and not artifact_is_hybrid(a)]
+        echo = artifacts_at(artifacts, ratio, hybrid=False)
         return BASELINES[name](ratio, artifact=echo[0] if echo else None)
     if name in BASELINES:
         return BASELINES[name](ratio)

@@ -106,6 +106,7 @@ def plan_eval(suite: str, methods, ratios, artifacts=None, data=None, tasks=None
     (artifact folder) or ``FileExistsError`` (``out`` exists and ``overwrite`` is false).
     """
     from echokv.artifact import check_output_dir, read_config
+    from echokv.methods import config_is_hybrid, config_ratio
 
     plan = suites.resolve(suite, tasks, context_lengths, samples)
     names = _method_names(methods)
@@ -119,15 +120,14 @@ def plan_eval(suite: str, methods, ratios, artifacts=None, data=None, tasks=None
     configs = {a: read_config(a) for a in artifacts}
     job = EvalJob(plan, runs, artifacts, configs, None if data is None else str(data), seed,
                   None if out is None else Path(out), overwrite)
+    trained = {round(config_ratio(c), 9) for c in configs.values()}
     for method in ("echokv", "echokv-s1", "echokv-hybrid"):
         if method not in names:
             continue
         hybrid = method == "echokv-hybrid"
-        have = {round(_config_ratio(c), 9) for c in configs.values()
-                if (c["layout"].get("key_latent") is not None) == hybrid}
-        other = {round(_config_ratio(c), 9) for c in configs.values()} - have
-        missing = [r for r in ratio_list if round(r, 9) not in have | other]
-        wrong = [r for r in ratio_list if round(r, 9) in other - have]
+        have = {round(config_ratio(c), 9) for c in configs.values() if config_is_hybrid(c) == hybrid}
+        missing = [r for r in ratio_list if round(r, 9) not in trained]
+        wrong = [r for r in ratio_list if round(r, 9) in trained - have]
         if missing:
             job.notes.append(
                 f"{method}: no artifact for compression ratio(s) {', '.join(f'{r:g}' for r in missing)}; one "
@@ -151,11 +151,6 @@ def plan_eval(suite: str, methods, ratios, artifacts=None, data=None, tasks=None
     if job.out is not None:
         check_output_dir(job.out, overwrite)
     return job
-
-
-def _config_ratio(config: dict) -> float:
-    training = config.get("training") or {}
-    return float(training.get("compression_ratio", 1 - config["layout"]["kept_fraction"]))
 
 
 # -- step 2: with the model ------------------------------------------------------------------------
