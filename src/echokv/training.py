@@ -26,7 +26,6 @@ from .moments import KeyMoments, ValueMoments, new_moments
 from .reconstructor import Reconstructor
 from .selection import HeadLayout, check_ratio, data_layout, make_groups, nearest_paper_layout
 
-
 VARIANTS = ("echo", "hybrid")
 # Hybrid default: keys get this share of the kept K+V budget. SmolLM2-135M, ratio 0.5, NIAH at 512
 # tokens (10 samples each): keys/values kept 0.4/0.6 found 3/10 needles, 0.5/0.5 7-9/10, 0.6/0.4 10/10,
