@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from conftest import exact_tiny_llama, one_head_layout, train_tiny
-from echokv.cache import EchoKVCache, prefill
+from echokv.cache import Appender, EchoKVCache, GrowingLayer, prefill
 from echokv.tiny import ARCHITECTURES, tiny_model
 
 
@@ -34,6 +34,54 @@ def test_full_mode_is_bit_identical_to_the_default_cache(trained):
     gen_ref = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=DynamicCache(config=model.config))
     gen = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=EchoKVCache(model, recon, mode="full"))
     assert torch.equal(gen, gen_ref)
+
+
+def test_full_mode_appends_in_place_and_stays_bit_identical(trained):
+    model, recon = trained
+    ids = torch.randint(3, 250, (2, 130))
+    ref, cache = DynamicCache(config=model.config), EchoKVCache(model, recon, mode="full")
+    a, b = model(ids, past_key_values=ref).logits, model(ids, past_key_values=cache).logits
+    assert torch.equal(a, b)
+    layer = cache.layers[cache.compressible[0]]
+    buffer = layer.keys.data_ptr()
+    for step in range(3):  # 130 tokens were given 130 // 64 = 2 tokens of spare room
+        tok = a[:, -1:].argmax(-1)
+        a, b = model(tok, past_key_values=ref).logits, model(tok, past_key_values=cache).logits
+        assert torch.equal(a, b)
+        assert (layer.keys.data_ptr() == buffer) == (step < 2)  # written in place until the room is used
+    assert cache.nbytes() == sum(lay.keys.numel() * lay.keys.element_size() * 2 for lay in ref.layers)
+    live, held = _growing_bytes(cache)
+    assert live < held <= live * (1 + 1 / 64)  # spare room: at most 1/64
+    assert cache.reserved_nbytes() == _held_bytes(cache)
+
+
+def test_appender_equals_cat_and_never_overwrites_what_it_returned():
+    app, x, ref, returned = Appender(), None, None, []
+    for n in (100, 1, 1, 5, 1, 3):
+        t = torch.randn(1, 2, n, 4)
+        x = app.append("k", x, t)
+        ref = t if ref is None else torch.cat([ref, t], -2)
+        assert torch.equal(x, ref)
+        returned.append((x, x.clone()))
+    x, ref = x[..., :-3, :], ref[..., :-3, :]  # edited from outside (a crop): appending copies it
+    t = torch.randn(1, 2, 2, 4)
+    x = app.append("k", x, t)
+    assert torch.equal(x, torch.cat([ref, t], -2))
+    assert all(torch.equal(view, copy) for view, copy in returned)
+
+
+def test_a_copied_cache_decodes_like_the_original(trained):
+    import copy
+
+    model, recon = trained
+    cache = EchoKVCache(model, recon, mode="compressed")
+    logits = model(torch.randint(3, 250, (1, 140)), past_key_values=cache).logits
+    twin = copy.deepcopy(cache)
+    tok = logits[:, -1:].argmax(-1)
+    for _ in range(3):
+        a, b = model(tok, past_key_values=cache).logits, model(tok, past_key_values=twin).logits
+        assert torch.equal(a, b)
+        tok = a[:, -1:].argmax(-1)
 
 
 def test_compressed_with_exact_reconstructor_reproduces_full_logits(exact):
@@ -81,14 +129,22 @@ def test_memory_budget_switch(trained):
 
 
 def _held_bytes(cache) -> int:
+    """Bytes of the distinct memory blocks behind every tensor the cache's layers hold."""
     seen, total = set(), 0
     for layer in cache.layers:
         tensors = [getattr(layer, "keys", None), getattr(layer, "values", None), *getattr(layer, "stored", {}).values()]
         for t in tensors:
-            if isinstance(t, torch.Tensor) and id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                total += t.untyped_storage().nbytes()
     return total
+
+
+def _growing_bytes(cache) -> tuple[int, int]:
+    """(bytes of the tokens, bytes of the buffers behind them) of the layers that grow in place."""
+    tensors = [t for lay in cache.layers if isinstance(lay, GrowingLayer) for t in lay.tensors()]
+    blocks = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(t.numel() * t.element_size() for t in tensors), sum(blocks.values())
 
 
 @pytest.mark.parametrize("window", [0, 5])
@@ -98,10 +154,15 @@ def test_accounting_equals_the_tensors_held(trained, window):
     ids = torch.randint(3, 250, (2, 23))
     model(ids, past_key_values=cache)
     model(ids[:, :1], past_key_values=cache)
+    model(torch.randint(3, 250, (2, 120)), past_key_values=cache)  # enough tokens for spare room
+    model(ids[:, :1], past_key_values=cache)
     report = cache.memory_report()
-    assert report["cache_bytes"] == _held_bytes(cache)
+    assert report["reserved_bytes"] == _held_bytes(cache)  # the compressed prefix's K/V really released
+    live, held = _growing_bytes(cache)
+    assert live < held <= live * (1 + 1 / 64)
     ref = DynamicCache(config=model.config)
     model(torch.cat([ids, ids[:, :1]], 1), past_key_values=ref)
+    model(torch.randint(3, 250, (2, 121)), past_key_values=ref)
     full = sum(lay.keys.numel() * lay.keys.element_size() * 2 for lay in ref.layers)
     assert report["full_cache_bytes"] == full
     assert report["kept_fraction"] == pytest.approx(report["cache_bytes"] / full)

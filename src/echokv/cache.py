@@ -1,8 +1,9 @@
 """A transformers cache that runs in full mode and switches to a compressed store on demand.
 
 ``CompressedCache`` is a :class:`transformers.DynamicCache` whose full-attention layers are
-:class:`CompressedLayer` objects. In full mode they are stock ``DynamicLayer`` s (same tensors, same
-operations: logits are bit-identical to the default cache). Once compressed, every token older than
+:class:`CompressedLayer` objects. In full mode they hold the same K/V tensors as transformers'
+``DynamicLayer`` (logits are bit-identical to the default cache), appended in place
+(:class:`GrowingLayer`) instead of copied by ``torch.cat`` at every step. Once compressed, every token older than
 the optional full window W is handed to a :class:`KVCodec`, which keeps what it needs (EchoKV: the
 retained heads) and gives the full K/V back when attention asks for them. Sliding-window layers keep
 their own behaviour.
@@ -45,8 +46,98 @@ class KVCodec(ABC):
         return
 
 
-class CompressedLayer(DynamicLayer):
-    """A DynamicLayer (the recent, uncompressed tokens) plus the codec's stored tensors."""
+def spare_room(n_tokens: int) -> int:
+    """Tokens reserved beyond ``n_tokens`` when a buffer grows: at most 1/64 extra memory, and one
+    reallocation (a copy of the whole tensor) per n/64 decode steps instead of one per step."""
+    return n_tokens // 64
+
+
+class Appender:
+    """Tensors that grow along the token axis (dim -2) in place.
+
+    ``append(name, current, new)`` returns ``cat([current, new], -2)`` as a view of a buffer with spare
+    room, so a decode step writes one token where ``torch.cat`` copies everything held. ``current``
+    must be the view returned last time for ``name`` to be extended in place; anything else (a fresh
+    tensor, a crop, a reordered batch) is copied into a new buffer, so outside edits stay correct.
+    """
+
+    def __init__(self):
+        self.buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (buffer, view)
+
+    def append(self, name: str, current: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+        held = current is not None and current.dim() == new.dim()  # (DynamicLayer starts from a 1-d empty tensor)
+        start = current.shape[-2] if held else 0
+        end = start + new.shape[-2]
+        entry = self.buffers.get(name)
+        buf = entry[0] if entry is not None and entry[1] is current else None
+        if buf is None or buf.shape[-2] < end:
+            grown = new.new_empty(*new.shape[:-2], end + spare_room(end), new.shape[-1])
+            if held:
+                grown[..., :start, :] = current
+            buf = grown
+        buf[..., start:end, :] = new
+        view = buf[..., :end, :]
+        self.buffers[name] = (buf, view)
+        return view
+
+    def clear(self) -> None:
+        self.buffers = {}
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class GrowingLayer(DynamicLayer):
+    """transformers' DynamicLayer, appending in place: the same K/V tensors (values and shapes), so
+    attention outputs are bit-identical, without copying the whole layer at every decode step."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.appender = Appender()
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = self.appender.append("keys", self.keys, key_states)
+        self.values = self.appender.append("values", self.values, value_states)
+        return self.keys, self.values
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors this layer holds (views into buffers where they grow in place)."""
+        return [t for t in (self.keys, self.values) if isinstance(t, torch.Tensor)]
+
+    def drop_oldest(self, n_tokens: int) -> None:
+        """Forget the ``n_tokens`` oldest tokens; their memory is released (the rest is copied)."""
+        self.keys = self.keys[:, :, n_tokens:].clone()
+        self.values = self.values[:, :, n_tokens:].clone()
+        for name in ("keys", "values"):
+            self.appender.buffers.pop(name, None)
+
+    # the tensors are replaced by these: the buffers they were views of are no longer needed
+    def reset(self) -> None:
+        self.appender.clear()
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self.appender.clear()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.appender.clear()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.appender.clear()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.appender.clear()
+
+
+class CompressedLayer(GrowingLayer):
+    """A GrowingLayer (the recent, uncompressed tokens) plus the codec's stored tensors."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -61,12 +152,15 @@ class CompressedLayer(DynamicLayer):
 
     def append_stored(self, tensors: dict[str, torch.Tensor], n_tokens: int) -> None:
         for name, t in tensors.items():
-            old = self.stored.get(name)
-            self.stored[name] = t if old is None else torch.cat([old, t], dim=-2)
+            self.stored[name] = self.appender.append(f"stored.{name}", self.stored.get(name), t)
         self.n_stored += n_tokens
 
     def stored_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.stored.values())
+        """Bytes of the stored tokens (what the codec keeps per token, times the tokens)."""
+        return sum(_nbytes(t) for t in self.stored.values())
+
+    def tensors(self) -> list[torch.Tensor]:
+        return super().tensors() + list(self.stored.values())
 
     def reset(self) -> None:
         self.stored, self.n_stored = {}, 0
@@ -136,10 +230,13 @@ class CompressedCache(DynamicCache):
         if len(self.layers) != self.geometry.num_layers:  # config without layer types: build them now
             self.layers = [DynamicLayer() for _ in range(self.geometry.num_layers)]
             self.layer_class_to_replicate = None
+        for i, layer in enumerate(self.layers):  # same tensors as stock, appended in place
+            if type(layer) is DynamicLayer:
+                self.layers[i] = GrowingLayer()
         self.codec = codec
         self.compressible = sorted(codec.layers)
         for i in self.compressible:
-            if type(self.layers[i]) is not DynamicLayer:
+            if type(self.layers[i]) is not GrowingLayer:
                 raise ValueError(f"layer {i} is not a full-attention layer; the codec cannot compress it")
             self.layers[i] = CompressedLayer()
         self.mode = mode
@@ -215,9 +312,7 @@ class CompressedCache(DynamicCache):
         stored = self.codec.encode(keys, values)
         for i, lay in zip(self.compressible, layers):
             lay.append_stored(stored[i], n)
-            # a copy, so the memory of the compressed prefix is really released
-            lay.keys = lay.keys[:, :, n:].clone()
-            lay.values = lay.values[:, :, n:].clone()
+            lay.drop_oldest(n)
 
     @property
     def mode_now(self) -> str:
@@ -225,7 +320,7 @@ class CompressedCache(DynamicCache):
 
     # -- memory accounting ----------------------------------------------------------------------
     def nbytes(self) -> int:
-        """Bytes of every tensor the cache holds now."""
+        """Bytes of the tokens the cache holds now (recent K/V and stored tensors, without spare room)."""
         total = 0
         for lay in self.layers:
             for t in (getattr(lay, "keys", None), getattr(lay, "values", None)):
@@ -247,6 +342,20 @@ class CompressedCache(DynamicCache):
             total += 2 * b * h * t * d * keys.element_size()
         return total
 
+    def reserved_nbytes(self) -> int:
+        """Bytes of the memory blocks behind the cache's tensors: :meth:`nbytes` plus the spare room of
+        the buffers that grow in place (and the bases of views, e.g. a sliding window's)."""
+        blocks = {}
+        for lay in self.layers:
+            if isinstance(lay, GrowingLayer):
+                tensors = lay.tensors() + [buf for buf, _ in lay.appender.buffers.values()]
+            else:
+                tensors = [t for t in (getattr(lay, "keys", None), getattr(lay, "values", None)) if isinstance(t, torch.Tensor)]
+            for t in tensors:
+                storage = t.untyped_storage()
+                blocks[storage.data_ptr()] = storage.nbytes()
+        return sum(blocks.values())
+
     def kept_fraction(self) -> float:
         full = self.full_nbytes()
         return self.nbytes() / full if full else 1.0
@@ -257,6 +366,7 @@ class CompressedCache(DynamicCache):
             "switched_at": self.switched_at,
             "tokens": self.seen_tokens(),
             "cache_bytes": self.nbytes(),
+            "reserved_bytes": self.reserved_nbytes(),
             "full_cache_bytes": self.full_nbytes(),
             "kept_fraction": self.kept_fraction(),
         }

@@ -33,89 +33,85 @@ def key_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class LayerPlan:
-    """What one layer needs: which of the group's retained heads are its own, and the folded maps."""
+    """One layer's maps from its group's stored tensors to every head of the layer.
+
+    ``value_map`` [n_src, H, d, d]: head h's values are ``sum_s x_s value_map[s, h]`` (+ ``value_bias[h]``):
+    the identity from its own source where h is retained, the reconstruction where it is discarded.
+    Keys: ``key_fold`` [H, d, r] for a hybrid latent (every head decoded from the latent), else
+    ``key_map`` [H, n_src, d, d] in the same form as the values.
+    """
 
     def __init__(self, recon, layer: int):
         lay = recon.layout
         gi = lay.group_of(layer)
-        group = lay.groups[gi]
-        mod = recon.groups[gi]
-        self.num_kv_heads = lay.num_kv_heads
+        group, mod = lay.groups[gi], recon.groups[gi]
+        h, d = lay.num_kv_heads, recon.head_dim
+        self.num_kv_heads = h
+        dense = {}
         for kind in ("k", "v"):
-            src = lay.sources(kind, group)
-            own = [j for j, (sl, _) in enumerate(src) if sl == layer]
-            heads = [h for (_, h) in (src[j] for j in own)]
-            tgt = lay.targets(kind, group)
-            rows = [r for r, (tl, _) in enumerate(tgt) if tl == layer]
-            setattr(self, f"{kind}_own", torch.tensor(own, dtype=torch.long))
-            setattr(self, f"{kind}_own_heads", heads)
-            setattr(self, f"{kind}_tgt_heads", [tgt[r][1] for r in rows])
-            if kind == "k":
-                self.k_map = mod.key_maps()[rows].detach()  # [n_tgt, n_src, d_in, d_out]
-            else:
-                self.v_map = mod.value_maps()[rows].detach()
-                self.v_bias = mod.v_bias[rows].detach()
-        self.k_fold = None
-        if lay.hybrid:  # keys are a latent: every query head is folded, none is scored as is
-            self.k_own_heads, self.k_tgt_heads = [], []
+            src, tgt = lay.sources(kind, group), lay.targets(kind, group)
+            maps = torch.zeros(len(src), h, d, d)
+            bias = torch.zeros(h, d)
+            for j, (sl, head) in enumerate(src):
+                if sl == layer:
+                    maps[j, head] = torch.eye(d)
+            recon_maps = (mod.key_maps() if kind == "k" else mod.value_maps()).detach()  # [n_tgt, n_src, d, d]
+            for t, (tl, head) in enumerate(tgt):
+                if tl == layer:
+                    maps[:, head] = recon_maps[t]
+                    if kind == "v":
+                        bias[head] = mod.v_bias[t].detach()
+            dense[kind] = maps
+        self.value_map, self.value_bias = dense["v"], bias
+        self.has_bias = bool(bias.any())
+        self.key_map = dense["k"].transpose(0, 1).contiguous()  # [H, n_src, d, d]
+        self.key_fold = None
+        if lay.hybrid:  # keys are the group's latent: every head is decoded from it
             rows = recon.key_rows(layer).detach()
-            self.k_fold = rows.view(lay.num_kv_heads, recon.head_dim, rows.shape[-1])  # [H, d, r]
-
-
-def _query_rows(heads: list[int], n_rep: int) -> list[int]:
-    return [h * n_rep + r for h in heads for r in range(n_rep)]
+            self.key_fold = rows.view(h, d, rows.shape[-1])  # [H, d, r]
 
 
 def attend(plan: LayerPlan, q, recent_k, recent_v, group_k, group_v, mask, scaling) -> torch.Tensor:
     """Attention output [B, Tq, Hq, d] over [compressed past, recent] for one layer.
 
     q [B, Hq, Tq, d]; recent_k/v [B, H, Tr, d] (full heads, includes the new tokens);
-    group_k/v [B, n_src, Tc, d] (retained heads of the layer's group); mask: transformers' SDPA mask
-    ([B, 1, Tq, Tc + Tr], bool or additive) or None (causal, aligned to the end).
+    group_k/v [B, n_src, Tc, d] (retained heads of the layer's group; a hybrid's group_k is the latent
+    [B, 1, Tc, r]); mask: transformers' SDPA mask ([B, 1, Tq, Tc + Tr], bool or additive) or None
+    (causal, aligned to the end).
+
+    Query heads are handled as [B, H, n_rep * Tq, d] (the n_rep query heads of a KV head are rows of
+    one matrix), so no K/V head is repeated or gathered: each stored tensor is read once, in place, by
+    one product for the scores and one for the values. Scores are computed as ``stored @ query^T``
+    (the stored tensor on the left): measured 1.3-1.5x faster on CPU than ``query @ stored^T`` for a
+    few query rows over thousands of tokens.
     """
     b, hq, tq, d = q.shape
     h = plan.num_kv_heads
-    n_rep = hq // h
+    rows = hq // h * tq  # query rows per KV head
     tc, tr = group_k.shape[-2], recent_k.shape[-2]
     dtype = q.dtype
-    scores = q.new_empty(b, hq, tq, tc)
-    # retained key heads of this layer: plain scores
-    if plan.k_own_heads:
-        rows = _query_rows(plan.k_own_heads, n_rep)
-        kr = group_k[:, plan.k_own].repeat_interleave(n_rep, 1)  # [B, rows, Tc, d] view-sized copy
-        scores[:, rows] = q[:, rows] @ kr.transpose(-1, -2)
-    # discarded key heads: fold the map into the query, score against every source head, sum
-    if plan.k_tgt_heads:
-        rows = _query_rows(plan.k_tgt_heads, n_rep)
-        qt = q[:, rows].view(b, len(plan.k_tgt_heads), n_rep * tq, d)
-        folded = torch.einsum("btre,tsde->bstrd", qt, plan.k_map.to(dtype))  # query in each source's space
-        folded = folded.reshape(b, group_k.shape[1], len(rows) * tq, d)
-        part = (folded @ group_k.transpose(-1, -2)).sum(1)  # [B, rows*Tq, Tc]
-        scores[:, rows] = part.view(b, len(rows), tq, tc)
-    if plan.k_fold is not None:  # hybrid: group_k is the latent [B, 1, Tc, r]
-        folded = q.reshape(b, h, n_rep * tq, d) @ plan.k_fold.to(dtype)  # [B, H, n_rep*Tq, r]
-        scores = (folded.reshape(b, 1, hq * tq, -1) @ group_k.transpose(-1, -2)).view(b, hq, tq, tc)
-    recent = q @ recent_k.repeat_interleave(n_rep, 1).transpose(-1, -2)
-    logits = torch.cat([scores, recent], dim=-1) * scaling
-    if mask is None:
-        keep = torch.ones(tq, tc + tr, dtype=torch.bool, device=q.device).tril(tc + tr - tq)
-        logits = logits.masked_fill(~keep, float("-inf"))
-    elif mask.dtype == torch.bool:
-        logits = logits.masked_fill(~mask, float("-inf"))
-    else:
-        logits = logits + mask
+    qh = q.reshape(b, h, rows, d)
+    if plan.key_fold is not None:  # the query in the latent's space
+        folded = (qh @ plan.key_fold.to(dtype)).reshape(b, 1, h * rows, -1)
+        past = (group_k @ folded.transpose(-1, -2)).transpose(-1, -2).view(b, h, rows, tc)
+    else:  # the query in each source head's space; scores summed over sources
+        folded = torch.einsum("bhre,hsde->bsdhr", qh, plan.key_map.to(dtype)).reshape(b, -1, d, h * rows)
+        past = (group_k @ folded).sum(1).transpose(-1, -2).view(b, h, rows, tc)
+    logits = torch.cat([past, qh @ recent_k.transpose(-1, -2)], dim=-1).mul_(scaling)
+    if mask is not None or tq > 1:
+        shaped = logits.view(b, h, rows // tq, tq, tc + tr)
+        if mask is None:
+            keep = torch.ones(tq, tc + tr, dtype=torch.bool, device=q.device).tril(tc + tr - tq)
+            shaped.masked_fill_(~keep, float("-inf"))
+        elif mask.dtype == torch.bool:
+            shaped.masked_fill_(~mask[:, :, None], float("-inf"))
+        else:
+            shaped.add_(mask[:, :, None])
     p = torch.softmax(logits.float(), dim=-1).to(dtype)
-    p_past, p_recent = p[..., :tc], p[..., tc:]
-    out = p_recent @ recent_v.repeat_interleave(n_rep, 1)  # [B, Hq, Tq, d]
-    if plan.v_own_heads:
-        rows = _query_rows(plan.v_own_heads, n_rep)
-        out[:, rows] += p_past[:, rows] @ group_v[:, plan.v_own].repeat_interleave(n_rep, 1)
-    if plan.v_tgt_heads:
-        rows = _query_rows(plan.v_tgt_heads, n_rep)
-        pt = p_past[:, rows].reshape(b, 1, len(rows) * tq, tc)
-        mixed = (pt @ group_v).view(b, group_v.shape[1], len(plan.v_tgt_heads), n_rep * tq, d)
-        val = torch.einsum("bstrd,tsde->btre", mixed, plan.v_map.to(dtype))
-        mass = p_past[:, rows].sum(-1).view(b, len(plan.v_tgt_heads), n_rep * tq, 1)
-        val = val + mass * plan.v_bias.to(dtype)[None, :, None, :]
-        out[:, rows] += val.reshape(b, len(rows), tq, d)
-    return out.transpose(1, 2).contiguous()
+    p_past = p[..., :tc]
+    # every query row's weighted sum of every stored value head, in one product
+    mixed = (p_past.reshape(b, 1, h * rows, tc) @ group_v).view(b, -1, h, rows, d)
+    out = torch.einsum("bshrd,shde->bhre", mixed, plan.value_map.to(dtype)) + p[..., tc:] @ recent_v
+    if plan.has_bias:
+        out += p_past.sum(-1, keepdim=True) * plan.value_bias.to(dtype)[:, None, :]
+    return out.reshape(b, hq, tq, d).transpose(1, 2).contiguous()
