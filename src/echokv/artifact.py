@@ -123,6 +123,17 @@ def read_config(path: str | Path) -> dict:
     return config
 
 
+def config_ratio(config: dict) -> float:
+    """The compression ratio an artifact (its ``config.json``) was trained for."""
+    training = config.get("training") or {}
+    return float(training.get("compression_ratio", 1 - config["layout"]["kept_fraction"]))
+
+
+def config_is_hybrid(config: dict) -> bool:
+    """Whether an artifact is EchoKV-Hybrid (keys as a latent) rather than head-only Echo."""
+    return config["layout"].get("key_latent") is not None
+
+
 def check_compatible(config: dict, model, path="artifact") -> None:
     """Refuse an artifact made for another geometry or other K/V weights."""
     geo = kv_geometry(model).to_dict()

@@ -55,20 +55,9 @@ def _train_on_the_fly(model, tokenizer, ratio: float, work_dir, overrides) -> st
     return str(out)
 
 
-def config_ratio(config: dict) -> float:
-    """The compression ratio an artifact (its ``config.json``) was trained for."""
-    training = config.get("training") or {}
-    return float(training.get("compression_ratio", 1 - config["layout"]["kept_fraction"]))
-
-
-def config_is_hybrid(config: dict) -> bool:
-    """Whether an artifact is EchoKV-Hybrid (keys as a latent) rather than head-only Echo."""
-    return config["layout"].get("key_latent") is not None
-
-
 def artifacts_at(artifacts: list[str] | None, ratio: float, hybrid: bool | None = None) -> list[str]:
     """The artifact folders trained for ``ratio`` (and, unless None, of the hybrid or echo variant)."""
-    from .artifact import read_config
+    from .artifact import config_is_hybrid, config_ratio, read_config
 
     configs = {a: read_config(a) for a in artifacts or []}
     return [a for a, c in configs.items()

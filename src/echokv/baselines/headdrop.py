@@ -91,10 +91,9 @@ class HeadDropMethod(Method):
         if self.fill not in FILLS:
             raise ValueError(f"unknown fill {self.fill!r}; choose one of {', '.join(FILLS)}")
         if self.artifact is not None:
-            from ..artifact import read_config
+            from ..artifact import config_is_hybrid, read_config
 
-            layout = read_config(self.artifact)["layout"]
-            if layout.get("key_latent") is not None:
+            if config_is_hybrid(read_config(self.artifact)):
                 raise ValueError(f"{self.name}: artifact {self.artifact} is EchoKV-Hybrid (keys as a latent, not "
                                  "heads); head-drop needs a head-only artifact (echokv train --variant echo)")
 

@@ -105,8 +105,7 @@ def plan_eval(suite: str, methods, ratios, artifacts=None, data=None, tasks=None
     LongBench file), ``FileNotFoundError`` (LongBench folder), :class:`echokv.artifact.ArtifactError`
     (artifact folder) or ``FileExistsError`` (``out`` exists and ``overwrite`` is false).
     """
-    from echokv.artifact import check_output_dir, read_config
-    from echokv.methods import config_is_hybrid, config_ratio
+    from echokv.artifact import check_output_dir, config_is_hybrid, config_ratio, read_config
 
     plan = suites.resolve(suite, tasks, context_lengths, samples)
     names = _method_names(methods)
