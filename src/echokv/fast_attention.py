@@ -42,33 +42,34 @@ class LayerPlan:
     """
 
     def __init__(self, recon, layer: int):
-        lay = recon.layout
-        gi = lay.group_of(layer)
-        group, mod = lay.groups[gi], recon.groups[gi]
-        h, d = lay.num_kv_heads, recon.head_dim
-        self.num_kv_heads = h
-        dense = {}
-        for kind in ("k", "v"):
-            src, tgt = lay.sources(kind, group), lay.targets(kind, group)
-            maps = torch.zeros(len(src), h, d, d)
-            bias = torch.zeros(h, d)
-            for j, (sl, head) in enumerate(src):
-                if sl == layer:
-                    maps[j, head] = torch.eye(d)
-            recon_maps = (mod.key_maps() if kind == "k" else mod.value_maps()).detach()  # [n_tgt, n_src, d, d]
-            for t, (tl, head) in enumerate(tgt):
-                if tl == layer:
-                    maps[:, head] = recon_maps[t]
-                    if kind == "v":
-                        bias[head] = mod.v_bias[t].detach()
-            dense[kind] = maps
-        self.value_map, self.value_bias = dense["v"], bias
-        self.has_bias = bool(bias.any())
-        self.key_map = dense["k"].transpose(0, 1).contiguous()  # [H, n_src, d, d]
-        self.key_fold = None
-        if lay.hybrid:  # keys are the group's latent: every head is decoded from it
+        self.num_kv_heads = recon.layout.num_kv_heads
+        self.value_map, self.value_bias = _dense_map(recon, "v", layer)
+        self.has_bias = bool(self.value_bias.any())
+        self.key_map = self.key_fold = None
+        if recon.layout.hybrid:  # keys are the group's latent: every head is decoded from it
             rows = recon.key_rows(layer).detach()
-            self.key_fold = rows.view(h, d, rows.shape[-1])  # [H, d, r]
+            self.key_fold = rows.view(self.num_kv_heads, recon.head_dim, rows.shape[-1])  # [H, d, r]
+        else:
+            self.key_map = _dense_map(recon, "k", layer)[0].transpose(0, 1).contiguous()  # [H, n_src, d, d]
+
+
+def _dense_map(recon, kind: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n_src, H, d, d] map from the group's stored heads of ``kind`` to every head of ``layer`` (the
+    identity from its own source for a retained head, the reconstruction for a discarded one), and the
+    bias [H, d] (zero but for discarded value heads)."""
+    lay, h, d = recon.layout, recon.layout.num_kv_heads, recon.head_dim
+    gi, rows, heads = recon.layer_targets(kind, layer)
+    mod = recon.groups[gi]
+    src = lay.sources(kind, lay.groups[gi])
+    maps, bias = torch.zeros(len(src), h, d, d), torch.zeros(h, d)
+    for j, (source_layer, head) in enumerate(src):
+        if source_layer == layer:
+            maps[j, head] = torch.eye(d)
+    if heads:
+        maps[:, heads] = (mod.key_maps() if kind == "k" else mod.value_maps())[rows].detach().transpose(0, 1)
+        if kind == "v":
+            bias[heads] = mod.v_bias[rows].detach()
+    return maps, bias
 
 
 def attend(plan: LayerPlan, q, recent_k, recent_v, group_k, group_v, mask, scaling) -> torch.Tensor:

@@ -103,6 +103,12 @@ class Reconstructor(nn.Module):
                     entry[kind] = (torch.tensor(rows, dtype=torch.long), [tgt[i][1] for i in rows])
                 self._plan[layer] = (gi, entry)
 
+    def layer_targets(self, kind: str, layer: int) -> tuple[int, torch.Tensor, list[int]]:
+        """``layer``'s discarded heads of ``kind``: (group index, their rows among the group's targets,
+        their head ids)."""
+        gi, entry = self._plan[layer]
+        return (gi, *entry[kind])
+
     # -- stage 1: closed form --------------------------------------------------------------------
     @torch.no_grad()
     def fit_closed_form(self, moments: dict[str, list], ridge: float = 1e-3) -> None:
@@ -142,8 +148,7 @@ class Reconstructor(nn.Module):
 
         ``retained[l]`` is [B, n_kept(l), T, d] for every layer l of the group.
         """
-        gi, entry = self._plan[layer]
-        rows, heads = entry[kind]
+        gi, rows, heads = self.layer_targets(kind, layer)
         own = retained[layer]
         b, _, t, d = own.shape
         full = own.new_empty(b, self.layout.num_kv_heads, t, d)
