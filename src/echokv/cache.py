@@ -88,6 +88,13 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _layer_tensors(layer) -> list[torch.Tensor]:
+    """The tensors a cache layer holds (any transformers layer: its keys and values)."""
+    if isinstance(layer, GrowingLayer):
+        return layer.tensors()
+    return [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor)]
+
+
 class GrowingLayer(DynamicLayer):
     """transformers' DynamicLayer, appending in place: the same K/V tensors (values and shapes), so
     attention outputs are bit-identical, without copying the whole layer at every decode step."""
@@ -154,10 +161,6 @@ class CompressedLayer(GrowingLayer):
         for name, t in tensors.items():
             self.stored[name] = self.appender.append(f"stored.{name}", self.stored.get(name), t)
         self.n_stored += n_tokens
-
-    def stored_bytes(self) -> int:
-        """Bytes of the stored tokens (what the codec keeps per token, times the tokens)."""
-        return sum(_nbytes(t) for t in self.stored.values())
 
     def tensors(self) -> list[torch.Tensor]:
         return super().tensors() + list(self.stored.values())
@@ -262,7 +265,7 @@ class CompressedCache(DynamicCache):
             if fn is not None:
                 from . import attention
 
-                attention.defer(layer_idx, lambda q, k, v, mask, scaling: fn(q, k, v, mask, scaling))
+                attention.defer(layer_idx, fn)
                 if layer_idx == len(self.layers) - 1:
                     self._after_forward()
                 return keys, values
@@ -321,14 +324,7 @@ class CompressedCache(DynamicCache):
     # -- memory accounting ----------------------------------------------------------------------
     def nbytes(self) -> int:
         """Bytes of the tokens the cache holds now (recent K/V and stored tensors, without spare room)."""
-        total = 0
-        for lay in self.layers:
-            for t in (getattr(lay, "keys", None), getattr(lay, "values", None)):
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-            if isinstance(lay, CompressedLayer):
-                total += lay.stored_bytes()
-        return total
+        return sum(_nbytes(t) for lay in self.layers for t in _layer_tensors(lay))
 
     def full_nbytes(self) -> int:
         """Bytes a default DynamicCache would hold for the same tokens."""
@@ -347,11 +343,8 @@ class CompressedCache(DynamicCache):
         the buffers that grow in place (and the bases of views, e.g. a sliding window's)."""
         blocks = {}
         for lay in self.layers:
-            if isinstance(lay, GrowingLayer):
-                tensors = lay.tensors() + [buf for buf, _ in lay.appender.buffers.values()]
-            else:
-                tensors = [t for t in (getattr(lay, "keys", None), getattr(lay, "values", None)) if isinstance(t, torch.Tensor)]
-            for t in tensors:
+            buffers = [buf for buf, _ in lay.appender.buffers.values()] if isinstance(lay, GrowingLayer) else []
+            for t in _layer_tensors(lay) + buffers:
                 storage = t.untyped_storage()
                 blocks[storage.data_ptr()] = storage.nbytes()
         return sum(blocks.values())
