@@ -1,9 +1,12 @@
-"""Shared fixtures: tiny random models (fast) and the real embedded SmolLM2-135M (loaded once)."""
+"""Shared fixtures: the real embedded SmolLM2-135M (loaded once) and artifacts trained for it (helpers.py has
+the helpers tests import)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+from helpers import train_cli
 
 torch.set_num_threads(2)
 
@@ -27,67 +30,17 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
-def _train_cli(out, *extra) -> None:
-    from echokv.cli import main
-
-    rc = main(["train", "--compression-ratio", "0.5", "--calib-tokens", "4096", "--heldout-tokens", "1024",
-               "--out", str(out), "--no-progress", *extra])
-    assert rc == 0
-
-
 @pytest.fixture(scope="session")
 def smollm2_artifact(tmp_path_factory):
     """A small ratio-0.5 artifact (defaults: hybrid, data layout; 20 stage-2 steps) trained through `echokv train`."""
     out = tmp_path_factory.mktemp("artifact") / "smollm2-0.5"
-    _train_cli(out, "--steps", "20")
+    train_cli(out, "--steps", "20")
     return out
 
 
 @pytest.fixture(scope="session")
-def smollm2_echo_artifact(tmp_path_factory):
+def smollm2_heads_artifact(tmp_path_factory):
     """A ratio-0.5 head-only EchoKV artifact (data layout), stage 1 only (the cheapest real one)."""
-    out = tmp_path_factory.mktemp("artifact") / "smollm2-echo-0.5"
-    _train_cli(out, "--variant", "echo", "--steps", "0")
+    out = tmp_path_factory.mktemp("artifact") / "smollm2-heads-0.5"
+    train_cli(out, "--variant", "heads", "--steps", "0")
     return out
-
-
-def exact_tiny_llama(seed: int = 0, layers: int = 4):
-    """A tiny Llama where KV head 1 of every layer is an exact function of head 0: a RoPE-commuting
-    (per-frequency complex) map for keys and a linear map for values."""
-    from echokv.tiny import tiny_model
-
-    model = tiny_model("llama", seed=seed, num_hidden_layers=layers)
-    g = torch.Generator().manual_seed(seed + 1)
-    d = model.config.head_dim
-    f = d // 2
-    with torch.no_grad():
-        for layer in model.model.layers:
-            attn = layer.self_attn
-            wk, wv = attn.k_proj.weight, attn.v_proj.weight
-            k0 = wk[:d].clone()
-            a, b = torch.randn(f, 1, generator=g), torch.randn(f, 1, generator=g)
-            wk[d : d + f] = a * k0[:f] - b * k0[f:]
-            wk[d + f : 2 * d] = b * k0[:f] + a * k0[f:]
-            wv[d:] = (torch.randn(d, d, generator=g) * 0.3) @ wv[:d]
-    return model
-
-
-def one_head_layout(num_layers: int = 4):
-    """Keep KV head 0 of every layer; reconstruct head 1 from it (groups of one layer)."""
-    from echokv.selection import HeadLayout
-
-    kept = [(layer, 0) for layer in range(num_layers)]
-    return HeadLayout(list(range(num_layers)), 2, [[layer] for layer in range(num_layers)], kept, kept, "all", "custom")
-
-
-def train_tiny(model, layout=None, steps: int = 3, seed: int = 0, **cfg):
-    """Train a reconstructor on random token blocks of a tiny model (seconds)."""
-    from echokv.training import TrainConfig, train
-
-    g = torch.Generator().manual_seed(seed)
-    vocab = model.config.vocab_size
-    calib = torch.randint(3, vocab, (8, 64), generator=g)
-    held = torch.randint(3, vocab, (4, 64), generator=g)
-    cfg.setdefault("variant", "echo")  # the head-only form unless a test asks for the hybrid
-    config = TrainConfig(stage2_steps=steps, progress=False, seed=seed, **cfg)
-    return train(model, None, config, calib=calib, held=held, layout=layout)

@@ -8,16 +8,18 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from echokv.baselines import BASELINES
-from echokv.baselines._stats import Rope, allocate_ranks, rotate, unrotate
-from echokv.baselines.base import Calibration, Method
-from echokv.baselines.headdrop import HeadDropMethod
-from echokv.baselines.lowrank import LowRankMethod
-from echokv.baselines.quant import QuantCodec, QuantMethod, dequantize, kept_fraction, quantize
-from echokv.baselines.xlayer_svd import CrossLayerSVDMethod
-from echokv.cache import CompressedCache, prefill
+from echokv.cache import CompressedCache
+from echokv.codecs.quant import QuantCodec, dequantize, quantize
+from echokv.generation import prefill
 from echokv.methods import make_method
+from echokv.methods.base import Method
+from echokv.methods.headdrop import HeadDropMethod
+from echokv.methods.lowrank import LowRankMethod, allocate_ranks
+from echokv.methods.quant import QuantMethod, kept_fraction
+from echokv.methods.xlayer_svd import CrossLayerSVDMethod
 from echokv.selection import paper_options
+from echokv.stats.collect import BASELINE_FEATURES, Calibration, collect
+from echokv.stats.rope import Rope, rotate, unrotate
 from echokv.tiny import tiny_model
 
 FACTORIES = {
@@ -110,7 +112,7 @@ def test_full_rank_exact_with_full_window(cls, llama, calib):
     out = [prefill(llama, cache, ids[:, s : s + 9], chunk_size=9) for s in range(0, 63, 9)]
     out.append(prefill(llama, cache, ids[:, 63:], chunk_size=1))
     assert torch.allclose(out[-1][0], ref[-1], atol=2e-5), (out[-1][0] - ref[-1]).abs().max()
-    assert cache.layers[0].n_stored == 64 - 5
+    assert cache.layers[0].store.n_tokens == 64 - 5
 
 
 # -- pre-RoPE keys ------------------------------------------------------------------------------------
@@ -118,7 +120,7 @@ def test_full_rank_exact_with_full_window(cls, llama, calib):
 def test_unrotated_cache_keys_are_the_pre_rope_projection(arch, llama, gemma3):
     """Undoing RoPE on the cached keys gives the keys before RoPE (k_proj, then k_norm where there is one)."""
     model = llama if arch == "llama" else gemma3
-    from echokv.capture import attention_modules
+    from echokv.stats.capture import attention_modules
 
     pre, hooks, n_tokens = {}, [], 30
     for idx, mod in attention_modules(model).items():
@@ -179,11 +181,11 @@ def test_headdrop_kept_bytes_is_the_nearest_paper_layout(ratio, llama, calib):
 
 def test_headdrop_keeps_the_retained_heads_of_an_echo_artifact(llama, calib, tmp_path):
     # the ablation of EchoKV: its retained heads, no network; eval hands headdrop the run's echo artifact
-    from conftest import train_tiny
     from echokv import artifact
+    from helpers import train_tiny
 
     echo, report = train_tiny(llama, steps=1, compression_ratio=0.5)  # data layout (default)
-    path = str(artifact.save(echo, llama, tmp_path / "echo-0.5", report))
+    path = str(artifact.save(echo, llama, tmp_path / "heads-0.5", report))
     meth = make_method("headdrop", 0.5, [path])
     assert meth.artifact == path
     meth.prepare(llama, None, calib)
@@ -253,7 +255,7 @@ def test_quant_codec_16_bit_and_8_bit():
     x = torch.randn(1, 2, 10, 16)
     for bits, tol in ((16, 2**-11), (8, 1 / 255)):
         codec = QuantCodec([0], bits, 16, torch.float32)
-        st = codec.encode({0: x}, {0: x})
+        st = codec.encode(0, [x], [x])
         k, v = codec.decode(0, st)
         span = x.abs().max() * 2 if bits == 8 else x.abs()
         assert ((k - x).abs() <= span * tol + 1e-7).all() and torch.equal(k, v)
@@ -270,9 +272,11 @@ def test_headdrop_fills_discarded_heads(llama, calib):
     keys = {i: cache.layers[i].keys for i in range(4)}
     values = {i: cache.layers[i].values for i in range(4)}
     cm, cz = mean.make_codec(llama), zero.make_codec(llama)
-    sm, sz = cm.encode(keys, values), cz.encode(keys, values)
+    assert cm.groups == [[0], [1], [2], [3]]  # one layer per group: group g is layer g
     n_dropped = 0
     for layer in range(4):
+        sm = cm.encode(layer, [keys[layer]], [values[layer]])
+        sz = cz.encode(layer, [keys[layer]], [values[layer]])
         for (km, vm), (kz, vz) in [(cm.decode(layer, sm), cz.decode(layer, sz))]:
             for kind, xm, xz, ref in (("k", km, kz, keys[layer]), ("v", vm, vz, values[layer])):
                 kept = mean.layout.retained_in_layer(kind, layer)
@@ -325,10 +329,11 @@ def test_lowrank_lower_error_with_more_rank(llama, calib):
 
 
 def test_registry_and_make_method():
-    assert set(BASELINES) == {"headdrop", "lowrank", "xlayer-svd", "quant"}
-    for name, cls in BASELINES.items():
+    baselines = {"headdrop": HeadDropMethod, "lowrank": LowRankMethod, "xlayer-svd": CrossLayerSVDMethod,
+                 "quant": QuantMethod}
+    for name, cls in baselines.items():
         meth = make_method(name, 0.5)
-        assert isinstance(meth, cls) and meth.name == name and meth.label == f"{name}@0.5"
+        assert type(meth) is cls and meth.name == name and meth.label == f"{name}@0.5"
 
 
 def test_bad_parameters(llama, calib):
@@ -344,16 +349,13 @@ def test_bad_parameters(llama, calib):
 
 def test_group_moments_share_one_capture(llama):
     """Per-layer statistics sliced from a cross-layer capture equal a per-layer capture."""
-    from echokv.baselines._stats import _capture_moments, group_moments
-
     blocks = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(4))
-    shared, direct = Calibration(blocks=blocks), Calibration(blocks=blocks)
-    group_moments(llama, shared, [[0, 1], [2, 3]], progress=False)
+    shared = Calibration(blocks=blocks)
+    shared.group_moments(llama, [[0, 1], [2, 3]], progress=False)
     assert len(shared.cache) == 1
-    sliced = group_moments(llama, shared, [[1], [2]], progress=False)
+    sliced = shared.group_moments(llama, [[1], [2]], progress=False)
     assert len(shared.cache) == 1  # answered from the first pass
-    _capture_moments(llama, direct, [[1], [2]], progress=False)
-    ref = next(iter(direct.cache.values()))
+    ref = collect(llama, blocks, [[1], [2]], BASELINE_FEATURES, progress=False).moments
     for kind in ("k_post", "k_pre", "v"):
         for a, b in zip(sliced[kind], ref[kind]):
             assert a.count == b.count

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from conftest import train_tiny
-from echokv.bench import VARIANTS, bench_context
+from echokv.bench import EXPLICIT, FAST, FULL, STOCK, VARIANTS, bench_context
 from echokv.tiny import tiny_model
+from helpers import train_tiny
 
 
 def test_bench_context_reports_every_variant_and_the_real_cache_bytes():
@@ -18,15 +18,16 @@ def test_bench_context_reports_every_variant_and_the_real_cache_bytes():
     assert r["context"] == 48 and set(r["variants"]) == set(VARIANTS)
     for v in r["variants"].values():
         assert len(v["decode_seconds"]) == 2 and v["decode_tokens_per_second"] > 0 and v["prefill_seconds"] > 0
-    for key in ("full_vs_stock_decode_ratio", "compressed_vs_full_decode_ratio", "compressed_vs_stock_decode_ratio",
-                "fast_vs_explicit_decode_ratio"):
+    assert VARIANTS == (STOCK, FULL, EXPLICIT, FAST) == ("stock", "echokv-full", "echokv-explicit", "echokv-fast")
+    for key in ("full_vs_stock_decode_ratio", "fast_vs_full_decode_ratio", "fast_vs_stock_decode_ratio",
+                "explicit_vs_full_decode_ratio", "fast_vs_explicit_decode_ratio"):
         assert r[key] > 0
-    full, fast = r["variants"]["full"]["cache_bytes"], r["variants"]["fast"]["cache_bytes"]
+    full, fast = r["variants"][FULL]["cache_bytes"], r["variants"][FAST]["cache_bytes"]
     # after the untimed pass (3 steps) the full cache holds 48 + 3 tokens of K and V for every layer and head, in float32
     geo = model.config
     assert full == 4 * 51 * 2 * geo.num_key_value_heads * geo.head_dim * 4
-    assert r["variants"]["stock"]["cache_bytes"] == full
+    assert r["variants"][STOCK]["cache_bytes"] == full
     assert abs(r["kv_bytes_ratio"] - recon.layout.kept_fraction()) < 0.01 and fast < full
     # allocated memory: the stored tokens plus spare room of at most 1/64 (none yet at 51 tokens)
-    assert fast <= r["variants"]["fast"]["reserved_cache_bytes"] <= fast * (1 + 1 / 64) + 1
+    assert fast <= r["variants"][FAST]["reserved_cache_bytes"] <= fast * (1 + 1 / 64) + 1
     assert r["kv_reserved_bytes_ratio"] >= r["kv_bytes_ratio"] - 1e-12

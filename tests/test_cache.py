@@ -6,9 +6,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import exact_tiny_llama, one_head_layout, train_tiny
-from echokv.cache import Appender, EchoKVCache, GrowingLayer, prefill
+from echokv.cache import Appender, EchoKVCache, GrowingLayer, echokv_attention
+from echokv.generation import encode_prompt, prefill
 from echokv.tiny import ARCHITECTURES, tiny_model
+from helpers import exact_tiny_llama, one_head_layout, train_tiny
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +79,11 @@ def test_a_copied_cache_decodes_like_the_original(trained):
     logits = model(torch.randint(3, 250, (1, 140)), past_key_values=cache).logits
     twin = copy.deepcopy(cache)
     tok = logits[:, -1:].argmax(-1)
-    for _ in range(3):
-        a, b = model(tok, past_key_values=cache).logits, model(tok, past_key_values=twin).logits
-        assert torch.equal(a, b)
-        tok = a[:, -1:].argmax(-1)
+    with echokv_attention(model):
+        for _ in range(3):
+            a, b = model(tok, past_key_values=cache).logits, model(tok, past_key_values=twin).logits
+            assert torch.equal(a, b)
+            tok = a[:, -1:].argmax(-1)
 
 
 def test_compressed_with_exact_reconstructor_reproduces_full_logits(exact):
@@ -89,7 +91,8 @@ def test_compressed_with_exact_reconstructor_reproduces_full_logits(exact):
     ids = torch.randint(3, 250, (1, 40))
     ref = model(ids).logits
     cache = EchoKVCache(model, recon, mode="compressed")
-    out = torch.cat([model(ids[:, s : s + 7], past_key_values=cache).logits for s in range(0, 40, 7)], dim=1)
+    with echokv_attention(model):
+        out = torch.cat([model(ids[:, s : s + 7], past_key_values=cache).logits for s in range(0, 40, 7)], dim=1)
     assert cache.memory_report()["kept_fraction"] == pytest.approx(0.5)
     assert torch.allclose(out, ref, atol=1e-4)
 
@@ -99,7 +102,8 @@ def test_switch_mid_generation_keeps_the_prefix(trained):
     ids = torch.randint(3, 250, (1, 16))
     full = model.generate(ids, max_new_tokens=24, do_sample=False, past_key_values=DynamicCache(config=model.config))
     cache = EchoKVCache(model, recon, switch_at_tokens=16 + 10)
-    mixed = model.generate(ids, max_new_tokens=24, do_sample=False, past_key_values=cache)
+    with echokv_attention(model):
+        mixed = model.generate(ids, max_new_tokens=24, do_sample=False, past_key_values=cache)
     assert cache.memory_report()["mode"] == "compressed" and cache.switched_at == 26
     # tokens produced before the switch are unchanged
     assert torch.equal(mixed[:, : 16 + 11], full[:, : 16 + 11])
@@ -115,7 +119,7 @@ def test_manual_compress_converts_and_frees(trained):
     assert after["mode"] == "compressed" and after["cache_bytes"] < before
     assert after["full_cache_bytes"] == before
     for i in cache.compressible:
-        assert cache.layers[i].recent_length() == 0 and cache.layers[i].n_stored == 30
+        assert cache.layers[i].recent_length() == 0 and cache.layers[i].store.n_tokens == 30
 
 
 def test_memory_budget_switch(trained):
@@ -132,7 +136,9 @@ def _held_bytes(cache) -> int:
     """Bytes of the distinct memory blocks behind every tensor the cache's layers hold."""
     seen, total = set(), 0
     for layer in cache.layers:
-        tensors = [getattr(layer, "keys", None), getattr(layer, "values", None), *getattr(layer, "stored", {}).values()]
+        store = getattr(layer, "store", None)
+        tensors = [getattr(layer, "keys", None), getattr(layer, "values", None),
+                   *(store.tensors.values() if store is not None else ())]
         for t in tensors:
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
                 seen.add(t.untyped_storage().data_ptr())
@@ -142,7 +148,8 @@ def _held_bytes(cache) -> int:
 
 def _growing_bytes(cache) -> tuple[int, int]:
     """(bytes of the tokens, bytes of the buffers behind them) of the layers that grow in place."""
-    tensors = [t for lay in cache.layers if isinstance(lay, GrowingLayer) for t in lay.tensors()]
+    tensors = [t for lay in cache.layers if isinstance(lay, GrowingLayer) for t in lay.held()]
+    tensors += [t for store in cache.stores for t in store.held()]
     blocks = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(t.numel() * t.element_size() for t in tensors), sum(blocks.values())
 
@@ -152,10 +159,11 @@ def test_accounting_equals_the_tensors_held(trained, window):
     model, recon = trained
     cache = EchoKVCache(model, recon, mode="compressed", full_window=window)
     ids = torch.randint(3, 250, (2, 23))
-    model(ids, past_key_values=cache)
-    model(ids[:, :1], past_key_values=cache)
-    model(torch.randint(3, 250, (2, 120)), past_key_values=cache)  # enough tokens for spare room
-    model(ids[:, :1], past_key_values=cache)
+    with echokv_attention(model):
+        model(ids, past_key_values=cache)
+        model(ids[:, :1], past_key_values=cache)
+        model(torch.randint(3, 250, (2, 120)), past_key_values=cache)  # enough tokens for spare room
+        model(ids[:, :1], past_key_values=cache)
     report = cache.memory_report()
     assert report["reserved_bytes"] == _held_bytes(cache)  # the compressed prefix's K/V really released
     live, held = _growing_bytes(cache)
@@ -177,7 +185,9 @@ def test_batch_with_left_padding_and_sampling(exact):
     ids[1, :4], mask[1, :4] = 0, 0
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     cache = EchoKVCache(model, recon, mode="compressed")
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, past_key_values=cache, pad_token_id=0)
+    with echokv_attention(model):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, past_key_values=cache,
+                             pad_token_id=0)
     assert torch.equal(out, ref)
     torch.manual_seed(1)
     s_ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=True, pad_token_id=0)
@@ -191,17 +201,19 @@ def test_chunked_prefill_compresses_between_chunks(exact):
     model, recon = exact
     ids = torch.randint(3, 250, (1, 50))
     cache = EchoKVCache(model, recon, mode="compressed")
-    logits = prefill(model, cache, ids, chunk_size=16)
+    with echokv_attention(model):
+        logits = prefill(model, cache, ids, chunk_size=16)
     assert torch.allclose(logits, model(ids).logits[:, -1], atol=1e-4)
-    assert all(cache.layers[i].n_stored == 50 for i in cache.compressible)
+    assert all(cache.layers[i].store.n_tokens == 50 for i in cache.compressible)
 
 
 def test_generate_continues_from_a_prefilled_cache(exact):
     model, recon = exact
     ids = torch.randint(3, 250, (1, 30))
     cache = EchoKVCache(model, recon, mode="compressed")
-    prefill(model, cache, ids[:, :-1], chunk_size=8)
-    out = model.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=cache)
+    with echokv_attention(model):
+        prefill(model, cache, ids[:, :-1], chunk_size=8)
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=cache)
     assert torch.equal(out, model.generate(ids, max_new_tokens=6, do_sample=False))
 
 
@@ -209,7 +221,8 @@ def test_gemma3_sliding_layers_keep_their_own_behaviour():
     model = tiny_model("gemma3")
     recon, _ = train_tiny(model, steps=0)
     cache = EchoKVCache(model, recon, mode="compressed")
-    model(torch.randint(3, 250, (1, 40)), past_key_values=cache)
+    with echokv_attention(model):
+        model(torch.randint(3, 250, (1, 40)), past_key_values=cache)
     assert cache.compressible == [2, 5]
     for i in (0, 1, 3, 4):
         assert type(cache.layers[i]).__name__ == "DynamicSlidingWindowLayer"
@@ -243,30 +256,128 @@ def test_artifact_for_another_model_is_refused_by_the_cache(tmp_path):
 
 @pytest.mark.real_model
 def test_real_model_keeps_full_mode_answer_before_switching(smollm2, smollm2_artifact):
-    from echokv.cli import encode_prompt
-
     model, tok = smollm2
     ids = encode_prompt(tok, "What is the capital of France?")
     cache = EchoKVCache(model, smollm2_artifact, switch_at_tokens=4096)
-    out = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache,
-                         attention_mask=torch.ones_like(ids))
+    with echokv_attention(model):
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache,
+                             attention_mask=torch.ones_like(ids))
     assert cache.memory_report()["mode"] == "full"
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("which", ["smollm2_artifact", "smollm2_echo_artifact"])
+@pytest.mark.parametrize("which", ["smollm2_artifact", "smollm2_heads_artifact"])
 def test_real_model_answers_after_switching(smollm2, which, request):
     """The default (hybrid) and the head-only data layout keep this answer at 0.5 (the paper layout, S=2 and
     m=0, loses it: measured)."""
     smollm2_artifact = request.getfixturevalue(which)
-    from echokv.cli import encode_prompt
-
     model, tok = smollm2
     ids = encode_prompt(tok, "What is the capital of France?")
     cache = EchoKVCache(model, smollm2_artifact, switch_at_tokens=ids.shape[1] - 5)
-    out = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache,
-                         attention_mask=torch.ones_like(ids))
+    with echokv_attention(model):
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache,
+                             attention_mask=torch.ones_like(ids))
     assert cache.memory_report()["mode"] == "compressed"
     assert cache.memory_report()["kept_fraction"] == pytest.approx(0.5, abs=0.02)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+# -- the group store: one object per group, selected once ------------------------------------------------
+@pytest.fixture(scope="module")
+def grouped():
+    model = tiny_model("llama")
+    recon, _ = train_tiny(model, steps=0)  # data layout: one group of the 4 layers
+    return model, recon
+
+
+def _decode(model, cache, tok):
+    return model(tok, past_key_values=cache).logits[:, -1]
+
+
+def test_a_group_shares_one_store(grouped):
+    model, recon = grouped
+    cache = EchoKVCache(model, recon, mode="compressed")
+    model(torch.randint(3, 250, (1, 10)), past_key_values=cache)
+    assert len(cache.stores) == len(recon.layout.groups) == 1
+    assert all(cache.layers[i].store is cache.stores[0] for i in cache.compressible)
+    assert cache.stores[0].n_tokens == 10 and set(cache.stores[0].tensors) == {"k", "v"}
+
+
+@pytest.mark.parametrize("edit", ["select", "reorder", "repeat"])
+def test_the_group_store_under_batch_edits(grouped, edit):
+    model, recon = grouped
+    ids = torch.randint(3, 250, (3, 20))
+    tok = torch.randint(3, 250, (3, 1))
+    index = torch.tensor([2, 0])
+    cache = EchoKVCache(model, recon, mode="compressed", full_window=4)
+    model(ids, past_key_values=cache)
+    if edit == "select":
+        cache.batch_select_indices(index)
+        ids, tok = ids[index], tok[index]
+    elif edit == "reorder":
+        index = torch.tensor([1, 2, 0])
+        cache.reorder_cache(index)
+        ids, tok = ids[index], tok[index]
+    else:
+        cache.batch_repeat_interleave(2)
+        ids, tok = ids.repeat_interleave(2, 0), tok.repeat_interleave(2, 0)
+    ref = EchoKVCache(model, recon, mode="compressed", full_window=4)
+    model(ids, past_key_values=ref)
+    assert cache.stores[0].tensors["v"].shape[0] == ids.shape[0]  # edited once, not once per layer
+    assert torch.equal(_decode(model, cache, tok), _decode(model, ref, tok))
+
+
+def test_crop_removes_recent_tokens_only(grouped):
+    model, recon = grouped
+    cache = EchoKVCache(model, recon, mode="compressed", full_window=4)
+    model(torch.randint(3, 250, (1, 20)), past_key_values=cache)
+    stored = {k: v.clone() for k, v in cache.stores[0].tensors.items()}
+    cache.crop(-3)
+    assert cache.get_seq_length(cache.compressible[0]) == 17 and cache.stores[0].n_tokens == 16
+    assert all(torch.equal(stored[k], v) for k, v in cache.stores[0].tensors.items())
+    with pytest.raises(NotImplementedError, match="compressed tokens"):
+        cache.crop(-2)
+    _decode(model, cache, torch.randint(3, 250, (1, 1)))  # still decodes
+
+
+# -- accounting: one count for every kind of cache ----------------------------------------------------------
+def test_accounting_agrees_across_cache_types(trained):
+    from echokv.cache import FullCache, accounting
+
+    model, recon = trained
+    ids = torch.randint(3, 250, (2, 37))
+    caches = [DynamicCache(config=model.config), EchoKVCache(model, recon, mode="full"), FullCache(model)]
+    for cache in caches:
+        model(ids, past_key_values=cache)
+    stock = caches[0]
+    held = sum(t.numel() * t.element_size() for lay in stock.layers for t in (lay.keys, lay.values))
+    for cache in caches:
+        assert accounting.nbytes(cache) == held
+        assert accounting.full_nbytes(cache) == accounting.full_nbytes(stock)
+        assert accounting.kept_fraction(cache) == 1.0
+    if any(getattr(lay, "is_sliding", False) for lay in stock.layers):
+        return  # (kvpress leaves sliding-window models alone)
+    # a cache that dropped tokens (as kvpress's presses do) against the full cache of the tokens it saw
+    for lay in stock.layers:
+        lay.keys, lay.values = lay.keys[:, :, ::2], lay.values[:, :, ::2]
+    assert accounting.nbytes(stock) < held == accounting.full_nbytes(stock, tokens=37) == accounting.full_nbytes(caches[2])
+
+
+def test_accounting_of_transformers_quantized_cache():
+    from transformers.cache_utils import QuantizedCache
+
+    from echokv.cache import accounting
+
+    model = tiny_model("llama")
+    try:
+        cache = QuantizedCache("fp8", model.config)
+    except ValueError:
+        pytest.skip("this transformers has no fp8 QuantizedCache")
+    ids = torch.randint(3, 250, (1, 30))
+    model(ids, past_key_values=cache)
+    ref = DynamicCache(config=model.config)
+    model(ids, past_key_values=ref)
+    n_layers, elements = len(cache.layers), ref.layers[0].keys.numel()
+    assert accounting.full_nbytes(cache) == accounting.full_nbytes(ref)
+    assert accounting.nbytes(cache) == n_layers * 2 * (elements * 1 + 4)  # fp8 codes + a float32 scale each

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import train_tiny
 from echokv import artifact, key_latent
-from echokv.cache import EchoKVCache
+from echokv.cache import EchoKVCache, echokv_attention
 from echokv.tiny import tiny_model
 from echokv.training import TrainConfig
+from helpers import train_tiny
 
 
 def _rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -50,7 +50,8 @@ def test_full_rank_hybrid_equals_the_full_cache():
     ref = model(ids).logits
     for fast in (False, True):
         cache = EchoKVCache(model, recon, mode="compressed", fast=fast)
-        out = torch.cat([model(ids[:, s : s + 5], past_key_values=cache).logits for s in range(0, 24, 5)], 1)
+        with echokv_attention(model):
+            out = torch.cat([model(ids[:, s : s + 5], past_key_values=cache).logits for s in range(0, 24, 5)], 1)
         assert torch.allclose(out, ref, atol=1e-4), fast
 
 
@@ -71,7 +72,7 @@ def test_hybrid_kept_fraction_is_exact_and_measured(ratio, k_ratio):
     model(torch.randint(3, 250, (1, 40)), past_key_values=cache)
     mem = cache.memory_report()
     assert mem["kept_fraction"] == pytest.approx(lay.kept_fraction(), abs=1e-9)
-    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in getattr(layer, "stored", {}).values())
+    held = sum(t.numel() * t.element_size() for store in cache.stores for t in store.tensors.values())
     assert mem["cache_bytes"] == held
 
 
@@ -90,10 +91,11 @@ def test_hybrid_fast_path_equals_explicit_with_padding(hybrid):
     outs = []
     for fast in (False, True):
         cache = EchoKVCache(model, recon, mode="compressed", fast=fast)
-        outs.append(torch.cat([
-            model(ids[:, s : s + 7], attention_mask=mask[:, : s + 7], past_key_values=cache).logits
-            for s in range(0, 30, 7)
-        ], 1))
+        with echokv_attention(model):
+            outs.append(torch.cat([
+                model(ids[:, s : s + 7], attention_mask=mask[:, : s + 7], past_key_values=cache).logits
+                for s in range(0, 30, 7)
+            ], 1))
     assert torch.allclose(outs[0][mask.bool()], outs[1][mask.bool()], atol=1e-5, rtol=1e-4)
 
 
@@ -119,8 +121,11 @@ def test_hybrid_artifact_round_trip(tmp_path, hybrid):
         for name, t in recon.stage1_state.items():
             assert torch.equal(t, s1.state_dict()[name]), name
     ids = torch.randint(3, 250, (1, 20))
-    a = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=EchoKVCache(model, recon, mode="compressed"))
-    b = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=EchoKVCache(model, loaded, mode="compressed"))
+    with echokv_attention(model):
+        a = model.generate(ids, max_new_tokens=8, do_sample=False,
+                           past_key_values=EchoKVCache(model, recon, mode="compressed"))
+        b = model.generate(ids, max_new_tokens=8, do_sample=False,
+                           past_key_values=EchoKVCache(model, loaded, mode="compressed"))
     assert torch.equal(a, b)
 
 

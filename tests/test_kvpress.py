@@ -9,10 +9,8 @@ kvpress = pytest.importorskip("kvpress")
 
 from transformers import DynamicCache
 
-from echokv.baselines import KVPRESS_PRESSES
-from echokv.baselines.base import MethodUnavailable
-from echokv.baselines.kvpress_press import PRESSES, KVPressMethod
-from echokv.methods import make_method
+from echokv.methods import MethodUnavailable, make_method
+from echokv.methods.kvpress import PRESSES, KVPressMethod
 from echokv.tiny import tiny_model
 
 pytestmark = pytest.mark.peers
@@ -98,7 +96,7 @@ def test_adapter_matches_press_context_manager(press, model, sample):
     assert rep["context_full_cache_bytes"] == per_token * N_CTX
 
 
-@pytest.mark.parametrize("press", KVPRESS_PRESSES)
+@pytest.mark.parametrize("press", list(PRESSES))
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
 def test_every_press_runs_or_says_why(press, ratio, model, sample):
     ctx, q = sample

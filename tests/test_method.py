@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from conftest import exact_tiny_llama, one_head_layout, train_tiny
 from echokv import artifact
-from echokv.moments import KeyMoments, ValueMoments
 from echokv.selection import data_layout, nearest_paper_layout, paper_layout, paper_options
+from echokv.stats.moments import KeyMoments, ValueMoments
 from echokv.tiny import tiny_model
 from echokv.training import TrainConfig
+from helpers import exact_tiny_llama, one_head_layout, train_tiny
 
 
 def test_exact_linear_head_is_reconstructed_to_machine_precision():
@@ -25,7 +25,7 @@ def test_exact_linear_head_is_reconstructed_to_machine_precision():
 
 def test_key_map_commutes_with_rope():
     """A key head predicted from post-RoPE keys is right at every position, not only those calibrated."""
-    from echokv.capture import capture
+    from echokv.stats.capture import capture
 
     model = exact_tiny_llama()
     recon, _ = train_tiny(model, one_head_layout(), steps=0, ridge=1e-9, bias=False)
@@ -188,3 +188,26 @@ def test_real_model_train_report_and_stage2_gain(smollm2_artifact):
     assert s2["omse_after"] <= s2["omse_before"]
     held = report["heldout"]
     assert held["rel_error_stage1"]["v"] < held["rel_error_mean_fill"]["v"] < held["rel_error_zero_fill"]["v"]
+
+
+@pytest.mark.parametrize("variant", ["echo", "hybrid"])
+def test_artifacts_written_before_the_refactor_load_unchanged(variant):
+    """Tiny-Llama artifacts written by echokv at c5078a8 (``train_tiny(steps=0)``; head-only was then called
+    "echo"): they load, read as today's variant, and hold exactly what the same training makes today."""
+    from pathlib import Path
+
+    from echokv.cache import EchoKVCache
+
+    path = Path(__file__).parent / "data" / f"artifact-0.1.0-{variant}"
+    model = tiny_model("llama")
+    config = artifact.read_config(path)
+    assert config["training"]["variant"] == variant
+    assert artifact.config_variant(config) == ("heads" if variant == "echo" else "hybrid")
+    loaded = artifact.load(path, model)
+    today, _ = train_tiny(model, steps=0, variant=artifact.config_variant(config), compression_ratio=0.5)
+    for name, t in today.state_dict().items():
+        assert torch.equal(t, loaded.state_dict()[name]), name
+    ids = torch.randint(3, 250, (1, 20))
+    out = model.generate(ids, max_new_tokens=4, do_sample=False,
+                         past_key_values=EchoKVCache(model, path, mode="compressed"))
+    assert out.shape == (1, 24)

@@ -112,7 +112,7 @@ def test_real_model_info_cli(capsys):
 
 @pytest.mark.real_model
 def test_real_model_greedy_decoding_is_deterministic(smollm2):
-    from echokv.cli import encode_prompt
+    from echokv.generation import encode_prompt
 
     model, tok = smollm2
     ids = encode_prompt(tok, "What is the capital of France?")

@@ -26,7 +26,7 @@ def tiny(smollm2_tokenizer):
 
 @pytest.fixture(scope="module")
 def tiny_artifact(tiny, tmp_path_factory):
-    """A head-only EchoKV artifact (variant echo) at ratio 0.5 for the tiny model (2 stage-2 steps, random blocks)."""
+    """A head-only EchoKV artifact (variant heads) at ratio 0.5 for the tiny model (2 stage-2 steps, random blocks)."""
     from echokv import artifact
     from echokv.training import TrainConfig, train
 
@@ -34,7 +34,7 @@ def tiny_artifact(tiny, tmp_path_factory):
     gen = torch.Generator().manual_seed(0)
     calib = torch.randint(0, len(tokenizer), (8, 64), generator=gen)
     held = torch.randint(0, len(tokenizer), (2, 64), generator=gen)
-    recon, report = train(model, None, TrainConfig(compression_ratio=0.5, stage2_steps=2, progress=False, variant="echo"),
+    recon, report = train(model, None, TrainConfig(compression_ratio=0.5, stage2_steps=2, progress=False, variant="heads"),
                           calib=calib, held=held)
     return str(artifact.save(recon, model, tmp_path_factory.mktemp("art") / "tiny-0.5", report))
 
@@ -131,13 +131,13 @@ def test_existing_out_folder_and_foreign_artifact(tiny, no_work, tmp_path, smoll
 
 def test_longbench_suite_needs_valid_data(tmp_path):
     with pytest.raises(ValueError, match="needs --data"):
-        runner.plan_eval("longbench", ["full"], [])
+        runner.make_job("longbench", ["full"], [])
     with pytest.raises(FileNotFoundError, match="LongBench data folder"):
-        runner.plan_eval("longbench", ["full"], [], data=tmp_path / "missing")
+        runner.make_job("longbench", ["full"], [], data=tmp_path / "missing")
     (tmp_path / "lb").mkdir()
     (tmp_path / "lb" / "hotpotqa.jsonl").write_text("{not json\n")
     with pytest.raises(ValueError, match="hotpotqa.jsonl, line 1"):
-        runner.plan_eval("longbench", ["full"], [], data=tmp_path / "lb", tasks="hotpotqa")
+        runner.make_job("longbench", ["full"], [], data=tmp_path / "lb", tasks="hotpotqa")
 
 
 def test_cli_rejects_before_loading_the_model(monkeypatch, tmp_path, capsys):
@@ -163,7 +163,7 @@ def test_two_methods_write_results(tiny, tiny_artifact, tmp_path):
     model, tokenizer = tiny
     out = tmp_path / "eval"
     rows = runner.run_eval(
-        model, tokenizer, "quick", ["full", "echokv"], [0.5], artifacts=[tiny_artifact],
+        model, tokenizer, "quick", ["full", "echokv-heads"], [0.5], artifacts=[tiny_artifact],
         tasks="niah_single_1,perplexity", context_lengths="200", samples=2, out=out, progress=False,
     )
     assert (out / "results.json").is_file() and (out / "report.md").is_file()
@@ -174,37 +174,44 @@ def test_two_methods_write_results(tiny, tiny_artifact, tmp_path):
 
     assert not [r for r in rows if r.get("error")]
     task_rows = [r for r in rows if r["task"] == "niah_single_1"]
-    assert {(r["method"], r["compression_ratio"]) for r in task_rows} == {("full", 0.0), ("echokv", 0.5)}
+    assert {(r["method"], r["compression_ratio"]) for r in task_rows} == {("full", 0.0), ("echokv-heads", 0.5)}
     for r in task_rows:
         assert 0.0 <= r["score"] <= 1.0 and r["n"] == 1 and r["context_length"] == 200
         assert r["depth"] in suites.QUICK_DEPTHS and r["seconds"] >= 0
     full = [r for r in task_rows if r["method"] == "full"]
-    echo = [r for r in task_rows if r["method"] == "echokv"]
+    echo = [r for r in task_rows if r["method"] == "echokv-heads"]
     assert all(r["kept_fraction"] == 1.0 for r in full)
     # measured from the cache: about half of it (the question and answer add a few full tokens)
     assert all(0.45 < r["kept_fraction"] < 0.6 for r in echo)
     assert echo[0]["cache_bytes"] < full[0]["cache_bytes"]
 
     ppl = {r["method"]: r for r in rows if r["task"] == PERPLEXITY}
-    assert set(ppl) == {"full", "echokv"}
+    assert set(ppl) == {"full", "echokv-heads"}
     for r in ppl.values():
         assert r["perplexity"] > 1 and abs(r["score"] - 1 / r["perplexity"]) < 1e-12
         assert r["tokens"] == suites.QUICK_PPL_SEQUENCES * (suites.PPL_SEQ_LEN - 1)
-    assert ppl["echokv"]["kept_fraction"] < 0.6
+    assert ppl["echokv-heads"]["kept_fraction"] < 0.6
     report = (out / "report.md").read_text()
-    assert "## Perplexity" in report and "echokv" in report
+    assert "## Perplexity" in report and "echokv-heads" in report
+    # every row says what its method is: measured kept fraction aside, the method's own report
+    for r in rows:
+        info = r["method_info"]
+        assert info["method"] == ("full" if r["method"] == "full" else "echokv-heads@0.5")
+        assert {"achieved_kept_fraction", "parameter_bytes"} <= set(info)
+    assert echo[0]["method_info"]["parameter_bytes"] > 0 and echo[0]["method_info"]["variant"] == "heads"
+    assert full[0]["method_info"]["achieved_kept_fraction"] == 1.0
 
 
 def test_failing_method_gets_error_rows(tiny, monkeypatch, tmp_path):
     from echokv import methods
-    from echokv.baselines.base import MethodUnavailable
+    from echokv.methods import MethodUnavailable
 
     real = methods.make_method
 
-    def make(name, ratio, artifacts=None, work_dir=None):
+    def make(name, ratio, artifacts=None, **kwargs):
         if name == "echokv":
             raise MethodUnavailable("echokv is not available on this model (test)")
-        return real(name, ratio, artifacts, work_dir)
+        return real(name, ratio, artifacts, **kwargs)
 
     monkeypatch.setattr(methods, "make_method", make)
     model, tokenizer = tiny
@@ -218,15 +225,15 @@ def test_failing_method_gets_error_rows(tiny, monkeypatch, tmp_path):
 
 
 def test_artifact_of_the_other_variant_is_an_error_not_a_training(tiny, tiny_artifact, tmp_path, monkeypatch):
-    # the user's echo artifact must not make echokv-hybrid train one silently on the fly
+    # the user's head-only artifact must not make echokv-hybrid train one silently on the fly
     from echokv import methods
 
     monkeypatch.chdir(tmp_path)
     model, tokenizer = tiny
-    job = runner.plan_eval("quick", "full,echokv-hybrid", "0.5", artifacts=[tiny_artifact],
-                           tasks="niah_single_1", context_lengths="200", samples=1)
-    assert any("other variant" in note for note in job.notes)
-    with pytest.raises(ValueError, match="'echo' variant but echokv-hybrid needs the 'hybrid' variant"):
+    job = runner.make_job("quick", "full,echokv-hybrid", "0.5", artifacts=[tiny_artifact],
+                          tasks="niah_single_1", context_lengths="200", samples=1)
+    assert any("another variant" in note for note in job.notes)
+    with pytest.raises(ValueError, match="'heads' variant but echokv-hybrid needs the 'hybrid' variant"):
         methods.make_method("echokv-hybrid", 0.5, [tiny_artifact])
     rows = runner.run_eval(model, tokenizer, "quick", "full,echokv-hybrid", "0.5", artifacts=[tiny_artifact],
                            tasks="niah_single_1", context_lengths="200", samples=1, progress=False)
@@ -242,10 +249,10 @@ def test_results_are_written_after_every_method(tiny, monkeypatch, tmp_path):
 
     real = methods.make_method
 
-    def make(name, ratio, artifacts=None, work_dir=None):
+    def make(name, ratio, artifacts=None, **kwargs):
         if name == "headdrop":
             raise KeyboardInterrupt
-        return real(name, ratio, artifacts, work_dir)
+        return real(name, ratio, artifacts, **kwargs)
 
     monkeypatch.setattr(methods, "make_method", make)
     model, tokenizer = tiny
@@ -259,7 +266,7 @@ def test_results_are_written_after_every_method(tiny, monkeypatch, tmp_path):
 
 def test_lengths_get_independent_samples(tiny):
     model, tokenizer = tiny
-    job = runner.plan_eval("quick", ["full"], [], tasks="niah_single_1", context_lengths="200,300", samples=2)
+    job = runner.make_job("quick", ["full"], [], tasks="niah_single_1", context_lengths="200,300", samples=2)
     inputs = runner.build_inputs(job, model, tokenizer, progress=False)
     answers: dict[int, list] = {}
     for keys, samples in inputs.cells:
@@ -286,3 +293,21 @@ def test_quick_suite_full_cache_scores_above_chance(smollm2, tmp_path):
     mean = sum(r["score"] * r["n"] for r in scored) / n
     assert n == 4 and mean >= 0.5, rows
     assert (tmp_path / "eval" / "report.md").is_file()
+
+
+def test_the_default_artifact_is_what_the_default_eval_runs(tiny, tmp_path):
+    """`echokv train --out A && echokv eval --artifacts A`: eval's default method takes train's default artifact."""
+    from echokv import artifact, methods
+    from echokv.config import TrainConfig
+    from echokv.eval.runner import EvalConfig
+
+    model, tokenizer = tiny
+    blocks = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
+    from echokv.training import train
+
+    recon, report = train(model, None, TrainConfig(stage2_steps=0, progress=False), calib=blocks, held=blocks[:1])
+    path = str(artifact.save(recon, model, tmp_path / "A", report))
+    cfg = EvalConfig()
+    job = runner.make_job(cfg.suite, cfg.methods, cfg.compression_ratios, [path])
+    assert [name for name, _ in job.runs] == ["full", "echokv"] and not job.notes
+    assert methods.make_method("echokv", TrainConfig().compression_ratio, [path]).artifact == path

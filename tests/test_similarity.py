@@ -13,10 +13,10 @@ import torch
 
 from echokv import cli, similarity
 from echokv.models import kv_geometry
-from echokv.moments import KeyMoments, ValueMoments
+from echokv.stats.moments import KeyMoments, ValueMoments
 from echokv.tiny import tiny_model
 
-# With the relative ridge of echokv.moments (1e-3 of the source's mean diagonal), a head predicted from
+# With the relative ridge of echokv.stats.moments (1e-3 of the source's mean diagonal), a head predicted from
 # itself loses at most 1e-3 / 4 of its energy: per eigen-direction sigma * lam^2 / (sigma + lam)^2 <= lam / 4.
 DIAG_TOL = 2.6e-4
 

@@ -1,7 +1,59 @@
-"""echokv: KV cache compression for Hugging Face causal LMs by similarity-based reconstruction (EchoKV)."""
+"""echokv: KV cache compression for Hugging Face causal LMs by similarity-based reconstruction (EchoKV).
+
+The library, without the command line (the ``cli`` package) or the evaluation harness (``eval``)::
+
+    from echokv import EchoKVCache, encode_prompt, generate, load_model
+
+Names are imported on first use, so ``import echokv`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .models import DEFAULT_MODEL, KVGeometry, kv_geometry, load_model
+_EXPORTS = {
+    "DEFAULT_MODEL": "models",
+    "KVGeometry": "models",
+    "kv_geometry": "models",
+    "load_model": "models",
+    "TrainConfig": "config",
+    "train": "training",
+    "EchoKVCache": "cache",
+    "CompressedCache": "cache",
+    "FullCache": "cache",
+    "echokv_attention": "cache",
+    "encode_prompt": "generation",
+    "generate": "generation",
+    "prefill": "generation",
+}
+_ALIASES = {"load_artifact": ("artifact", "load"), "save_artifact": ("artifact", "save")}
 
-__all__ = ["DEFAULT_MODEL", "KVGeometry", "__version__", "kv_geometry", "load_model"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "CompressedCache",
+    "EchoKVCache",
+    "FullCache",
+    "KVGeometry",
+    "TrainConfig",
+    "__version__",
+    "echokv_attention",
+    "encode_prompt",
+    "generate",
+    "kv_geometry",
+    "load_artifact",
+    "load_model",
+    "prefill",
+    "save_artifact",
+    "train",
+]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    if name in _ALIASES:
+        module, attr = _ALIASES[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

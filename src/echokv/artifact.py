@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from . import key_latent
-from .capture import attention_modules
 from .models import kv_geometry
 from .reconstructor import Reconstructor
 from .selection import HeadLayout
+from .stats.capture import attention_modules
+from .util import atomic_dir
 
 FORMAT = "echokv-artifact/1"
-CONFIG, WEIGHTS = "config.json", "reconstructor.safetensors"
+CONFIG, WEIGHTS, REPORT = "config.json", "reconstructor.safetensors", "train_report.json"
 STAGE1_WEIGHTS = "reconstructor_stage1.safetensors"  # the closed-form start, for ablations
 
 
@@ -60,9 +58,7 @@ def save(
     overwrite: bool = False,
     stage1_state: dict | None = None,
 ):
-    """Write the artifact atomically: a temporary folder renamed into place when complete."""
-    out = Path(out_dir)
-    check_output_dir(out, overwrite)
+    """Write the artifact atomically (:func:`~echokv.util.atomic_dir`)."""
     geo = kv_geometry(model)
     config = {
         "format": FORMAT,
@@ -81,30 +77,15 @@ def save(
         "versions": _versions(),
     }
     tensors = _pack(recon.state_dict(), recon.head_dim)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_dir(out_dir, overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         stage1_state = stage1_state if stage1_state is not None else getattr(recon, "stage1_state", None)
         if stage1_state is not None:
             save_file(_pack(stage1_state, recon.head_dim), str(tmp / STAGE1_WEIGHTS), metadata={"format": FORMAT})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2))
         if report is not None:
-            (tmp / "train_report.json").write_text(json.dumps(report, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output folder {out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output path {out} exists and is not a folder")
+            (tmp / REPORT).write_text(json.dumps(report, indent=2))
+    return Path(out_dir).expanduser()
 
 
 def read_config(path: str | Path) -> dict:
@@ -129,9 +110,10 @@ def config_ratio(config: dict) -> float:
     return float(training.get("compression_ratio", 1 - config["layout"]["kept_fraction"]))
 
 
-def config_is_hybrid(config: dict) -> bool:
-    """Whether an artifact is EchoKV-Hybrid (keys as a latent) rather than head-only Echo."""
-    return config["layout"].get("key_latent") is not None
+def config_variant(config: dict) -> str:
+    """The variant of an artifact, from its layout: ``"hybrid"`` (keys as a latent) or ``"heads"`` (the
+    head-only form, which artifacts written before the rename record as ``"echo"``)."""
+    return "hybrid" if config["layout"].get("key_latent") is not None else "heads"
 
 
 def check_compatible(config: dict, model, path="artifact") -> None:
@@ -193,5 +175,4 @@ def load(path: str | Path, model=None, stage: int = 2) -> Reconstructor:
         raise ArtifactError(f"{weights} lacks tensors {sorted(missing)[:3]}")
     recon.load_state_dict(state, strict=True)
     recon.requires_grad_(False)
-    recon.artifact_config = config
     return recon

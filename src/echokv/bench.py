@@ -1,15 +1,19 @@
-"""``echokv bench``: speed and memory of stock transformers, echokv full mode and compressed mode.
+"""``echokv bench``: speed and memory of transformers' default cache and of echokv's cache, full and compressed.
 
 For each context length, in one run: prefill time, decode tokens/s, peak resident memory during the
-run, and cache bytes, for four variants:
+run, and cache bytes, for four variants (the keys of ``bench.json``):
 
 - ``stock``: transformers' default DynamicCache, SDPA attention
-- ``full``: EchoKVCache in full mode (the echokv attention, output-identical to SDPA; K/V appended
+- ``echokv-full``: EchoKVCache in full mode (the echokv attention, output-identical to SDPA; K/V appended
   in place, where the default cache copies the whole layer with ``torch.cat`` at every step)
-- ``explicit``: compressed, discarded heads rebuilt for every past token at every step (the reference)
-- ``fast``: compressed, reconstruction folded into the query / applied after the weighted sum
+- ``echokv-explicit``: compressed, discarded heads rebuilt for every past token at every step (the reference)
+- ``echokv-fast``: compressed, reconstruction folded into the query / applied after the weighted sum
 
-Decode is timed step by step, interleaved across variants (each round advances every variant by one
+Ratios ``a_vs_b_decode_ratio`` are decode speeds of a relative to b, with ``full`` = echokv-full,
+``fast`` = echokv-fast, ``explicit`` = echokv-explicit, ``stock`` = stock (``full_vs_stock``,
+``fast_vs_full``, ``fast_vs_stock``, ``explicit_vs_full``, ``fast_vs_explicit``); ``kv_bytes_ratio`` is
+echokv-fast's cache bytes over echokv-full's, ``kv_reserved_bytes_ratio`` echokv-fast's allocated bytes over
+stock's. Decode is timed step by step, interleaved across variants (each round advances every variant by one
 token) and repeated; ratios are medians of per-step ratios within a round, so machine noise hits every
 variant alike. Ratios, not absolute times, are the result.
 """
@@ -25,9 +29,14 @@ from pathlib import Path
 
 import torch
 
+from . import plotting
+from .cache import EchoKVCache, accounting
+from .cache.attention import echokv_attention, implementation
+from .generation import prefill
 from .models import cache_kwarg
 
-VARIANTS = ("stock", "full", "explicit", "fast")
+STOCK, FULL, EXPLICIT, FAST = "stock", "echokv-full", "echokv-explicit", "echokv-fast"
+VARIANTS = (STOCK, FULL, EXPLICIT, FAST)
 
 
 class PeakRSS:
@@ -61,19 +70,10 @@ class PeakRSS:
 def _new_cache(model, variant: str, recon):
     from transformers import DynamicCache
 
-    from .cache import EchoKVCache
-
-    if variant == "stock":
+    if variant == STOCK:
         return DynamicCache(config=model.config)
-    mode = "full" if variant == "full" else "compressed"
-    return EchoKVCache(model, recon, mode=mode, fast=variant == "fast")
-
-
-def _cache_bytes(cache, reserved: bool = False) -> int:
-    """Bytes of the cached tokens (``reserved``: of the memory allocated for them, spare room included)."""
-    if hasattr(cache, "nbytes"):
-        return cache.reserved_nbytes() if reserved else cache.nbytes()
-    return sum(t.numel() * t.element_size() for lay in cache.layers for t in (lay.keys, lay.values))
+    mode = "full" if variant == FULL else "compressed"
+    return EchoKVCache(model, recon, mode=mode, fast=variant == FAST)
 
 
 @torch.no_grad()
@@ -93,8 +93,6 @@ def bench_context(model, recon, ids: torch.Tensor, decode_tokens: int, repeats: 
     shared machine (other jobs, frequency changes) hit all variants alike; a ratio is the median of
     the per-step ratios of the same round, which cancels what the round had in common.
     """
-    from .cache import prefill
-
     out = {}
     prefilled = {}
     for variant in VARIANTS:
@@ -113,8 +111,8 @@ def bench_context(model, recon, ids: torch.Tensor, decode_tokens: int, repeats: 
             for _ in range(min(decode_tokens, 4)):
                 tok, _ = _step(model, work, tok)
         out[variant]["decode_peak_rss_delta"] = mem.delta
-        out[variant]["cache_bytes"] = _cache_bytes(work)
-        out[variant]["reserved_cache_bytes"] = _cache_bytes(work, reserved=True)
+        out[variant]["cache_bytes"] = accounting.nbytes(work)
+        out[variant]["reserved_cache_bytes"] = accounting.reserved_nbytes(work)
         del work
     steps: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for _ in range(repeats):
@@ -141,31 +139,30 @@ def bench_context(model, recon, ids: torch.Tensor, decode_tokens: int, repeats: 
     return {
         "context": int(ids.shape[1]),
         "variants": out,
-        "full_vs_stock_decode_ratio": speedup("full", "stock"),
-        "compressed_vs_full_decode_ratio": speedup("fast", "full"),
-        "compressed_vs_stock_decode_ratio": speedup("fast", "stock"),
-        "explicit_vs_full_decode_ratio": speedup("explicit", "full"),
-        "fast_vs_explicit_decode_ratio": speedup("fast", "explicit"),
-        "kv_bytes_ratio": out["fast"]["cache_bytes"] / out["full"]["cache_bytes"],
-        "kv_reserved_bytes_ratio": out["fast"]["reserved_cache_bytes"] / out["stock"]["cache_bytes"],
+        "full_vs_stock_decode_ratio": speedup(FULL, STOCK),
+        "fast_vs_full_decode_ratio": speedup(FAST, FULL),
+        "fast_vs_stock_decode_ratio": speedup(FAST, STOCK),
+        "explicit_vs_full_decode_ratio": speedup(EXPLICIT, FULL),
+        "fast_vs_explicit_decode_ratio": speedup(FAST, EXPLICIT),
+        "kv_bytes_ratio": out[FAST]["cache_bytes"] / out[FULL]["cache_bytes"],
+        "kv_reserved_bytes_ratio": out[FAST]["reserved_cache_bytes"] / out[STOCK]["cache_bytes"],
         "kept_fraction": recon.layout.kept_fraction(),
     }
 
 
 def _attention_for(model, variant: str):
     """Stock runs on transformers' own SDPA; echokv variants on the (output-identical) echokv attention."""
-    from . import attention
-
-    return attention.implementation(model, "sdpa" if variant == "stock" else attention.NAME)
+    return implementation(model, "sdpa") if variant == STOCK else echokv_attention(model)
 
 
-def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+def write(results: list[dict], meta: dict, out) -> tuple[Path, Path]:
+    """``bench.json`` (``meta`` and the results of every context) and ``decode_speed.png`` in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "bench.json"
+    path.write_text(json.dumps({"meta": meta, "contexts": results}, indent=2))
+    fig = plotting.figure((6.4, 4.2))
+    ax = fig.add_subplot()
     xs = [r["context"] for r in results]
     for v in VARIANTS:
         ax.plot(xs, [r["variants"][v]["decode_tokens_per_second"] for r in results], marker="o", label=v)
@@ -174,56 +171,4 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_title("decode speed vs context")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def cmd_bench(args) -> int:
-    from .artifact import load, read_config
-    from .cli import _load
-    from .data import require_tokens, token_blocks
-    from .models import kv_geometry
-
-    try:
-        contexts = sorted({int(c) for c in args.contexts.split(",") if c.strip()})
-    except ValueError:
-        raise ValueError(f"--contexts must be comma-separated integers, got {args.contexts!r}") from None
-    if not contexts or contexts[0] < 2:
-        raise ValueError(f"--contexts needs lengths of at least 2 tokens, got {args.contexts!r}")
-    read_config(args.artifact)
-    model, tokenizer = _load(args)
-    geo = kv_geometry(model)
-    if geo.max_context and contexts[-1] + args.decode_tokens > geo.max_context:
-        raise ValueError(f"context {contexts[-1]} + {args.decode_tokens} decode tokens exceeds the model's {geo.max_context}")
-    recon = load(args.artifact, model)
-    require_tokens(tokenizer, "evaluation", contexts[-1], contexts[-1])
-    text = token_blocks(tokenizer, "evaluation", contexts[-1], contexts[-1])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for n in contexts:
-        print(f"context {n} ...", flush=True)
-        r = bench_context(model, recon, text[:, :n], args.decode_tokens, args.repeats)
-        results.append(r)
-        v = r["variants"]
-        print(
-            f"  decode tok/s: stock {v['stock']['decode_tokens_per_second']:.1f}, full {v['full']['decode_tokens_per_second']:.1f}, "
-            f"explicit {v['explicit']['decode_tokens_per_second']:.1f}, fast {v['fast']['decode_tokens_per_second']:.1f} | "
-            f"full/stock {r['full_vs_stock_decode_ratio']:.3f}, fast/full {r['compressed_vs_full_decode_ratio']:.3f}, "
-            f"fast/stock {r['compressed_vs_stock_decode_ratio']:.3f}, "
-            f"fast/explicit {r['fast_vs_explicit_decode_ratio']:.2f}, KV bytes {r['kv_bytes_ratio']:.3f} "
-            f"(kept fraction {r['kept_fraction']:.3f})",
-            flush=True,
-        )
-    meta = {
-        "model": args.model,
-        "artifact": str(args.artifact),
-        "decode_tokens": args.decode_tokens,
-        "repeats": args.repeats,
-        "threads": torch.get_num_threads(),
-    }
-    (out / "bench.json").write_text(json.dumps({"meta": meta, "contexts": results}, indent=2))
-    plot(results, out / "decode_speed.png")
-    print(f"written {out / 'bench.json'} and {out / 'decode_speed.png'}")
-    return 0
+    return path, plotting.save(fig, out / "decode_speed.png", dpi=120)

@@ -15,7 +15,7 @@ Gram matrix), and the group keeps the components with the largest eigenvalues ov
 with the keys:
 - no positions are needed (left padding, any offsets: exact);
 - the decode map folds into the query, so attention scores are taken in the latent space without
-  rebuilding keys (:mod:`echokv.fast_attention`).
+  rebuilding keys (:mod:`echokv.codecs.echo`).
 The price is that frequencies cannot be mixed: pre-RoPE PCA (the low-rank baseline) reconstructs
 keys better (held-out relative error 0.005 vs 0.045 at S=4, 50% of the keys, measured) but needs
 the positions and an explicit rebuild of every past key at every decode step.
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .moments import KeyMoments
+from .stats.moments import KeyMoments
 
 
 def latent_dims(n_heads: int, head_dim: int, ratio: float) -> int:

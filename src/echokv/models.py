@@ -35,7 +35,7 @@ EMBEDDED = {
 # Model families whose attention echokv's cache understands (GQA/MHA with a standard KV cache).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3", "gemma2")
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class ModelLoadError(ValueError):
@@ -45,9 +45,9 @@ class ModelLoadError(ValueError):
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in _DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def _require(module: str, what: str, install: str) -> None:
@@ -180,7 +180,7 @@ class KVGeometry:
 
     @property
     def bytes_per_element(self) -> int:
-        return torch.empty((), dtype=resolve_dtype(self.dtype)).element_size()
+        return resolve_dtype(self.dtype).itemsize
 
     @property
     def kv_bytes_per_token(self) -> int:

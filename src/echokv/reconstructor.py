@@ -1,8 +1,9 @@
 """The reconstruction network: per group of S layers, linear maps from retained heads to discarded ones.
 
 Values: each discarded head is ``sum_s W[t, s] v_s + b_t`` over the retained heads s that feed it
-(the layout's input mask). Keys: the RoPE-commuting form of :mod:`echokv.moments`, one complex
-coefficient per (target, source, frequency), applied to the post-RoPE keys the cache holds.
+(the layout's input mask). Keys: the RoPE-commuting form, one complex
+coefficient per (target, source, frequency), applied to the post-RoPE keys the cache holds
+(:mod:`echokv.stats.moments`).
 EchoKV-Hybrid keeps keys as a per-group latent instead (:mod:`echokv.key_latent`): the group's
 ``k_basis`` buffer, fitted in stage 1 and left as it is by stage 2.
 """
@@ -13,8 +14,8 @@ import torch
 from torch import nn
 
 from . import key_latent
-from .moments import KeyMoments, ValueMoments
 from .selection import HeadLayout
+from .stats.moments import RIDGE, KeyMoments, ValueMoments, key_matrix
 
 
 class GroupReconstructor(nn.Module):
@@ -45,8 +46,6 @@ class GroupReconstructor(nn.Module):
 
     def key_maps(self) -> torch.Tensor:
         """Dense real form [n_tgt, n_src, d_in, d_out] of the complex key coefficients."""
-        from .fast_attention import key_matrix
-
         return key_matrix(*self.key_coefficients())
 
     def value_maps(self) -> torch.Tensor:
@@ -93,7 +92,7 @@ class Reconstructor(nn.Module):
         self.layout, self.head_dim = layout, head_dim
         self.groups = nn.ModuleList(GroupReconstructor(layout, g, head_dim, bias) for g in layout.groups)
         # per layer: (group index, target rows of this layer, target head ids) for k and v
-        self._plan = {}
+        self._targets = {}
         for gi, group in enumerate(layout.groups):
             for layer in group:
                 entry = {}
@@ -101,17 +100,17 @@ class Reconstructor(nn.Module):
                     tgt = layout.targets(kind, group)
                     rows = [i for i, (lay, _) in enumerate(tgt) if lay == layer]
                     entry[kind] = (torch.tensor(rows, dtype=torch.long), [tgt[i][1] for i in rows])
-                self._plan[layer] = (gi, entry)
+                self._targets[layer] = (gi, entry)
 
     def layer_targets(self, kind: str, layer: int) -> tuple[int, torch.Tensor, list[int]]:
         """``layer``'s discarded heads of ``kind``: (group index, their rows among the group's targets,
         their head ids)."""
-        gi, entry = self._plan[layer]
+        gi, entry = self._targets[layer]
         return (gi, *entry[kind])
 
     # -- stage 1: closed form --------------------------------------------------------------------
     @torch.no_grad()
-    def fit_closed_form(self, moments: dict[str, list], ridge: float = 1e-3) -> None:
+    def fit_closed_form(self, moments: dict[str, list], ridge: float = RIDGE) -> None:
         """Ridge least squares from per-group moments (``moments[kind][g]``, heads layer-major)."""
         lay = self.layout
         for gi, (group, mod) in enumerate(zip(lay.groups, self.groups)):
@@ -178,4 +177,4 @@ class Reconstructor(nn.Module):
         return sum(g.num_parameters() for g in self.groups)
 
     def num_bytes(self, dtype: torch.dtype = torch.float32) -> int:
-        return self.num_parameters() * torch.empty((), dtype=dtype).element_size()
+        return self.num_parameters() * dtype.itemsize

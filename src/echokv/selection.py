@@ -5,12 +5,12 @@ consecutive groups of S layers. Every discarded pair of a group is reconstructed
 the same group. Keys and values get their own retained sets.
 
 Layouts
-- ``paper`` (the default, EchoKV section 3): the first layer of each group is kept whole (the
-  "global" input) and every other layer keeps its first m heads (the "local" input); a discarded head
-  is predicted from [global, its own layer's local heads].
-- ``data``: per group, greedily keep the heads that best explain the others (least ridge residual,
-  computed from calibration second moments); a discarded head is predicted from all retained heads
-  of its group. Reaches any ratio exactly (up to one head).
+- ``data`` (the default, measured best): per group, greedily keep the heads that best explain the others
+  (least ridge residual, computed from calibration second moments); a discarded head is predicted from all
+  retained heads of its group. Reaches any ratio exactly (up to one head).
+- ``paper`` (EchoKV section 3): the first layer of each group is kept whole (the "global" input) and every
+  other layer keeps its first m heads (the "local" input); a discarded head is predicted from [global, its
+  own layer's local heads].
 
 EchoKV-Hybrid (``key_latent`` set): keys are not kept as heads but as a low-rank latent per group
 (:mod:`echokv.key_latent`); ``retained_k`` then lists every head (none is rebuilt head by head) and
@@ -207,7 +207,7 @@ def _budgets(groups: list[list[int]], num_kv_heads: int, ratio: float) -> list[i
 def data_layout(layers, num_kv_heads, group_size, ratio_k, ratio_v, stats) -> HeadLayout:
     """Greedy per-group choice of retained heads from calibration second moments ``stats``.
 
-    ``stats[kind][g]`` is the group's :mod:`echokv.moments` object, heads ordered layer-major.
+    ``stats[kind][g]`` is the group's :mod:`echokv.stats.moments` object, heads ordered layer-major.
     """
     groups = make_groups(layers, group_size)
     kept = {}

@@ -8,42 +8,39 @@ over a range of full-attention layers this module measures
     R2[i, j] = 1 - residual([i], [j]) / energy([j])
 
 the fraction of head j's energy that a ridge regression on head i alone explains, using the same
-regression the reconstructor uses (:mod:`echokv.moments`): for keys the RoPE-commuting per-frequency
+regression the reconstructor uses (:mod:`echokv.stats.moments`): for keys the RoPE-commuting per-frequency
 complex map on post-RoPE keys (energy = second moment, no bias), for values a full linear map with bias
 (energy = variance). Rows of the matrix are sources (predictors), columns targets. With the ridge both
 bounds hold exactly: 0 <= R2 <= 1, and the diagonal is 1 up to ridge shrinkage (at most 2.5e-4 below).
 
 Sliding-window layers are left out: the cache keeps only a window of them and EchoKV never compresses
-them. Everything streams through :func:`echokv.capture.capture` into one :class:`KeyMoments` and one
-:class:`ValueMoments` over all selected (layer, head) pairs, so every cross-layer pair is seen on the
-same tokens; the V covariance is (heads * head_dim)^2 float64, which bounds how many layers fit.
+them. Everything streams through :func:`echokv.stats.collect.collect` into one :class:`KeyMoments` and one
+:class:`ValueMoments` over all selected (layer, head) pairs (one group), so every cross-layer pair is seen on
+the same tokens; the V covariance is (heads * head_dim)^2 float64, which bounds how many layers fit.
 
 Entry points: :func:`head_similarity` (numbers, JSON-serialisable), :func:`plot_heatmaps` (PNGs) and
-:func:`cmd_analyze` (``echokv analyze``).
+:func:`write_analysis` (both into a folder, as ``echokv analyze`` does).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 import time
-import uuid
 from pathlib import Path
 
 import torch
 
-from .capture import capture
+from . import plotting
 from .models import KVGeometry, kv_geometry
-from .moments import RIDGE, KeyMoments, ValueMoments
+from .stats.collect import collect
+from .stats.moments import RIDGE, KeyMoments, ValueMoments
+from .util import atomic_dir
 
 __all__ = [
     "MAX_COVARIANCE_BYTES",
     "check_size",
-    "cmd_analyze",
-    "collect_moments",
     "head_labels",
     "head_similarity",
     "key_r2",
@@ -52,6 +49,7 @@ __all__ = [
     "resolve_layers",
     "summarize",
     "value_r2",
+    "write_analysis",
 ]
 
 # One float64 V covariance over all analysed heads must stay below this; ValueMoments holds two such
@@ -102,19 +100,19 @@ def resolve_layers(geo: KVGeometry, layers: list[int] | str | None = None, name:
     bad = [i for i in wanted if not 0 <= i < geo.num_layers]
     if bad:
         raise ValueError(
-            f"{name} names layer(s) {_ranges(bad)} outside this model, which has {geo.num_layers} layers "
+            f"{name} names layer(s) {ranges(bad)} outside this model, which has {geo.num_layers} layers "
             f"(0-{geo.num_layers - 1})"
         )
     chosen = [i for i in wanted if i in set(full)]
     if not chosen:
         raise ValueError(
-            f"{name} {_ranges(wanted)} includes no full-attention layer: sliding-window layers are not analysed "
-            f"(EchoKV leaves them uncompressed); this model's full-attention layers are {_ranges(full)}"
+            f"{name} {ranges(wanted)} includes no full-attention layer: sliding-window layers are not analysed "
+            f"(EchoKV leaves them uncompressed); this model's full-attention layers are {ranges(full)}"
         )
     return chosen
 
 
-def _ranges(xs: list[int]) -> str:
+def ranges(xs: list[int]) -> str:
     """[0, 1, 2, 5] -> '0-2,5': short enough to put in an error message."""
     out, xs = [], sorted(xs)
     i = 0
@@ -144,34 +142,6 @@ def check_size(geo: KVGeometry, layers: list[int], name: str = "--layers") -> No
 
 
 # -- statistics ------------------------------------------------------------------------------------
-def collect_moments(model, blocks: torch.Tensor, layers: list[int], progress: bool = True):
-    """One :class:`KeyMoments` and one :class:`ValueMoments` over all heads of ``layers`` (layer-major).
-
-    A block's K/V are buffered until its last selected layer has run, then added as one row per token, so
-    cross-layer second moments pair up the same tokens.
-    """
-    geo = kv_geometry(model)
-    h, d = geo.num_kv_heads, geo.head_dim
-    n = len(layers) * h
-    km, vm = KeyMoments(n, d), ValueMoments(n, d)
-    pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def rows(xs: list[torch.Tensor]) -> torch.Tensor:  # per layer [B, H, T, d] -> [B*T, L*H, d]
-        x = torch.cat(xs, dim=1)
-        return x.permute(0, 2, 1, 3).reshape(-1, x.shape[1], d)
-
-    def on_layer(layer, module, q, k, v):
-        pending[layer] = (k, v)
-        if len(pending) < len(layers):
-            return
-        km.add(rows([pending[i][0] for i in layers]))
-        vm.add(rows([pending[i][1] for i in layers]))
-        pending.clear()
-
-    capture(model, blocks, on_layer, layers=layers, desc="similarity statistics", progress=progress)
-    return km, vm
-
-
 def _r2(resid: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
     # A head with no energy (never happens in trained models) is trivially "predicted": report 1, not NaN,
     # so the JSON stays standard. The upper clip only removes float rounding (resid >= 0 analytically).
@@ -290,7 +260,8 @@ def head_similarity(model, blocks: torch.Tensor, layers: list[int] | str | None 
     check_size(geo, chosen, name="layers")
     if blocks.dim() != 2 or blocks.numel() == 0:
         raise ValueError(f"blocks must be a non-empty [N, T] tensor of token ids, got shape {tuple(blocks.shape)}")
-    km, vm = collect_moments(model, blocks, chosen, progress=progress)
+    moments = collect(model, blocks, [chosen], desc="similarity statistics", progress=progress).moments
+    km, vm = moments["k"][0], moments["v"][0]
     h = geo.num_kv_heads
     out = {
         "model": getattr(model, "echokv_name", None),
@@ -323,14 +294,11 @@ def plot_heatmaps(result: dict, out_dir: str | Path) -> list[Path]:
 
     Rows are sources, columns targets (as in ``r2_k``/``r2_v``); white lines separate layers and the axes
     are labelled by layer, so blocks along the diagonal (same layer) and next to it (adjacent layers) are
-    easy to compare. Uses the Agg canvas directly, not pyplot, so no global backend state is touched.
+    easy to compare.
     """
     import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     layers, h = result["layers"], result["num_kv_heads"]
     n = len(layers) * h
     step = _tick_step(len(layers))
@@ -341,8 +309,7 @@ def plot_heatmaps(result: dict, out_dir: str | Path) -> list[Path]:
     for kind in ("k", "v"):
         r2 = np.asarray(result[f"r2_{kind}"], dtype=float)
         summ = result["summary"][kind]
-        fig = Figure(figsize=(8.5, 7.5), dpi=130)
-        FigureCanvasAgg(fig)
+        fig = plotting.figure((8.5, 7.5), dpi=130)
         ax = fig.add_subplot()
         im = ax.imshow(r2, vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest", origin="upper")
         if h > 1:
@@ -367,96 +334,16 @@ def plot_heatmaps(result: dict, out_dir: str | Path) -> list[Path]:
         )
         cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
         cbar.set_label("R2 = 1 - residual / energy of target")
-        fig.tight_layout()
-        path = out_dir / PNG_NAMES[kind]
-        fig.savefig(path)
-        paths.append(path)
+        paths.append(plotting.save(fig, out_dir / PNG_NAMES[kind]))
     return paths
 
 
-# -- command line ------------------------------------------------------------------------------------
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output folder {out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} exists and is not a folder; pass a folder path")
-
-
-def _sibling(out: Path, tag: str) -> Path:
-    """An unused hidden path next to ``out`` (same filesystem, so the final rename is atomic)."""
-    return out.parent / f".{out.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished temp folder to ``out``, replacing an old one only once the new one is complete."""
-    if out.exists():
-        old = _sibling(out, "old")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
-def cmd_analyze(args) -> int:
-    """``echokv analyze``: similarity JSON and two heatmaps into ``--out``.
-
-    Order matters for the user's time: cheap checks (out folder, --layers format) before loading the model,
-    checks that need the model or tokenizer (layer range, memory, text length) before the capture. Results
-    are written into a hidden temp folder next to ``--out`` and renamed at the end, so an interrupted run
-    never leaves a folder that looks complete.
-    """
-    from . import cli
-    from .data import require_tokens, token_blocks
-
-    out = Path(args.out).expanduser()
-    _check_out(out, args.overwrite)
-    if args.layers is not None:
-        parse_layers(args.layers)
-    model, tokenizer = cli._load(args)
-    geo = kv_geometry(model)
-    layers = resolve_layers(geo, args.layers)
-    check_size(geo, layers)
-    if geo.max_context and args.seq_len > geo.max_context:
-        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's context of {geo.max_context} tokens")
-    require_tokens(tokenizer, "calibration", args.calib_tokens, args.seq_len, args.text)
-    blocks = token_blocks(tokenizer, "calibration", args.calib_tokens, args.seq_len, args.text)
-
-    result = head_similarity(model, blocks, layers, progress=True)
-    result["model"] = getattr(model, "echokv_name", None) or args.model
-    result["seq_len"] = args.seq_len
-    result["text"] = [str(p) for p in args.text] if args.text else None
-    skipped = [i for i in (range(geo.num_layers) if args.layers is None else parse_layers(args.layers))
-               if i in set(geo.sliding_layers)]
-    result["sliding_layers_skipped"] = skipped
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(out, "tmp")
-    tmp.mkdir()  # plain mkdir, not mkdtemp: the result gets the user's usual permissions, not 0700
-    try:
+# -- output folder -----------------------------------------------------------------------------------
+def write_analysis(result: dict, out, overwrite: bool = False) -> list[Path]:
+    """``similarity.json`` and the two heatmaps in the folder ``out``, written atomically
+    (:func:`~echokv.util.atomic_dir`); returns the paths of the files."""
+    out = Path(out).expanduser()
+    with atomic_dir(out, overwrite) as tmp:
         (tmp / JSON_NAME).write_text(json.dumps(result, indent=1), encoding="utf-8")
         plot_heatmaps(result, tmp)
-        _check_out(out, args.overwrite)  # someone may have created it while we computed
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-    sk, sv = result["summary"]["k"], result["summary"]["v"]
-
-    def fmt(x):
-        return "   n/a" if x is None else f"{x:6.3f}"
-
-    n_heads = len(result["heads"])
-    print(
-        f"analyzed {len(layers)} layers x {geo.num_kv_heads} KV heads ({n_heads} heads) of {result['model']} "
-        f"on {result['tokens']} tokens in {result['seconds']:.1f} s"
-        + (f" (sliding-window layers {_ranges(skipped)} skipped)" if skipped else "")
-    )
-    print("mean R2, one head predicted from one other:    K       V")
-    print(f"  within a layer                           {fmt(sk['mean_within_layer'])}  {fmt(sv['mean_within_layer'])}")
-    print(f"  adjacent layers                          {fmt(sk['mean_adjacent_layer'])}  {fmt(sv['mean_adjacent_layer'])}")
-    print(f"wrote {out / JSON_NAME}")
-    for name in PNG_NAMES.values():
-        print(f"wrote {out / name}")
-    return 0
+    return [out / JSON_NAME] + [out / name for name in PNG_NAMES.values()]

@@ -1,7 +1,7 @@
 """Two-stage training of the reconstructor (EchoKV section 3.3).
 
 Stage 1 minimises the KV-reconstruction MSE of the discarded heads. Its optimum is a ridge
-regression, solved in closed form from streamed second moments (:mod:`echokv.moments`).
+regression, solved in closed form from streamed second moments (:mod:`echokv.stats.moments`).
 Stage 2 fine-tunes on the output MSE: for every compressed layer, the attention output (after the
 output projection) computed from the original queries and the reconstructed K/V, against the output
 with the original K/V; the LLM is frozen. AdamW with a cosine schedule.
@@ -12,100 +12,36 @@ and projects the difference through their columns of ``o_proj``.
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .capture import attention_modules, capture
+from .config import TrainConfig
 from .models import kv_geometry
-from .moments import KeyMoments, ValueMoments, new_moments
 from .reconstructor import Reconstructor
-from .selection import HeadLayout, check_ratio, data_layout, make_groups, nearest_paper_layout
+from .selection import HeadLayout, data_layout, make_groups, nearest_paper_layout
+from .stats.capture import attention_modules
+from .stats.collect import collect
 
-VARIANTS = ("echo", "hybrid")
-# Hybrid default: keys get this share of the kept K+V budget. SmolLM2-135M, ratio 0.5, NIAH at 512
-# tokens (10 samples each): keys/values kept 0.4/0.6 found 3/10 needles, 0.5/0.5 7-9/10, 0.6/0.4 10/10,
-# although the held-out output MSE ranks them the other way (0.117 < 0.133 < 0.187).
-HYBRID_KEY_SHARE = 0.6
-
-
-@dataclass
-class TrainConfig:
-    compression_ratio: float = 0.5
-    k_ratio: float | None = None  # defaults to compression_ratio
-    v_ratio: float | None = None
-    layout: str = "data"  # "data" (measured best) | "paper" (EchoKV's own layout)
-    variant: str = "hybrid"  # "hybrid" (measured best): keys as a RoPE-commuting latent | "echo": heads only
-    group_size: int | None = None  # paper: searched when None; data: 4
-    m: int | None = None  # paper only: local heads kept per non-first layer; searched when None
-    inputs: str | None = None  # paper: "global+local"; data: "all"
-    calib_tokens: int = 8192
-    seq_len: int = 512
-    heldout_tokens: int = 2048
-    stage2_sequences: int = 8  # calibration sequences kept for stage 2
-    stage2_steps: int = 60
-    stage2_lr: float = 1e-3
-    stage2_batch: int = 2
-    stage2_queries: int | None = 128  # query positions scored per sequence in stage 2 (None: all)
-    ridge: float = 1e-3
-    bias: bool = True
-    seed: int = 0
-    text_paths: list[str] | None = None
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
-
-    def ratios(self) -> tuple[float, float]:
-        """Compression ratios of keys and values. The hybrid, unless told otherwise, gives keys
-        :data:`HYBRID_KEY_SHARE` of the kept budget: retrieval follows key fidelity (measured)."""
-        r = check_ratio(self.compression_ratio)
-        if self.variant == "hybrid" and self.k_ratio is None and self.v_ratio is None:
-            kept = 1.0 - r
-            kept_k = min(1.0, 2 * HYBRID_KEY_SHARE * kept)
-            return round(1.0 - kept_k, 9), round(1.0 - (2 * kept - kept_k), 9)
-        k = check_ratio(self.k_ratio, "K ratio") if self.k_ratio is not None else r
-        v = check_ratio(self.v_ratio, "V ratio") if self.v_ratio is not None else r
-        return k, v
-
-    def validate(self, model) -> None:
-        """Raise before any work for settings that cannot fit the model."""
-        self.ratios()
-        if self.layout not in ("paper", "data"):
-            raise ValueError(f"unknown layout {self.layout!r}; choose 'paper' or 'data'")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
-        geo = kv_geometry(model)
-        layers = geo.full_attention_layers
-        if self.group_size is not None:
-            make_groups(layers, self.group_size)
-        if self.m is not None and not (isinstance(self.m, int) and 0 <= self.m <= geo.num_kv_heads):
-            raise ValueError(
-                f"local input size m={self.m!r} does not fit this model: it must be in [0, {geo.num_kv_heads}]"
-            )
-        for name in ("calib_tokens", "seq_len", "stage2_batch", "heldout_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.stage2_steps < 0:
-            raise ValueError(f"stage2_steps must be >= 0, got {self.stage2_steps}")
-        if geo.max_context and self.seq_len > geo.max_context:
-            raise ValueError(f"seq_len {self.seq_len} exceeds the model's context of {geo.max_context} tokens")
+#: layers per group of the data-driven layout unless ``group_size`` says otherwise
+DATA_GROUP_SIZE = 4
 
 
 def build_layout(cfg: TrainConfig, model, moments=None) -> HeadLayout:
     geo = kv_geometry(model)
     rk, rv = cfg.ratios()
     if cfg.variant == "hybrid":  # values choose their heads; keys become the latent
-        heads = build_layout(TrainConfig(**{**asdict(cfg), "variant": "echo", "k_ratio": 0.0, "v_ratio": rv}), model,
+        heads = build_layout(TrainConfig(**{**asdict(cfg), "variant": "heads", "k_ratio": 0.0, "v_ratio": rv}), model,
                              moments)
         return heads.with_key_latent(rk, geo.head_dim)
     layers, h = geo.full_attention_layers, geo.num_kv_heads
     if cfg.layout == "data":
         if moments is None:
             raise ValueError("the data-driven layout needs calibration moments")
-        return data_layout(layers, h, cfg.group_size or min(4, len(layers)), rk, rv, moments)
+        return data_layout(layers, h, cfg.group_size or min(DATA_GROUP_SIZE, len(layers)), rk, rv, moments)
     inputs = cfg.inputs or "global+local"
     lk = nearest_paper_layout(layers, h, rk, cfg.group_size, cfg.m, inputs)
     s = len(lk.groups[0])
@@ -118,55 +54,8 @@ def group_size_for(cfg: TrainConfig, model) -> int:
     if cfg.group_size is not None:
         return cfg.group_size
     if cfg.layout == "data":
-        return min(4, len(geo.full_attention_layers))
+        return min(DATA_GROUP_SIZE, len(geo.full_attention_layers))
     return len(build_layout(cfg, model).groups[0])
-
-
-# -- capture of statistics and stage-2 samples ----------------------------------------------------
-@dataclass
-class Calibration:
-    moments: dict  # kind -> list per group
-    samples: dict  # layer -> (q, k, v) stacked over kept sequences
-    means: dict  # kind -> layer -> [H, d] per-head mean (for the mean-fill baseline)
-    tokens: int
-
-
-def collect(model, blocks, groups, keep_sequences: int, desc: str, progress: bool = True) -> Calibration:
-    """One pass: per-group moments over all blocks; Q/K/V of the first ``keep_sequences`` blocks."""
-    geo = kv_geometry(model)
-    h, d = geo.num_kv_heads, geo.head_dim
-    moments = {kind: [new_moments(kind, len(g) * h, d) for g in groups] for kind in ("k", "v")}
-    group_of = {layer: gi for gi, g in enumerate(groups) for layer in g}
-    sums = {kind: {layer: torch.zeros(h, d, dtype=torch.float64) for layer in group_of} for kind in ("k", "v")}
-    pending: dict[int, dict[int, tuple]] = {}
-    kept: dict[int, list] = {layer: [] for layer in group_of}
-    seen = {"blocks": 0, "tokens": 0}
-
-    def on_layer(layer, module, q, k, v):
-        gi = group_of[layer]
-        for kind, x in (("k", k), ("v", v)):
-            sums[kind][layer] += x.double().sum(dim=(0, 2))
-        buf = pending.setdefault(gi, {})
-        buf[layer] = (k, v)
-        if len(buf) == len(groups[gi]):  # every layer of the group seen for this block
-            ks = torch.cat([buf[lay][0] for lay in groups[gi]], dim=1)  # [B, S*H, T, d]
-            vs = torch.cat([buf[lay][1] for lay in groups[gi]], dim=1)
-            moments["k"][gi].add(ks.permute(0, 2, 1, 3).reshape(-1, ks.shape[1], d))
-            moments["v"][gi].add(vs.permute(0, 2, 1, 3).reshape(-1, vs.shape[1], d))
-            pending.pop(gi)
-        if seen["blocks"] < keep_sequences:
-            kept[layer].append((q.clone(), k.clone(), v.clone()))
-        if layer == max(group_of):
-            seen["blocks"] += q.shape[0]
-            seen["tokens"] += q.shape[0] * q.shape[2]
-
-    capture(model, blocks, on_layer, layers=list(group_of), desc=desc, progress=progress)
-    samples = {
-        layer: tuple(torch.cat([x[i] for x in xs], dim=0) for i in range(3)) for layer, xs in kept.items() if xs
-    }
-    n = max(seen["tokens"], 1)
-    means = {kind: {layer: (s / n).float() for layer, s in sums[kind].items()} for kind in ("k", "v")}
-    return Calibration(moments, samples, means, seen["tokens"])
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -338,17 +227,22 @@ def train(model, tokenizer, cfg: TrainConfig, calib=None, held=None, layout=None
 
     # Stage 1: moments, selection, closed form
     t1 = time.perf_counter()
-    cal = collect(model, calib, groups, cfg.stage2_sequences, "stage 1: calibration", cfg.progress)
+    def calibrate(groups):
+        return collect(model, calib, groups, keep_samples=cfg.stage2_sequences, means=True,
+                       desc="stage 1: calibration", progress=cfg.progress)
+
+    cal = calibrate(groups)
     layout = layout or build_layout(cfg, model, cal.moments)
     if [list(g) for g in layout.groups] != groups:  # paper search may pick another S than assumed
         groups = layout.groups
-        cal = collect(model, calib, groups, cfg.stage2_sequences, "stage 1: calibration", cfg.progress)
+        cal = calibrate(groups)
     recon = Reconstructor(layout, geo.head_dim, bias=cfg.bias)
     recon.fit_closed_form(cal.moments, cfg.ridge)
     stage1_seconds = time.perf_counter() - t1
     calib_err = _moment_error(layout, cal.moments, geo.head_dim)
 
-    ho = collect(model, held, groups, len(held), "held-out capture", cfg.progress)
+    ho = collect(model, held, groups, features=(), keep_samples=len(held), desc="held-out capture",
+                 progress=cfg.progress)
     modules = attention_modules(model)
     held_omse = OutputMSE(layout, ho.samples, modules, recon=recon)
     held_err = {fill: relative_kv_error(recon, ho.samples, fill, cal.means) for fill in ("recon", "zero", "mean")}
@@ -408,7 +302,7 @@ def train(model, tokenizer, cfg: TrainConfig, calib=None, held=None, layout=None
             "omse_mean_fill": omse_fill["mean"],
         },
         "total_seconds": time.perf_counter() - t0,
-        "config": {k: v for k, v in asdict(cfg).items() if k not in ("progress", "extra")},
+        "config": cfg.record(),
     }
     recon.stage1_state = stage1_state  # saved beside the final weights, for stage-1-only ablations
     return recon, report
@@ -445,9 +339,7 @@ def stage2(recon: Reconstructor, objective: OutputMSE, cfg: TrainConfig) -> list
     n = objective.n
     params = [p for p in recon.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.stage2_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.stage2_steps) / max(cfg.stage2_steps, 1)))
-    )
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.stage2_steps, 1))
     gen = torch.Generator().manual_seed(cfg.seed)
     losses = []
     bar = tqdm(range(cfg.stage2_steps), desc="stage 2: output MSE", disable=not cfg.progress, leave=False)
@@ -490,4 +382,4 @@ class _FillGroup:
         return self._fill("v", src, rows)
 
 
-__all__ = ["KeyMoments", "OutputMSE", "TrainConfig", "ValueMoments", "build_layout", "relative_kv_error", "train"]
+__all__ = ["OutputMSE", "TrainConfig", "build_layout", "relative_kv_error", "train"]

@@ -2,7 +2,7 @@
 
 The text is the evaluation split of :mod:`echokv.data` (never seen by calibration or training), cut
 into ``sequences`` blocks of ``seq_len`` tokens. Each block is streamed through a fresh cache of the
-method in chunks of ``chunk`` tokens (:meth:`echokv.baselines.base.Method.nll`): a chunk attends to
+method in chunks of ``chunk`` tokens (:meth:`echokv.methods.Method.nll`): a chunk attends to
 its own tokens exactly and to everything before it through the cache as the method keeps it, so in
 compressed mode every token after the first chunk is predicted from the compressed past (EchoKV:
 rebuilt discarded heads). Perplexity is ``exp(total NLL / predicted tokens)`` over all blocks.
@@ -96,15 +96,13 @@ def perplexity_table(rows: list[dict]) -> list[str]:
 
 def plot_perplexity(rows: list[dict], path) -> Path | None:
     """Perplexity against the measured kept KV fraction, one line per method (``full``: dashed line)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
+    from echokv import plotting
 
     ok = [r for r in rows if r.get("task") == PERPLEXITY and not r.get("error")]
     if not ok:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = plotting.figure((6, 4))
+    ax = fig.add_subplot()
     for method in sorted({r["method"] for r in ok if r["method"] != "full"}):
         points = sorted((r["kept_fraction"], r["perplexity"]) for r in ok if r["method"] == method)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
@@ -117,6 +115,4 @@ def plot_perplexity(rows: list[dict], path) -> Path | None:
     ax.set_xlim(0, 1.05)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    from .plots import _save
-
-    return _save(fig, path)
+    return plotting.save(fig, path, dpi=120)

@@ -14,10 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt
+from echokv import plotting
 
 FULL = "full"
 
@@ -62,7 +59,8 @@ def plot_score_vs_kept(rows: Iterable[dict], path) -> Path:
         points[r["method"]][float(r.get("kept_fraction", 1.0))].append(r)
     full = average_score(_flatten(points[FULL])) if FULL in points else None
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = plotting.figure((6, 4))
+    ax = fig.add_subplot()
     for method in sorted(m for m in points if m != FULL):
         curve = {kept: average_score(rs) for kept, rs in points[method].items()}
         if full is not None:
@@ -79,7 +77,7 @@ def plot_score_vs_kept(rows: Iterable[dict], path) -> Path:
     ax.grid(alpha=0.3)
     if points:
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return plotting.save(fig, path, dpi=120)
 
 
 def _flatten(by_kept: dict[float, list[dict]]) -> list[dict]:
@@ -105,7 +103,8 @@ def plot_niah_heatmap(rows: Iterable[dict], path, method: str, compression_ratio
     for (c, d), rs in cells.items():
         grid[depths.index(d)][lengths.index(c)] = weighted_mean(rs)
 
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * max(len(lengths), 3), 1.2 + 0.45 * max(len(depths), 3)))
+    fig = plotting.figure((1.2 + 0.9 * max(len(lengths), 3), 1.2 + 0.45 * max(len(depths), 3)))
+    ax = fig.add_subplot()
     image = ax.imshow(grid or [[float("nan")]], cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto",
                       origin="upper")
     ax.set_xticks(range(len(lengths)), [str(c) for c in lengths])
@@ -119,13 +118,4 @@ def plot_niah_heatmap(rows: Iterable[dict], path, method: str, compression_ratio
     title = method if compression_ratio is None else f"{method} (compression {compression_ratio:g})"
     ax.set_title(f"NIAH: {title}")
     fig.colorbar(image, ax=ax, label="score")
-    return _save(fig, path)
-
-
-def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plotting.save(fig, path, dpi=120)

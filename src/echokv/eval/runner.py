@@ -1,9 +1,9 @@
 """``echokv eval``: run methods side by side on one suite and write the results.
 
-:func:`run_eval` is the whole evaluation as a function; :func:`cmd_eval` is the command line. Both
-go through two steps so that every mistake is reported before any model work:
+:func:`run_eval` is the whole evaluation as a function (``echokv eval`` runs its steps one by one).
+Both go through two steps so that every mistake is reported before any model work:
 
-1. :func:`plan_eval` checks what needs no model: suite, tasks, context lengths, sample count,
+1. :func:`make_job` checks what needs no model: suite, tasks, context lengths, sample count,
    method names (:func:`echokv.methods.parse_methods` lists the known ones), compression ratios in
    [0, 1), artifact folders (well-formed), the LongBench folder (read and validated) and the output
    folder (exists without ``overwrite``).
@@ -14,9 +14,9 @@ go through two steps so that every mistake is reported before any model work:
    method, and runs the methods.
 
 Methods: ``full`` runs once (compression ratio 0); every other method runs at every ratio. All
-methods share one :class:`~echokv.baselines.base.Calibration` (8192 tokens of the calibration split
-in blocks of 512; statistics shared through ``calibration.cache``). A method whose construction,
-``prepare`` or run raises (:class:`~echokv.baselines.base.MethodUnavailable` or any other error)
+methods share one :class:`~echokv.stats.collect.Calibration` (:data:`~echokv.config.CALIBRATION_TOKENS`
+tokens of the calibration split; statistics shared through ``calibration.cache``). A method whose construction,
+``prepare`` or run raises (:class:`~echokv.methods.MethodUnavailable` or any other error)
 gets rows with an ``error`` message and the other methods still run.
 
 Each sample is answered with :meth:`Method.generate` (context prefilled and compressed, then the
@@ -24,7 +24,8 @@ question and answer decoded through the compressed cache) and scored with
 :func:`echokv.eval.metrics.score`. One row per (method, ratio, task, context length[, depth]):
 ``method``, ``compression_ratio``, ``kept_fraction`` and ``cache_bytes`` (measured: means of the
 cache's memory report over the samples), ``task``, ``context_length``, ``depth``, ``score`` (mean in
-[0, 1]), ``n``, ``seconds``; perplexity rows are described in :mod:`echokv.eval.perplexity`.
+[0, 1]), ``n``, ``seconds``, and ``method_info`` (the method's :meth:`~echokv.methods.Method.info`: its kept
+fraction, parameter bytes and parameters); perplexity rows are described in :mod:`echokv.eval.perplexity`.
 :func:`echokv.eval.report.write_results` writes ``results.json``, ``report.md`` and the figures; the
 runner adds a perplexity table to the report and ``predictions.jsonl`` (every answer).
 """
@@ -32,29 +33,47 @@ runner adds a perplexity table to the report and ``predictions.jsonl`` (every an
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from echokv.config import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, ModelConfig, TrainConfig, option
 from echokv.eval import suites
-from echokv.eval.suites import PERPLEXITY, Plan
+from echokv.eval.suites import PERPLEXITY, SUITES, ResolvedSuite
+
+log = logging.getLogger(__name__)
 
 FULL = "full"
-CALIBRATION_TOKENS = 8192
-CALIBRATION_SEQ_LEN = 512
 # Chat-template end-of-turn tokens that stop an answer like EOS does (used when the template has them).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 GENERATED_FILES = ("results.json", "report.md", "predictions.jsonl")
 
 
+@dataclass(kw_only=True)
+class EvalConfig(ModelConfig):
+    """``echokv eval`` (:func:`make_job`'s arguments)."""
+
+    suite: str = option("quick", "evaluation suite", choices=SUITES)
+    methods: str = option("full,echokv", "comma-separated list, or 'all'")
+    compression_ratios: str = option(f"{TrainConfig.compression_ratio:g}", "comma-separated, e.g. 0.5,0.7")
+    artifacts: list[str] | None = option(None, "echokv artifacts (matched by ratio and variant)")
+    data: str | None = option(None, "LongBench folder of <task>.jsonl files")
+    tasks: str | None = option(None, "comma-separated task names (default: the suite's)")
+    context_lengths: str | None = option(None, "comma-separated token counts")
+    samples: int | None = option(None, "samples per task and length", check="positive")
+    seed: int = option(0, "seed of the RULER samples")
+    out: str = option("runs/eval", "output folder")
+    overwrite: bool = option(False, "replace the results in --out if it exists")
+
+
 @dataclass
 class EvalJob:
-    """A validated evaluation: the suite plan, the (method, ratio) runs and where to write."""
+    """A validated evaluation: the resolved suite, the (method, ratio) runs and where to write."""
 
-    plan: Plan
+    suite: ResolvedSuite
     runs: list[tuple[str, float]]
     artifacts: list[str]
     artifact_configs: dict[str, dict]
@@ -71,23 +90,10 @@ class EvalJob:
 def parse_ratios(ratios: str | float | Sequence[float] | None) -> list[float]:
     """``"0.5,0.7"`` (or a number or list) -> ratios, each in [0, 1) (fraction of the cache removed)."""
     from echokv.selection import check_ratio
+    from echokv.util import parse_csv
 
-    if ratios is None:
-        return []
-    if isinstance(ratios, str):
-        items = [t.strip() for t in ratios.split(",") if t.strip()]
-    elif isinstance(ratios, (int, float)):
-        items = [ratios]
-    else:
-        items = list(ratios)
-    out = []
-    for item in items:
-        try:
-            value = float(item)
-        except (TypeError, ValueError):
-            raise ValueError(f"compression ratio {item!r} is not a number (pass e.g. --compression-ratios 0.5,0.7)") from None
-        out.append(check_ratio(value))
-    return list(dict.fromkeys(out))
+    values = parse_csv(ratios, float, "compression ratio", "--compression-ratios 0.5,0.7") or []
+    return list(dict.fromkeys(check_ratio(v) for v in values))
 
 
 def _method_names(methods: str | Sequence[str]) -> list[str]:
@@ -97,7 +103,7 @@ def _method_names(methods: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(parse_methods(spec)))
 
 
-def plan_eval(suite: str, methods, ratios, artifacts=None, data=None, tasks=None, context_lengths=None,
+def make_job(suite: str, methods, ratios, artifacts=None, data=None, tasks=None, context_lengths=None,
               samples: int | None = None, seed: int = 0, out=None, overwrite: bool = False) -> EvalJob:
     """Validate everything that needs no model and return the job; raises ``ValueError`` and friends.
 
@@ -105,9 +111,11 @@ def plan_eval(suite: str, methods, ratios, artifacts=None, data=None, tasks=None
     LongBench file), ``FileNotFoundError`` (LongBench folder), :class:`echokv.artifact.ArtifactError`
     (artifact folder) or ``FileExistsError`` (``out`` exists and ``overwrite`` is false).
     """
-    from echokv.artifact import check_output_dir, config_is_hybrid, config_ratio, read_config
+    from echokv.artifact import read_config
+    from echokv.methods.echokv import artifact_notes
+    from echokv.util import check_output_dir
 
-    plan = suites.resolve(suite, tasks, context_lengths, samples)
+    resolved = suites.resolve(suite, tasks, context_lengths, samples)
     names = _method_names(methods)
     ratio_list = parse_ratios(ratios)
     compressed = [m for m in names if m != FULL]
@@ -117,36 +125,20 @@ def plan_eval(suite: str, methods, ratios, artifacts=None, data=None, tasks=None
 
     artifacts = [str(a) for a in artifacts or []]
     configs = {a: read_config(a) for a in artifacts}
-    job = EvalJob(plan, runs, artifacts, configs, None if data is None else str(data), seed,
+    job = EvalJob(resolved, runs, artifacts, configs, None if data is None else str(data), seed,
                   None if out is None else Path(out), overwrite)
-    trained = {round(config_ratio(c), 9) for c in configs.values()}
-    for method in ("echokv", "echokv-s1", "echokv-hybrid"):
-        if method not in names:
-            continue
-        hybrid = method == "echokv-hybrid"
-        have = {round(config_ratio(c), 9) for c in configs.values() if config_is_hybrid(c) == hybrid}
-        missing = [r for r in ratio_list if round(r, 9) not in trained]
-        wrong = [r for r in ratio_list if round(r, 9) in trained - have]
-        if missing:
-            job.notes.append(
-                f"{method}: no artifact for compression ratio(s) {', '.join(f'{r:g}' for r in missing)}; one "
-                "is trained on the fly (minutes; kept in runs/ for later runs)"
-            )
-        if wrong:
-            job.notes.append(
-                f"{method}: the artifact for ratio(s) {', '.join(f'{r:g}' for r in wrong)} is the other variant "
-                f"({'echo' if hybrid else 'hybrid'}); {method} reports an error there, the other methods run"
-            )
-    if plan.suite.source == "longbench":
+    for name in names:
+        job.notes += artifact_notes(name, ratio_list, list(configs.values()))
+    if resolved.source == "longbench":
         if data is None:
             from echokv.eval.longbench import DOWNLOAD_HINT
 
             raise ValueError(f"the longbench suite needs --data FOLDER: {DOWNLOAD_HINT}")
         from echokv.eval.longbench import load_longbench
 
-        load_longbench(data, plan.tasks, limit=plan.samples)  # reads and validates every file now
+        load_longbench(data, resolved.tasks, limit=resolved.samples)  # reads and validates every file now
     elif data is not None:
-        job.notes.append(f"--data is only used by the longbench suite; ignored for {plan.name}")
+        job.notes.append(f"--data is only used by the longbench suite; ignored for {resolved.name}")
     if job.out is not None:
         check_output_dir(job.out, overwrite)
     return job
@@ -183,7 +175,7 @@ def check_with_model(job: EvalJob, model) -> None:
     from echokv.artifact import check_compatible
     from echokv.models import kv_geometry
 
-    job.plan.check_model(kv_geometry(model).max_context)
+    job.suite.check_model(kv_geometry(model).max_context)
     for path, config in job.artifact_configs.items():
         check_compatible(config, model, path)
 
@@ -209,30 +201,30 @@ def build_inputs(job: EvalJob, model, tokenizer, progress: bool = True) -> Input
     from echokv.eval.sample import prompt_ids
     from echokv.models import kv_geometry
 
-    plan = job.plan
+    suite = job.suite
     samples = []
-    if plan.suite.source == "ruler" and plan.tasks:
+    if suite.source == "ruler" and suite.tasks:
         from echokv.eval.ruler import RULER_TASKS, generate
 
         prose = load_text("evaluation")
-        combos = [(t, j, c) for t in plan.tasks for j, c in enumerate(plan.context_lengths)]
+        combos = [(t, j, c) for t in suite.tasks for j, c in enumerate(suite.context_lengths)]
         for task, j, length in tqdm(combos, desc="generating samples", disable=not progress, leave=False):
-            depths = plan.depths if suites.uses_depths(task) else None
+            depths = suite.depths if suites.uses_depths(task) else None
             haystack = prose if RULER_TASKS[task].options.get("haystack") == "essay" else None
-            samples += generate(task, tokenizer, length, plan.samples, seed=suites.length_seed(job.seed, j),
+            samples += generate(task, tokenizer, length, suite.samples, seed=suites.length_seed(job.seed, j),
                                 depths=depths, haystack_text=haystack)
-    elif plan.suite.source == "longbench":
+    elif suite.source == "longbench":
         from echokv.eval.longbench import load_longbench
 
-        cap = plan.longbench_max_prompt(kv_geometry(model).max_context)
-        samples = load_longbench(job.data, plan.tasks, tokenizer, max_prompt_tokens=cap, limit=plan.samples)
-    if plan.max_new_tokens:
+        cap = suite.longbench_max_prompt(kv_geometry(model).max_context)
+        samples = load_longbench(job.data, suite.tasks, tokenizer, max_prompt_tokens=cap, limit=suite.samples)
+    if suite.max_new_tokens:
         for s in samples:
-            s.max_new_tokens = min(s.max_new_tokens, plan.max_new_tokens)
+            s.max_new_tokens = min(s.max_new_tokens, suite.max_new_tokens)
 
     groups: dict[tuple, list] = {}
     for s in samples:
-        length = s.context_length if plan.suite.source == "ruler" else None
+        length = s.context_length if suite.source == "ruler" else None
         groups.setdefault((s.task, length, s.depth), []).append(s)
     cells = []
     for (task, length, depth), group in groups.items():
@@ -242,10 +234,10 @@ def build_inputs(job: EvalJob, model, tokenizer, progress: bool = True) -> Input
     ids = {id(s): prompt_ids(tokenizer, s) for s in samples}
 
     blocks = None
-    if plan.perplexity is not None:
+    if suite.perplexity is not None:
         from echokv.eval.perplexity import heldout_blocks
 
-        blocks = heldout_blocks(tokenizer, plan.perplexity)
+        blocks = heldout_blocks(tokenizer, suite.perplexity)
     return Inputs(cells, blocks, ids)
 
 
@@ -266,11 +258,10 @@ def run_method(name: str, ratio: float, model, tokenizer, job: EvalJob, inputs: 
     """Rows of one (method, ratio) over every cell, and its perplexity row; failures become error rows."""
     from tqdm.auto import tqdm
 
-    from echokv.baselines.base import MethodUnavailable
     from echokv.eval.metrics import score
-    from echokv.methods import make_method
+    from echokv.methods import MethodUnavailable, make_method
 
-    plan = job.plan
+    suite = job.suite
     base = {"method": name, "compression_ratio": float(ratio)}
     label = name if name == FULL else f"{name}@{ratio:g}"
     try:
@@ -278,6 +269,7 @@ def run_method(name: str, ratio: float, model, tokenizer, job: EvalJob, inputs: 
         start = time.perf_counter()
         method.prepare(model, tokenizer, calibration)
         prepare_seconds = time.perf_counter() - start
+        info = method.info()
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of one method must not stop the others
@@ -337,6 +329,7 @@ def run_method(name: str, ratio: float, model, tokenizer, job: EvalJob, inputs: 
             "new_tokens": sum(new_tokens) / n,
             "seconds": seconds,
             "prepare_seconds": prepare_seconds,
+            "method_info": info,
         })
     bar.close()
 
@@ -346,9 +339,10 @@ def run_method(name: str, ratio: float, model, tokenizer, job: EvalJob, inputs: 
         try:
             if unavailable:
                 raise MethodUnavailable(unavailable)
-            row = {**base, **perplexity_row(model, method, inputs.ppl_blocks, plan.perplexity.chunk, progress,
+            row = {**base, **perplexity_row(model, method, inputs.ppl_blocks, suite.perplexity.chunk, progress,
                                             desc=f"{label} perplexity")}
             row["prepare_seconds"] = prepare_seconds
+            row["method_info"] = info
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001
@@ -360,24 +354,22 @@ def run_method(name: str, ratio: float, model, tokenizer, job: EvalJob, inputs: 
 
 
 def _report_failure(label: str, where: str, exc: BaseException) -> None:
-    """Say on stderr that a method failed; with the end of the traceback unless it is unavailable here."""
-    from tqdm.auto import tqdm
+    """Log that a method failed; with the end of the traceback unless it is unavailable here."""
+    from echokv.methods import MethodUnavailable
 
-    from echokv.baselines.base import MethodUnavailable
-
-    tqdm.write(f"[echokv eval] {label} failed ({where}): {_message(exc)}", file=sys.stderr)
+    log.error("[echokv eval] %s failed (%s): %s", label, where, _message(exc))
     if not isinstance(exc, MethodUnavailable):
-        tqdm.write("".join(traceback.format_exception(exc, limit=-3)).rstrip(), file=sys.stderr)
+        log.error("%s", "".join(traceback.format_exception(exc, limit=-3)).rstrip())
 
 
 def execute(job: EvalJob, model, tokenizer, progress: bool = True) -> list[dict]:
     """Check against the model, build the inputs once, run every (method, ratio), write the results."""
-    from echokv.baselines.base import Calibration
     from echokv.data import token_blocks
+    from echokv.stats.collect import Calibration
 
     check_with_model(job, model)
-    for note in job.notes + job.plan.notes:
-        print(f"[echokv eval] {note}", file=sys.stderr)
+    for note in job.notes + job.suite.notes:
+        log.warning("[echokv eval] %s", note)
     inputs = build_inputs(job, model, tokenizer, progress)
     calibration = None
     if any(name != FULL for name, _ in job.runs):
@@ -397,18 +389,26 @@ def write(rows: list[dict], predictions: list[dict], job: EvalJob) -> dict[str, 
 
     Task rows go through :func:`echokv.eval.report.write_results`; perplexity rows, which are not
     scores of a task, get their own table and figure (:mod:`echokv.eval.perplexity`) appended to
-    the report.
+    the report. Each file appears complete (:func:`~echokv.util.atomic_dir`); other files in ``job.out`` stay.
     """
-    from echokv.eval.perplexity import perplexity_table, plot_perplexity
-    from echokv.eval.report import write_results
+    from echokv.util import atomic_dir
 
     out = job.out
     if out.is_dir() and job.overwrite:  # files of an earlier run that this one might not rewrite
         for path in list(out.glob("*.png")) + [out / f for f in GENERATED_FILES]:
             if path.is_file():
                 path.unlink()
+    with atomic_dir(out, overwrite=True, replace=False) as tmp:  # (make_job checked the folder)
+        written = _write_files(rows, predictions, job, tmp)
+    return {key: out / path.name for key, path in written.items()}
+
+
+def _write_files(rows: list[dict], predictions: list[dict], job: EvalJob, out: Path) -> dict[str, Path]:
+    from echokv.eval.perplexity import perplexity_table, plot_perplexity
+    from echokv.eval.report import write_results
+
     task_rows = [r for r in rows if r.get("task") != PERPLEXITY]
-    written = write_results(task_rows, out, job.plan.name)
+    written = write_results(task_rows, out, job.suite.name)
     written["results"].write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     ppl = perplexity_table(rows)
     if ppl:
@@ -417,8 +417,8 @@ def write(rows: list[dict], predictions: list[dict], job: EvalJob) -> dict[str, 
             text = text.rstrip() + "\n"  # the ppl suite: no task table above
         text += ("\n\n## Perplexity\n\nHeld-out perplexity of the evaluation split "
                  f"({_ppl_tokens(rows)} predicted tokens per method), streamed through each method's cache in "
-                 f"chunks of {job.plan.perplexity.chunk} tokens (lower is better).\n\n" + "\n".join(ppl) + "\n")
-        png = plot_perplexity(rows, out / f"{job.plan.name}_perplexity_vs_kept.png")
+                 f"chunks of {job.suite.perplexity.chunk} tokens (lower is better).\n\n" + "\n".join(ppl) + "\n")
+        png = plot_perplexity(rows, out / f"{job.suite.name}_perplexity_vs_kept.png")
         if png is not None:
             written["perplexity_plot"] = png
             text += f"\n![perplexity vs kept KV fraction]({png.name})\n"
@@ -454,13 +454,13 @@ def run_eval(model, tokenizer, suite: str, methods, ratios, artifacts=None, data
         progress: tqdm progress bars.
         overwrite: allow ``out`` to exist.
 
-    Every check runs before any model work (:func:`plan_eval`, :func:`check_with_model`).
+    Every check runs before any model work (:func:`make_job`, :func:`check_with_model`).
     """
-    job = plan_eval(suite, methods, ratios, artifacts, data, tasks, context_lengths, samples, seed, out, overwrite)
+    job = make_job(suite, methods, ratios, artifacts, data, tasks, context_lengths, samples, seed, out, overwrite)
     return execute(job, model, tokenizer, progress)
 
 
-# -- command line ----------------------------------------------------------------------------------
+# -- summary -------------------------------------------------------------------------------------------
 
 
 def summary_lines(rows: list[dict]) -> list[str]:
@@ -504,21 +504,3 @@ def summary_lines(rows: list[dict]) -> list[str]:
         lines.append(f"{key[1]:<16} {key[2]:>5g} {kept_text:>5} " + " ".join(f"{v:>16}" for v in values)
                      + f" {seconds:>8.1f}")
     return lines
-
-
-def cmd_eval(args) -> int:
-    """``echokv eval``: validate, load the model, check against it, evaluate, write and summarise."""
-    from echokv.cli import _load
-
-    start = time.perf_counter()
-    job = plan_eval(args.suite, args.methods, args.compression_ratios, args.artifacts, args.data, args.tasks,
-                    args.context_lengths, args.samples, args.seed, args.out, args.overwrite)
-    model, tokenizer = _load(args)
-    rows = execute(job, model, tokenizer, progress=True)
-    errors = [r for r in rows if r.get("error")]
-    print("\n".join(summary_lines(rows)))
-    print(f"wrote {job.out / 'report.md'} and {job.out / 'results.json'} "
-          f"({time.perf_counter() - start:.0f} s in all)")
-    if errors:
-        print(f"{len(errors)} result row(s) hold errors; see the report", file=sys.stderr)
-    return 0

@@ -2,7 +2,7 @@
 
 A :class:`Suite` is a default; :func:`resolve` applies the command line's overrides (``--tasks``,
 ``--context-lengths``, ``--samples``) and validates the names, before any model is loaded, into a
-:class:`Plan`. :func:`Plan.check_model` then checks the lengths against the model's context.
+:class:`ResolvedSuite`. :func:`ResolvedSuite.check_model` then checks the lengths against the model's context.
 
 Suites
 ------
@@ -58,6 +58,7 @@ from dataclasses import dataclass, field, replace
 
 from echokv.eval.longbench import LONGBENCH_TASKS
 from echokv.eval.ruler import NIAH_TASKS, RULER_TASKS
+from echokv.util import parse_csv
 
 #: the task name of a perplexity measurement (allowed in ``--tasks`` of the quick and ppl suites)
 PERPLEXITY = "perplexity"
@@ -120,15 +121,15 @@ SUITE_DEFS: dict[str, Suite] = {
 
 
 @dataclass
-class Plan:
-    """What one evaluation runs: the suite's defaults with the user's overrides applied.
+class ResolvedSuite:
+    """What one evaluation runs: the suite's defaults (``defaults``) with the user's overrides applied.
 
     ``tasks`` are RULER or LongBench task names (the perplexity part is ``perplexity``, not in
     ``tasks``); ``context_lengths`` are RULER prompt lengths (LongBench: at most one, the prompt
     cap); ``samples`` per task and length (LongBench: first n per task, None = all).
     """
 
-    suite: Suite
+    defaults: Suite
     tasks: list[str]
     context_lengths: list[int]
     samples: int | None
@@ -140,13 +141,17 @@ class Plan:
 
     @property
     def name(self) -> str:
-        return self.suite.name
+        return self.defaults.name
+
+    @property
+    def source(self) -> str:
+        return self.defaults.source
 
     def generation_budget(self) -> int:
-        """The most new tokens any sample of the plan may generate."""
-        if self.suite.source == "ruler":
+        """The most new tokens any sample may generate."""
+        if self.source == "ruler":
             budget = max((RULER_TASKS[t].max_new_tokens for t in self.tasks), default=0)
-        elif self.suite.source == "longbench":
+        elif self.source == "longbench":
             budget = max((LONGBENCH_TASKS[t].max_new_tokens for t in self.tasks), default=0)
         else:
             budget = 0
@@ -162,9 +167,9 @@ class Plan:
         if not max_context:
             return
         budget = self.generation_budget()
-        if self.suite.source in ("ruler", "longbench") and self.tasks:
+        if self.source in ("ruler", "longbench") and self.tasks:
             too_long = [c for c in self.context_lengths if c + budget > max_context]
-            if too_long and (self.explicit_lengths or not self.suite.clip_lengths):
+            if too_long and (self.explicit_lengths or not self.defaults.clip_lengths):
                 raise ValueError(
                     f"context length(s) {', '.join(map(str, too_long))} do not fit the model's context of "
                     f"{max_context} tokens (with up to {budget} generated tokens); pass --context-lengths "
@@ -194,27 +199,14 @@ class Plan:
         return max_context - self.generation_budget() - LONGBENCH_MARGIN
 
 
-def _split(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    items = [t.strip() for t in str(text).split(",") if t.strip()]
-    return items
-
-
 def parse_lengths(text: str | list | tuple | None) -> list[int] | None:
     """``"512,1024"`` (or a list of ints) -> ``[512, 1024]``; every length must be a positive integer."""
-    if text is None:
+    lengths = parse_csv(text, int, "context length", "--context-lengths 1024,2048")
+    if lengths is None:
         return None
-    items = _split(text) if isinstance(text, str) else list(text)
-    lengths = []
-    for item in items:
-        try:
-            value = int(item)
-        except (TypeError, ValueError):
-            raise ValueError(f"context length {item!r} is not an integer (pass e.g. --context-lengths 1024,2048)") from None
+    for value in lengths:
         if value < 1:
             raise ValueError(f"context lengths must be positive token counts, got {value}")
-        lengths.append(value)
     if not lengths:
         raise ValueError("--context-lengths is empty; pass e.g. --context-lengths 1024,2048")
     return lengths
@@ -222,16 +214,16 @@ def parse_lengths(text: str | list | tuple | None) -> list[int] | None:
 
 def parse_tasks(text: str | list | tuple | None) -> list[str] | None:
     """``"niah_single_1,vt"`` (or a list) -> task names (not yet checked against a suite)."""
-    if text is None:
+    tasks = parse_csv(text, lambda t: str(t).strip(), "task")
+    if tasks is None:
         return None
-    tasks = _split(text) if isinstance(text, str) else [str(t).strip() for t in text]
     if not tasks:
         raise ValueError("--tasks is empty; pass comma-separated task names")
     return tasks
 
 
-def resolve(suite: str, tasks=None, context_lengths=None, samples: int | None = None) -> Plan:
-    """The plan of ``suite`` with the overrides applied; unknown suites, tasks or bad numbers raise.
+def resolve(suite: str, tasks=None, context_lengths=None, samples: int | None = None) -> ResolvedSuite:
+    """``suite`` with the overrides applied; unknown suites, tasks or bad numbers raise.
 
     ``tasks`` / ``context_lengths`` are comma-separated strings or lists. For ``quick`` and ``ppl``,
     the task ``perplexity`` selects the perplexity measurement (quick runs it with its RULER tasks by
@@ -253,7 +245,7 @@ def resolve(suite: str, tasks=None, context_lengths=None, samples: int | None = 
             raise ValueError("the ppl suite takes one --context-lengths value: the length of each sequence")
         ppl = replace(spec.perplexity, sequences=samples or spec.perplexity.sequences,
                       seq_len=lengths[0] if lengths else spec.perplexity.seq_len)
-        return Plan(spec, [], [], None, None, None, ppl, explicit_lengths=lengths is not None)
+        return ResolvedSuite(spec, [], [], None, None, None, ppl, explicit_lengths=lengths is not None)
 
     if spec.source == "longbench":
         known = LONGBENCH_TASKS
@@ -273,15 +265,16 @@ def resolve(suite: str, tasks=None, context_lengths=None, samples: int | None = 
     ppl = spec.perplexity if PERPLEXITY in chosen else None
     chosen = [t for t in chosen if t != PERPLEXITY]
     if spec.source == "longbench":
-        return Plan(spec, chosen, lengths or [], samples, None, None, None, explicit_lengths=lengths is not None)
-    return Plan(
+        return ResolvedSuite(spec, chosen, lengths or [], samples, None, None, None,
+                             explicit_lengths=lengths is not None)
+    return ResolvedSuite(
         spec, chosen, lengths or list(spec.context_lengths), samples or spec.samples, spec.depths,
         spec.max_new_tokens, ppl, explicit_lengths=lengths is not None,
     )
 
 
 def length_seed(seed: int, index: int) -> int:
-    """Seed of the RULER samples at the ``index``-th context length of a plan.
+    """Seed of the RULER samples at the ``index``-th context length of a suite.
 
     Each length gets its own seed, so the samples of different lengths hold different needles
     and keys: every sample of a task is an independent draw (the sample count behind a task's

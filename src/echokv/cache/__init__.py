@@ -1,0 +1,21 @@
+"""The KV cache: transformers' per-layer protocol, with groups of layers that share one store of compressed
+tokens, a small codec protocol, byte accounting for any cache, and the scoped echokv attention.
+
+* :mod:`~echokv.cache.compressed`: ``CompressedCache`` (full mode, then compressed by a codec), ``FullCache``,
+  ``EchoKVCache``;
+* :mod:`~echokv.cache.layers`: ``GrowingLayer`` (appends in place), ``CompressedLayer`` (recent tokens + its
+  group's store);
+* :mod:`~echokv.cache.store`: ``GroupStore``, ``Appender``;
+* :mod:`~echokv.cache.codec`: the ``KVCodec`` protocol (codecs themselves live in :mod:`echokv.codecs`);
+* :mod:`~echokv.cache.accounting`: bytes of any transformers cache;
+* :mod:`~echokv.cache.attention`: the echokv attention and ``echokv_attention(model)``, its scope.
+"""
+
+from .attention import echokv_attention
+from .codec import KVCodec
+from .compressed import CompressedCache, EchoKVCache, FullCache
+from .layers import CompressedLayer, GrowingLayer
+from .store import Appender, GroupStore
+
+__all__ = ["Appender", "CompressedCache", "CompressedLayer", "EchoKVCache", "FullCache", "GroupStore",
+           "GrowingLayer", "KVCodec", "echokv_attention"]

@@ -1,0 +1,135 @@
+"""The ``echokv`` attention and its scope: the one place where echokv changes how a model attends.
+
+The ``echokv`` attention implementation, registered in transformers' attention and mask interfaces, calls the
+stock SDPA function with the stock SDPA mask, so a model switched to it computes bit-identical outputs. It
+has two hooks:
+
+* calibration capture (:func:`hooked`): a callback sees each layer's post-RoPE queries, keys and values;
+* the compressed cache's fast decode path (:func:`defer`): a cache layer's ``update`` hands the attention
+  call that immediately follows it in the same layer a function computing that layer's attention over the
+  compressed past (:meth:`~echokv.cache.codec.KVCodec.fast_attention`), through a context variable.
+
+Building a cache never changes the model. A model runs the echokv attention only inside
+``with echokv_attention(model):`` (or :func:`echokv.generate`, which opens that scope for a cache that asks for
+the fast path); the model's configuration is restored on exit. A cache defers to the fast path only while its
+model is in that scope (:func:`in_scope`); outside it, it rebuilds the compressed past explicitly, which gives
+the same outputs (the reference the fast path is tested against).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable
+
+NAME = "echokv"
+
+# hook(module, query, key, value, attention_mask, scaling) -> attention output [B, T, H, d] or None
+_HOOK: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("echokv_attention_hook", default=None)
+# (layer_idx, fn(query, key, value, attention_mask, scaling)): set by a cache layer's update() for the
+# attention call that immediately follows it in the same layer
+_DEFERRED: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("echokv_deferred", default=None)
+# ids of the model configs that run the echokv attention in the current scope
+_SCOPE: contextvars.ContextVar[frozenset] = contextvars.ContextVar("echokv_scope", default=frozenset())
+
+
+_SDPA: Callable | None = None
+
+
+def _sdpa() -> Callable:
+    global _SDPA  # looked up once: this runs for every layer of every decode step
+    if _SDPA is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        _SDPA = sdpa_attention_forward
+    return _SDPA
+
+
+def echokv_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    deferred = _DEFERRED.get()
+    if deferred is not None and deferred[0] == module.layer_idx:
+        _DEFERRED.set(None)
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        return deferred[1](query, key, value, attention_mask, scaling), None
+    hook = _HOOK.get()
+    if hook is not None:
+        out = hook(module, query, key, value, attention_mask, kwargs.get("scaling"))
+        if out is not None:
+            return out, None
+    return _sdpa()(module, query, key, value, attention_mask, **kwargs)
+
+
+def defer(layer_idx: int, fn: Callable) -> None:
+    """Have the next echokv attention call of layer ``layer_idx`` computed by ``fn`` instead."""
+    _DEFERRED.set((layer_idx, fn))
+
+
+def register() -> None:
+    """Make ``attn_implementation="echokv"`` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(NAME, echokv_attention_forward)
+    AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def _configs(model):
+    cfg = model.config
+    yield cfg
+    for name in ("text_config", "decoder"):
+        sub = getattr(cfg, name, None)
+        if sub is not None and sub is not cfg:
+            yield sub
+
+
+def config_ids(model) -> frozenset:
+    """What identifies ``model`` to :func:`in_scope` (plain ints: a deep-copied cache keeps them)."""
+    return frozenset(id(cfg) for cfg in _configs(model))
+
+
+def in_scope(ids: frozenset) -> bool:
+    """Whether the model of ``ids`` (:func:`config_ids`) runs the echokv attention in the current scope."""
+    return ids <= _SCOPE.get()
+
+
+@contextlib.contextmanager
+def implementation(model, name: str = NAME):
+    """Run the block with ``model`` switched to the attention implementation ``name`` (restored afterwards).
+
+    ``"echokv"`` accepts a model loaded with SDPA (or eager) attention: its outputs stay identical to SDPA.
+    """
+    saved = [(cfg, cfg._attn_implementation) for cfg in _configs(model)]
+    ids = config_ids(model)
+    if name == NAME:
+        register()
+        for cfg, impl in saved:
+            if impl not in (None, "sdpa", "eager", NAME):
+                raise ValueError(
+                    f"echokv needs the model's attention to be 'sdpa' (or 'eager'), not {impl!r}: load it with "
+                    "attn_implementation='sdpa'"
+                )
+    for cfg, _ in saved:
+        cfg._attn_implementation = name
+    token = _SCOPE.set(_SCOPE.get() | ids if name == NAME else _SCOPE.get() - ids)
+    try:
+        yield model
+    finally:
+        _SCOPE.reset(token)
+        for cfg, impl in saved:
+            cfg._attn_implementation = impl
+
+
+def echokv_attention(model):
+    """``with echokv_attention(model):`` runs ``model`` with the echokv attention, which lets a compressed cache
+    use its fast decode path (see the module docstring); the model is restored on exit."""
+    return implementation(model, NAME)
+
+
+@contextlib.contextmanager
+def hooked(hook: Callable):
+    """Run the block with ``hook`` called on every attention of a model that uses the echokv attention."""
+    token = _HOOK.set(hook)
+    try:
+        yield
+    finally:
+        _HOOK.reset(token)

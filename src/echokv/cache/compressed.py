@@ -1,0 +1,224 @@
+"""A transformers cache that runs in full mode and switches to a compressed store on demand.
+
+``CompressedCache`` is a :class:`transformers.DynamicCache` whose full-attention layers are
+:class:`~echokv.cache.layers.CompressedLayer` objects. In full mode they hold the same K/V tensors as
+transformers' ``DynamicLayer`` (logits are bit-identical to the default cache), appended in place instead of
+copied by ``torch.cat`` at every step. Once compressed, every token older than the optional full window W is
+handed to the codec (:mod:`echokv.cache.codec`), group by group, into the group's shared
+:class:`~echokv.cache.store.GroupStore`; each layer gives its full K/V back from there when attention asks.
+Sliding-window layers keep their own behaviour.
+
+Prefill: one ``model(...)`` call attends with the exact K/V of its own tokens; compression happens after the
+call (:func:`echokv.generation.prefill` feeds a long prompt in chunks so the cache compresses between them).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from ..config import CACHE_MODES
+from ..models import kv_geometry
+from . import accounting, attention
+from .codec import KVCodec
+from .layers import CompressedLayer, GrowingLayer
+from .store import GroupStore
+
+
+class CompressedCache(DynamicCache):
+    """Full cache until a switch; compressed by ``codec`` afterwards.
+
+    Args:
+        model: the model the cache is used with (for its layer layout). The model is not changed.
+        codec: what compressed tokens become (``None``: nothing is ever compressed).
+        mode: ``"full"`` (until :meth:`compress` is called), ``"compressed"`` (from the first token),
+            or ``"auto"`` (switch at ``switch_at_tokens`` or ``memory_budget_bytes``).
+        switch_at_tokens: auto mode: compress once the context holds at least this many tokens.
+        memory_budget_bytes: auto mode: compress once the cache would hold more than this many bytes.
+        full_window: keep the most recent W tokens uncompressed (0: compress everything).
+        fast: use the codec's fast attention where it has one, inside the echokv attention scope
+            (:mod:`echokv.cache.attention`); elsewhere the compressed past is rebuilt explicitly.
+    """
+
+    MODES = CACHE_MODES
+
+    def __init__(
+        self,
+        model,
+        codec: KVCodec | None,
+        mode: str = "auto",
+        switch_at_tokens: int | None = None,
+        memory_budget_bytes: int | None = None,
+        full_window: int = 0,
+        fast: bool = False,
+    ):
+        if mode not in self.MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(self.MODES)}")
+        if switch_at_tokens is not None and (not isinstance(switch_at_tokens, int) or switch_at_tokens < 1):
+            raise ValueError(f"switch_at_tokens must be a positive integer, got {switch_at_tokens!r}")
+        if memory_budget_bytes is not None and (
+            not isinstance(memory_budget_bytes, int) or memory_budget_bytes < 1
+        ):
+            raise ValueError(f"memory_budget_bytes must be a positive integer, got {memory_budget_bytes!r}")
+        if not isinstance(full_window, int) or full_window < 0:
+            raise ValueError(f"full_window must be a non-negative integer, got {full_window!r}")
+        if mode == "auto" and switch_at_tokens is None and memory_budget_bytes is None:
+            raise ValueError("mode 'auto' needs switch_at_tokens or memory_budget_bytes")
+        super().__init__(config=model.config)
+        self.geometry = kv_geometry(model)
+        if len(self.layers) != self.geometry.num_layers:  # config without layer types: build them now
+            self.layers = [DynamicLayer() for _ in range(self.geometry.num_layers)]
+            self.layer_class_to_replicate = None
+        for i, layer in enumerate(self.layers):  # same tensors as stock, appended in place
+            if type(layer) is DynamicLayer:
+                self.layers[i] = GrowingLayer()
+        self.codec = codec
+        self.fast = fast
+        self.stores = [GroupStore(group) for group in (codec.groups if codec is not None else [])]
+        self.compressible = sorted(i for store in self.stores for i in store.layers)
+        fast_for = attention.config_ids(model) if fast else None
+        for store in self.stores:
+            for i in store.layers:
+                if type(self.layers[i]) is not GrowingLayer:
+                    raise ValueError(f"layer {i} is not a full-attention layer; the codec cannot compress it")
+                self.layers[i] = CompressedLayer(i, store, codec, fast_for)
+        self.mode = mode
+        self.switch_at_tokens = switch_at_tokens
+        self.memory_budget_bytes = memory_budget_bytes
+        self.full_window = full_window
+        self.is_compressed = mode == "compressed"
+        self.switched_at: int | None = 0 if self.is_compressed else None
+
+    # -- the cache protocol: each layer updates itself; the stores are handled once per group ----------------
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx == len(self.layers) - 1:
+            self._after_forward()
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if layer_idx >= len(self.layers):
+            return 0
+        return self.layers[layer_idx].get_seq_length()
+
+    def reset(self) -> None:
+        super().reset()
+        for store in self.stores:
+            store.reset()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        for store in self.stores:
+            store.batch_select_indices(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        for store in self.stores:
+            store.batch_repeat_interleave(repeats)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        for store in self.stores:
+            store.reorder_cache(beam_idx)
+
+    # -- switching ------------------------------------------------------------------------------------------
+    def seen_tokens(self) -> int:
+        return self.layers[self.compressible[0]].get_seq_length() if self.compressible else 0
+
+    def _should_switch(self) -> bool:
+        if self.mode != "auto":
+            return False
+        if self.switch_at_tokens is not None and self.seen_tokens() >= self.switch_at_tokens:
+            return True
+        return self.memory_budget_bytes is not None and self.nbytes() > self.memory_budget_bytes
+
+    def _after_forward(self) -> None:
+        if not self.is_compressed and self._should_switch():
+            self.is_compressed, self.switched_at = True, self.seen_tokens()
+        if self.is_compressed:
+            self._flush()
+
+    def compress(self) -> None:
+        """Switch to compressed mode now: existing entries are converted and their memory freed."""
+        if not self.is_compressed:
+            self.is_compressed, self.switched_at = True, self.seen_tokens()
+        self._flush()
+
+    def _flush(self) -> None:
+        """Move every token older than the full window from the recent part into the group stores."""
+        n = min((self.layers[i].recent_length() for i in self.compressible), default=0) - self.full_window
+        if n <= 0:
+            return
+        for gi, store in enumerate(self.stores):
+            layers = [self.layers[i] for i in store.layers]
+            keys = [lay.keys[:, :, :n] for lay in layers]
+            values = [lay.values[:, :, :n] for lay in layers]
+            store.append(self.codec.encode(gi, keys, values), n)
+            for lay in layers:
+                lay.drop_oldest(n)
+
+    @property
+    def mode_now(self) -> str:
+        return "compressed" if self.is_compressed else "full"
+
+    # -- memory accounting (:mod:`echokv.cache.accounting`) ----------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes of the tokens the cache holds now (recent K/V and stored tensors, without spare room)."""
+        return accounting.nbytes(self)
+
+    def full_nbytes(self) -> int:
+        """Bytes a default DynamicCache would hold for the same tokens."""
+        return accounting.full_nbytes(self)
+
+    def reserved_nbytes(self) -> int:
+        """Bytes of the memory blocks behind the cache's tensors: :meth:`nbytes` plus the spare room of
+        the buffers that grow in place (and the bases of views, e.g. a sliding window's)."""
+        return accounting.reserved_nbytes(self)
+
+    def kept_fraction(self) -> float:
+        return accounting.kept_fraction(self)
+
+    def memory_report(self) -> dict:
+        return {
+            "mode": self.mode_now,
+            "switched_at": self.switched_at,
+            "tokens": self.seen_tokens(),
+            "cache_bytes": self.nbytes(),
+            "reserved_bytes": self.reserved_nbytes(),
+            "full_cache_bytes": self.full_nbytes(),
+            "kept_fraction": self.kept_fraction(),
+        }
+
+
+class FullCache(CompressedCache):
+    """The default dynamic cache (appending in place) with the same accounting interface; nothing is ever
+    compressed (:meth:`compress` does nothing)."""
+
+    def __init__(self, model):
+        super().__init__(model, None, mode="full")
+
+    def compress(self) -> None:
+        pass
+
+
+class EchoKVCache(CompressedCache):
+    """EchoKV cache: ``EchoKVCache(model, artifact_dir_or_reconstructor, switch_at_tokens=4096)``.
+
+    ``fast=True`` (the default where it applies) decodes compressed layers with the fast attention of
+    :mod:`echokv.codecs.echo` inside the echokv attention scope (:func:`echokv.generate` opens it);
+    ``fast=False`` always rebuilds the discarded heads explicitly (the reference).
+    """
+
+    def __init__(self, model, artifact, mode: str | None = None, **kwargs):
+        from ..artifact import load
+        from ..codecs.echo import EchoCodec
+        from ..reconstructor import Reconstructor
+
+        recon = artifact if isinstance(artifact, Reconstructor) else load(artifact, model)
+        param = next(model.parameters())
+        recon.to(device=param.device)
+        if mode is None:
+            mode = "auto" if kwargs.get("switch_at_tokens") or kwargs.get("memory_budget_bytes") else "full"
+        kwargs.setdefault("fast", getattr(model.config, "attn_logit_softcapping", None) is None)
+        super().__init__(model, EchoCodec(recon), mode=mode, **kwargs)

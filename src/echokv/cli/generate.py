@@ -1,0 +1,82 @@
+"""``echokv generate``: text through the full or the compressed cache."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .. import cli
+from ..config import GenerateConfig
+from ._args import UsageError, from_args
+
+CONFIGS = (GenerateConfig,)
+HELP = "generate text with the full or the compressed cache"
+
+
+def _read_prompt(cfg: GenerateConfig) -> str:
+    if cfg.prompt_file:
+        path = Path(cfg.prompt_file)
+        if not path.is_file():
+            raise UsageError(f"prompt file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+    else:
+        text = cfg.prompt
+    if text is None or not text.strip():
+        raise UsageError("the prompt is empty; pass --prompt TEXT or --prompt-file FILE with some text")
+    return text
+
+
+def run(args) -> int:
+    from transformers import TextStreamer
+
+    from ..cache import EchoKVCache, FullCache
+    from ..generation import encode_prompt, generate
+    from ..models import kv_geometry
+
+    cfg = from_args(args, GenerateConfig)
+    text = _read_prompt(cfg)
+    if cfg.mode in ("compressed", "auto") and not cfg.artifact:
+        raise UsageError(f"--mode {cfg.mode} needs --artifact DIR (train one with `echokv train`)")
+    if cfg.mode == "auto" and cfg.switch_at is None and cfg.memory_budget is None:
+        raise UsageError("--mode auto needs --switch-at N (tokens) or --memory-budget BYTES")
+    if cfg.artifact:
+        from ..artifact import read_config
+
+        read_config(cfg.artifact)  # complete and well-formed, before the model loads
+    model, tokenizer = cli._load(cfg)
+    ids = encode_prompt(tokenizer, text, None if cfg.chat == "auto" else cfg.chat == "on")
+    ctx = kv_geometry(model).max_context
+    if ctx and ids.shape[1] + cfg.max_new_tokens > ctx:
+        raise UsageError(
+            f"the prompt has {ids.shape[1]} tokens; with --max-new-tokens {cfg.max_new_tokens} it exceeds the "
+            f"model's context of {ctx} tokens: shorten the prompt or ask for fewer tokens"
+        )
+    if cfg.artifact:
+        cache = EchoKVCache(model, cfg.artifact, mode=cfg.mode, switch_at_tokens=cfg.switch_at,
+                            memory_budget_bytes=cfg.memory_budget, full_window=cfg.full_window)
+    else:
+        cache = FullCache(model)
+    streamer = None if cfg.json else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    new = generate(model, ids, cache, max_new_tokens=cfg.max_new_tokens, sample=cfg.sample,
+                   temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, streamer=streamer,
+                   pad_token_id=tokenizer.pad_token_id)[0]
+    report = cache.memory_report()
+    if cfg.json:
+        print(json.dumps({
+            "text": tokenizer.decode(new, skip_special_tokens=True),
+            "mode_at_end": report["mode"],
+            "switched_at": report["switched_at"],
+            "prompt_tokens": int(ids.shape[1]),
+            "new_tokens": int(new.shape[0]),
+            "cache_bytes": report["cache_bytes"],
+            "full_cache_bytes": report["full_cache_bytes"],
+            "kept_fraction": report["kept_fraction"],
+        }))
+    else:
+        print(
+            f"\n[{report['mode']} mode at end; cache {report['cache_bytes'] / 1e6:.2f} MB of "
+            f"{report['full_cache_bytes'] / 1e6:.2f} MB full (kept {report['kept_fraction']:.3f})]",
+            file=sys.stderr,
+        )
+    return 0

@@ -1,0 +1,42 @@
+"""``echokv train``: calibrate, select, fit (stage 1), fine-tune (stage 2), write an artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import cli
+from ..config import ModelConfig, TrainConfig, TrainOutput
+from ._args import from_args
+
+CONFIGS = (ModelConfig, TrainConfig, TrainOutput)
+HELP = "train a reconstructor (stage 1 + stage 2) and write an artifact"
+
+
+def run(args) -> int:
+    from .. import artifact
+    from ..data import require_tokens
+    from ..training import train
+    from ..util import check_output_dir
+
+    cfg, output = from_args(args, TrainConfig), from_args(args, TrainOutput)
+    out = Path(output.out)
+    check_output_dir(out, output.overwrite)
+    cfg.ratios()
+    model, tokenizer = cli._load(from_args(args, ModelConfig))
+    cfg.validate(model)
+    require_tokens(tokenizer, "calibration", cfg.calib_tokens, cfg.seq_len, cfg.text_paths)
+    require_tokens(tokenizer, "evaluation", cfg.heldout_tokens, cfg.seq_len, cfg.text_paths)
+    recon, report = train(model, tokenizer, cfg)
+    artifact.save(recon, model, out, report, overwrite=output.overwrite)
+    s1, s2 = report["stage1"], report["stage2"]
+    print(
+        f"wrote {out}: kept fraction {report['kept_fraction']:.3f} (K {report['kept_fraction_k']:.3f}, "
+        f"V {report['kept_fraction_v']:.3f}), network {report['reconstructor_bytes'] / 1e6:.2f} MB"
+    )
+    print(f"stage 1: {s1['seconds']:.1f} s, calibration rel. error {s1['final_loss']:.4f}")
+    print(
+        f"stage 2: {s2['seconds']:.1f} s, held-out output MSE {s2['omse_before']:.4f} -> {s2['omse_after']:.4f}"
+        + (" (reverted to stage 1: stage 2 did not help on its training data)" if s2["reverted_to_stage1"] else "")
+    )
+    print(f"total {report['total_seconds']:.1f} s; report in {out / artifact.REPORT}")
+    return 0

@@ -1,0 +1,194 @@
+"""Every default in one place: training's configuration and each command's options.
+
+Each field's ``metadata`` carries its help (and, where the command line needs them, its flag aliases, a value
+check, choices): the command line (``cli/_args.py``) makes its flags from these dataclasses and builds them
+back from the parsed flags, so a default is written once, here, and every field is reachable from the command
+line. Measured tuning constants stay next to the code they tune, with their measurement notes
+(:data:`HYBRID_KEY_SHARE` here; ``FAST_MAX_QUERIES`` in :mod:`echokv.cache.layers`, ``SPARE_ROOM`` in
+:mod:`echokv.cache.store`, ``CAPTURE_BLOCK`` in :mod:`echokv.stats.collect`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field
+
+from .models import DEFAULT_MODEL, DTYPES, kv_geometry
+from .selection import INPUTS, check_ratio, make_groups
+from .stats.moments import RIDGE
+
+#: EchoKV's variants: ``hybrid`` (keys as a RoPE-commuting latent per group, values rebuilt from retained heads)
+#: and ``heads`` (the paper's form: discarded K and V heads rebuilt from retained ones)
+VARIANTS = ("hybrid", "heads")
+LAYOUTS = ("data", "paper")
+CACHE_MODES = ("full", "compressed", "auto")
+
+#: calibration text of training and of the evaluation's baselines: tokens, in sequences of this length
+CALIBRATION_TOKENS = 8192
+CALIBRATION_SEQ_LEN = 512
+
+# Hybrid default: keys get this share of the kept K+V budget. SmolLM2-135M, ratio 0.5, NIAH at 512
+# tokens (10 samples each): keys/values kept 0.4/0.6 found 3/10 needles, 0.5/0.5 7-9/10, 0.6/0.4 10/10,
+# although the held-out output MSE ranks them the other way (0.117 < 0.133 < 0.187).
+HYBRID_KEY_SHARE = 0.6
+
+
+def option(default=MISSING, help: str = "", *, aliases: tuple[str, ...] = (), check: str | None = None,
+           choices: tuple | None = None, one_of: str | None = None):
+    """A dataclass field with its command-line description.
+
+    ``aliases``: extra flags (``--steps`` for ``stage2_steps``); ``check``: a value check of the command line
+    (``"ratio"``, ``"positive"``, ``"non_negative"``); ``one_of``: fields sharing this tag form a required
+    group of which exactly one is given. A field without a default is a required flag.
+    """
+    meta = {"help": help, "aliases": aliases, "check": check, "choices": choices, "one_of": one_of}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Which model every command loads."""
+
+    model: str = option(DEFAULT_MODEL, "embedded name, Hub id, folder or .gguf")
+    dtype: str = option("float32", "dtype the model is loaded in", choices=tuple(DTYPES))
+    device: str = option("cpu", "torch device")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """How ``echokv train`` (:func:`echokv.training.train`) makes an artifact."""
+
+    compression_ratio: float = option(0.5, "fraction of the KV cache removed", check="ratio")
+    k_ratio: float | None = option(None, "compression ratio of keys (default: from --compression-ratio)",
+                                   check="ratio")
+    v_ratio: float | None = option(None, "compression ratio of values", check="ratio")
+    layout: str = option("data", "data (measured best): greedy choice of retained heads from calibration; paper: "
+                         "first layer of each group + first m heads (loses answers on SmolLM2 at 0.5)",
+                         choices=LAYOUTS)
+    variant: str = option("hybrid", "hybrid (measured best, EchoKV-Hybrid): keys as a low-rank latent that "
+                          "commutes with RoPE, values rebuilt from retained heads; keys get 60%% of the kept "
+                          "budget unless --k-ratio/--v-ratio are given. heads: rebuild discarded K and V heads "
+                          "(loses retrieval on SmolLM2 at 0.5, measured)", choices=VARIANTS)
+    group_size: int | None = option(None, "layers per group S (default: 4 for the data layout, searched for the "
+                                    "paper layout)", aliases=("-S",), check="positive")
+    m: int | None = option(None, "paper layout: heads kept in each non-first layer (default: searched)")
+    inputs: str | None = option(None, "which retained heads feed a discarded one (default: all for the data "
+                                "layout, global+local for the paper layout)", choices=INPUTS)
+    calib_tokens: int = option(CALIBRATION_TOKENS, "calibration tokens", check="positive")
+    seq_len: int = option(CALIBRATION_SEQ_LEN, "tokens per calibration sequence", check="positive")
+    heldout_tokens: int = option(2048, "held-out tokens for the report", check="positive")
+    stage2_sequences: int = option(8, "calibration sequences kept for stage 2", check="positive")
+    stage2_steps: int = option(60, "stage-2 steps (0: stage 1 only)", aliases=("--steps",))
+    stage2_lr: float = option(1e-3, "stage-2 learning rate (AdamW, cosine schedule)", aliases=("--lr",))
+    stage2_batch: int = option(2, "sequences per stage-2 step", check="positive")
+    stage2_queries: int | None = option(128, "query positions scored per sequence in stage 2 (None, from "
+                                        "Python: every position)", check="positive")
+    ridge: float = option(RIDGE, "stage-1 ridge, relative to the mean diagonal of the normal equations")
+    bias: bool = option(True, "value maps with a bias")
+    seed: int = option(0, "seed of stage 2")
+    text_paths: list[str] | None = option(None, "your own text files/folders instead of the bundled text",
+                                          aliases=("--text",))
+    progress: bool = option(True, "progress bars")
+
+    def record(self) -> dict:
+        """The configuration as an artifact records it (``config.json``'s ``training``, JSON values)."""
+        return json.loads(json.dumps({k: v for k, v in asdict(self).items() if k != "progress"}))
+
+    def ratios(self) -> tuple[float, float]:
+        """Compression ratios of keys and values. The hybrid, unless told otherwise, gives keys
+        :data:`HYBRID_KEY_SHARE` of the kept budget: retrieval follows key fidelity (measured)."""
+        r = check_ratio(self.compression_ratio)
+        if self.variant == "hybrid" and self.k_ratio is None and self.v_ratio is None:
+            kept = 1.0 - r
+            kept_k = min(1.0, 2 * HYBRID_KEY_SHARE * kept)
+            return round(1.0 - kept_k, 9), round(1.0 - (2 * kept - kept_k), 9)
+        k = check_ratio(self.k_ratio, "K ratio") if self.k_ratio is not None else r
+        v = check_ratio(self.v_ratio, "V ratio") if self.v_ratio is not None else r
+        return k, v
+
+    def validate(self, model) -> None:
+        """Raise before any work for settings that cannot fit the model."""
+        self.ratios()
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}; choose 'paper' or 'data'")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        geo = kv_geometry(model)
+        layers = geo.full_attention_layers
+        if self.group_size is not None:
+            make_groups(layers, self.group_size)
+        if self.m is not None and not (isinstance(self.m, int) and 0 <= self.m <= geo.num_kv_heads):
+            raise ValueError(
+                f"local input size m={self.m!r} does not fit this model: it must be in [0, {geo.num_kv_heads}]"
+            )
+        for name in ("calib_tokens", "seq_len", "stage2_batch", "heldout_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.stage2_steps < 0:
+            raise ValueError(f"stage2_steps must be >= 0, got {self.stage2_steps}")
+        if geo.max_context and self.seq_len > geo.max_context:
+            raise ValueError(f"seq_len {self.seq_len} exceeds the model's context of {geo.max_context} tokens")
+
+
+#: the variant ``echokv train`` makes, and so the one method ``echokv`` evaluates
+DEFAULT_VARIANT = TrainConfig.variant
+
+
+@dataclass(kw_only=True)
+class TrainOutput:
+    """Where ``echokv train`` writes its artifact."""
+
+    out: str = option(help="artifact folder to create")
+    overwrite: bool = option(False, "replace --out if it exists")
+
+
+@dataclass(kw_only=True)
+class InfoConfig(ModelConfig):
+    json: bool = option(False, "one JSON object")
+
+
+@dataclass(kw_only=True)
+class GenerateConfig(ModelConfig):
+    """``echokv generate``; the sampling defaults are also :func:`echokv.generation.generate`'s."""
+
+    artifact: str | None = option(None, "trained artifact folder (needed for compressed/auto)")
+    prompt: str | None = option(None, "the prompt", one_of="prompt")
+    prompt_file: str | None = option(None, "a file holding the prompt", one_of="prompt")
+    mode: str = option("full", "cache mode", choices=CACHE_MODES)
+    switch_at: int | None = option(None, "auto mode: compress from this many tokens", check="positive")
+    memory_budget: int | None = option(None, "auto mode: compress above this many bytes", check="positive")
+    full_window: int = option(0, "keep the last W tokens uncompressed", check="non_negative")
+    max_new_tokens: int = option(64, "tokens to generate", check="positive")
+    chat: str = option("auto", "use the chat template", choices=("auto", "on", "off"))
+    sample: bool = option(False, "sample instead of greedy decoding")
+    temperature: float = option(0.7, "sampling temperature")
+    top_p: float = option(0.9, "sampling nucleus")
+    seed: int = option(0, "sampling seed")
+    json: bool = option(False, "print one JSON object instead of streaming")
+
+
+@dataclass(kw_only=True)
+class AnalyzeConfig(ModelConfig):
+    calib_tokens: int = option(4096, "calibration tokens", check="positive")
+    seq_len: int = option(CALIBRATION_SEQ_LEN, "tokens per calibration sequence", check="positive")
+    layers: str | None = option(None, "range of layers to compare, e.g. 0-7 (default: all)")
+    text: list[str] | None = option(None, "your own text files/folders instead of the bundled text")
+    out: str = option(help="output folder to create")
+    overwrite: bool = option(False, "replace --out if it exists")
+
+
+@dataclass(kw_only=True)
+class BenchConfig(ModelConfig):
+    artifact: str = option(help="trained artifact folder")
+    contexts: str = option("512,2048,4096", "comma-separated context lengths")
+    decode_tokens: int = option(32, "decode steps timed per round", check="positive")
+    repeats: int = option(3, "rounds", check="positive")
+    out: str = option("runs/bench", "output folder")
+
+
+@dataclass(kw_only=True)
+class DemoConfig(ModelConfig):
+    compression_ratio: float = option(TrainConfig.compression_ratio, "fraction of the KV cache removed",
+                                      check="ratio")
+    out: str = option("runs/demo", "output folder (the artifact is kept there for later runs)")
+    steps: int = option(TrainConfig.stage2_steps, "stage-2 steps")

@@ -1,0 +1,143 @@
+"""EchoKV as an evaluated method: the artifact trained for the ratio (or one trained on the spot).
+
+Names (the registry): ``echokv`` is what ``echokv train`` makes by default (:data:`~echokv.config.DEFAULT_VARIANT`),
+``echokv-hybrid`` the hybrid variant by name, ``echokv-heads`` the head-only form of the paper (stage 1 + 2),
+``echokv-heads-s1`` the same with its stage-1 (closed-form) weights.
+
+:meth:`EchoKVMethod.from_artifacts` picks, among the run's artifacts, the one trained for the method's ratio and
+variant; without one, :func:`train_or_reuse` trains one with default settings (minutes) into ``work_dir`` and
+reuses it in later runs (``echokv demo`` goes through the same helper).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import artifact as art
+from ..codecs.echo import EchoCodec
+from ..config import DEFAULT_VARIANT, TrainConfig
+from .base import Method, register
+
+log = logging.getLogger(__name__)
+
+#: name -> (variant, stage)
+NAMES = {
+    "echokv": (DEFAULT_VARIANT, 2),
+    "echokv-hybrid": ("hybrid", 2),
+    "echokv-heads": ("heads", 2),
+    "echokv-heads-s1": ("heads", 1),
+}
+
+
+@dataclass
+class EchoKVMethod(Method):
+    """EchoKV (arXiv 2603.22910): retained heads (or the key latent) + the trained reconstructor of an artifact."""
+
+    name: str = "echokv"
+    variant: str = DEFAULT_VARIANT
+    stage: int = 2
+    artifact: str | None = None
+    work_dir: str | None = None
+
+    @classmethod
+    def create(cls, ratio, artifacts=None, **kwargs):
+        return cls.from_artifacts(artifacts, ratio, **kwargs)
+
+    @classmethod
+    def from_artifacts(cls, paths: list[str] | None, ratio: float, variant: str = DEFAULT_VARIANT, **kwargs):
+        """The method with the artifact of ``paths`` trained for ``ratio`` and ``variant`` (none: trained on the
+        spot by :meth:`prepare`). An artifact for this ratio of another variant is an error: training another
+        one silently would surprise the user who handed it."""
+        name = kwargs.get("name", cls.name)
+        same_ratio = artifacts_at(paths, ratio)
+        match = artifacts_at(same_ratio, ratio, variant)
+        if same_ratio and not match:
+            have = art.config_variant(art.read_config(same_ratio[0]))
+            other = next(n for n, (v, stage) in NAMES.items() if v == have and stage == 2)
+            raise ValueError(
+                f"{name}@{ratio:g}: artifact {same_ratio[0]} is the {have!r} variant but {name} needs the "
+                f"{variant!r} variant; train one with `echokv train --variant {variant} --compression-ratio "
+                f"{ratio:g}` and pass it too (or use method {other})"
+            )
+        return cls(ratio, variant=variant, artifact=match[0] if match else None, **kwargs)
+
+    def prepare(self, model, tokenizer, calibration) -> None:
+        if self.artifact is None:
+            config = TrainConfig(compression_ratio=self.compression_ratio, variant=self.variant)
+            self.artifact, _ = train_or_reuse(model, tokenizer, artifact_dir(self.work_dir or "runs", config), config)
+        self._recon = art.load(self.artifact, model, stage=self.stage)
+
+    def make_codec(self, model):
+        return EchoCodec(self._recon)
+
+    @property
+    def achieved_kept_fraction(self) -> float:
+        return self._recon.layout.kept_fraction()
+
+    def parameter_bytes(self) -> int:
+        return self._recon.num_bytes()
+
+    def info(self) -> dict:
+        return {**super().info(), "variant": self.variant, "stage": self.stage, "artifact": self.artifact}
+
+
+for _name, (_variant, _stage) in NAMES.items():
+    register(_name, variant=_variant, stage=_stage)(EchoKVMethod)
+
+
+def artifacts_at(paths: list[str] | None, ratio: float, variant: str | None = None) -> list[str]:
+    """The artifact folders trained for ``ratio`` (and, unless None, of ``variant``)."""
+    configs = {a: art.read_config(a) for a in paths or []}
+    return [a for a, c in configs.items()
+            if abs(art.config_ratio(c) - ratio) < 1e-9 and (variant is None or art.config_variant(c) == variant)]
+
+
+def artifact_notes(name: str, ratios: list[float], configs: list[dict]) -> list[str]:
+    """What method ``name`` will do at ``ratios`` with the run's artifacts (their ``config.json``): train one on
+    the spot, or report an error for an artifact of another variant. Nothing for other methods."""
+    if name not in NAMES:
+        return []
+    variant = NAMES[name][0]
+    trained = {round(art.config_ratio(c), 9) for c in configs}
+    have = {round(art.config_ratio(c), 9) for c in configs if art.config_variant(c) == variant}
+    missing = [r for r in ratios if round(r, 9) not in trained]
+    wrong = [r for r in ratios if round(r, 9) in trained - have]
+    notes = []
+    if missing:
+        notes.append(f"{name}: no artifact for compression ratio(s) {', '.join(f'{r:g}' for r in missing)}; one "
+                     "is trained on the fly (minutes; kept in runs/ for later runs)")
+    if wrong:
+        notes.append(f"{name}: the artifact for ratio(s) {', '.join(f'{r:g}' for r in wrong)} is another variant "
+                     f"than {variant!r}; {name} reports an error there, the other methods run")
+    return notes
+
+
+def artifact_dir(work_dir, config: TrainConfig) -> Path:
+    """Where an artifact trained on the spot for ``config`` is kept."""
+    return Path(work_dir) / f"echokv-{config.variant}-{config.compression_ratio:g}"
+
+
+def train_or_reuse(model, tokenizer, folder, config: TrainConfig) -> tuple[str, dict]:
+    """The artifact in ``folder`` when it was trained for this model with ``config``; otherwise one trained
+    now and saved there. Returns its path and its training report."""
+    from ..training import train
+
+    folder = Path(folder)
+    wanted = config.record()
+    if folder.exists():
+        try:
+            saved = art.read_config(folder)
+            art.check_compatible(saved, model, str(folder))
+            if saved.get("training") == wanted:
+                log.info("reusing %s", folder)
+                return str(folder), json.loads((folder / art.REPORT).read_text())
+        except (art.ArtifactError, OSError, json.JSONDecodeError):
+            pass
+    log.info("training an EchoKV-%s artifact at compression ratio %g (stage 1 + %d stage-2 steps) into %s",
+             config.variant, config.compression_ratio, config.stage2_steps, folder)
+    recon, report = train(model, tokenizer, config)
+    art.save(recon, model, folder, report, overwrite=True)
+    return str(folder), report

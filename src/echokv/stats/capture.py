@@ -1,0 +1,50 @@
+"""Calibration capture: run the model over text and hand each layer's post-RoPE Q, K, V to a callback.
+
+Nothing is kept unless the callback keeps it, so statistics can stream over calibration runs that
+would not fit in memory as activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..cache import attention
+
+# callback(layer_idx, module, q [B, Hq, T, d], k [B, H, T, d], v [B, H, T, d])
+LayerCallback = Callable[[int, torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+@torch.no_grad()
+def capture(
+    model,
+    blocks: torch.Tensor,
+    on_layer: LayerCallback,
+    layers: list[int] | None = None,
+    batch_size: int = 1,
+    desc: str = "capture",
+    progress: bool = True,
+) -> None:
+    """Forward every row of ``blocks`` [N, T] (token ids) and call ``on_layer`` for each layer."""
+    wanted = None if layers is None else set(layers)
+
+    def hook(module, q, k, v, mask, scaling):
+        if wanted is None or module.layer_idx in wanted:
+            on_layer(module.layer_idx, module, q.detach(), k.detach(), v.detach())
+        # let the stock attention run
+
+    device = next(model.parameters()).device
+    with attention.echokv_attention(model), attention.hooked(hook):
+        for i in tqdm(range(0, len(blocks), batch_size), desc=desc, disable=not progress, leave=False):
+            model(input_ids=blocks[i : i + batch_size].to(device), use_cache=False)
+
+
+def attention_modules(model) -> dict[int, torch.nn.Module]:
+    """layer index -> the attention module of that decoder layer."""
+    out = {}
+    for mod in model.modules():
+        if hasattr(mod, "o_proj") and hasattr(mod, "layer_idx") and hasattr(mod, "k_proj"):
+            out[mod.layer_idx] = mod
+    return out

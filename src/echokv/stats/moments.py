@@ -1,0 +1,183 @@
+"""Second moments of KV heads: the sufficient statistics of stage 1, selection and similarity.
+
+Keys are cached after the rotary embedding (RoPE), which rotates each pair of dimensions
+(i, i + d/2) by an angle that depends on the token's position. Writing that pair as one complex
+number z_i, RoPE multiplies z_i by e^{j theta_i t}. A map between heads commutes with RoPE, for every
+position, exactly when it mixes heads frequency by frequency with one complex coefficient each:
+    z_target,i = sum_s c_{s,i} z_s,i
+So keys are reconstructed in that form, directly from the post-RoPE keys the cache already holds: no
+position bookkeeping, exact under any position (left padding included), and foldable into the query
+for the fast decode path. Values have no RoPE and get a full linear map with bias.
+
+Both statistics stream: :meth:`add` takes a block of tokens at a time, in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+RIDGE = 1e-3  # relative to the mean diagonal of the normal equations
+
+
+def to_complex(k: torch.Tensor) -> torch.Tensor:
+    """[..., d] real (rotate-half layout) -> [..., d/2] complex."""
+    half = k.shape[-1] // 2
+    return torch.complex(k[..., :half].double(), k[..., half:].double())
+
+
+def key_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Complex per-frequency coefficients a + jb [..., f] -> the real map [..., d_in, d_out] (rotate-half layout)
+    that the reconstructor and the fast decode path apply to post-RoPE keys."""
+    f = a.shape[-1]
+    m = a.new_zeros(*a.shape[:-1], 2 * f, 2 * f)
+    i = torch.arange(f)
+    m[..., i, i] = a
+    m[..., i + f, i] = -b
+    m[..., i, i + f] = b
+    m[..., i + f, i + f] = a
+    return m
+
+
+class ValueMoments:
+    """Mean and covariance of the values of ``n`` heads, streamed over tokens."""
+
+    kind = "v"
+
+    def __init__(self, n_heads: int, head_dim: int):
+        self.n, self.d = n_heads, head_dim
+        dim = n_heads * head_dim
+        self.count = 0
+        self.total = torch.zeros(dim, dtype=torch.float64)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64)
+        self._cov = None
+
+    def add(self, x: torch.Tensor) -> None:
+        """x: [N tokens, n heads, d]."""
+        x = x.reshape(x.shape[0], -1).double()
+        self.count += x.shape[0]
+        self.total += x.sum(0)
+        self.outer += x.T @ x
+        self._cov = None
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self.total / max(self.count, 1)).view(self.n, self.d)
+
+    @property
+    def cov(self) -> torch.Tensor:
+        if self._cov is None:  # cached: selection asks for it thousands of times
+            mu = self.total / max(self.count, 1)
+            self._cov = self.outer / max(self.count, 1) - torch.outer(mu, mu)
+        return self._cov
+
+    def _idx(self, heads: list[int]) -> torch.Tensor:
+        return torch.cat([torch.arange(h * self.d, (h + 1) * self.d) for h in heads]) if heads else torch.zeros(
+            0, dtype=torch.long
+        )
+
+    def solve(self, src: list[int], tgt: int, ridge: float = RIDGE):
+        """Ridge regression of head ``tgt`` on heads ``src``: weight [d, len(src)*d] and bias [d]."""
+        cov, mu = self.cov, self.total / max(self.count, 1)
+        s, t = self._idx(src), self._idx([tgt])
+        if len(s) == 0:
+            return torch.zeros(self.d, 0, dtype=torch.float64), mu[t]
+        a = cov[s[:, None], s]
+        a = a + ridge * a.diagonal().mean().clamp_min(1e-12) * torch.eye(len(s), dtype=a.dtype)
+        w = torch.linalg.solve(a, cov[s][:, t]).T  # [d, |s|]
+        return w, mu[t] - w @ mu[s]
+
+    def residual(self, src: list[int], tgt: list[int], ridge: float = RIDGE) -> float:
+        """Expected squared error summed over ``tgt`` heads when each is predicted from ``src``."""
+        cov = self.cov
+        t_idx = self._idx(tgt)
+        if not tgt:
+            return 0.0
+        c_tt = float(cov[t_idx, t_idx].sum())
+        if not src:
+            return c_tt
+        # all targets at once: same normal equations for every target
+        s_idx = self._idx(src)
+        a = cov[s_idx[:, None], s_idx]
+        a = a + ridge * a.diagonal().mean().clamp_min(1e-12) * torch.eye(len(s_idx), dtype=a.dtype)
+        c_st = cov[s_idx[:, None], t_idx]
+        w = torch.linalg.solve(a, c_st)  # [|s|, |t|]
+        c_ss = cov[s_idx[:, None], s_idx]
+        return c_tt - 2 * float((w * c_st).sum()) + float((w * (c_ss @ w)).sum())
+
+    def energy(self, heads: list[int]) -> float:
+        i = self._idx(heads)
+        return float(self.cov[i][:, i].trace())
+
+    def select(self, have: list[int], want: list[int]) -> ValueMoments:
+        """The moments of the layers ``want`` (a subset of ``have``, the layers these moments are over, in
+        ``want``'s order); features are laid out layer-major."""
+        if want == have:
+            return self
+        width = self.n // len(have) * self.d
+        idx = torch.cat([torch.arange(have.index(lay) * width, (have.index(lay) + 1) * width) for lay in want])
+        out = ValueMoments(len(want) * (self.n // len(have)), self.d)
+        out.count, out.total, out.outer = self.count, self.total[idx], self.outer[idx][:, idx]
+        return out
+
+    def pca(self, index: torch.Tensor | None = None, center: bool = True):
+        """Principal axes of (a sub-block ``index`` of) the features.
+
+        Returns (eigenvalues desc, basis [D, D], mean [D], energy): ``energy`` is E||x||^2 (uncentred), the
+        scale errors are measured against. ``center=False`` uses the uncentred second moment (an SVD of
+        the raw vectors, as Palu/xKV do) and a zero mean.
+        """
+        mu = self.total / max(self.count, 1)
+        second = self.outer / max(self.count, 1)
+        if index is not None:
+            mu, second = mu[index], second[index][:, index]
+        mat = second - torch.outer(mu, mu) if center else second
+        evals, evecs = torch.linalg.eigh(mat)
+        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+        return evals, evecs, (mu if center else torch.zeros_like(mu)), float(second.trace())
+
+
+class KeyMoments:
+    """Per-frequency complex Gram matrices of post-RoPE keys of ``n`` heads."""
+
+    kind = "k"
+
+    def __init__(self, n_heads: int, head_dim: int):
+        self.n, self.d = n_heads, head_dim
+        self.count = 0
+        self.gram = torch.zeros(head_dim // 2, n_heads, n_heads, dtype=torch.complex128)
+
+    def add(self, k: torch.Tensor) -> None:
+        """k: [N tokens, n heads, d], post-RoPE."""
+        z = to_complex(k)  # [N, n, F]
+        self.count += z.shape[0]
+        self.gram += torch.einsum("nai,nbi->iab", z.conj(), z)
+
+    def solve(self, src: list[int], tgt: int, ridge: float = RIDGE) -> torch.Tensor:
+        """Complex coefficients [F, len(src)] predicting head ``tgt`` from heads ``src``."""
+        if not src:
+            return torch.zeros(self.d // 2, 0, dtype=torch.complex128)
+        g = self.gram / max(self.count, 1)
+        a = g[:, src][:, :, src]
+        lam = ridge * a.diagonal(dim1=1, dim2=2).real.mean().clamp_min(1e-12)
+        a = a + lam * torch.eye(len(src), dtype=a.dtype)
+        return torch.linalg.solve(a, g[:, src, tgt])  # [F, |s|]
+
+    def residual(self, src: list[int], tgt: list[int], ridge: float = RIDGE) -> float:
+        g = self.gram / max(self.count, 1)
+        total = 0.0
+        for t in tgt:
+            e = g[:, t, t].real.sum()
+            if src:
+                c = self.solve(src, t, ridge)  # [F, s]
+                g_st = g[:, src, t]
+                g_ss = g[:, src][:, :, src]
+                cross = (c.conj() * g_st).sum(-1).real
+                quad = torch.einsum("fa,fab,fb->f", c.conj(), g_ss, c).real
+                e = e - 2 * cross.sum() + quad.sum()
+            total += float(e)
+        return total
+
+    def energy(self, heads: list[int]) -> float:
+        g = self.gram / max(self.count, 1)
+        return float(sum(g[:, h, h].real.sum() for h in heads))
+

@@ -1,0 +1,64 @@
+"""The house rules, read from the source: the library never imports the command line, and nothing outside the
+evaluation harness and the command line imports the harness."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "echokv"
+
+
+def _module(path: Path) -> str:
+    parts = ["echokv", *path.relative_to(PACKAGE).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported(path: Path) -> set[str]:
+    """Every module ``path`` imports (relative imports resolved; ``from a import b`` names a and a.b)."""
+    package = _module(path) if path.name == "__init__.py" else _module(path).rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            out.add(module)
+            out.update(f"{module}.{alias.name}" for alias in node.names)
+    return out
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def _command_line(module: str) -> bool:
+    """The command line: its package, and ``python -m echokv``'s entry point."""
+    return _within(module, "echokv.cli") or module == "echokv.__main__"
+
+
+SOURCES = sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: _module(p))
+def test_the_library_never_imports_the_command_line(path):
+    if _command_line(_module(path)):
+        return
+    assert not [m for m in _imported(path) if _within(m, "echokv.cli")]
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: _module(p))
+def test_the_core_never_imports_the_evaluation_harness(path):
+    if _within(_module(path), "echokv.eval") or _command_line(_module(path)):
+        return
+    assert not [m for m in _imported(path) if _within(m, "echokv.eval")]
+
+
+def test_the_reader_sees_relative_imports():
+    # the checks above are only as good as this: relative imports resolve to the modules they name
+    assert "echokv.cli" in _imported(PACKAGE / "cli" / "info.py")
+    assert "echokv.eval.runner" in _imported(PACKAGE / "cli" / "eval.py")
+    assert "echokv.cache.codec" in _imported(PACKAGE / "codecs" / "echo.py")
