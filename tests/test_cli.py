@@ -15,12 +15,12 @@ def _err(capsys) -> str:
 
 def _no_model_load(monkeypatch):
     """Fail loudly if a command tries to load a model before validating its input."""
-    import echokv.cli
+    from echokv.config import ModelConfig
 
-    def boom(args):
+    def boom(config):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(echokv.cli, "_load", boom)
+    monkeypatch.setattr(ModelConfig, "load", boom)
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from echokv.cache import EchoKVCache, attention, echokv_attention
+from echokv import attention
+from echokv.cache import EchoKVCache, echokv_attention
 from echokv.generation import generate
 from echokv.tiny import tiny_model
 from helpers import train_tiny

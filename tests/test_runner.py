@@ -142,11 +142,12 @@ def test_longbench_suite_needs_valid_data(tmp_path):
 
 def test_cli_rejects_before_loading_the_model(monkeypatch, tmp_path, capsys):
     from echokv import cli
+    from echokv.config import ModelConfig
 
-    def no_load(args):
+    def no_load(config):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(cli, "_load", no_load)
+    monkeypatch.setattr(ModelConfig, "load", no_load)
     assert cli.main(["eval", "--methods", "full,bogus", "--out", str(tmp_path / "a")]) == 2
     assert "unknown method(s) bogus" in capsys.readouterr().err
     assert cli.main(["eval", "--compression-ratios", "1.2", "--out", str(tmp_path / "b")]) == 2
@@ -298,8 +299,7 @@ def test_quick_suite_full_cache_scores_above_chance(smollm2, tmp_path):
 def test_the_default_artifact_is_what_the_default_eval_runs(tiny, tmp_path):
     """`echokv train --out A && echokv eval --artifacts A`: eval's default method takes train's default artifact."""
     from echokv import artifact, methods
-    from echokv.config import TrainConfig
-    from echokv.eval.runner import EvalConfig
+    from echokv.config import EvalConfig, TrainConfig
 
     model, tokenizer = tiny
     blocks = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))

@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 from . import plotting
+from .attention import echokv_attention, implementation
 from .cache import EchoKVCache, accounting
-from .cache.attention import echokv_attention, implementation
-from .generation import prefill
+from .generation import PREFILL_CHUNK, prefill
 from .models import cache_kwarg
 
 STOCK, FULL, EXPLICIT, FAST = "stock", "echokv-full", "echokv-explicit", "echokv-fast"
@@ -86,7 +86,8 @@ def _step(model, cache, tok: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 @torch.no_grad()
-def bench_context(model, recon, ids: torch.Tensor, decode_tokens: int, repeats: int, chunk: int = 512) -> dict:
+def bench_context(model, recon, ids: torch.Tensor, decode_tokens: int, repeats: int,
+                  chunk: int = PREFILL_CHUNK) -> dict:
     """Prefill each variant once, then time decoding interleaved step by step.
 
     Every round advances each variant by one token, in a rotating order, so that slow drifts of a

@@ -22,6 +22,8 @@ from .stats.moments import RIDGE
 VARIANTS = ("hybrid", "heads")
 LAYOUTS = ("data", "paper")
 CACHE_MODES = ("full", "compressed", "auto")
+#: the evaluation suites (defined in the harness, :mod:`echokv.eval.suites`)
+SUITES = ("quick", "ruler", "longbench", "ppl")
 
 #: calibration text of training and of the evaluation's baselines: tokens, in sequences of this length
 CALIBRATION_TOKENS = 8192
@@ -52,6 +54,12 @@ class ModelConfig:
     model: str = option(DEFAULT_MODEL, "embedded name, Hub id, folder or .gguf")
     dtype: str = option("float32", "dtype the model is loaded in", choices=tuple(DTYPES))
     device: str = option("cpu", "torch device")
+
+    def load(self):
+        """``(model, tokenizer)`` (:func:`echokv.models.load_model`)."""
+        from .models import load_model
+
+        return load_model(self.model, dtype=self.dtype, device=self.device)
 
 
 @dataclass(kw_only=True)
@@ -175,6 +183,23 @@ class AnalyzeConfig(ModelConfig):
     text: list[str] | None = option(None, "your own text files/folders instead of the bundled text")
     out: str = option(help="output folder to create")
     overwrite: bool = option(False, "replace --out if it exists")
+
+
+@dataclass(kw_only=True)
+class EvalConfig(ModelConfig):
+    """``echokv eval`` (the arguments of :func:`echokv.eval.runner.make_job`)."""
+
+    suite: str = option("quick", "evaluation suite", choices=SUITES)
+    methods: str = option("full,echokv", "comma-separated list, or 'all'")
+    compression_ratios: str = option(f"{TrainConfig.compression_ratio:g}", "comma-separated, e.g. 0.5,0.7")
+    artifacts: list[str] | None = option(None, "echokv artifacts (matched by ratio and variant)")
+    data: str | None = option(None, "LongBench folder of <task>.jsonl files")
+    tasks: str | None = option(None, "comma-separated task names (default: the suite's)")
+    context_lengths: str | None = option(None, "comma-separated token counts")
+    samples: int | None = option(None, "samples per task and length", check="positive")
+    seed: int = option(0, "seed of the RULER samples")
+    out: str = option("runs/eval", "output folder")
+    overwrite: bool = option(False, "replace the results in --out if it exists")
 
 
 @dataclass(kw_only=True)

@@ -1,7 +1,7 @@
-"""Prompts in, tokens out: a chat prompt's ids, a cache prefilled in chunks, and generation through a cache.
+"""Prompts in, tokens out: a chat prompt's ids, a cache prefilled in chunks, generation through a cache.
 
-:func:`generate` runs ``model.generate`` with a cache; for a cache that asks for the fast decode path it opens
-the echokv attention scope for the call (:mod:`echokv.cache.attention`), and the model is as before afterwards.
+:func:`generate` runs ``model.generate`` with a cache; for a cache that asks for the fast decode path it
+opens the echokv attention scope for the call (:mod:`echokv.attention`); the model is unchanged after.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ import torch
 
 from .config import GenerateConfig
 from .models import cache_kwarg
+
+#: tokens per forward call when a long prompt is fed through a cache (a compressing cache compresses between)
+PREFILL_CHUNK = 512
 
 
 def encode_prompt(tokenizer, text: str, chat: bool | None = None) -> torch.Tensor:
@@ -25,7 +28,7 @@ def encode_prompt(tokenizer, text: str, chat: bool | None = None) -> torch.Tenso
 
 
 @torch.no_grad()
-def prefill(model, cache, input_ids, attention_mask=None, chunk_size: int = 512):
+def prefill(model, cache, input_ids, attention_mask=None, chunk_size: int = PREFILL_CHUNK):
     """Feed ``input_ids`` through ``model`` in chunks with ``cache``; returns the last logits [B, V].
 
     Between chunks a compressing cache compresses, so peak memory stays near one chunk of full KV.
@@ -57,8 +60,8 @@ def generate(model, input_ids: torch.Tensor, cache=None, *, max_new_tokens: int 
     The prompt but its last token is prefilled in chunks first (:func:`prefill`), so a compressing cache
     compresses between chunks; greedy unless ``sample``.
     """
+    from .attention import echokv_attention
     from .cache import FullCache
-    from .cache.attention import echokv_attention
 
     cache = FullCache(model) if cache is None else cache
     scope = echokv_attention(model) if getattr(cache, "fast", False) else contextlib.nullcontext()

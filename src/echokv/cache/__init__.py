@@ -1,5 +1,5 @@
 """The KV cache: transformers' per-layer protocol, with groups of layers that share one store of compressed
-tokens, a small codec protocol, byte accounting for any cache, and the scoped echokv attention.
+tokens, a small codec protocol, and byte accounting for any cache.
 
 * :mod:`~echokv.cache.compressed`: ``CompressedCache`` (full mode, then compressed by a codec), ``FullCache``,
   ``EchoKVCache``;
@@ -8,10 +8,11 @@ tokens, a small codec protocol, byte accounting for any cache, and the scoped ec
 * :mod:`~echokv.cache.store`: ``GroupStore``, ``Appender``;
 * :mod:`~echokv.cache.codec`: the ``KVCodec`` protocol (codecs themselves live in :mod:`echokv.codecs`);
 * :mod:`~echokv.cache.accounting`: bytes of any transformers cache;
-* :mod:`~echokv.cache.attention`: the echokv attention and ``echokv_attention(model)``, its scope.
+* ``echokv_attention(model)``, the scope of the echokv attention (:mod:`echokv.attention`), which the fast
+  path needs.
 """
 
-from .attention import echokv_attention
+from ..attention import echokv_attention
 from .codec import KVCodec
 from .compressed import CompressedCache, EchoKVCache, FullCache
 from .layers import CompressedLayer, GrowingLayer

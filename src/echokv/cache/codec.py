@@ -7,7 +7,7 @@ reconstruct each other; per-layer codecs: one layer each). The cache calls
 * :meth:`KVCodec.encode` with the full K/V of a block of tokens of one group -> tensors appended to its store;
 * :meth:`KVCodec.decode` with one layer and its group's stored tensors -> that layer's full K/V;
 * :meth:`KVCodec.fast_attention` (optional) -> a function computing that layer's attention over the stored
-  tokens without decoding them (used only inside :func:`~echokv.cache.attention.echokv_attention`).
+  tokens without decoding them (used only inside :func:`~echokv.attention.echokv_attention`).
 
 Stored tensors keep the token axis at dim -2 (the store grows them there, and selects batches on dim 0).
 """

@@ -18,9 +18,10 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .. import attention
 from ..config import CACHE_MODES
 from ..models import kv_geometry
-from . import accounting, attention
+from . import accounting
 from .codec import KVCodec
 from .layers import CompressedLayer, GrowingLayer
 from .store import GroupStore
@@ -38,7 +39,7 @@ class CompressedCache(DynamicCache):
         memory_budget_bytes: auto mode: compress once the cache would hold more than this many bytes.
         full_window: keep the most recent W tokens uncompressed (0: compress everything).
         fast: use the codec's fast attention where it has one, inside the echokv attention scope
-            (:mod:`echokv.cache.attention`); elsewhere the compressed past is rebuilt explicitly.
+            (:mod:`echokv.attention`); elsewhere the compressed past is rebuilt explicitly.
     """
 
     MODES = CACHE_MODES

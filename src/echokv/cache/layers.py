@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from . import attention
+from .. import attention
 from .codec import KVCodec
 from .store import Appender, GroupStore
 
@@ -65,7 +65,7 @@ class CompressedLayer(GrowingLayer):
     """A GrowingLayer (the recent, uncompressed tokens) plus a reference to its group's store.
 
     ``update`` returns the full K/V: the stored tokens decoded by the codec, then the recent ones. With
-    ``fast_for`` (the model's config ids, see :func:`~echokv.cache.attention.in_scope`) and inside the
+    ``fast_for`` (the model's config ids, see :func:`~echokv.attention.in_scope`) and inside the
     echokv attention scope, a call of at most :data:`FAST_MAX_QUERIES` queries hands the codec's fast
     attention to the attention call instead, and returns the recent tokens only.
     """
@@ -84,13 +84,15 @@ class CompressedLayer(GrowingLayer):
         keys, values = super().update(key_states, value_states)
         if not self.store.n_tokens:
             return keys, values
-        if self.fast_for is not None and key_states.shape[-2] <= FAST_MAX_QUERIES and attention.in_scope(self.fast_for):
+        fast = self.fast_for is not None and key_states.shape[-2] <= FAST_MAX_QUERIES
+        if fast and attention.in_scope(self.fast_for):
             fn = self.codec.fast_attention(self.layer_idx, self.store.tensors)
             if fn is not None:
                 attention.defer(self.layer_idx, fn)
                 return keys, values
         past_k, past_v = self.codec.decode(self.layer_idx, self.store.tensors)
-        return torch.cat([past_k.to(keys.dtype), keys], dim=-2), torch.cat([past_v.to(values.dtype), values], dim=-2)
+        keys = torch.cat([past_k.to(keys.dtype), keys], dim=-2)
+        return keys, torch.cat([past_v.to(values.dtype), values], dim=-2)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the newest tokens: a negative count (transformers 5.2 may also pass the length to keep). Here,

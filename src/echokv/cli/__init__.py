@@ -1,8 +1,9 @@
 """The ``echokv`` command line: info, train, generate, analyze, eval, bench, demo (one module each).
 
-Each command module has ``HELP``, ``CONFIGS`` (the dataclasses of :mod:`echokv.config` its flags are made
-from) and ``run(args)``: cheap checks (ranges, files, folders) before the model is loaded, checks that need the model
-(geometry, artifact fingerprint, context length) right after loading, then one library call, then printing.
+Each command module has ``HELP``, ``CONFIGS`` (the dataclasses of :mod:`echokv.config` its flags are
+made from) and ``run(args)``: cheap checks (ranges, files, folders) before the model is loaded, checks
+that need the model (geometry, artifact fingerprint, context length) right after loading, then the
+library call, then printing.
 Library messages (``logging.getLogger("echokv")``) are shown on stderr.
 """
 
@@ -20,20 +21,14 @@ COMMANDS = {"info": info, "train": train, "generate": generate, "analyze": analy
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="echokv", description="EchoKV KV-cache compression for Hugging Face causal LMs")
+    p = argparse.ArgumentParser(prog="echokv",
+                                description="EchoKV KV-cache compression for Hugging Face causal LMs")
     sub = p.add_subparsers(dest="command", required=True)
     for name, module in COMMANDS.items():
         s = sub.add_parser(name, help=module.HELP)
         add_options(s, *module.CONFIGS)
         s.set_defaults(run=module.run)
     return p
-
-
-def _load(config):
-    """(model, tokenizer) of a command's :class:`~echokv.config.ModelConfig` (tests replace this)."""
-    from ..models import load_model
-
-    return load_model(config.model, dtype=config.dtype, device=config.device)
 
 
 class _ProgressSafeHandler(logging.Handler):

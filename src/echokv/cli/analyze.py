@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import cli
 from ..config import AnalyzeConfig
 from ._args import from_args
 
@@ -25,7 +24,7 @@ def run(args) -> int:
     check_output_dir(out, cfg.overwrite)
     if cfg.layers is not None:
         similarity.parse_layers(cfg.layers)
-    model, tokenizer = cli._load(cfg)
+    model, tokenizer = cfg.load()
     geo = kv_geometry(model)
     layers = similarity.resolve_layers(geo, cfg.layers)
     similarity.check_size(geo, layers)

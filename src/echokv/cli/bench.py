@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import cli
 from ..config import BenchConfig
 from ._args import from_args
 
@@ -24,7 +23,7 @@ def run(args) -> int:
     if not contexts or contexts[0] < 2:
         raise ValueError(f"--contexts needs lengths of at least 2 tokens, got {cfg.contexts!r}")
     read_config(cfg.artifact)
-    model, tokenizer = cli._load(cfg)
+    model, tokenizer = cfg.load()
     geo = kv_geometry(model)
     if geo.max_context and contexts[-1] + cfg.decode_tokens > geo.max_context:
         raise ValueError(f"context {contexts[-1]} + {cfg.decode_tokens} decode tokens exceeds the model's "

@@ -11,7 +11,6 @@ import math
 import time
 from pathlib import Path
 
-from .. import cli
 from ..config import DemoConfig, TrainConfig
 from ._args import from_args
 
@@ -40,7 +39,7 @@ def run(args) -> int:
     cfg = from_args(args, DemoConfig)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = cli._load(cfg)
+    model, tokenizer = cfg.load()
     train_cfg = TrainConfig(compression_ratio=cfg.compression_ratio, stage2_steps=cfg.steps)
     path, report = train_or_reuse(model, tokenizer, artifact_dir(out, train_cfg), train_cfg)
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .. import cli
-from ..eval.runner import EvalConfig
+from ..config import EvalConfig
 from ._args import from_args
 
 CONFIGS = (EvalConfig,)
@@ -21,7 +20,7 @@ def run(args) -> int:
     cfg = from_args(args, EvalConfig)
     job = runner.make_job(cfg.suite, cfg.methods, cfg.compression_ratios, cfg.artifacts, cfg.data, cfg.tasks,
                           cfg.context_lengths, cfg.samples, cfg.seed, cfg.out, cfg.overwrite)
-    model, tokenizer = cli._load(cfg)
+    model, tokenizer = cfg.load()
     rows = runner.execute(job, model, tokenizer, progress=True)
     errors = [r for r in rows if r.get("error")]
     print("\n".join(runner.summary_lines(rows)))

@@ -6,7 +6,6 @@ import json
 import sys
 from pathlib import Path
 
-from .. import cli
 from ..config import GenerateConfig
 from ._args import UsageError, from_args
 
@@ -44,7 +43,7 @@ def run(args) -> int:
         from ..artifact import read_config
 
         read_config(cfg.artifact)  # complete and well-formed, before the model loads
-    model, tokenizer = cli._load(cfg)
+    model, tokenizer = cfg.load()
     ids = encode_prompt(tokenizer, text, None if cfg.chat == "auto" else cfg.chat == "on")
     ctx = kv_geometry(model).max_context
     if ctx and ids.shape[1] + cfg.max_new_tokens > ctx:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-from .. import cli
 from ..config import InfoConfig
 from ._args import from_args
 
@@ -21,7 +20,7 @@ def run(args) -> int:
 
         model = tiny_model(cfg.model.removeprefix("tiny-"))
     else:
-        model, _ = cli._load(cfg)
+        model, _ = cfg.load()
     geo = kv_geometry(model)
     if cfg.json:
         print(json.dumps({"model": cfg.model, **geo.to_dict()}))

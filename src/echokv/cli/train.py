@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import cli
 from ..config import ModelConfig, TrainConfig, TrainOutput
 from ._args import from_args
 
@@ -22,7 +21,7 @@ def run(args) -> int:
     out = Path(output.out)
     check_output_dir(out, output.overwrite)
     cfg.ratios()
-    model, tokenizer = cli._load(from_args(args, ModelConfig))
+    model, tokenizer = from_args(args, ModelConfig).load()
     cfg.validate(model)
     require_tokens(tokenizer, "calibration", cfg.calib_tokens, cfg.seq_len, cfg.text_paths)
     require_tokens(tokenizer, "evaluation", cfg.heldout_tokens, cfg.seq_len, cfg.text_paths)

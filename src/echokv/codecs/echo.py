@@ -1,7 +1,9 @@
-"""The EchoKV codec: a group's retained heads (or, EchoKV-Hybrid, its key latent) are stored; the reconstructor
-rebuilds the rest, explicitly (:meth:`EchoCodec.decode`) or folded into attention (:meth:`EchoCodec.fast_attention`).
+"""The EchoKV codec: a group's retained heads (or, EchoKV-Hybrid, its key latent) are stored; the
+reconstructor rebuilds the rest, explicitly (:meth:`EchoCodec.decode`) or folded into attention
+(:meth:`EchoCodec.fast_attention`).
 
-Fast attention over an EchoKV-compressed past, without rebuilding the discarded heads. Both reconstructions are linear in the retained heads X (the cache's post-RoPE keys / values):
+Fast attention over an EchoKV-compressed past, without rebuilding the discarded heads. Both
+reconstructions are linear in the retained heads X (the cache's post-RoPE keys / values):
     k_hat = X_k M        ->  q . k_hat_t = (q M^T) . x_t      fold M into the query
     v_hat = X_v W + b    ->  sum_t p_t v_hat_t = (sum_t p_t x_t) W + b sum_t p_t
 so one decode step reads only the retained heads: the query of a discarded head is mapped into the

@@ -40,9 +40,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from echokv.config import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, ModelConfig, TrainConfig, option
+from echokv.config import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS
 from echokv.eval import suites
-from echokv.eval.suites import PERPLEXITY, SUITES, ResolvedSuite
+from echokv.eval.suites import PERPLEXITY, ResolvedSuite
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +50,6 @@ FULL = "full"
 # Chat-template end-of-turn tokens that stop an answer like EOS does (used when the template has them).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 GENERATED_FILES = ("results.json", "report.md", "predictions.jsonl")
-
-
-@dataclass(kw_only=True)
-class EvalConfig(ModelConfig):
-    """``echokv eval`` (:func:`make_job`'s arguments)."""
-
-    suite: str = option("quick", "evaluation suite", choices=SUITES)
-    methods: str = option("full,echokv", "comma-separated list, or 'all'")
-    compression_ratios: str = option(f"{TrainConfig.compression_ratio:g}", "comma-separated, e.g. 0.5,0.7")
-    artifacts: list[str] | None = option(None, "echokv artifacts (matched by ratio and variant)")
-    data: str | None = option(None, "LongBench folder of <task>.jsonl files")
-    tasks: str | None = option(None, "comma-separated task names (default: the suite's)")
-    context_lengths: str | None = option(None, "comma-separated token counts")
-    samples: int | None = option(None, "samples per task and length", check="positive")
-    seed: int = option(0, "seed of the RULER samples")
-    out: str = option("runs/eval", "output folder")
-    overwrite: bool = option(False, "replace the results in --out if it exists")
 
 
 @dataclass

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from echokv.config import SUITES
 from echokv.eval.longbench import LONGBENCH_TASKS
 from echokv.eval.ruler import NIAH_TASKS, RULER_TASKS
 from echokv.util import parse_csv
@@ -63,7 +64,6 @@ from echokv.util import parse_csv
 #: the task name of a perplexity measurement (allowed in ``--tasks`` of the quick and ppl suites)
 PERPLEXITY = "perplexity"
 
-SUITES = ("quick", "ruler", "longbench", "ppl")
 
 QUICK_TASKS = ("niah_single_2", "niah_multikey_1")
 QUICK_LENGTHS = (512, 1024)

@@ -57,7 +57,8 @@ def parse_methods(spec: str) -> list[str]:
 
 
 def make_method(name: str, ratio: float, artifacts: list[str] | None = None, **kwargs) -> Method:
-    """The method ``name`` at compression ``ratio``; EchoKV (and headdrop) pick their artifact among ``artifacts``."""
+    """The method ``name`` at compression ``ratio``; EchoKV (and headdrop) pick their artifact among
+    ``artifacts``."""
     check_ratio(ratio)
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(known_methods())}")

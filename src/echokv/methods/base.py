@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..attention import echokv_attention
 from ..cache import CompressedCache, FullCache, KVCodec
-from ..cache.attention import echokv_attention
-from ..generation import prefill
+from ..generation import PREFILL_CHUNK, prefill
 from ..models import cache_kwarg
 from ..selection import check_ratio
 from ..stats.collect import Calibration
@@ -59,7 +59,7 @@ class Method:
 
     compression_ratio: float = 0.0
     name: str = "full"
-    chunk_size: int = 512
+    chunk_size: int = PREFILL_CHUNK
 
     def __post_init__(self):
         check_ratio(self.compression_ratio)

@@ -1,7 +1,7 @@
 """EchoKV as an evaluated method: the artifact trained for the ratio (or one trained on the spot).
 
-Names (the registry): ``echokv`` is what ``echokv train`` makes by default (:data:`~echokv.config.DEFAULT_VARIANT`),
-``echokv-hybrid`` the hybrid variant by name, ``echokv-heads`` the head-only form of the paper (stage 1 + 2),
+Names (the registry): ``echokv`` is what ``echokv train`` makes by default
+(:data:`~echokv.config.DEFAULT_VARIANT`), ``echokv-hybrid`` the hybrid variant by name, ``echokv-heads`` the head-only form of the paper (stage 1 + 2),
 ``echokv-heads-s1`` the same with its stage-1 (closed-form) weights.
 
 :meth:`EchoKVMethod.from_artifacts` picks, among the run's artifacts, the one trained for the method's ratio and
@@ -67,7 +67,8 @@ class EchoKVMethod(Method):
     def prepare(self, model, tokenizer, calibration) -> None:
         if self.artifact is None:
             config = TrainConfig(compression_ratio=self.compression_ratio, variant=self.variant)
-            self.artifact, _ = train_or_reuse(model, tokenizer, artifact_dir(self.work_dir or "runs", config), config)
+            folder = artifact_dir(self.work_dir or "runs", config)
+            self.artifact, _ = train_or_reuse(model, tokenizer, folder, config)
         self._recon = art.load(self.artifact, model, stage=self.stage)
 
     def make_codec(self, model):

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..cache import attention
+from .. import attention
 
 # callback(layer_idx, module, q [B, Hq, T, d], k [B, H, T, d], v [B, H, T, d])
 LayerCallback = Callable[[int, torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], None]
