@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Set up both environments and run the test suite: everything in the main environment, then the tests that
+# Set up both environments, lint, and run the test suite: everything in the main environment, then the tests that
 # touch transformers' cache/attention and the kvpress adapter in the peers environment (transformers 5.2.x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh main
 bash scripts/setup.sh peers
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+echo "== lint"
+.venv/bin/ruff check src tests
 echo "== main environment: whole suite"
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 echo "== peers environment: cache, attention, baselines, kvpress"

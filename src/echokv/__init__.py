@@ -23,7 +23,7 @@ _EXPORTS = {
     "EchoKVCache": "cache",
     "CompressedCache": "cache",
     "FullCache": "cache",
-    "echokv_attention": "cache",
+    "echokv_attention": "attention",
     "encode_prompt": "generation",
     "generate": "generation",
     "prefill": "generation",
