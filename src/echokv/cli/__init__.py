@@ -5,6 +5,11 @@ made from) and ``run(args)``: cheap checks (ranges, files, folders) before the m
 that need the model (geometry, artifact fingerprint, context length) right after loading, then the
 library call, then printing.
 Library messages (``logging.getLogger("echokv")``) are shown on stderr.
+
+A user's mistake (any of :data:`USER_ERRORS`: the library's own error classes, a bad value, a file that is
+missing, exists, cannot be written or is not UTF-8) is one line on stderr, ``echokv: error: ...``, and exit
+code 2; ``--debug`` shows the traceback instead. Another ``OSError`` (a full disk, ...) is one line and exit
+code 1. Anything else is a bug of echokv and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +21,13 @@ import sys
 from . import analyze, bench, demo, eval, generate, info, train
 from ._args import UsageError, add_options
 
+#: what a user's mistake raises: one line and exit code 2 (``ValueError`` covers ``ArtifactError``,
+#: ``ModelLoadError``, ``UsageError``, ``TextTooShortError`` and ``UnicodeDecodeError``)
+USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, PermissionError, NotADirectoryError,
+               IsADirectoryError)
+
+__all__ = ["COMMANDS", "USER_ERRORS", "UsageError", "build_parser", "main"]
+
 COMMANDS = {"info": info, "train": train, "generate": generate, "analyze": analyze, "eval": eval, "bench": bench,
             "demo": demo}
 
@@ -23,10 +35,13 @@ COMMANDS = {"info": info, "train": train, "generate": generate, "analyze": analy
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="echokv",
                                 description="EchoKV KV-cache compression for Hugging Face causal LMs")
+    debug = "show the Python traceback of an error instead of one line"
+    p.add_argument("--debug", action="store_true", help=debug)
     sub = p.add_subparsers(dest="command", required=True)
     for name, module in COMMANDS.items():
         s = sub.add_parser(name, help=module.HELP)
         add_options(s, *module.CONFIGS)
+        s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
         s.set_defaults(run=module.run)
     return p
 
@@ -47,14 +62,28 @@ def _show_library_messages() -> None:
     logger.setLevel(logging.INFO)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from ..artifact import ArtifactError
-    from ..models import ModelLoadError
+def error_line(exc: BaseException) -> str:
+    """The one line a user sees for ``exc``."""
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({exc}); save it as UTF-8"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror if exc.filename is None else f"{exc.filename}: {exc.strerror}"
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(line.strip() for line in text.splitlines())
 
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _show_library_messages()
     try:
         return args.run(args) or 0
-    except (UsageError, ModelLoadError, ArtifactError, FileExistsError, FileNotFoundError, ValueError) as exc:
-        print(f"echokv: error: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        print(f"echokv: error: {error_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the machine, not the input: a full disk, a lost network share
+        if args.debug:
+            raise
+        print(f"echokv: error: {error_line(exc)}", file=sys.stderr)
+        return 1
