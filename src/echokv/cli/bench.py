@@ -16,12 +16,13 @@ def run(args) -> int:
     from ..artifact import load, read_config
     from ..data import require_tokens, token_blocks
     from ..models import kv_geometry
-    from ..util import parse_csv
+    from ..util import check_output_dir, parse_csv
 
     cfg = from_args(args, BenchConfig)
     contexts = sorted(set(parse_csv(cfg.contexts, int, "context length", "--contexts 512,2048")))
     if not contexts or contexts[0] < 2:
         raise ValueError(f"--contexts needs lengths of at least 2 tokens, got {cfg.contexts!r}")
+    check_output_dir(cfg.out, overwrite=True, replace=False)  # writable, before minutes of timing
     read_config(cfg.artifact)
     model, tokenizer = cfg.load()
     geo = kv_geometry(model)

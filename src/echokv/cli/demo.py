@@ -35,12 +35,16 @@ def run(args) -> int:
     from ..generation import encode_prompt, generate
     from ..methods import EchoKVMethod, make_method
     from ..methods.echokv import artifact_dir, train_or_reuse
+    from ..util import atomic_dir, check_output_dir
 
     cfg = from_args(args, DemoConfig)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = cfg.load()
+    out = Path(cfg.out).expanduser()
     train_cfg = TrainConfig(compression_ratio=cfg.compression_ratio, stage2_steps=cfg.steps)
+    train_cfg.ratios()
+    check_output_dir(out, overwrite=True, replace=False)  # writable, before any work
+    if out.is_dir():  # the artifact kept there is reused or replaced: only if it is echokv's own
+        check_output_dir(artifact_dir(out, train_cfg), overwrite=True)
+    model, tokenizer = cfg.load()
     path, report = train_or_reuse(model, tokenizer, artifact_dir(out, train_cfg), train_cfg)
 
     rows = []
@@ -86,6 +90,7 @@ def run(args) -> int:
         "perplexity": {"full": full_ppl, "echokv": echo_ppl},
         "answers": [{"prompt": p, **{m: a[0] for m, a in ans.items()}} for p, ans in rows],
     }
-    (out / "demo.json").write_text(json.dumps(summary, indent=2))
+    with atomic_dir(out, overwrite=True, replace=False) as tmp:
+        (tmp / "demo.json").write_text(json.dumps(summary, indent=2))
     print(f"written {out / 'demo.json'}")
     return 0
