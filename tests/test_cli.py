@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from echokv import artifact
 from echokv.cli import main
 
 
@@ -99,8 +100,9 @@ def test_real_model_artifact_for_another_model(capsys, tmp_path, smollm2_artifac
     fake = tmp_path / "other"
     shutil.copytree(smollm2_artifact, fake)
     cfg = json.loads((fake / "config.json").read_text())
-    cfg["model"]["kv_fingerprint"] = "0" * 64
-    (fake / "config.json").write_text(json.dumps(cfg))
+    for key in ("kv_fingerprint", "kv_fingerprint_fp16"):
+        cfg["model"][key] = "0" * 64
+    artifact.rewrite_config(fake, cfg)  # an edit on purpose: a new checksum (any other edit is refused as corrupt)
     rc = main(["generate", "--artifact", str(fake), "--prompt", "hi", "--mode", "compressed"])
     assert rc == 2
     assert "trained on a different model" in _err(capsys)
