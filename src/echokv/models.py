@@ -3,6 +3,13 @@
 One entry point, :func:`load_model`, takes a short name of an embedded model (``smollm2-135m``, the
 default, or ``gemma3-270m``), a Hugging Face Hub id, a local folder or a ``.gguf`` file, and returns
 ``(model, tokenizer)`` in eval mode. :func:`kv_geometry` describes what the KV cache of a model holds.
+The names ``tiny-llama``, ``tiny-mistral``, ``tiny-qwen2`` and ``tiny-gemma3`` give the random tiny models of
+:mod:`echokv.tiny` with a byte-level tokenizer: for tests and for trying the commands in seconds (they are
+not language models).
+
+Every problem is a :class:`ModelLoadError` that says what to pass or install, raised before any download or
+load where it can be: an empty name, a path that is neither a model folder nor a ``.gguf`` file, a folder
+without weights or tokenizer (or an echokv artifact passed as a model), a device this torch cannot use.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ class ModelLoadError(ValueError):
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
@@ -73,8 +80,37 @@ def embedded_gguf_path(name: str) -> Path:
     return path
 
 
+#: files of a Hugging Face model folder: weights (one of) and tokenizer (one of)
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
+
+
+def _check_model_folder(path: Path) -> None:
+    """A folder with ``config.json``: an echokv artifact, or a model lacking its weights or tokenizer, is
+    named as such (transformers would blame a missing tokenizer library or a missing file on the Hub)."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path / 'config.json'} is not a readable JSON model configuration ({exc})") from None
+    if isinstance(config, dict) and str(config.get("format", "")).startswith("echokv-artifact"):
+        raise ModelLoadError(f"{path} is an echokv artifact, not a model: pass it as --artifact (or to "
+                             "EchoKVCache), and the model it was trained for as --model")
+    if not any((path / f).is_file() for f in _WEIGHT_FILES) and not any(path.glob("*.safetensors")):
+        raise ModelLoadError(f"{path} has config.json but no model weights ({' or '.join(_WEIGHT_FILES[::2])}): "
+                             "it is not a complete model folder")
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise ModelLoadError(f"{path} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}): it is not a "
+                             "complete model folder; copy the tokenizer of the model into it")
+
+
 def _resolve_source(name: str) -> tuple[str, str | None]:
     """Return (folder or hub id, gguf file name or None)."""
+    if not name.strip():
+        raise ModelLoadError(f"the model name is empty; pass an embedded name ({', '.join(EMBEDDED)}), a Hub id, a "
+                             "model folder or a .gguf file")
     if name in EMBEDDED:
         path = embedded_gguf_path(name)
         return str(path.parent), path.name
@@ -94,6 +130,7 @@ def _resolve_source(name: str) -> tuple[str, str | None]:
                 f"{path} has no config.json"
                 + (f" and several GGUF files ({', '.join(ggufs)}); pass one of them" if ggufs else "")
             )
+        _check_model_folder(path)
         return str(path), None
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1)
     if looks_like_path or "/" not in name:
@@ -130,14 +167,66 @@ def _forward_takes_cache(cls) -> bool:
     return "cache" in inspect.signature(cls.forward).parameters
 
 
+def check_device(device) -> torch.device:
+    """``device`` as a torch device this torch can use; a :class:`ModelLoadError` saying why not otherwise
+    (before a model is loaded, instead of an assertion deep inside torch)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(f"unknown device {device!r}; pass cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch was built without CUDA" if torch.version.cuda is None
+                   else "no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES)")
+            raise ModelLoadError(f"device {device!r} cannot be used: {why} (torch {torch.__version__}); pass "
+                                 "--device cpu, or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) "
+                                 "are visible")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ModelLoadError(f"device {device!r} cannot be used: MPS is not available here; pass --device cpu")
+    return dev
+
+
+def _tiny(name: str, dtype: torch.dtype):
+    """A random tiny model of :mod:`echokv.tiny` (``tiny-<arch>``) with a byte-level tokenizer (ByT5's: 3
+    special tokens and 256 bytes, so the model's vocabulary is 259)."""
+    from transformers import ByT5Tokenizer
+
+    from .tiny import ARCHITECTURES, tiny_model
+
+    arch = name.removeprefix("tiny-")
+    if arch not in ARCHITECTURES:
+        raise ModelLoadError(f"unknown tiny model {name!r}; choose one of "
+                             f"{', '.join('tiny-' + a for a in ARCHITECTURES)}")
+    tokenizer = ByT5Tokenizer(extra_ids=0)
+    model = tiny_model(arch, dtype=dtype, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    model.echokv_name = name
+    return model, tokenizer
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     dtype: str | torch.dtype = torch.float32,
     device: str = "cpu",
     attn_implementation: str | None = "sdpa",
 ):
-    """Load ``(model, tokenizer)`` for a name, Hub id, folder or ``.gguf`` file, in eval mode."""
+    """Load ``(model, tokenizer)`` for a name, Hub id, folder or ``.gguf`` file, in eval mode.
+
+    Raises ``TypeError`` for a name that is not a string or path, :class:`ModelLoadError` for anything that
+    cannot be loaded (the message says what to pass or install).
+    """
+    if isinstance(name, os.PathLike):
+        name = os.fspath(name)
+    if not isinstance(name, str):
+        raise TypeError(f"load_model needs a model name: an embedded name ({', '.join(EMBEDDED)}), a Hub id, a "
+                        f"folder or a .gguf file (str or path), got {name!r}")
     torch_dtype = resolve_dtype(dtype)
+    dev = check_device(device)
+    if name.startswith("tiny-") and not Path(name).exists():
+        model, tokenizer = _tiny(name, torch_dtype)
+        return model.to(dev).eval(), tokenizer
     source, gguf_file = _resolve_source(name)
     _require("transformers", "loading a model", "pip install transformers")
     if gguf_file is not None:
@@ -157,7 +246,7 @@ def load_model(
         raise
     except OSError as exc:  # missing Hub access, no network, bad folder
         raise ModelLoadError(f"could not load model {name!r}: {exc}") from exc
-    model.to(device).eval()
+    model.to(dev).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.echokv_name = name  # recorded in artifacts and reports

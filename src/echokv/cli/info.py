@@ -15,12 +15,7 @@ def run(args) -> int:
     from ..models import kv_geometry
 
     cfg = from_args(args, InfoConfig)
-    if cfg.model.startswith("tiny-"):
-        from ..tiny import tiny_model
-
-        model = tiny_model(cfg.model.removeprefix("tiny-"))
-    else:
-        model, _ = cfg.load()
+    model, _ = cfg.load()  # also the tiny random models of echokv.tiny: tiny-llama, tiny-gemma3, ...
     geo = kv_geometry(model)
     if cfg.json:
         print(json.dumps({"model": cfg.model, **geo.to_dict()}))
