@@ -19,6 +19,10 @@ PREFILL_CHUNK = 512
 
 def encode_prompt(tokenizer, text: str, chat: bool | None = None) -> torch.Tensor:
     """Token ids [1, T] of a user prompt, through the chat template when the tokenizer has one."""
+    if tokenizer is None or not callable(tokenizer):
+        raise TypeError(f"encode_prompt needs the model's tokenizer (from echokv.load_model), got {tokenizer!r}")
+    if not isinstance(text, str):
+        raise TypeError(f"the prompt must be a str, got {type(text).__name__}")
     use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
     if use_chat:
         msgs = [{"role": "user", "content": text}]
@@ -31,12 +35,18 @@ def encode_prompt(tokenizer, text: str, chat: bool | None = None) -> torch.Tenso
 def prefill(model, cache, input_ids, attention_mask=None, chunk_size: int = PREFILL_CHUNK):
     """Feed ``input_ids`` through ``model`` in chunks with ``cache``; returns the last logits [B, V].
 
-    Between chunks a compressing cache compresses, so peak memory stays near one chunk of full KV.
+    Between chunks a compressing cache compresses, so peak memory stays near one chunk of full KV. The tokens
+    are appended to what ``cache`` holds (an echokv cache records them, so that :func:`generate` can tell a
+    continuation from a new prompt).
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    _check_call(model, input_ids, "prefill")
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        raise TypeError(f"prefill needs a cache to fill (e.g. EchoKVCache(model, artifact)), got {cache!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     logits = None
     start = cache.get_seq_length()
+    known = _recorded(cache, input_ids.shape[0], start)
     for s in range(0, input_ids.shape[1], chunk_size):
         ids = input_ids[:, s : s + chunk_size]
         mask = None if attention_mask is None else attention_mask[:, : s + ids.shape[1]]
@@ -48,7 +58,35 @@ def prefill(model, cache, input_ids, attention_mask=None, chunk_size: int = PREF
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **kwargs,
                     **cache_kwarg(model, cache))
         logits = out.logits[:, -1]
+    if hasattr(cache, "token_ids"):
+        ok = known is not None and cache.get_seq_length() == start + input_ids.shape[1]
+        cache.token_ids = torch.cat([known.to(input_ids.device), input_ids], 1) if ok else None
     return logits
+
+
+def _check_call(model, input_ids, what: str) -> None:
+    """Clear errors at the API boundary for what would fail deep inside transformers."""
+    if not (hasattr(model, "config") and callable(model)):
+        raise TypeError(f"{what} needs the model (a transformers causal LM, e.g. from echokv.load_model), got "
+                        f"{type(model).__name__}")
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a tensor of token ids [batch, tokens] (e.g. from encode_prompt), got "
+                        f"{type(input_ids).__name__}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}"
+                         + (" (add the batch dimension: ids[None])" if input_ids.dim() == 1 else ""))
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): {what} needs at least one token")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+
+
+def _recorded(cache, batch: int, held: int) -> torch.Tensor | None:
+    """The token ids an echokv cache holds, when it recorded all of them (empty for an empty cache)."""
+    if held == 0:
+        return torch.zeros(batch, 0, dtype=torch.long)
+    ids = getattr(cache, "token_ids", None)
+    return ids if ids is not None and ids.shape == (batch, held) else None
 
 
 def generate(model, input_ids: torch.Tensor, cache=None, *, max_new_tokens: int = GenerateConfig.max_new_tokens,
@@ -59,11 +97,28 @@ def generate(model, input_ids: torch.Tensor, cache=None, *, max_new_tokens: int 
 
     The prompt but its last token is prefilled in chunks first (:func:`prefill`), so a compressing cache
     compresses between chunks; greedy unless ``sample``.
+
+    A cache that already holds tokens is continued only when ``input_ids`` extends them (the earlier prompt and
+    answer, then new text: an echokv cache records what :func:`prefill` and :func:`generate` fed it); anything
+    else is refused with ``ValueError``, because the answer would read the earlier prompt: call
+    ``cache.reset()`` or make a new cache for a new prompt.
     """
     from .attention import echokv_attention
     from .cache import FullCache
 
+    _check_call(model, input_ids, "generate")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     cache = FullCache(model) if cache is None else cache
+    held = cache.get_seq_length()
+    if held:
+        known = _recorded(cache, input_ids.shape[0], held)
+        if known is None or input_ids.shape[1] <= held or not torch.equal(input_ids[:, :held], known.to(input_ids.device)):
+            raise ValueError(
+                f"this cache already holds {held} tokens, and input_ids ({input_ids.shape[1]} tokens) does not "
+                "extend them: it is a new prompt, whose answer would read the previous one. Call cache.reset() or "
+                "pass a new cache; to continue, pass the earlier prompt and answer followed by the new text"
+            )
     scope = echokv_attention(model) if getattr(cache, "fast", False) else contextlib.nullcontext()
     torch.manual_seed(seed)
     kwargs = {"do_sample": sample, "max_new_tokens": max_new_tokens, "streamer": streamer,
@@ -73,7 +128,10 @@ def generate(model, input_ids: torch.Tensor, cache=None, *, max_new_tokens: int 
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
     with scope:
-        if input_ids.shape[1] > 1:  # long prompts: chunked, so a compressing cache compresses between chunks
-            prefill(model, cache, input_ids[:, :-1])
+        if input_ids.shape[1] - held > 1:  # long prompts: chunked, so a compressing cache compresses between chunks
+            prefill(model, cache, input_ids[:, held:-1])
         out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    if hasattr(cache, "token_ids"):  # what the cache holds now: all but the last new token
+        n = cache.get_seq_length()
+        cache.token_ids = out[:, :n] if n <= out.shape[1] else None
     return out[:, input_ids.shape[1]:]

@@ -14,6 +14,8 @@ call (:func:`echokv.generation.prefill` feeds a long prompt in chunks so the cac
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -25,6 +27,17 @@ from . import accounting
 from .codec import KVCodec
 from .layers import CompressedLayer, GrowingLayer
 from .store import GroupStore
+
+
+def _is_count(x, low: int) -> bool:
+    """An integer (not a bool: ``True`` is not a token count) of at least ``low``."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= low
+
+
+def _check_model(model) -> None:
+    if not (hasattr(model, "config") and hasattr(model, "parameters")):
+        raise TypeError(f"a cache needs the model it is used with (a transformers causal LM, e.g. from "
+                        f"echokv.load_model), got {type(model).__name__}: {model!r:.80}")
 
 
 class CompressedCache(DynamicCache):
@@ -54,18 +67,24 @@ class CompressedCache(DynamicCache):
         full_window: int = 0,
         fast: bool = False,
     ):
+        _check_model(model)
         if mode not in self.MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(self.MODES)}")
-        if switch_at_tokens is not None and (not isinstance(switch_at_tokens, int) or switch_at_tokens < 1):
+        if switch_at_tokens is not None and not _is_count(switch_at_tokens, 1):
             raise ValueError(f"switch_at_tokens must be a positive integer, got {switch_at_tokens!r}")
-        if memory_budget_bytes is not None and (
-            not isinstance(memory_budget_bytes, int) or memory_budget_bytes < 1
-        ):
+        if memory_budget_bytes is not None and not _is_count(memory_budget_bytes, 1):
             raise ValueError(f"memory_budget_bytes must be a positive integer, got {memory_budget_bytes!r}")
-        if not isinstance(full_window, int) or full_window < 0:
+        if not _is_count(full_window, 0):
             raise ValueError(f"full_window must be a non-negative integer, got {full_window!r}")
         if mode == "auto" and switch_at_tokens is None and memory_budget_bytes is None:
             raise ValueError("mode 'auto' needs switch_at_tokens or memory_budget_bytes")
+        if mode != "auto" and (switch_at_tokens is not None or memory_budget_bytes is not None):
+            given = "switch_at_tokens" if switch_at_tokens is not None else "memory_budget_bytes"
+            raise ValueError(f"{given} sets when auto mode switches, but mode {mode!r} never switches; pass "
+                             f"mode='auto' (the default when {given} is given) or leave {given} out")
+        switch_at_tokens = None if switch_at_tokens is None else int(switch_at_tokens)
+        memory_budget_bytes = None if memory_budget_bytes is None else int(memory_budget_bytes)
+        full_window = int(full_window)
         super().__init__(config=model.config)
         self.geometry = kv_geometry(model)
         if len(self.layers) != self.geometry.num_layers:  # config without layer types: build them now
@@ -90,9 +109,14 @@ class CompressedCache(DynamicCache):
         self.full_window = full_window
         self.is_compressed = mode == "compressed"
         self.switched_at: int | None = 0 if self.is_compressed else None
+        #: token ids [B, n] of what the cache holds, when only echokv's prefill / generate fed it (None otherwise):
+        #: :func:`echokv.generation.generate` checks that a new call's input extends them
+        self.token_ids: torch.Tensor | None = None
 
     # -- the cache protocol: each layer updates itself; the stores are handled once per group ----------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx == 0:  # the first layer of a forward call: does its input continue what the cache holds?
+            self._check_continues(args, kwargs)
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         if layer_idx == len(self.layers) - 1:
             self._after_forward()
@@ -103,22 +127,59 @@ class CompressedCache(DynamicCache):
             return 0
         return self.layers[layer_idx].get_seq_length()
 
+    def _check_continues(self, args, kwargs) -> None:
+        """Refuse a forward call whose tokens start before the end of what the cache holds: a new prompt fed to a
+        cache that still holds another one (its answer would attend to the old tokens). transformers 5.2 passes
+        the cache slots (``cache_position``), newer versions the positions (``position_ids``; with left padding
+        the unpadded row's, the largest, equals the slot). A call that continues (chunked prefill, a decode
+        step, ``generate`` with the whole prompt, of which transformers feeds only the new tokens) passes."""
+        held = self.get_seq_length()
+        if held == 0:
+            return
+        extra = args[0] if args and isinstance(args[0], dict) else kwargs.get("cache_kwargs")
+        inner = kwargs.get("kwargs")
+        found = [d for d in (extra, inner, kwargs) if isinstance(d, dict)]
+        pos = next((d["cache_position"] for d in found if d.get("cache_position") is not None),
+                   next((d["position_ids"] for d in found if d.get("position_ids") is not None), None))
+        if not isinstance(pos, torch.Tensor) or pos.numel() == 0:
+            return
+        first = int(pos[..., 0].max())
+        if first < held:
+            raise ValueError(
+                f"this cache already holds {held} tokens, and the new input starts at position {first}: it is a new "
+                "prompt, not a continuation (its answer would read the previous prompt). Call cache.reset() or make "
+                "a new cache for each prompt; to continue, pass input that extends what the cache holds"
+            )
+
     def reset(self) -> None:
+        """Empty the cache for a new prompt (same settings: auto mode starts in full mode again)."""
         super().reset()
+        for layer in self.layers:  # transformers 5.2 zeroes the tensors but keeps their length: drop them
+            if isinstance(layer, DynamicLayer) and layer.is_initialized:
+                layer.keys = layer.values = None
+                layer.is_initialized = False
+            if isinstance(getattr(layer, "cumulative_length", None), int):
+                layer.cumulative_length = 0
         for store in self.stores:
             store.reset()
+        self.is_compressed = self.mode == "compressed"
+        self.switched_at = 0 if self.is_compressed else None
+        self.token_ids = None
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.token_ids = None
         super().batch_select_indices(indices)
         for store in self.stores:
             store.batch_select_indices(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        self.token_ids = None
         super().batch_repeat_interleave(repeats)
         for store in self.stores:
             store.batch_repeat_interleave(repeats)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.token_ids = None
         super().reorder_cache(beam_idx)
         for store in self.stores:
             store.reorder_cache(beam_idx)
@@ -212,14 +273,21 @@ class EchoKVCache(CompressedCache):
     """
 
     def __init__(self, model, artifact, mode: str | None = None, **kwargs):
+        import os
+
         from ..artifact import load
         from ..codecs.echo import EchoCodec
         from ..reconstructor import Reconstructor
 
+        _check_model(model)
+        if not isinstance(artifact, (Reconstructor, str, os.PathLike)):
+            raise TypeError(f"EchoKVCache needs an artifact: the folder `echokv train` wrote (str or path) or a "
+                            f"Reconstructor, got {artifact!r}")
         recon = artifact if isinstance(artifact, Reconstructor) else load(artifact, model)
         param = next(model.parameters())
         recon.to(device=param.device)
-        if mode is None:
-            mode = "auto" if kwargs.get("switch_at_tokens") or kwargs.get("memory_budget_bytes") else "full"
+        if mode is None:  # a switch condition means auto mode
+            auto = kwargs.get("switch_at_tokens") is not None or kwargs.get("memory_budget_bytes") is not None
+            mode = "auto" if auto else "full"
         kwargs.setdefault("fast", getattr(model.config, "attn_logit_softcapping", None) is None)
         super().__init__(model, EchoCodec(recon), mode=mode, **kwargs)
