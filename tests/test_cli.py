@@ -106,3 +106,117 @@ def test_real_model_artifact_for_another_model(capsys, tmp_path, smollm2_artifac
     rc = main(["generate", "--artifact", str(fake), "--prompt", "hi", "--mode", "compressed"])
     assert rc == 2
     assert "trained on a different model" in _err(capsys)
+
+
+# -- issue #16: one clear line for a user's mistake, exit code 2, the traceback only with --debug -------------
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tmp_path_factory):
+    """An artifact for the CLI's ``tiny-llama`` (a random model with a byte tokenizer; trained in a second)."""
+    from echokv.models import load_model
+    from helpers import train_tiny
+
+    model, _ = load_model("tiny-llama")
+    recon, report = train_tiny(model, steps=0)
+    return artifact.save(recon, model, tmp_path_factory.mktemp("cli") / "tiny", report)
+
+
+def test_switch_at_alone_runs_in_auto_mode(capsys, tiny_artifact):
+    # issue #16: `generate --artifact A --switch-at 5` ran in full mode (--mode defaulted to full)
+    rc = main(["generate", "--model", "tiny-llama", "--artifact", str(tiny_artifact), "--prompt", "hello there",
+               "--switch-at", "5", "--max-new-tokens", "3", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["mode_at_end"] == "compressed" and out["switched_at"] >= 5
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--mode", "full", "--switch-at", "5"], "--switch-at set(s) when auto mode switches, but --mode full never"),
+        (["--mode", "compressed", "--memory-budget", "1000"], "--memory-budget set(s) when auto mode switches"),
+        (["--switch-at", "5"], "--mode auto needs --artifact"),
+    ],
+)
+def test_switch_settings_that_would_be_ignored(monkeypatch, capsys, extra, message):
+    _no_model_load(monkeypatch)
+    assert main(["generate", "--prompt", "hi", *extra]) == 2
+    assert message in _err(capsys)
+
+
+def test_prompt_files_that_are_not_text_files(monkeypatch, capsys, tmp_path):
+    # issue #16: a folder as --prompt-file was "not found"; a non-UTF-8 file did not name the file
+    _no_model_load(monkeypatch)
+    assert main(["generate", "--prompt-file", str(tmp_path)]) == 2
+    assert f"--prompt-file {tmp_path} is a folder" in _err(capsys)
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9".encode("latin-1"))
+    assert main(["generate", "--prompt-file", str(latin)]) == 2
+    assert f"prompt file {latin} is not UTF-8 text (byte 0xe9 at position 3)" in _err(capsys)
+
+
+def test_artifact_problems_before_the_model_loads(monkeypatch, capsys, tmp_path, tiny_artifact):
+    import shutil
+
+    _no_model_load(monkeypatch)
+    base = ["generate", "--prompt", "hi", "--mode", "compressed", "--artifact"]
+    assert main([*base, str(tiny_artifact / "config.json")]) == 2  # issue #16: a file was "not found"
+    assert "is a file, not an artifact folder" in _err(capsys)
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_artifact, bad)
+    (bad / "config.json").write_text("[1, 2, 3]")
+    assert main([*base, str(bad)]) == 2
+    err = _err(capsys)
+    assert f"{bad / 'config.json'}: holds a JSON list" in err and "Traceback" not in err
+    (bad / "config.json").write_bytes((tiny_artifact / "config.json").read_bytes())
+    (bad / "reconstructor.safetensors").write_bytes(b"\x80\x04K\x01.")  # a pickle
+    assert main([*base, str(bad)]) == 2
+    assert f"{bad / 'reconstructor.safetensors'}: " in _err(capsys)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["info", "--model", ""], "the model name is empty"),
+        (["info", "--model", "tiny-llama", "--device", "cuda"], "device 'cuda' cannot be used"),
+        (["info", "--model", "tiny-llama", "--device", "gpu"], "unknown device 'gpu'"),
+    ],
+)
+def test_model_problems_are_one_line(monkeypatch, capsys, argv, message):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(argv) == 2
+    err = _err(capsys)
+    assert message in err and len(err.strip().splitlines()) == 1 and err.startswith("echokv: error: ")
+
+
+def test_debug_shows_the_traceback(monkeypatch, capsys):
+    _no_model_load(monkeypatch)
+    argv = ["generate", "--prompt", "hi", "--mode", "compressed", "--artifact", "/nonexistent"]
+    assert main(argv) == 2
+    for debug in (["--debug", *argv], [*argv, "--debug"]):
+        with pytest.raises(artifact.ArtifactError, match="artifact folder not found"):
+            main(debug)
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "line"),
+    [
+        (PermissionError(13, "Permission denied", "/x/out"), 2, "/x/out: Permission denied"),
+        (FileNotFoundError("no such thing"), 2, "no such thing"),
+        (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), 2, "a file is not UTF-8 text"),
+        (OSError(28, "No space left on device"), 1, "No space left on device"),
+    ],
+)
+def test_error_classes_map_to_one_line(monkeypatch, capsys, exc, code, line):
+    from echokv.cli import info
+
+    def run(args):
+        raise exc
+
+    monkeypatch.setattr(info, "run", run)
+    assert main(["info"]) == code
+    err = _err(capsys)
+    assert err.startswith(f"echokv: error: {line}") and len(err.strip().splitlines()) == 1

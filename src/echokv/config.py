@@ -162,7 +162,8 @@ class GenerateConfig(ModelConfig):
     artifact: str | None = option(None, "trained artifact folder (needed for compressed/auto)")
     prompt: str | None = option(None, "the prompt", one_of="prompt")
     prompt_file: str | None = option(None, "a file holding the prompt", one_of="prompt")
-    mode: str = option("full", "cache mode", choices=CACHE_MODES)
+    mode: str | None = option(None, "cache mode (default: auto with --switch-at or --memory-budget, else full)",
+                              choices=CACHE_MODES)
     switch_at: int | None = option(None, "auto mode: compress from this many tokens", check="positive")
     memory_budget: int | None = option(None, "auto mode: compress above this many bytes", check="positive")
     full_window: int = option(0, "keep the last W tokens uncompressed", check="non_negative")

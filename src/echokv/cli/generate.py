@@ -15,10 +15,16 @@ HELP = "generate text with the full or the compressed cache"
 
 def _read_prompt(cfg: GenerateConfig) -> str:
     if cfg.prompt_file:
-        path = Path(cfg.prompt_file)
+        path = Path(cfg.prompt_file).expanduser()
+        if path.is_dir():
+            raise UsageError(f"--prompt-file {path} is a folder; pass a text file")
         if not path.is_file():
             raise UsageError(f"prompt file not found: {path}")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"prompt file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at position "
+                             f"{exc.start}); save it as UTF-8") from None
     else:
         text = cfg.prompt
     if text is None or not text.strip():
@@ -35,6 +41,12 @@ def run(args) -> int:
 
     cfg = from_args(args, GenerateConfig)
     text = _read_prompt(cfg)
+    switch = [flag for flag, v in (("--switch-at", cfg.switch_at), ("--memory-budget", cfg.memory_budget)) if v]
+    if cfg.mode is None:  # as the library does: a switch condition means auto mode
+        cfg.mode = "auto" if switch else "full"
+    elif switch and cfg.mode != "auto":
+        raise UsageError(f"{' and '.join(switch)} set(s) when auto mode switches, but --mode {cfg.mode} never "
+                         "switches; drop --mode (auto is the default with them) or the switch")
     if cfg.mode in ("compressed", "auto") and not cfg.artifact:
         raise UsageError(f"--mode {cfg.mode} needs --artifact DIR (train one with `echokv train`)")
     if cfg.mode == "auto" and cfg.switch_at is None and cfg.memory_budget is None:
