@@ -157,27 +157,45 @@ def test_files_written_into_a_folder_never_replace_a_users_file(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "report.md", "results.json"]
 
 
-def test_an_unwritable_output_fails_before_any_work(tmp_path, monkeypatch):
+def _lock(folder: Path, monkeypatch) -> None:
+    """Make ``folder`` unwritable (root ignores permissions: there, creating anything in it fails as it would)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return
+    real = Path.mkdir
+
+    def mkdir(self, *a, **k):
+        if self.parent == folder:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+
+
+def test_an_unwritable_output_is_named(tmp_path, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir()
-    if os.geteuid() == 0:  # root ignores permissions: make the probe's mkdir fail as it would
-        real = Path.mkdir
-
-        def mkdir(self, *a, **k):
-            if self.parent == locked:
-                raise PermissionError(errno.EACCES, "Permission denied", str(self))
-            return real(self, *a, **k)
-
-        monkeypatch.setattr(Path, "mkdir", mkdir)
-    else:
-        locked.chmod(0o555)
+    _lock(locked, monkeypatch)
     with pytest.raises(PermissionError, match=f"cannot write the output {locked / 'a'}: {locked} is not writable"):
         check_output_dir(locked / "a", overwrite=False)
-    _no_model_load(monkeypatch)
-    assert main(["train", "--out", str(locked / "a")]) == 2
+    with pytest.raises(PermissionError, match=f"{locked} is not writable"):  # a folder to create inside it
+        check_output_dir(locked / "a" / "b", overwrite=False)
+    (tmp_path / "f").write_text("x")
     with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
-        (tmp_path / "f").write_text("x")
         check_output_dir(tmp_path / "f" / "a", overwrite=False)
+
+
+@pytest.mark.parametrize("command", [
+    ["train"], ["analyze"], ["bench", "--artifact", "/nonexistent"], ["demo"], ["eval", "--methods", "full"],
+])
+def test_an_unwritable_output_fails_before_any_work(tmp_path, monkeypatch, capsys, command):
+    # issue #16: an unwritable --out failed after training (132 s); train, analyze, eval and bench check it first
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _lock(locked, monkeypatch)
+    _no_model_load(monkeypatch)
+    assert main([*command, "--out", str(locked / "out")]) == 2
+    assert f"{locked} is not writable" in capsys.readouterr().err
 
 
 def test_train_refuses_the_current_folder_without_suggesting_overwrite(monkeypatch, capsys, tmp_path):

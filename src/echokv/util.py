@@ -171,12 +171,15 @@ def foreign_entries(folder, depth: int = 2) -> list[str]:
                 continue
             inner = foreign_entries(entry, depth - 1) if depth > 0 and any(entry.iterdir()) else ["*"]
             foreign += [f"{name}/" if x == "*" else f"{name}/{x}" for x in inner]
-        elif not _is_own_file(entry):
+        elif not is_own_file(entry):
             foreign.append(name)
     return foreign
 
 
-def _is_own_file(path: Path) -> bool:
+def is_own_file(path) -> bool:
+    """Whether the file ``path`` is one echokv writes (:data:`OWN_FILES`, :data:`OWN_SUFFIXES`), by name and
+    content: what a writer may delete or replace."""
+    path = Path(path)
     check = OWN_FILES.get(path.name) or OWN_SUFFIXES.get(path.suffix.lower())
     return check is not None and path.is_file() and check(path)
 
@@ -205,7 +208,7 @@ def _listing(names: list[str], limit: int = 8) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def check_output_dir(out, overwrite: bool, replace: bool = True) -> None:
+def check_output_dir(out, overwrite: bool, replace: bool = True, tidy: bool = True) -> None:
     """Refuse, before any work, an output folder that could not or must not be written.
 
     ``replace=True`` (an artifact, ``analyze``): the folder is written whole. Refused: the current folder, a
@@ -214,8 +217,12 @@ def check_output_dir(out, overwrite: bool, replace: bool = True) -> None:
     without ``overwrite``. ``replace=False`` (files written into a folder, other files staying, as ``bench``
     does): only a path that is not a folder is refused. Both probe that the folder can be written
     (:func:`check_writable`). Raises :class:`OutputFolderError` (a ``FileExistsError``) or ``PermissionError``.
+    With ``tidy``, what a killed run left next to ``out`` is tidied first (:func:`clean_stale`), so the check
+    sees what the write will find.
     """
     out = Path(out).expanduser()
+    if tidy:
+        clean_stale(out)
     if replace:
         why = _protected(out)
         if why is not None:
@@ -302,7 +309,7 @@ def _remove_own(folder: Path) -> list[str]:
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 left += [f"{entry.name}/{x}" for x in _remove_own(entry)]
-        elif _is_own_file(entry) or _HIDDEN.match(entry.name):
+        elif is_own_file(entry) or _HIDDEN.match(entry.name):
             entry.unlink(missing_ok=True)
         else:
             left.append(entry.name)
@@ -313,9 +320,9 @@ def _remove_own(folder: Path) -> list[str]:
 
 
 def clean_stale(out) -> None:
-    """Tidy what a killed run (its process gone) left next to ``out``: unfinished ``partial`` folders are
-    removed; a replaced ``old`` folder is put back when ``out`` is missing (a kill between the two renames
-    of a replacement, where the exchange is not atomic), removed otherwise."""
+    """Tidy what a killed run (its process gone) left next to ``out``: unfinished ``partial`` folders (and
+    ``probe`` folders) are removed; a replaced ``old`` folder is put back when ``out`` is missing (a kill
+    between the two renames of a replacement, where the exchange is not atomic), removed otherwise."""
     out = Path(out).expanduser()
     if not out.parent.is_dir():
         return
@@ -368,35 +375,39 @@ def atomic_dir(out, overwrite: bool = False, replace: bool = True):
     """
     out = Path(out).expanduser()
     check_output_dir(out, overwrite, replace)
-    clean_stale(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(out, "partial")
     tmp.mkdir()  # plain mkdir, not mkdtemp: the result gets the user's usual permissions, not 0700
+    old = None
     try:
         yield tmp
-        check_output_dir(out, overwrite, replace)  # someone may have created or changed it meanwhile
+        check_output_dir(out, overwrite, replace, tidy=False)  # someone may have created or changed it meanwhile
         if not replace:
             _move_into(tmp, out)
-        elif out.exists():
-            if _exchange(tmp, out):  # tmp now holds the previous output
-                old = tmp
-            else:
-                old = _sibling(out, "old")
-                out.rename(old)
-                tmp.rename(out)
-            left = _remove_own(old)
-            if left:  # appeared between the check and the exchange: keep them, say where
-                log.warning("kept %s (not written by echokv) in %s", _listing(left), old)
+            return
+        if not out.exists():
+            tmp.rename(out)
+            return
+        if _exchange(tmp, out):  # tmp now holds the previous output
+            old = tmp
         else:
+            old = _sibling(out, "old")
+            out.rename(old)
             tmp.rename(out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old != tmp and old.exists() and not out.exists():
+            old.rename(out)  # the second rename failed: the previous output goes back
+        if old is not tmp:
+            shutil.rmtree(tmp, ignore_errors=True)  # only ever the new, unfinished output
         raise
+    left = _remove_own(old)  # the previous output: only what echokv wrote in it
+    if left:  # appeared between the check and the exchange: kept, and said where
+        log.warning("kept %s (not written by echokv) in %s", _listing(left), old)
 
 
 def _move_into(tmp: Path, out: Path) -> None:
     out.mkdir(exist_ok=True)
-    clash = [p.name for p in tmp.iterdir() if (out / p.name).exists() and not _is_own_file(out / p.name)]
+    clash = [p.name for p in tmp.iterdir() if (out / p.name).exists() and not is_own_file(out / p.name)]
     if clash:
         raise OutputFolderError(f"{out} holds files of the same names that echokv did not write "
                                 f"({_listing(clash)}); move them away or pass another output folder")
