@@ -116,6 +116,10 @@ def save(
 ):
     """Write the artifact atomically (:func:`~echokv.util.atomic_dir`: an existing ``out_dir`` is replaced
     only with ``overwrite`` and only when it holds nothing but echokv's output)."""
+    if not isinstance(recon, Reconstructor):
+        raise TypeError(f"save needs the Reconstructor that train() returned, got {type(recon).__name__}")
+    if not isinstance(out_dir, (str, Path)) or not str(out_dir).strip():
+        raise TypeError(f"save needs an output folder path (str or pathlib.Path), got {out_dir!r}")
     geo = kv_geometry(model)
     config = {
         "format": FORMAT,
