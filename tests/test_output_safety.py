@@ -107,6 +107,20 @@ def test_overwrite_replaces_echokv_output_and_only_it(saved, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a"]  # the previous version is gone, nothing hidden left
 
 
+def test_a_corrupt_artifact_of_echokv_is_still_its_own(saved, tmp_path):
+    # a truncated artifact (a retraining replaces it, e.g. eval's train-on-the-fly) is recognised by its format
+    import shutil
+
+    model, recon, report, art = saved
+    out = tmp_path / "a"
+    shutil.copytree(art, out)
+    for name in (artifact.CONFIG, artifact.WEIGHTS):
+        (out / name).write_bytes((out / name).read_bytes()[:60])
+    assert foreign_entries(out) == []
+    artifact.save(recon, model, out, report, overwrite=True)
+    artifact.validate_artifact(out)
+
+
 def test_what_counts_as_echokv_output(tmp_path, saved):
     *_, art = saved
     assert foreign_entries(art) == []

@@ -22,7 +22,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import json
 import logging
 import os
 import re
@@ -67,31 +66,20 @@ class OutputFolderError(FileExistsError):
     a folder holding files echokv did not write, a file, or an existing folder without ``overwrite``."""
 
 
-def _json_object_with_format(prefix: str) -> Callable[[Path], bool]:
-    def check(path: Path) -> bool:
-        try:
-            data = json.loads(path.read_bytes()[:1_000_000])
-        except (OSError, ValueError):
-            return False
-        return isinstance(data, dict) and str(data.get("format", "")).startswith(prefix)
-
-    return check
-
-
-def _safetensors_with_format(prefix: str) -> Callable[[Path], bool]:
-    """A safetensors file whose header metadata names ``prefix`` (read from the header only, never the data)."""
+def _names_format(prefix: str, within: int) -> Callable[[Path], bool]:
+    """A file whose first ``within`` bytes name the format ``prefix`` (an artifact's ``config.json``, whose first
+    key it is; a weights file, whose header metadata holds it). Read as bytes, so that a truncated or corrupt
+    file of echokv's is still recognised as its own (and may be replaced by a new one)."""
+    needle = f'"format": "{prefix}'.encode()
+    compact = f'"format":"{prefix}'.encode()
 
     def check(path: Path) -> bool:
         try:
             with path.open("rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                if not 0 < n <= 100_000_000:
-                    return False
-                header = json.loads(f.read(n))
-        except (OSError, ValueError):
+                head = f.read(within)
+        except OSError:
             return False
-        meta = header.get("__metadata__") if isinstance(header, dict) else None
-        return isinstance(meta, dict) and str(meta.get("format", "")).startswith(prefix)
+        return needle in head or compact in head
 
     return check
 
@@ -127,9 +115,9 @@ _ARTIFACT_FORMAT = "echokv-artifact/"
 #: an artifact (:mod:`echokv.artifact`), ``analyze``, ``eval``, ``bench`` and ``demo``. A writer of a new file
 #: adds it here; anything else in a folder makes it foreign (never replaced).
 OWN_FILES: dict[str, Callable[[Path], bool]] = {
-    "config.json": _json_object_with_format(_ARTIFACT_FORMAT),
-    "reconstructor.safetensors": _safetensors_with_format(_ARTIFACT_FORMAT),
-    "reconstructor_stage1.safetensors": _safetensors_with_format(_ARTIFACT_FORMAT),
+    "config.json": _names_format(_ARTIFACT_FORMAT, 4096),
+    "reconstructor.safetensors": _names_format(_ARTIFACT_FORMAT, 1 << 20),
+    "reconstructor_stage1.safetensors": _names_format(_ARTIFACT_FORMAT, 1 << 20),
     "train_report.json": _json_file,
     "similarity.json": _json_file,
     "results.json": _json_file,
