@@ -7,7 +7,13 @@ import json
 import pytest
 
 from echokv.eval.intervals import wilson
-from echokv.eval.plots import average_score, frontier_points, plot_niah_heatmap, plot_score_vs_kept, task_means
+from echokv.eval.plots import (
+    average_score,
+    frontier_points,
+    plot_niah_heatmap,
+    plot_score_vs_kept,
+    task_means,
+)
 from echokv.eval.report import write_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -230,13 +230,12 @@ def test_failing_method_gets_error_rows(tiny, monkeypatch, tmp_path):
     assert "broke" in report and "not available" in report
 
 
-def test_artifact_of_the_other_variant_is_an_error_not_a_training(tiny, tiny_artifact, tmp_path, monkeypatch):
+def test_artifact_of_the_other_variant_is_an_error_not_a_training(tiny_artifact, tmp_path, monkeypatch):
     # the user's head-only artifact must not make echokv-hybrid train one silently on the fly: asked for by name,
     # it is the user's mistake (an error before any work); brought in by `all`, that method is skipped
     from echokv import methods
 
     monkeypatch.chdir(tmp_path)
-    model, tokenizer = tiny
     with pytest.raises(ValueError, match="'heads' variant but echokv-hybrid needs the 'hybrid' variant"):
         runner.make_job("quick", "full,echokv-hybrid", "0.5", artifacts=[tiny_artifact],
                         tasks="niah_single_1", context_lengths="200", samples=1)
@@ -283,7 +282,7 @@ def test_resume_skips_cells_already_in_results(tiny, tmp_path, monkeypatch):
 
     model, tokenizer = tiny
     out = tmp_path / "eval"
-    args = dict(tasks="niah_single_1", context_lengths="200", samples=2, out=out, progress=False)
+    args = {"tasks": "niah_single_1", "context_lengths": "200", "samples": 2, "out": out, "progress": False}
     first = runner.run_eval(model, tokenizer, "quick", "full", [], **args)
     calls = []
     real = Method.generate

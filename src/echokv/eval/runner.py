@@ -422,7 +422,7 @@ def _message(exc: BaseException) -> str:
 
 
 #: a method whose kept fraction (after ``prepare``) is further than this from ``1 - ratio`` cannot reach the ratio
-REACH_TOLERANCE = 0.05
+REACH_TOLERANCE = 0.07
 
 
 def unreachable(method, ratio: float) -> str | None:
