@@ -8,7 +8,7 @@ kind="${1:-main}"
 python="${PYTHON:-python3.11}"
 command -v "$python" >/dev/null || python=python3
 case "$kind" in
-  main)  venv=.venv;       extras="dev";       pins=() ;;
+  main)  venv=.venv;       extras="dev,hfquant"; pins=() ;;
   peers) venv=.venv-peers; extras="dev,peers"; pins=("transformers>=5.2,<5.3") ;;
   *) echo "usage: bash scripts/setup.sh [main|peers]" >&2; exit 2 ;;
 esac

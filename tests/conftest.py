@@ -44,3 +44,4 @@ def smollm2_heads_artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("artifact") / "smollm2-heads-0.5"
     train_cli(out, "--variant", "heads", "--steps", "0")
     return out
+

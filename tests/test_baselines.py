@@ -202,22 +202,31 @@ def test_headdrop_keeps_the_retained_heads_of_an_echo_artifact(llama, calib, tmp
         HeadDropMethod(0.5, artifact=hpath)
 
 
-@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.7, 0.8, 0.9])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quant_kept_bytes_is_the_nearest_bit_width(ratio, dtype, calib):
+@pytest.mark.parametrize(("ratio", "dtype", "bits"), [
+    (0.5, torch.bfloat16, 8), (0.75, torch.bfloat16, 4), (0.875, torch.bfloat16, 2), (0.7, torch.bfloat16, 4),
+    (0.3, torch.bfloat16, 8), (0.9, torch.bfloat16, 1),
+    (0.5, torch.float32, 16), (0.75, torch.float32, 8), (0.875, torch.float32, 4), (0.3, torch.float32, 16),
+])
+def test_quant_bits_from_the_ratio_and_measured_bytes(ratio, dtype, bits, calib):
+    """The codes fill the budget, scales come on top: bf16 at 0.5 is 8 bits, measured bytes say the same."""
     model = tiny_model("llama", dtype=dtype)
     meth = _prepared(FACTORIES["quant"], ratio, model, calib)
+    assert meth.info()["bits"] == bits
     _, rep = _run(meth, model, _ids(50))
     assert rep["kept_fraction"] == pytest.approx(meth.achieved_kept_fraction, abs=1e-12)
-    kept = sorted(o["kept_fraction"] for o in meth.options(model))
-    i = kept.index(meth.achieved_kept_fraction)
-    # nearest: no other bit width is closer; the target lies within one bit step of the choice
-    assert all(abs(k - (1 - ratio)) >= abs(kept[i] - (1 - ratio)) - 1e-12 for k in kept)
-    lo, hi = kept[max(i - 1, 0)], kept[min(i + 1, len(kept) - 1)]
-    if 1 - ratio >= kept[0]:
-        assert lo - 1e-12 <= 1 - ratio <= hi + 1e-12
-    else:  # below every option (e.g. 0.9 on a 16-bit model): the smallest one
-        assert i == 0
+    element = 2 if dtype == torch.bfloat16 else 4
+    assert bits / (8 * element) <= 1 - ratio  # the codes fit the budget
+    assert bits == 16 or 2 * bits / (8 * element) > 1 - ratio  # and are the widest that fits
+    assert bits / (8 * element) < rep["kept_fraction"] or bits == 16  # scales and zero points on top (16: a copy)
+    assert rep["kept_fraction"] - bits / (8 * element) <= 4 / (16 * element) + 1e-12  # fp16 scale+zero per group
+
+
+def test_quant_beyond_one_bit_cannot_be_reached(calib):
+    from echokv.methods import MethodUnavailable
+
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    with pytest.raises(MethodUnavailable, match="cannot reach ratio 0.95"):
+        _prepared(FACTORIES["quant"], 0.95, model, calib)
 
 
 def test_quant_kept_fraction_formula():

@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from echokv.eval.plots import average_score, plot_niah_heatmap, plot_score_vs_kept, task_means
+from echokv.eval.intervals import wilson
+from echokv.eval.plots import (
+    average_score,
+    frontier_points,
+    plot_niah_heatmap,
+    plot_score_vs_kept,
+    task_means,
+)
 from echokv.eval.report import write_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -48,14 +55,22 @@ def test_write_results(rows, tmp_path):
     assert json.loads((out / "results.json").read_text()) == rows
     report = (out / "report.md").read_text()
     assert "## ruler" in report
-    assert "| method | compression | kept | niah_single_1 | vt | average | vs full |" in report
-    assert "| full | 0 | 1.00 | 100.0 | 80.0 | 90.0 | 100.0% |" in report
-    assert "| echokv | 0.5 | 0.50 | 75.0 | 60.0 | 67.5 | 75.0% |" in report
+    assert "| method | compression | kept | n | niah_single_1 | vt | average | vs full |" in report
+
+    def pm(p, n):  # score and the half-width of its Wilson interval, in points
+        low, high = wilson(p, n)
+        return f"{100 * p:.1f} ±{100 * (high - low) / 2:.1f}"
+
+    # niah: 4 rows of n = 2 (8 samples), vt: n = 2, average over all 10
+    assert f"| full | 0 | 1.000 | 10 | {pm(1.0, 8)} | {pm(0.8, 2)} | {pm(0.9, 10)} | 100.0% |" in report
+    assert f"| echokv | 0.5 | 0.500 | 10 | {pm(0.75, 8)} | {pm(0.6, 2)} | {pm(0.675, 10)} | 75.0% |" in report
+    assert "| full | 0 | 1.000 | 10 | 100.0 ±16.2 |" in report  # hand-computed: Wilson (0.676, 1.0) at n = 8
+    assert "half-width of its 95% Wilson interval" in report
     # The failed method shows its error (pipes escaped) instead of numbers.
     snap = next(line for line in report.splitlines() if line.startswith("| snapkv"))
     assert "error: RuntimeError: out of \\| memory" in snap and "%" not in snap
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert "ruler_score_vs_kept.png" in pngs
+    assert "pareto.png" in pngs
     assert {"ruler_niah_full_0.png", "ruler_niah_echokv_0.5.png"} <= set(pngs)
     for name in pngs:
         assert (out / name).read_bytes().startswith(PNG_MAGIC)
@@ -68,8 +83,8 @@ def test_report_without_niah_depths_and_with_suites(tmp_path):
                                                                         suite="longbench")]
     write_results(rows, tmp_path, "main")
     report = (tmp_path / "report.md").read_text()
-    assert "## longbench" in report and "| echokv | 0.75 | 0.25 | 25.0 | 25.0 | 50.0% |" in report
-    assert [p.name for p in tmp_path.glob("*.png")] == ["longbench_score_vs_kept.png"]
+    assert "## longbench" in report and "| echokv | 0.75 | 0.250 | 2 | 25.0 ±" in report and "| 50.0% |" in report
+    assert [p.name for p in tmp_path.glob("*.png")] == ["pareto.png"]
 
 
 def test_rows_need_fields(tmp_path):
@@ -82,3 +97,27 @@ def test_plots_directly(rows, tmp_path):
     assert plot_score_vs_kept(rows, tmp_path / "a.png").read_bytes().startswith(PNG_MAGIC)
     heatmap = plot_niah_heatmap(rows, tmp_path / "sub" / "b.png", "echokv")
     assert heatmap.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_frontier_points_and_pareto_plot(rows, tmp_path):
+    """pareto.png: one line per method against the measured kept fraction, with Wilson error bars."""
+    points = frontier_points(rows)
+    assert set(points) == {"full", "echokv"}  # the failed snapkv has no point
+    (echo,) = points["echokv"]
+    assert echo["kept"] == pytest.approx(0.5) and echo["n"] == 10 and echo["score"] == pytest.approx(0.675)
+    assert (echo["ci_low"], echo["ci_high"]) == pytest.approx(wilson(0.675, 10))
+    frontier = rows + [{**_row("quant", 0.75, "niah_single_1", 0.5, n=4), "kept_fraction": 0.28},
+                       {**_row("quant", 0.5, "niah_single_1", 1.0, n=4), "kept_fraction": 0.53}]
+    points = frontier_points(frontier)
+    assert [p["ratio"] for p in points["quant"]] == [0.75, 0.5]  # sorted by kept fraction
+    png = plot_score_vs_kept(frontier, tmp_path / "pareto.png")
+    assert png.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_skipped_rows_say_why(tmp_path):
+    rows = [_row("full", 0.0, "niah_single_2", 1.0),
+            {"method": "quant", "compression_ratio": 0.99, "task": "niah_single_2", "context_length": 512, "n": 0,
+             "skipped": "skipped: cannot reach ratio 0.99"}]
+    write_results(rows, tmp_path, "quick")
+    line = next(x for x in (tmp_path / "report.md").read_text().splitlines() if x.startswith("| quant"))
+    assert "cannot reach ratio 0.99" in line

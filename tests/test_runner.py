@@ -210,38 +210,98 @@ def test_failing_method_gets_error_rows(tiny, monkeypatch, tmp_path):
     real = methods.make_method
 
     def make(name, ratio, artifacts=None, **kwargs):
-        if name == "echokv":
-            raise MethodUnavailable("echokv is not available on this model (test)")
+        if name == "lowrank":
+            raise RuntimeError("lowrank broke (test)")
+        if name == "headdrop":
+            raise MethodUnavailable("headdrop is not available on this model (test)")
         return real(name, ratio, artifacts, **kwargs)
 
     monkeypatch.setattr(methods, "make_method", make)
     model, tokenizer = tiny
     out = tmp_path / "eval"
-    rows = runner.run_eval(model, tokenizer, "quick", "full,echokv", "0.5", tasks="niah_single_1",
+    rows = runner.run_eval(model, tokenizer, "quick", "full,lowrank,headdrop", "0.5", tasks="niah_single_1",
                            context_lengths="200", samples=1, out=out, progress=False)
     errors = [r for r in rows if r.get("error")]
-    assert errors and all(r["method"] == "echokv" and "not available" in r["error"] for r in errors)
+    assert errors and all(r["method"] == "lowrank" and "broke" in r["error"] for r in errors)
+    skipped = [r for r in rows if r.get("skipped")]  # unavailable here: a row that says why, not an error
+    assert skipped and all(r["method"] == "headdrop" and "not available" in r["skipped"] for r in skipped)
     assert [r for r in rows if r["method"] == "full" and "score" in r]
-    assert "not available" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "broke" in report and "not available" in report
 
 
-def test_artifact_of_the_other_variant_is_an_error_not_a_training(tiny, tiny_artifact, tmp_path, monkeypatch):
-    # the user's head-only artifact must not make echokv-hybrid train one silently on the fly
+def test_artifact_of_the_other_variant_is_an_error_not_a_training(tiny_artifact, tmp_path, monkeypatch):
+    # the user's head-only artifact must not make echokv-hybrid train one silently on the fly: asked for by name,
+    # it is the user's mistake (an error before any work); brought in by `all`, that method is skipped
     from echokv import methods
 
     monkeypatch.chdir(tmp_path)
-    model, tokenizer = tiny
-    job = runner.make_job("quick", "full,echokv-hybrid", "0.5", artifacts=[tiny_artifact],
-                          tasks="niah_single_1", context_lengths="200", samples=1)
-    assert any("another variant" in note for note in job.notes)
+    with pytest.raises(ValueError, match="'heads' variant but echokv-hybrid needs the 'hybrid' variant"):
+        runner.make_job("quick", "full,echokv-hybrid", "0.5", artifacts=[tiny_artifact],
+                        tasks="niah_single_1", context_lengths="200", samples=1)
     with pytest.raises(ValueError, match="'heads' variant but echokv-hybrid needs the 'hybrid' variant"):
         methods.make_method("echokv-hybrid", 0.5, [tiny_artifact])
-    rows = runner.run_eval(model, tokenizer, "quick", "full,echokv-hybrid", "0.5", artifacts=[tiny_artifact],
-                           tasks="niah_single_1", context_lengths="200", samples=1, progress=False)
-    errors = [r for r in rows if r.get("error")]
-    assert errors and all(r["method"] == "echokv-hybrid" and "--variant hybrid" in r["error"] for r in errors)
-    assert [r for r in rows if r["method"] == "full" and "score" in r]
+    job = runner.make_job("quick", "all", "0.5", artifacts=[tiny_artifact], tasks="niah_single_1",
+                          context_lengths="200", samples=1, peers="off")
+    assert "--variant hybrid" in job.skipped[("echokv", 0.5)]
+    assert ("echokv-heads", 0.5) not in job.skipped
     assert not (tmp_path / "runs").exists()
+
+
+def test_cli_other_variant_exits_2_without_traceback(tiny_artifact, tmp_path, monkeypatch, capsys):
+    from echokv import cli
+    from echokv.config import ModelConfig
+
+    monkeypatch.setattr(ModelConfig, "load", lambda self: (_ for _ in ()).throw(AssertionError("loaded")))
+    rc = cli.main(["eval", "--methods", "echokv", "--artifacts", tiny_artifact, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "'heads' variant but echokv needs the 'hybrid' variant" in err and "Traceback" not in err
+
+
+def test_missing_artifact_is_skipped_with_a_message_and_no_training(tiny, tiny_artifact, tmp_path, monkeypatch):
+    from echokv import training
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(training, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    model, tokenizer = tiny
+    rows = runner.run_eval(model, tokenizer, "quick", "full,echokv-heads", "0.5,0.75", artifacts=[tiny_artifact],
+                           tasks="niah_single_1", context_lengths="200", samples=1, progress=False)
+    skipped = [r for r in rows if r.get("skipped")]
+    assert skipped and {r["compression_ratio"] for r in skipped} == {0.75}
+    message = skipped[0]["skipped"]
+    assert "no heads artifact for ratio 0.75" in message and "tiny-0.5 (heads, ratio 0.5)" in message
+    assert "--train-missing" in message
+    assert [r for r in rows if r["method"] == "echokv-heads" and r["compression_ratio"] == 0.5 and "score" in r]
+    assert not (tmp_path / "runs").exists()
+    job = runner.make_job("quick", "echokv-heads", "0.75", artifacts=[tiny_artifact], train_missing=True)
+    assert not job.skipped and any("trained on the fly" in n for n in job.notes)
+
+
+def test_resume_skips_cells_already_in_results(tiny, tmp_path, monkeypatch):
+    from echokv.methods.base import Method
+
+    model, tokenizer = tiny
+    out = tmp_path / "eval"
+    args = {"tasks": "niah_single_1", "context_lengths": "200", "samples": 2, "out": out, "progress": False}
+    first = runner.run_eval(model, tokenizer, "quick", "full", [], **args)
+    calls = []
+    real = Method.generate
+
+    def counting(self, *a, **k):
+        calls.append(self.label)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Method, "generate", counting)
+    with pytest.raises(FileExistsError):
+        runner.run_eval(model, tokenizer, "quick", "full,headdrop", "0.5", **args)
+    rows = runner.run_eval(model, tokenizer, "quick", "full,headdrop", "0.5", resume=True, **args)
+    assert calls and set(calls) == {"headdrop@0.5"}  # full's cells were in results.json
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(rows))
+    assert [r for r in saved if r["method"] == "full"] == json.loads(json.dumps(first))
+    assert {r["method"] for r in saved} == {"full", "headdrop"}
+    with pytest.raises(ValueError, match="another run.*seed"):
+        runner.run_eval(model, tokenizer, "quick", "full", [], resume=True, seed=1, **args)
 
 
 def test_results_are_written_after_every_method(tiny, monkeypatch, tmp_path):

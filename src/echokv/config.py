@@ -23,7 +23,7 @@ VARIANTS = ("hybrid", "heads")
 LAYOUTS = ("data", "paper")
 CACHE_MODES = ("full", "compressed", "auto")
 #: the evaluation suites (defined in the harness, :mod:`echokv.eval.suites`)
-SUITES = ("quick", "ruler", "longbench", "ppl")
+SUITES = ("quick", "ruler", "longbench", "ppl", "long", "fidelity")
 
 #: calibration text of training and of the evaluation's baselines: tokens, in sequences of this length
 CALIBRATION_TOKENS = 8192
@@ -52,7 +52,8 @@ class ModelConfig:
     """Which model every command loads."""
 
     model: str = option(DEFAULT_MODEL, "embedded name, Hub id, folder or .gguf")
-    dtype: str = option("float32", "dtype the model is loaded in", choices=tuple(DTYPES))
+    dtype: str = option("bfloat16", "dtype the model and its KV cache run in (bfloat16: what users serve; "
+                        "float32 for reference numbers)", choices=tuple(DTYPES))
     device: str = option("cpu", "torch device")
 
     def load(self):
@@ -199,8 +200,17 @@ class EvalConfig(ModelConfig):
     context_lengths: str | None = option(None, "comma-separated token counts")
     samples: int | None = option(None, "samples per task and length", check="positive")
     seed: int = option(0, "seed of the RULER samples")
+    split: str = option("test", "haystacks and needle phrasings: test (for reports) or dev (for choosing "
+                        "defaults)", choices=("test", "dev"))
+    text: list[str] | None = option(None, "your own text files/folders: one more haystack source")
     out: str = option("runs/eval", "output folder")
     overwrite: bool = option(False, "replace the results in --out if it exists")
+    resume: bool = option(False, "keep the results already in --out and run only the missing cells")
+    train_missing: bool = option(False, "train an EchoKV artifact on the fly (minutes) for a ratio no "
+                                 "--artifacts folder has (otherwise that method is skipped with a message)")
+    peers: str = option("auto", "kvpress presses from the main environment: auto (run them in the peers "
+                        "environment, .venv-peers or $ECHOKV_PEERS_PYTHON), off", choices=("auto", "off"))
+    inputs: str | None = option(None, "internal: the prompts file a parent echokv eval wrote (the peers run)")
 
 
 @dataclass(kw_only=True)

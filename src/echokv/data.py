@@ -36,9 +36,11 @@ import torch
 
 __all__ = [
     "DEFAULT_SOURCE",
+    "HAYSTACK_SPLITS",
     "SPLITS",
     "TextTooShortError",
     "available_tokens",
+    "haystack_sources",
     "load_text",
     "require_tokens",
     "text_source_info",
@@ -47,6 +49,8 @@ __all__ = [
 
 DEFAULT_SOURCE = "echokv-public-text-v1"
 SPLITS = ("calibration", "evaluation")
+#: splits of the needle-in-a-haystack haystacks: ``dev`` for choosing defaults, ``test`` for reports
+HAYSTACK_SPLITS = ("dev", "test")
 
 _DATA_DIR = Path(__file__).resolve().parent / "data"
 _SOURCES_FILE = _DATA_DIR / "SOURCES.json"
@@ -86,7 +90,9 @@ def _manifest() -> dict:
 @cache
 def _default_document(name: str) -> str:
     """One bundled document, checked against the sha256 recorded in SOURCES.json."""
-    meta = next((d for d in _manifest()["documents"] if d["file"] == name), None)
+    manifest = _manifest()
+    docs = manifest["documents"] + manifest.get("haystacks", {}).get("documents", [])
+    meta = next((d for d in docs if d["file"] == name), None)
     if meta is None:
         raise ValueError(f"SOURCES.json lists no document {name!r}")
     path = _DATA_DIR / name
@@ -226,6 +232,31 @@ def text_source_info(paths: str | os.PathLike | list | tuple | None = None) -> d
         ],
         "data_dir": str(_DATA_DIR),
     }
+
+
+def haystack_sources(split: str = "test", paths=None) -> list[dict]:
+    """The haystack texts of the needle-in-a-haystack tasks for a split, each ``{"name", "kind", "text"}``.
+
+    The bundled ones (``SOURCES.json``'s ``haystacks``): ``test`` (the reports' split) holds *Botchan* (prose), a
+    part of the Library of Congress *Workshop on Electronic Texts* proceedings (technical prose) and Brotli's
+    command-line tool (C code); ``dev`` (for choosing defaults) another part of those proceedings and Brotli's
+    Python bindings (C code). No haystack is in the calibration split. With ``paths`` the user's text is one more
+    source (named ``user``): the evaluation half of it (:func:`load_text`), whose second half serves ``test`` and
+    first half ``dev``, so no haystack shares text with any calibration split.
+    """
+    if split not in HAYSTACK_SPLITS:
+        raise ValueError(f"unknown haystack split {split!r}; choose one of {', '.join(HAYSTACK_SPLITS)}")
+    section = _manifest()["haystacks"]
+    docs = {d["file"]: d for d in section["documents"]}
+    out = [{"name": Path(name).name.split(".")[0], "kind": docs[name]["kind"], "text": _default_document(name)}
+           for name in section["splits"][split]]
+    if paths is not None:  # the evaluation half of the user's text (never its calibration half), cut in two
+        text = load_text("evaluation", paths)
+        newline = text.find("\n", len(text) // 2)
+        cut = newline + 1 if newline != -1 else len(text) // 2
+        part = text[cut:] if split == "test" else text[:cut]
+        out.append({"name": "user", "kind": "user text", "text": part if part.strip() else text})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

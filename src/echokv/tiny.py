@@ -1,4 +1,4 @@
-"""Tiny randomly initialised models of the supported architectures, for tests and examples.
+"""Tiny randomly initialised models of the architectures users run, for tests and examples.
 
 Nothing is downloaded: each model is built from a small config written here (a few layers, GQA,
 head_dim 16-32), so a test that needs "a Llama" or "a Gemma3" runs in a second on a CPU.
@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import torch
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3")
+#: Qwen3 normalises queries and keys per head (QK-norm) before RoPE. Phi-3 (fused ``qkv_proj``) is not supported yet.
+ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3", "qwen3")
 
 
 def tiny_config(arch: str = "llama", **overrides):
-    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = {
         "vocab_size": 256,
@@ -45,6 +46,8 @@ def tiny_config(arch: str = "llama", **overrides):
             query_pre_attn_scalar=32,
         )
         cfg = Gemma3TextConfig(**{**gemma, **overrides})
+    elif arch == "qwen3":
+        cfg = Qwen3Config(**{**common, "use_sliding_window": False, **overrides})
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     cfg._attn_implementation = "sdpa"

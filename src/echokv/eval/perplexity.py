@@ -40,23 +40,29 @@ def perplexity_row(model, method, blocks: torch.Tensor, chunk: int, progress: bo
     The row holds ``task``, ``context_length`` (the block length), ``score`` (1 / perplexity),
     ``perplexity``, ``nll_per_token``, ``tokens``, ``sequences``, ``n`` (= sequences), the measured
     ``kept_fraction`` and ``cache_bytes`` (means over blocks, at the end of each block) and
-    ``seconds``.
+    ``seconds``; ``sequence_nll`` / ``sequence_tokens`` (per block) and ``ci_low`` / ``ci_high``, a 95 % bootstrap
+    interval of the *perplexity* over the blocks (:func:`echokv.eval.intervals.bootstrap_perplexity`).
     """
     from tqdm.auto import tqdm
 
+    from echokv.eval.intervals import bootstrap_perplexity
+
     device = next(model.parameters()).device
-    total, count, kept, cache_bytes = 0.0, 0, [], []
+    total, count, kept, cache_bytes, seq_nll, seq_tokens = 0.0, 0, [], [], [], []
     start = time.perf_counter()
     for block in tqdm(blocks, desc=desc or "perplexity", disable=not progress, leave=False, unit="seq"):
         nll, n, report = method.nll(model, block[None].to(device), chunk_size=chunk)
         total += nll
         count += n
+        seq_nll.append(float(nll))
+        seq_tokens.append(int(n))
         kept.append(float(report["kept_fraction"]))
         cache_bytes.append(float(report["cache_bytes"]))
     if count == 0:
         raise ValueError("perplexity needs sequences of at least 2 tokens")
     nll_per_token = total / count
     ppl = math.exp(nll_per_token)
+    low, high = bootstrap_perplexity(seq_nll, seq_tokens)
     return {
         "task": PERPLEXITY,
         "context_length": int(blocks.shape[1]),
@@ -69,6 +75,11 @@ def perplexity_row(model, method, blocks: torch.Tensor, chunk: int, progress: bo
         "kept_fraction": sum(kept) / len(kept),
         "cache_bytes": sum(cache_bytes) / len(cache_bytes),
         "seconds": time.perf_counter() - start,
+        "sequence_nll": seq_nll,
+        "sequence_tokens": seq_tokens,
+        "ci_low": low,
+        "ci_high": high,
+        "ci": "bootstrap95 of the perplexity over sequences",
     }
 
 
@@ -77,20 +88,21 @@ def perplexity_table(rows: list[dict]) -> list[str]:
     ppl_rows = [r for r in rows if r.get("task") == PERPLEXITY]
     if not ppl_rows:
         return []
-    full = next((r for r in ppl_rows if r["method"] == "full" and not r.get("error")), None)
+    full = next((r for r in ppl_rows if r["method"] == "full" and not r.get("error") and not r.get("skipped")), None)
     lines = [
-        "| method | compression | kept | tokens | perplexity | vs full |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | compression | kept | tokens | perplexity | 95% interval | vs full |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(ppl_rows, key=lambda r: (r["method"] != "full", r["method"], r.get("compression_ratio", 0))):
         ratio = float(r.get("compression_ratio", 0.0))
-        if r.get("error"):
-            message = " ".join(str(r["error"]).split()).replace("|", "\\|")[:120]
-            lines.append(f"| {r['method']} | {ratio:g} | — | — | error: {message} | — |")
+        if r.get("error") or r.get("skipped"):
+            message = " ".join(str(r.get("error") or r["skipped"]).split()).replace("|", "\\|")[:120]
+            lines.append(f"| {r['method']} | {ratio:g} | — | — | {message} | — | — |")
             continue
         rel = f"{100 * (r['perplexity'] / full['perplexity'] - 1):+.1f}%" if full else "—"
-        lines.append(f"| {r['method']} | {ratio:g} | {r['kept_fraction']:.2f} | {r['tokens']} | "
-                     f"{r['perplexity']:.2f} | {rel} |")
+        interval = f"{r['ci_low']:.2f}–{r['ci_high']:.2f}" if r.get("ci_low") is not None else "—"
+        lines.append(f"| {r['method']} | {ratio:g} | {r['kept_fraction']:.3f} | {r['tokens']} | "
+                     f"{r['perplexity']:.2f} | {interval} | {rel} |")
     return lines
 
 
@@ -98,14 +110,18 @@ def plot_perplexity(rows: list[dict], path) -> Path | None:
     """Perplexity against the measured kept KV fraction, one line per method (``full``: dashed line)."""
     from echokv import plotting
 
-    ok = [r for r in rows if r.get("task") == PERPLEXITY and not r.get("error")]
+    ok = [r for r in rows if r.get("task") == PERPLEXITY and not r.get("error") and not r.get("skipped")]
     if not ok:
         return None
     fig = plotting.figure((6, 4))
     ax = fig.add_subplot()
     for method in sorted({r["method"] for r in ok if r["method"] != "full"}):
-        points = sorted((r["kept_fraction"], r["perplexity"]) for r in ok if r["method"] == method)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        points = sorted((r["kept_fraction"], r["perplexity"], r.get("ci_low"), r.get("ci_high"))
+                        for r in ok if r["method"] == method)
+        ys = [p[1] for p in points]
+        err = [[max(0.0, p[1] - p[2]) if p[2] is not None else 0.0 for p in points],
+               [max(0.0, p[3] - p[1]) if p[3] is not None else 0.0 for p in points]]
+        ax.errorbar([p[0] for p in points], ys, yerr=err, marker="o", capsize=3, label=method)
     full = [r["perplexity"] for r in ok if r["method"] == "full"]
     if full:
         ax.axhline(full[0], color="black", linestyle="--", linewidth=1)

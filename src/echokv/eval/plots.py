@@ -47,36 +47,57 @@ def average_score(rows: Iterable[dict]) -> float:
     return sum(means.values()) / len(means) if means else float("nan")
 
 
-def plot_score_vs_kept(rows: Iterable[dict], path) -> Path:
-    """One line per method: average score against the kept KV fraction; ``full`` is the point at 1.0.
+def frontier_points(rows: Iterable[dict]) -> dict[str, list[dict]]:
+    """Per method, one point per compression ratio: the measured kept fraction (mean over its samples), the
+    average score over tasks, and a Wilson 95 % interval over all its samples (pooled)."""
+    from echokv.eval.intervals import pooled, wilson
 
-    Every compressed method's line ends at the full-cache score at kept fraction 1.0 (no
-    compression), which is also drawn as a dashed reference line.
-    """
-    rows = valid_rows(rows)
-    points: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        points[r["method"]][float(r.get("kept_fraction", 1.0))].append(r)
-    full = average_score(_flatten(points[FULL])) if FULL in points else None
+    groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    for r in valid_rows(rows):
+        groups[(r["method"], float(r.get("compression_ratio", 0.0)))].append(r)
+    out: dict[str, list[dict]] = defaultdict(list)
+    for (method, ratio), rs in groups.items():
+        n = sum(max(int(r.get("n", 1)), 0) for r in rs)
+        kept = (sum(float(r.get("kept_fraction", 1.0)) * max(int(r.get("n", 1)), 0) for r in rs) / n if n
+                else sum(float(r.get("kept_fraction", 1.0)) for r in rs) / len(rs))
+        score = average_score(rs)
+        _, total = pooled(rs)
+        low, high = wilson(score, total)
+        out[method].append({"ratio": ratio, "kept": kept, "score": score, "n": total, "ci_low": low, "ci_high": high})
+    for points in out.values():
+        points.sort(key=lambda p: p["kept"])
+    return dict(out)
 
-    fig = plotting.figure((6, 4))
+
+def plot_score_vs_kept(rows: Iterable[dict], path, title: str | None = None) -> Path:
+    """The quality-vs-bytes frontier: one line per method, average score against the *measured* kept KV fraction,
+    one point per compression ratio, with Wilson 95 % error bars; ``full`` is the star at 1.0 (and a dashed line,
+    its interval shaded)."""
+    points = frontier_points(rows)
+    full = points.get(FULL, [None])[0]
+
+    fig = plotting.figure((6.5, 4.2))
     ax = fig.add_subplot()
     for method in sorted(m for m in points if m != FULL):
-        curve = {kept: average_score(rs) for kept, rs in points[method].items()}
-        if full is not None:
-            curve.setdefault(1.0, full)
-        xs = sorted(curve)
-        ax.plot(xs, [curve[x] for x in xs], marker="o", label=method)
+        ps = points[method]
+        xs = [p["kept"] for p in ps]
+        ys = [p["score"] for p in ps]
+        err = [[p["score"] - p["ci_low"] for p in ps], [p["ci_high"] - p["score"] for p in ps]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, linewidth=1.2, markersize=4, label=method)
     if full is not None:
-        ax.axhline(full, color="black", linestyle="--", linewidth=1)
-        ax.plot([1.0], [full], marker="*", markersize=12, color="black", linestyle="none", label=FULL)
-    ax.set_xlabel("kept KV fraction")
-    ax.set_ylabel("average score")
-    ax.set_ylim(0, 1.02)
+        ax.axhline(full["score"], color="black", linestyle="--", linewidth=1)
+        ax.axhspan(full["ci_low"], full["ci_high"], color="black", alpha=0.07)
+        ax.errorbar([1.0], [full["score"]], yerr=[[full["score"] - full["ci_low"]], [full["ci_high"] - full["score"]]],
+                    marker="*", markersize=12, color="black", linestyle="none", capsize=3, label=FULL)
+    ax.set_xlabel("measured kept KV fraction (stored bytes / full cache bytes)")
+    ax.set_ylabel("average score (95% Wilson interval)")
+    ax.set_ylim(-0.02, 1.02)
     ax.set_xlim(0, 1.05)
     ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=9)
     if points:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2)
     return plotting.save(fig, path, dpi=120)
 
 

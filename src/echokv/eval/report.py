@@ -6,7 +6,9 @@ A *row* is one (method, compression ratio, task, context length[, depth]) cell::
      "context_length": 4096, "score": 0.93, "n": 20, "depth": 0.25}
 
 ``score`` is in [0, 1] and ``n`` the number of samples behind it; a row with ``error`` (text)
-records a method that failed. Rows may carry ``suite``; others belong to ``suite_name``.
+records a method that failed, a row with ``skipped`` (text) one that did not run (a ratio it cannot reach,
+no artifact for the ratio, the peers environment missing). ``ci_low`` / ``ci_high`` are the 95 % Wilson
+interval of ``score`` (:mod:`echokv.eval.intervals`). Rows may carry ``suite``; others belong to ``suite_name``.
 The tables follow the way RULER and LongBench report: mean score per task (x100) and their
 unweighted average, plus each method's average relative to the uncompressed ``full`` cache, the
 figure of merit of the EchoKV paper (arXiv 2603.22910).
@@ -39,8 +41,14 @@ def _group_key(row: dict) -> tuple[int, str, float]:
     return (row["method"] != FULL, row["method"], float(row.get("compression_ratio", 0.0)))
 
 
+def _pm(score: float, low: float, high: float) -> str:
+    return f"{100 * score:.1f} ±{100 * (high - low) / 2:.1f}"
+
+
 def _table(rows: list[dict]) -> list[str]:
-    tasks = list(dict.fromkeys(r["task"] for r in rows if r.get("task") is not None))
+    from echokv.eval.intervals import pooled, wilson
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows if r.get("task") is not None and not r.get("skipped")))
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[_group_key(r)].append(r)
@@ -48,16 +56,23 @@ def _table(rows: list[dict]) -> list[str]:
     full_means = task_means(valid_rows(full_rows))
 
     lines = [
-        "| method | compression | kept | " + " | ".join(tasks) + " | average | vs full |",
-        "|---|---:|---:|" + "---:|" * len(tasks) + "---:|---:|",
+        "| method | compression | kept | n | " + " | ".join(tasks) + " | average | vs full |",
+        "|---|---:|---:|---:|" + "---:|" * len(tasks) + "---:|---:|",
     ]
     notes = []
     for key in sorted(groups):
         group = groups[key]
         method, ratio = key[1], key[2]
-        kept = float(group[0].get("kept_fraction", 1.0 - ratio))
-        head = f"| {_cell(method)} | {ratio:g} | {kept:.2f} |"
-        means = task_means(valid_rows(group))
+        ok = valid_rows(group)
+        n_ok = sum(int(r.get("n", 0)) for r in ok)
+        kept_values = [(float(r["kept_fraction"]), int(r.get("n", 1))) for r in ok if r.get("kept_fraction") is not None]
+        kept = (sum(k * n for k, n in kept_values) / max(sum(n for _, n in kept_values), 1)) if kept_values else None
+        head = f"| {_cell(method)} | {ratio:g} | {'—' if kept is None else f'{kept:.3f}'} | {n_ok} |"
+        skipped = [r for r in group if r.get("skipped")]
+        if skipped and not ok:
+            lines.append(head + f" {_cell(skipped[0]['skipped'])} |" + " — |" * (len(tasks) + 1))
+            continue
+        means = task_means(ok)
         errors = [r for r in group if r.get("error")]
         for r in errors:
             notes.append(f"- **{_cell(method)}** (compression {ratio:g}, task {r.get('task') or '-'}): "
@@ -66,7 +81,13 @@ def _table(rows: list[dict]) -> list[str]:
             lines.append(head + f" error: {_cell(errors[0]['error'])} |" + " — |" * (len(tasks) + 1))
             continue
         failed = {r.get("task") for r in errors}
-        cells = [f"{100 * means[t]:.1f}" if t in means else ("error" if t in failed else "—") for t in tasks]
+        cells = []
+        for t in tasks:
+            if t in means:
+                _, n_t = pooled([r for r in ok if r["task"] == t])
+                cells.append(_pm(means[t], *wilson(means[t], n_t)))
+            else:
+                cells.append("error" if t in failed else "—")
         complete = all(t in means for t in tasks)
         average = sum(means.values()) / len(means) if complete else None
         common = [t for t in means if t in full_means]
@@ -75,11 +96,18 @@ def _table(rows: list[dict]) -> list[str]:
             f"{100 * (sum(means[t] for t in common) / len(common)) / full_avg:.1f}%"
             if complete and common and full_avg > 0 else "—"
         )
-        lines.append(head + "".join(f" {c} |" for c in cells) +
-                     (f" {100 * average:.1f} |" if average is not None else " — |") + f" {relative} |")
+        avg_cell = _pm(average, *wilson(average, n_ok)) if average is not None else "—"
+        lines.append(head + "".join(f" {c} |" for c in cells) + f" {avg_cell} | {relative} |")
     if notes:
         lines += ["", "Errors:", ""] + notes
     return lines
+
+
+INTERVALS = ("Every score is followed by the half-width of its 95% Wilson interval (± points); a task's interval "
+             "counts its samples over context lengths and depths, the average's all of the method's samples (`n`). "
+             "Two methods whose intervals overlap may not differ: at n = 100 a score near 50 has a half-width of "
+             "about 10 points, near 90 or 10 about 6. `kept` is the measured stored bytes over the full cache's bytes "
+             "(the model's dtype), averaged over the samples.")
 
 
 def write_results(rows, out_dir, suite_name: str) -> dict[str, Path]:
@@ -94,7 +122,7 @@ def write_results(rows, out_dir, suite_name: str) -> dict[str, Path]:
     rows = [dict(r) for r in rows]
     for i, r in enumerate(rows):
         # A failed run may not know its numbers; it needs only its method.
-        missing = [k for k in (("method",) if r.get("error") else REQUIRED) if k not in r]
+        missing = [k for k in (("method",) if r.get("error") or r.get("skipped") else REQUIRED) if k not in r]
         if missing:
             raise ValueError(f"result row {i} lacks {', '.join(missing)}: {r}")
     out_dir = Path(out_dir)
@@ -107,13 +135,14 @@ def write_results(rows, out_dir, suite_name: str) -> dict[str, Path]:
         by_suite[r.get("suite") or suite_name].append(r)
     legend = ("Scores x100: mean per task over its samples (and context lengths / depths); `average` is the "
               "unweighted mean over tasks; `vs full` is that average relative to the uncompressed cache.")
-    lines = [f"# EchoKV evaluation: {suite_name}", "", legend, ""]
-    for suite, suite_rows in by_suite.items():
+    lines = [f"# EchoKV evaluation: {suite_name}", "", legend, "", INTERVALS, ""]
+    for i, (suite, suite_rows) in enumerate(by_suite.items()):
         slug = _slug(suite)
         lines += [f"## {suite}", ""] + _table(suite_rows) + [""]
-        kept_png = plot_score_vs_kept(suite_rows, out_dir / f"{slug}_score_vs_kept.png")
-        written[f"{suite}:score_vs_kept"] = kept_png
-        lines += [f"![{suite}: score vs kept KV fraction]({kept_png.name})", ""]
+        name = "pareto.png" if i == 0 else f"{slug}_pareto.png"
+        kept_png = plot_score_vs_kept(suite_rows, out_dir / name, title=f"{suite}: score vs measured kept fraction")
+        written[f"{suite}:pareto"] = kept_png
+        lines += [f"![{suite}: score vs measured kept KV fraction, 95% intervals]({kept_png.name})", ""]
         niah = [r for r in valid_rows(suite_rows) if r.get("depth") is not None]
         for method, ratio in sorted({(r["method"], float(r.get("compression_ratio", 0.0))) for r in niah}):
             png = plot_niah_heatmap(niah, out_dir / f"{slug}_niah_{_slug(method)}_{ratio:g}.png", method, ratio)

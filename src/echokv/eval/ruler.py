@@ -16,6 +16,12 @@ adjective-noun *word* value (RULER's variant uses a UUID; set ``value_type="uuid
 ``vt`` and ``cwe`` keep RULER's one-shot example but make it short, and word lists are built in
 (common English words, then pronounceable pseudo-words when a long ``cwe`` list needs more).
 
+Haystacks and phrasings (beyond RULER, which hides one phrasing in Paul Graham's essays): the ``essay``
+tasks draw each sample's haystack from a list of sources (:func:`echokv.data.haystack_sources`: prose,
+technical prose, code and the user's ``--text``), starting at a random word, and its needle/question wording
+from :data:`PHRASINGS` of a split: ``test`` (the reports'; RULER's own wording is one of them) or ``dev`` (for
+choosing defaults; other wordings). Sample ``i`` takes source ``i mod S`` and phrasing ``(i div S) mod P``.
+
 The prompt of every sample is fitted by bisection on the haystack size to ``context_length``
 tokens of the model's tokenizer (the whole formatted prompt, as :func:`prompt_ids` gives it), within
 2 %. All scores are string-match recall (:func:`echokv.eval.metrics.string_match_all`).
@@ -147,6 +153,91 @@ RULER_TASKS: dict[str, RulerTask] = {
 NIAH_TASKS = tuple(name for name, task in RULER_TASKS.items() if task.family == "niah")
 
 
+@dataclass(frozen=True)
+class Phrasing:
+    """How a needle is written and asked for. Fields are formatted with ``kind`` ("number", "word", "uuid"),
+    ``key`` / ``value`` (needle), ``query`` (the asked key or keys)."""
+
+    needle: str
+    intro: str
+    question: str
+    prefix: str
+    intro_many: str
+    question_many: str
+    prefix_many: str
+
+
+RULER_PHRASING = Phrasing(
+    needle="One of the special magic {kind}s for {key} is: {value}.",
+    intro=("A special magic {kind} is hidden within the following text. Make sure to memorize it. "
+           "I will quiz you about the {kind} afterwards."),
+    question="What is the special magic {kind} for {query} mentioned in the provided text?",
+    prefix="The special magic {kind} for {query} mentioned in the provided text is",
+    intro_many=("Some special magic {kind}s are hidden within the following text. Make sure to memorize "
+                "it. I will quiz you about the {kind}s afterwards."),
+    question_many="What are all the special magic {kind}s for {query} mentioned in the provided text?",
+    prefix_many="The special magic {kind}s for {query} mentioned in the provided text are",
+)
+
+#: needle and question wordings of each split: ``test`` for the reports (RULER's first), ``dev`` for tuning
+PHRASINGS: dict[str, tuple[Phrasing, ...]] = {
+    "test": (
+        RULER_PHRASING,
+        Phrasing(
+            needle="The {kind} assigned to the {key} project is {value}.",
+            intro="The text below mentions the {kind} assigned to a project. Read it carefully: you will be asked for it.",
+            question="Which {kind} is assigned to the {query} project?",
+            prefix="The {kind} assigned to the {query} project is",
+            intro_many="The text below mentions {kind}s assigned to projects. Read it carefully: you will be asked for them.",
+            question_many="Which {kind}s are assigned to the {query} project?",
+            prefix_many="The {kind}s assigned to the {query} project are",
+        ),
+        Phrasing(
+            needle="Please remember that the {key} password is {value}.",
+            intro="A password is given somewhere in the following document. Remember it.",
+            question="What is the {query} password given in the document?",
+            prefix="The {query} password given in the document is",
+            intro_many="Passwords are given somewhere in the following document. Remember them.",
+            question_many="What are all the {query} passwords given in the document?",
+            prefix_many="The {query} passwords given in the document are",
+        ),
+    ),
+    "dev": (
+        Phrasing(
+            needle="The secret {kind} of the {key} is {value}.",
+            intro="Somewhere in the text below there is a secret {kind}. Memorize it.",
+            question="What is the secret {kind} of the {query}?",
+            prefix="The secret {kind} of the {query} is",
+            intro_many="Somewhere in the text below there are secret {kind}s. Memorize them.",
+            question_many="What are all the secret {kind}s of the {query}?",
+            prefix_many="The secret {kind}s of the {query} are",
+        ),
+        Phrasing(
+            needle="Note: the registration {kind} of {key} is {value}.",
+            intro="The following notes contain a registration {kind}. Keep it in mind.",
+            question="What is the registration {kind} of {query}?",
+            prefix="The registration {kind} of {query} is",
+            intro_many="The following notes contain registration {kind}s. Keep them in mind.",
+            question_many="What are all the registration {kind}s of {query}?",
+            prefix_many="The registration {kind}s of {query} are",
+        ),
+        Phrasing(
+            needle="In the ledger, the entry for {key} reads {value}.",
+            intro="A ledger entry is copied into the text below. You will be asked what it reads.",
+            question="What does the ledger entry for {query} read?",
+            prefix="The ledger entry for {query} reads",
+            intro_many="Ledger entries are copied into the text below. You will be asked what they read.",
+            question_many="What do all the ledger entries for {query} read?",
+            prefix_many="The ledger entries for {query} read",
+        ),
+    ),
+}
+
+
+#: a phrasing -> "split:index" (recorded in each sample's metadata)
+PHRASING_NAMES = {p: f"{split}:{i}" for split, ps in PHRASINGS.items() for i, p in enumerate(ps)}
+
+
 # --- text helpers -----------------------------------------------------------------------------
 
 
@@ -186,9 +277,10 @@ def _noise(n: int) -> str:
     return " ".join(NOISE_SENTENCES[i % len(NOISE_SENTENCES)] for i in range(n))
 
 
-def _cycle_words(words: Sequence[str], n: int) -> str:
-    # Real prose repeats from its start when the context asks for more than the text has (as RULER).
-    return " ".join(words[i % len(words)] for i in range(n))
+def _cycle_words(words: Sequence[str], n: int, offset: int = 0) -> str:
+    # Real prose from word ``offset`` on; it repeats from its start when the context asks for more than the text
+    # has (as RULER).
+    return " ".join(words[(offset + i) % len(words)] for i in range(n))
 
 
 def _random_value(rng: random.Random, kind: str) -> str:
@@ -246,13 +338,14 @@ BuildSpec = tuple[Builder, int, int | None]
 
 
 def _build_niah(name: str, task: RulerTask, rng: random.Random, depth: float | None,
-                haystack_words: list[str] | None, context_length: int) -> BuildSpec:
+                haystack_words: list[str] | None, context_length: int,
+                phrasing: Phrasing = RULER_PHRASING, haystack_name: str | None = None) -> BuildSpec:
     o = task.options
     num_keys = max(o["num_keys"], o["num_queries"])
     keys = _distinct(rng, num_keys, lambda: _random_value(rng, o["key_type"]))
     values = [_distinct(rng, o["num_values"], lambda: _random_value(rng, o["value_type"])) for _ in keys]
     kind = o["value_type"][:-1]  # "number", "word", "uuid"
-    needles = [(i, f"One of the special magic {kind}s for {key} is: {value}.")
+    needles = [(i, phrasing.needle.format(kind=kind, key=key, value=value))
                for i, key in enumerate(keys) for value in values[i]]
     queried = sorted(rng.sample(range(num_keys), o["num_queries"]))
     single = o["num_queries"] * o["num_values"] == 1
@@ -271,24 +364,22 @@ def _build_niah(name: str, task: RulerTask, rng: random.Random, depth: float | N
     query = names[0] if len(names) == 1 else ", ".join(names[:-1]) + ", and " + names[-1]
     answers = [v for i in queried for v in values[i]]
     if single:
-        intro = (f"A special magic {kind} is hidden within the following text. Make sure to memorize it. "
-                 f"I will quiz you about the {kind} afterwards.")
-        question = f"What is the special magic {kind} for {query} mentioned in the provided text?"
-        prefix = f"The special magic {kind} for {query} mentioned in the provided text is"
+        intro, question, prefix = phrasing.intro, phrasing.question, phrasing.prefix
     else:
-        intro = (f"Some special magic {kind}s are hidden within the following text. Make sure to memorize "
-                 f"it. I will quiz you about the {kind}s afterwards.")
-        question = f"What are all the special magic {kind}s for {query} mentioned in the provided text?"
-        prefix = f"The special magic {kind}s for {query} mentioned in the provided text are"
+        intro, question, prefix = phrasing.intro_many, phrasing.question_many, phrasing.prefix_many
+    intro, question, prefix = (t.format(kind=kind, query=query) for t in (intro, question, prefix))
+    # real prose starts at a random word of its source (the same for every haystack size of this sample)
+    offset = rng.randrange(len(haystack_words)) if o["haystack"] != "noise" and haystack_words else 0
 
     def build(n: int) -> Sample:
-        base = _noise(n) if o["haystack"] == "noise" else _cycle_words(haystack_words, n)
+        base = _noise(n) if o["haystack"] == "noise" else _cycle_words(haystack_words, n, offset)
         haystack, placed = insert_at_depths(base, items)
         return Sample(
             task=name, context=intro + "\n" + haystack, question=question, answers=answers,
             answer_prefix=prefix, context_length=context_length, depth=depth if single else None,
             metric=task.metric, max_new_tokens=task.max_new_tokens,
-            metadata={"haystack": o["haystack"], "needles": [s for _, s in items],
+            metadata={"haystack": o["haystack"] if o["haystack"] == "noise" else (haystack_name or o["haystack"]),
+                      "phrasing": PHRASING_NAMES.get(phrasing), "needles": [s for _, s in items],
                       "needle_depths": placed, "keys": keys, "queried_keys": names},
         )
 
@@ -502,7 +593,9 @@ def _sample_depths(depths: Sequence[float] | None, n_samples: int) -> list[float
 
 
 def generate(task: str, tokenizer, context_length: int, n_samples: int, seed: int = 0,
-             depths: Sequence[float] | None = None, haystack_text: str | None = None) -> list[Sample]:
+             depths: Sequence[float] | None = None, haystack_text: str | None = None,
+             haystacks: Sequence[tuple[str, str]] | None = None, phrasings: Sequence[Phrasing] | str | None = None,
+             ) -> list[Sample]:
     """Generate ``n_samples`` samples of a RULER ``task`` whose prompts have ``context_length`` tokens.
 
     ``context_length`` counts the tokens of the whole formatted prompt (chat template included, as
@@ -511,19 +604,37 @@ def generate(task: str, tokenizer, context_length: int, n_samples: int, seed: in
     queried needle of the single-answer NIAH tasks (``niah_single_*``, ``niah_multikey_1``); the
     other tasks ignore them. ``haystack_text`` is the prose of the ``essay`` haystacks. Sample ``i``
     is a function of ``(task, seed, i)``, its depth, the haystack text, the length and the tokenizer.
+
+    ``haystacks`` (``(name, text)`` pairs, instead of ``haystack_text``) and ``phrasings`` (a list of
+    :class:`Phrasing`, or a split name of :data:`PHRASINGS`; default RULER's wording) vary the samples: sample
+    ``i`` takes haystack ``i mod S`` and phrasing ``(i div S) mod P``.
     """
     if task not in RULER_TASKS:
         raise ValueError(f"unknown RULER task {task!r}; known tasks: {', '.join(RULER_TASKS)}")
     if n_samples < 1 or context_length < 1:
         raise ValueError("n_samples and context_length must be positive")
     spec = RULER_TASKS[task]
-    words = _haystack_words(task, haystack_text)
+    if haystacks:
+        sources = [(name, _haystack_words(task, text)) for name, text in haystacks]
+    else:
+        sources = [(None, _haystack_words(task, haystack_text))]
+    if isinstance(phrasings, str):
+        if phrasings not in PHRASINGS:
+            raise ValueError(f"unknown phrasing split {phrasings!r}; choose one of {', '.join(PHRASINGS)}")
+        phrasings = PHRASINGS[phrasings]
+    phrasings = list(phrasings or [RULER_PHRASING])
     sample_depths = _sample_depths(depths, n_samples) if spec.family == "niah" else [None] * n_samples
-    samples, guess = [], None
+    samples, guesses = [], {}
     for i in range(n_samples):
         rng = random.Random(f"echokv-ruler:{task}:{seed}:{i}")  # str seeds hash with SHA-512: stable
-        build, n_min, n_max = _BUILDERS[spec.family](task, spec, rng, sample_depths[i], words, context_length)
-        sample, guess = _fit(build, tokenizer, context_length, n_min, n_max, guess, task)
+        source = i % len(sources)
+        name, words = sources[source]
+        extra = {}
+        if spec.family == "niah":
+            extra = {"phrasing": phrasings[(i // len(sources)) % len(phrasings)], "haystack_name": name}
+        build, n_min, n_max = _BUILDERS[spec.family](task, spec, rng, sample_depths[i], words, context_length,
+                                                     **extra)
+        sample, guesses[source] = _fit(build, tokenizer, context_length, n_min, n_max, guesses.get(source), task)
         sample.metadata.update(seed=seed, index=i)
         samples.append(sample)
     return samples

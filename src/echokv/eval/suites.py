@@ -48,6 +48,15 @@ and length (:data:`RULER_SAMPLES`), RULER's own generation lengths.
 samples of each task, default all), prompts longer than the model's context cut in the middle as
 LongBench does.
 
+``long``: the quick suite's tasks at the lengths where the embedded model's full cache stops coping
+(:data:`LONG_LENGTHS`: the longest length at which it keeps >= 80 % and the next one above; measured, README),
+10 samples per task and length.
+
+``fidelity``: error propagation, every method against the full cache on the same held-out text
+(:mod:`echokv.eval.fidelity`): per-layer attention-output error, last-layer hidden-state error and the KL
+divergence of next-token distributions, 2 sequences x 1024 tokens in chunks of 128 (``--samples``,
+``--context-lengths`` change them).
+
 ``ppl``: perplexity of the evaluation split, 8 sequences x 1024 tokens (``--samples`` sequences,
 ``--context-lengths`` tokens each), chunks of 128 tokens through each method's cache.
 """
@@ -80,6 +89,17 @@ PPL_SEQUENCES = 8
 PPL_SEQ_LEN = 1024
 PPL_CHUNK = 128
 
+#: the ``long`` suite: the longest length at which the full cache of the embedded SmolLM2-135M keeps >= 80 %
+#: on both quick tasks, and the next length above it (README, "How long a context the model can use")
+LONG_TASKS = QUICK_TASKS
+LONG_LENGTHS = (2048, 4096)
+LONG_SAMPLES = 10
+
+#: the ``fidelity`` suite: held-out sequences streamed in chunks, every method against the full cache
+FIDELITY_SEQUENCES = 2
+FIDELITY_SEQ_LEN = 1024
+FIDELITY = "fidelity"
+
 #: tokens kept free for the chat template and special tokens when LongBench prompts are cut
 LONGBENCH_MARGIN = 64
 
@@ -106,6 +126,7 @@ class Suite:
     max_new_tokens: int | None = None  # cap on each sample's own generation length
     perplexity: PerplexitySpec | None = None
     clip_lengths: bool = False  # drop default lengths the model cannot hold (explicit ones raise)
+    fidelity: PerplexitySpec | None = None  # the fidelity suite's sequences (source "fidelity")
 
 
 SUITE_DEFS: dict[str, Suite] = {
@@ -117,6 +138,9 @@ SUITE_DEFS: dict[str, Suite] = {
                    clip_lengths=True),
     "longbench": Suite("longbench", "longbench", tuple(LONGBENCH_TASKS)),
     "ppl": Suite("ppl", "ppl", (PERPLEXITY,), perplexity=PerplexitySpec()),
+    "long": Suite("long", "ruler", LONG_TASKS, LONG_LENGTHS, LONG_SAMPLES, QUICK_DEPTHS, QUICK_MAX_NEW_TOKENS),
+    "fidelity": Suite("fidelity", "fidelity", (FIDELITY,),
+                      fidelity=PerplexitySpec(FIDELITY_SEQUENCES, FIDELITY_SEQ_LEN, PPL_CHUNK)),
 }
 
 
@@ -138,6 +162,7 @@ class ResolvedSuite:
     perplexity: PerplexitySpec | None
     explicit_lengths: bool = False
     notes: list[str] = field(default_factory=list)
+    fidelity: PerplexitySpec | None = None
 
     @property
     def name(self) -> str:
@@ -184,6 +209,11 @@ class ResolvedSuite:
                     f"{max_context} tokens: using {', '.join(map(str, kept))}"
                 )
                 self.context_lengths = kept
+        if self.fidelity is not None and self.fidelity.seq_len > max_context:
+            raise ValueError(
+                f"fidelity sequences of {self.fidelity.seq_len} tokens do not fit the model's context of "
+                f"{max_context} tokens; pass --context-lengths of at most {max_context}"
+            )
         if self.perplexity is not None and self.perplexity.seq_len > max_context:
             raise ValueError(
                 f"perplexity sequences of {self.perplexity.seq_len} tokens do not fit the model's context of "
@@ -246,6 +276,16 @@ def resolve(suite: str, tasks=None, context_lengths=None, samples: int | None = 
         ppl = replace(spec.perplexity, sequences=samples or spec.perplexity.sequences,
                       seq_len=lengths[0] if lengths else spec.perplexity.seq_len)
         return ResolvedSuite(spec, [], [], None, None, None, ppl, explicit_lengths=lengths is not None)
+
+    if spec.source == "fidelity":
+        if names is not None and names != [FIDELITY]:
+            raise ValueError(f"the fidelity suite has one task, {FIDELITY!r}; got {', '.join(names)}")
+        if lengths is not None and len(lengths) != 1:
+            raise ValueError("the fidelity suite takes one --context-lengths value: the length of each sequence")
+        fid = replace(spec.fidelity, sequences=samples or spec.fidelity.sequences,
+                      seq_len=lengths[0] if lengths else spec.fidelity.seq_len)
+        return ResolvedSuite(spec, [], [], None, None, None, None, explicit_lengths=lengths is not None,
+                             fidelity=fid)
 
     if spec.source == "longbench":
         known = LONGBENCH_TASKS
