@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import key_latent
+from .mixes import MixLayout, Mixes
 from .models import kv_geometry
 from .reconstructor import Reconstructor
 from .selection import HeadLayout
@@ -51,7 +52,7 @@ def _versions() -> dict:
 
 
 def save(
-    recon: Reconstructor,
+    recon: Reconstructor | Mixes,
     model,
     out_dir: str | Path,
     report: dict | None = None,
@@ -69,19 +70,20 @@ def save(
             "kv_fingerprint": fingerprint(model),
         },
         "layout": recon.layout.to_dict(),
-        "head_dim": recon.head_dim,
-        "bias": recon.groups[0].use_bias if len(recon.groups) else True,
+        "head_dim": recon.layout.head_dim if isinstance(recon, Mixes) else recon.head_dim,
+        "bias": True if isinstance(recon, Mixes) else recon.groups[0].use_bias if len(recon.groups) else True,
         "reconstructor_parameters": recon.num_parameters(),
         "reconstructor_bytes": recon.num_bytes(),
         "training": (report or {}).get("config", {}),
         "versions": _versions(),
     }
-    tensors = _pack(recon.state_dict(), recon.head_dim)
+    head_dim = config["head_dim"]
+    tensors = _pack(recon.state_dict(), head_dim)
     with atomic_dir(out_dir, overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         stage1_state = stage1_state if stage1_state is not None else getattr(recon, "stage1_state", None)
         if stage1_state is not None:
-            save_file(_pack(stage1_state, recon.head_dim), str(tmp / STAGE1_WEIGHTS), metadata={"format": FORMAT})
+            save_file(_pack(stage1_state, head_dim), str(tmp / STAGE1_WEIGHTS), metadata={"format": FORMAT})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2))
         if report is not None:
             (tmp / REPORT).write_text(json.dumps(report, indent=2))
@@ -111,9 +113,18 @@ def config_ratio(config: dict) -> float:
 
 
 def config_variant(config: dict) -> str:
-    """The variant of an artifact, from its layout: ``"hybrid"`` (keys as a latent) or ``"heads"`` (the
-    head-only form, which artifacts written before the rename record as ``"echo"``)."""
-    return "hybrid" if config["layout"].get("key_latent") is not None else "heads"
+    """The variant of an artifact, from its layout: ``"mix"`` or ``"heads"`` with retained components
+    (:mod:`echokv.mixes`), or the RoPE-commuting forms: ``"hybrid"`` (keys as a latent) or ``"heads"`` (which
+    artifacts written before the rename record as ``"echo"``)."""
+    layout = config["layout"]
+    if "parts" in layout:
+        return layout.get("variant", "mix")
+    return "hybrid" if layout.get("key_latent") is not None else "heads"
+
+
+def config_keys(config: dict) -> str:
+    """How an artifact rebuilds keys: ``"pre-rope"`` (retained components) or ``"rope-commuting"``."""
+    return config["layout"].get("keys", "pre-rope") if "parts" in config["layout"] else "rope-commuting"
 
 
 def check_compatible(config: dict, model, path="artifact") -> None:
@@ -156,16 +167,20 @@ def _unpack(state: dict, head_dim: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def load(path: str | Path, model=None, stage: int = 2) -> Reconstructor:
-    """Load a reconstructor; with ``model``, check it is the model the artifact was trained for.
+def load(path: str | Path, model=None, stage: int = 2) -> Reconstructor | Mixes:
+    """Load the network of an artifact (a :class:`~echokv.mixes.Mixes` or a :class:`Reconstructor`); with
+    ``model``, check it is the model the artifact was trained for.
 
     ``stage=1`` loads the stage-1 (closed-form) weights, when the artifact has them.
     """
     config = read_config(path)
     if model is not None:
         check_compatible(config, model, str(path))
-    layout = HeadLayout.from_dict(config["layout"])
-    recon = Reconstructor(layout, config["head_dim"], bias=config.get("bias", True))
+    if "parts" in config["layout"]:
+        recon = Mixes(MixLayout.from_dict(config["layout"]))
+    else:
+        layout = HeadLayout.from_dict(config["layout"])
+        recon = Reconstructor(layout, config["head_dim"], bias=config.get("bias", True))
     weights = Path(path) / (WEIGHTS if stage == 2 else STAGE1_WEIGHTS)
     if not weights.is_file():
         raise ArtifactError(f"{path} has no stage-{stage} weights ({weights.name})")

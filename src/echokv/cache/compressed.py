@@ -90,9 +90,13 @@ class CompressedCache(DynamicCache):
         self.full_window = full_window
         self.is_compressed = mode == "compressed"
         self.switched_at: int | None = 0 if self.is_compressed else None
+        # RoPE positions [B, T] of the recent (not yet compressed) tokens, for codecs that undo RoPE
+        self.positions: torch.Tensor | None = None
 
     # -- the cache protocol: each layer updates itself; the stores are handled once per group ----------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.codec is not None and self.codec.needs_positions and layer_idx == self.compressible[0]:
+            self._record_positions(key_states, args, kwargs)
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         if layer_idx == len(self.layers) - 1:
             self._after_forward()
@@ -105,23 +109,51 @@ class CompressedCache(DynamicCache):
 
     def reset(self) -> None:
         super().reset()
+        self.positions = None
         for store in self.stores:
             store.reset()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
+        if self.positions is not None:
+            self.positions = self.positions[indices]
         for store in self.stores:
             store.batch_select_indices(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
+        if self.positions is not None:
+            self.positions = self.positions.repeat_interleave(repeats, dim=0)
         for store in self.stores:
             store.batch_repeat_interleave(repeats)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
+        if self.positions is not None:
+            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
         for store in self.stores:
             store.reorder_cache(beam_idx)
+
+    def crop(self, max_length: int) -> None:
+        super().crop(max_length)
+        if self.positions is not None:
+            self.positions = self.positions[:, : self.layers[self.compressible[0]].recent_length()]
+
+    def _record_positions(self, key_states, args, kwargs) -> None:
+        """Keep the RoPE positions of the new tokens: the model's position ids where transformers passes them
+        to the cache (5.24 and newer: exact with left padding), else their cache positions."""
+        b, _, t, _ = key_states.shape
+        extra = kwargs.get("kwargs") or {}
+        pos = extra.get("position_ids", kwargs.get("position_ids"))
+        if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[-1] != t:
+            cache_kwargs = args[0] if args and isinstance(args[0], dict) else {}
+            pos = cache_kwargs.get("cache_position", extra.get("cache_position"))
+            if not isinstance(pos, torch.Tensor) or pos.numel() != t:
+                start = self.layers[self.compressible[0]].get_seq_length()
+                pos = torch.arange(start, start + t, device=key_states.device)
+            pos = pos.reshape(1, t)
+        pos = pos.to(device=key_states.device, dtype=torch.long).expand(b, t)
+        self.positions = pos if self.positions is None else torch.cat([self.positions, pos], dim=1)
 
     # -- switching ------------------------------------------------------------------------------------------
     def seen_tokens(self) -> int:
@@ -151,11 +183,14 @@ class CompressedCache(DynamicCache):
         n = min((self.layers[i].recent_length() for i in self.compressible), default=0) - self.full_window
         if n <= 0:
             return
+        extra = {}
+        if self.codec.needs_positions:
+            extra["positions"], self.positions = self.positions[:, :n], self.positions[:, n:]
         for gi, store in enumerate(self.stores):
             layers = [self.layers[i] for i in store.layers]
             keys = [lay.keys[:, :, :n] for lay in layers]
             values = [lay.values[:, :, :n] for lay in layers]
-            store.append(self.codec.encode(gi, keys, values), n)
+            store.append(self.codec.encode(gi, keys, values, **extra), n)
             for lay in layers:
                 lay.drop_oldest(n)
 
@@ -213,13 +248,14 @@ class EchoKVCache(CompressedCache):
 
     def __init__(self, model, artifact, mode: str | None = None, **kwargs):
         from ..artifact import load
-        from ..codecs.echo import EchoCodec
+        from ..codecs import echokv_codec
+        from ..mixes import Mixes
         from ..reconstructor import Reconstructor
 
-        recon = artifact if isinstance(artifact, Reconstructor) else load(artifact, model)
+        recon = artifact if isinstance(artifact, (Reconstructor, Mixes)) else load(artifact, model)
         param = next(model.parameters())
         recon.to(device=param.device)
         if mode is None:
             mode = "auto" if kwargs.get("switch_at_tokens") or kwargs.get("memory_budget_bytes") else "full"
         kwargs.setdefault("fast", getattr(model.config, "attn_logit_softcapping", None) is None)
-        super().__init__(model, EchoCodec(recon), mode=mode, **kwargs)
+        super().__init__(model, echokv_codec(recon, model), mode=mode, **kwargs)
