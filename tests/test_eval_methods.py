@@ -92,7 +92,7 @@ def test_hf_quant_is_transformers_quantized_cache(bf16):
         m = make_method("hf-quant", ratio)
         m.prepare(bf16, None, None)
         assert m.info()["bits"] == bits
-    nll, n, report = meth.nll(bf16, torch.tensor([CONTEXT]), 64)
+    _nll, n, report = meth.nll(bf16, torch.tensor([CONTEXT]), 64)
     assert n == len(CONTEXT) - 1 and report["kept_fraction"] < 0.7
 
 

@@ -6,8 +6,14 @@ import math
 
 import pytest
 
-from echokv.eval.intervals import (bootstrap_perplexity, bootstrap_ratio, half_width, pooled, wilson,
-                                   with_interval)
+from echokv.eval.intervals import (
+    bootstrap_perplexity,
+    bootstrap_ratio,
+    half_width,
+    pooled,
+    wilson,
+    with_interval,
+)
 
 
 def test_wilson_hand_computed():

@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import key_latent
+from .mixes import Mixes, MixLayout
 from .models import kv_geometry
 from .reconstructor import Reconstructor
 from .selection import HeadLayout
@@ -107,7 +108,7 @@ def _checksum_entry(digest: str) -> bytes:
 
 
 def save(
-    recon: Reconstructor,
+    recon: Reconstructor | Mixes,
     model,
     out_dir: str | Path,
     report: dict | None = None,
@@ -116,8 +117,9 @@ def save(
 ):
     """Write the artifact atomically (:func:`~echokv.util.atomic_dir`: an existing ``out_dir`` is replaced
     only with ``overwrite`` and only when it holds nothing but echokv's output)."""
-    if not isinstance(recon, Reconstructor):
-        raise TypeError(f"save needs the Reconstructor that train() returned, got {type(recon).__name__}")
+    if not isinstance(recon, (Reconstructor, Mixes)):
+        raise TypeError(f"save needs the network that train() returned (a Reconstructor or Mixes), got "
+                        f"{type(recon).__name__}")
     if not isinstance(out_dir, (str, Path)) or not str(out_dir).strip():
         raise TypeError(f"save needs an output folder path (str or pathlib.Path), got {out_dir!r}")
     geo = kv_geometry(model)
@@ -130,20 +132,21 @@ def save(
             **fingerprints(model),
         },
         "layout": recon.layout.to_dict(),
-        "head_dim": recon.head_dim,
-        "bias": recon.groups[0].use_bias if len(recon.groups) else True,
+        "head_dim": recon.layout.head_dim if isinstance(recon, Mixes) else recon.head_dim,
+        "bias": True if isinstance(recon, Mixes) else recon.groups[0].use_bias if len(recon.groups) else True,
         "reconstructor_parameters": recon.num_parameters(),
         "reconstructor_bytes": recon.num_bytes(),
         "training": (report or {}).get("config", {}),
         "versions": _versions(),
     }
-    tensors = _pack(recon.state_dict(), recon.head_dim)
+    head_dim = config["head_dim"]
+    tensors = _pack(recon.state_dict(), head_dim)
     meta = {"format": FORMAT, "checksums": "sha256"}
     with atomic_dir(out_dir, overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata=meta)
         stage1_state = stage1_state if stage1_state is not None else getattr(recon, "stage1_state", None)
         if stage1_state is not None:
-            save_file(_pack(stage1_state, recon.head_dim), str(tmp / STAGE1_WEIGHTS), metadata=meta)
+            save_file(_pack(stage1_state, head_dim), str(tmp / STAGE1_WEIGHTS), metadata=meta)
         config["checksums"] = {name: _sha256(tmp / name) for name in STAGE_FILES.values() if (tmp / name).is_file()}
         (tmp / CONFIG).write_bytes(_config_bytes(config))
         if report is not None:
@@ -245,7 +248,7 @@ def _is_int(x, low: int = 0) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= low
 
 
-def _check_config(folder: Path, config: dict) -> Reconstructor:
+def _check_config(folder: Path, config: dict) -> Reconstructor | Mixes:
     """The shape of ``config.json``; returns an empty reconstructor of its layout (the tensors it needs)."""
     file = folder / CONFIG
     _need(config.get("format") == FORMAT, file,
@@ -266,6 +269,8 @@ def _check_config(folder: Path, config: dict) -> Reconstructor:
     _need(isinstance(config.get("bias", True), bool), file, "has a 'bias' that is not true or false")
     raw_layout = config.get("layout")
     _need(isinstance(raw_layout, dict), file, "lacks the 'layout' object (which heads are kept)")
+    if "parts" in raw_layout:
+        return _check_mix_layout(file, raw_layout, geo, head_dim)
     try:
         layout = HeadLayout.from_dict(raw_layout)
     except Exception as exc:  # noqa: BLE001 - any malformed layout
@@ -280,6 +285,24 @@ def _check_config(folder: Path, config: dict) -> Reconstructor:
                   file, f"has a retained {kind.upper()} head {list(head)} outside the layout")
     try:
         return Reconstructor(layout, head_dim, bias=config.get("bias", True))
+    except Exception as exc:  # noqa: BLE001 - a layout the network cannot be built from
+        raise _fail(file, f"has a layout the network cannot be built from ({type(exc).__name__}: {exc})") from None
+
+
+def _check_mix_layout(file: Path, raw_layout: dict, geo: dict, head_dim: int) -> Mixes:
+    """A mixes layout (retained components) against the model geometry; returns an empty network of it."""
+    try:
+        layout = MixLayout.from_dict(raw_layout)
+    except Exception as exc:  # noqa: BLE001 - any malformed layout
+        raise _fail(file, f"has a malformed 'layout' ({type(exc).__name__}: {exc})") from None
+    _need(layout.num_kv_heads == geo["num_kv_heads"] and layout.head_dim == head_dim, file,
+          f"has a layout of {layout.num_kv_heads} KV heads of {layout.head_dim} for a model of "
+          f"{geo['num_kv_heads']} of {head_dim}")
+    layers = set(range(geo["num_layers"]))
+    _need(all(_is_int(i) and i in layers for i in layout.layers), file, "has layout layers outside the model")
+    _need(len(layout.parts) == 2 * len(layout.groups), file, "needs one key and one value part per group")
+    try:
+        return Mixes(layout)
     except Exception as exc:  # noqa: BLE001 - a layout the network cannot be built from
         raise _fail(file, f"has a layout the network cannot be built from ({type(exc).__name__}: {exc})") from None
 
@@ -321,7 +344,7 @@ def _packed_k_basis(name: str, shape: tuple[int, ...], stored: dict, head_dim: i
 PACKED_FORMS = {"k_basis": ((_FREQ, _AXES), _packed_k_basis)}
 
 
-def _check_weights(file: Path, recon: Reconstructor, head_dim: int) -> None:
+def _check_weights(file: Path, recon: Reconstructor | Mixes, head_dim: int) -> None:
     """The tensors of a weights file against those the layout needs: names, shapes and dtypes (header only)."""
     stored, _ = _header(file)
     left = dict(stored)
@@ -375,9 +398,18 @@ def config_ratio(config: dict) -> float:
 
 
 def config_variant(config: dict) -> str:
-    """The variant of an artifact, from its layout: ``"hybrid"`` (keys as a latent) or ``"heads"`` (the
-    head-only form, which artifacts written before the rename record as ``"echo"``)."""
-    return "hybrid" if config["layout"].get("key_latent") is not None else "heads"
+    """The variant of an artifact, from its layout: ``"mix"`` or ``"heads"`` with retained components
+    (:mod:`echokv.mixes`), or the RoPE-commuting forms: ``"hybrid"`` (keys as a latent) or ``"heads"`` (which
+    artifacts written before the rename record as ``"echo"``)."""
+    layout = config["layout"]
+    if "parts" in layout:
+        return layout.get("variant", "mix")
+    return "hybrid" if layout.get("key_latent") is not None else "heads"
+
+
+def config_keys(config: dict) -> str:
+    """How an artifact rebuilds keys: ``"pre-rope"`` (retained components) or ``"rope-commuting"``."""
+    return config["layout"].get("keys", "pre-rope") if "parts" in config["layout"] else "rope-commuting"
 
 
 def check_compatible(config: dict, model, path="artifact") -> None:
@@ -428,8 +460,9 @@ def _unpack(state: dict, head_dim: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def load(path: str | Path, model=None, stage: int = 2) -> Reconstructor:
-    """Load a reconstructor; with ``model``, check it is the model the artifact was trained for.
+def load(path: str | Path, model=None, stage: int = 2) -> Reconstructor | Mixes:
+    """Load the network of an artifact (a :class:`~echokv.mixes.Mixes` or a :class:`Reconstructor`); with
+    ``model``, check it is the model the artifact was trained for.
 
     ``stage=1`` loads the stage-1 (closed-form) weights, when the artifact has them. The artifact is
     checked whole first (:func:`validate_artifact`); every problem is an :class:`ArtifactError`.
@@ -440,7 +473,10 @@ def load(path: str | Path, model=None, stage: int = 2) -> Reconstructor:
     config = read_config(path)
     if model is not None:
         check_compatible(config, model, str(path))
-    recon = Reconstructor(HeadLayout.from_dict(config["layout"]), config["head_dim"], bias=config.get("bias", True))
+    if "parts" in config["layout"]:
+        recon = Mixes(MixLayout.from_dict(config["layout"]))
+    else:
+        recon = Reconstructor(HeadLayout.from_dict(config["layout"]), config["head_dim"], bias=config.get("bias", True))
     weights = Path(path).expanduser() / STAGE_FILES[stage]
     if not weights.is_file():
         raise ArtifactError(f"{path} has no stage-{stage} weights ({weights.name}); load stage 2 instead")

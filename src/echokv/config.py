@@ -17,9 +17,13 @@ from .models import DEFAULT_MODEL, DTYPES, kv_geometry
 from .selection import INPUTS, check_ratio, make_groups
 from .stats.moments import RIDGE
 
-#: EchoKV's variants: ``hybrid`` (keys as a RoPE-commuting latent per group, values rebuilt from retained heads)
-#: and ``heads`` (the paper's form: discarded K and V heads rebuilt from retained ones)
-VARIANTS = ("hybrid", "heads")
+#: EchoKV's variants: ``mix`` (retained components: learned mixes of a group's heads, each kept at the precision
+#: the byte budget gives it), ``heads`` (the paper's form: discarded K and V heads rebuilt from retained ones) and
+#: ``hybrid`` (keys as a RoPE-commuting latent per group, values rebuilt from retained heads)
+VARIANTS = ("hybrid", "mix", "heads")
+#: how the ``heads`` variant rebuilds keys: with full linear maps before RoPE (the paper), or with maps that
+#: commute with RoPE, applied to the cached keys as they are (foldable into the query)
+KEY_FORMS = ("pre-rope", "rope-commuting")
 LAYOUTS = ("data", "paper")
 CACHE_MODES = ("full", "compressed", "auto")
 #: the evaluation suites (defined in the harness, :mod:`echokv.eval.suites`)
@@ -78,6 +82,15 @@ class TrainConfig:
                           "commutes with RoPE, values rebuilt from retained heads; keys get 60%% of the kept "
                           "budget unless --k-ratio/--v-ratio are given. heads: rebuild discarded K and V heads "
                           "(loses retrieval on SmolLM2 at 0.5, measured)", choices=VARIANTS)
+    keys: str = option("pre-rope", "heads variant: rebuild keys before RoPE with full linear maps (the paper) or "
+                       "with RoPE-commuting maps on the cached keys (mix: always pre-RoPE; hybrid: always "
+                       "RoPE-commuting)", choices=KEY_FORMS)
+    widths: str = option("auto", "precision of retained components: auto (mix: the byte budget gives each "
+                         "component 16 bits, int8, int4 or drops it), or one of 16, 8, 4 for every retained "
+                         "component (heads: default 16)")
+    key_weight: float = option(1.0, "mix: weight of key errors against value errors when the budget is spent")
+    quant_group: int = option(64, "components per float16 scale and zero-point of int8/int4 codes",
+                              check="positive")
     group_size: int | None = option(None, "layers per group S (default: 4 for the data layout, searched for the "
                                     "paper layout)", aliases=("-S",), check="positive")
     m: int | None = option(None, "paper layout: heads kept in each non-first layer (default: searched)")
@@ -92,6 +105,8 @@ class TrainConfig:
     stage2_batch: int = option(2, "sequences per stage-2 step", check="positive")
     stage2_queries: int | None = option(128, "query positions scored per sequence in stage 2 (None, from "
                                         "Python: every position)", check="positive")
+    stage2_eval_every: int = option(25, "mix/heads: steps between held-out checks of stage 2 (the best state is "
+                                    "kept)", check="positive")
     ridge: float = option(RIDGE, "stage-1 ridge, relative to the mean diagonal of the normal equations")
     bias: bool = option(True, "value maps with a bias")
     seed: int = option(0, "seed of stage 2")
@@ -115,6 +130,12 @@ class TrainConfig:
         v = check_ratio(self.v_ratio, "V ratio") if self.v_ratio is not None else r
         return k, v
 
+    @property
+    def retains_components(self) -> bool:
+        """Whether this trains retained components (:mod:`echokv.mix_training`: ``mix``, pre-RoPE ``heads``)
+        rather than the RoPE-commuting reconstructor (:mod:`echokv.training`)."""
+        return self.variant == "mix" or (self.variant == "heads" and self.keys == "pre-rope")
+
     def validate(self, model) -> None:
         """Raise before any work for settings that cannot fit the model."""
         self.ratios()
@@ -137,6 +158,11 @@ class TrainConfig:
             raise ValueError(f"stage2_steps must be >= 0, got {self.stage2_steps}")
         if geo.max_context and self.seq_len > geo.max_context:
             raise ValueError(f"seq_len {self.seq_len} exceeds the model's context of {geo.max_context} tokens")
+        if self.retains_components:
+            from .mix_training import check_reachable, check_widths
+
+            check_widths(self)
+            check_reachable(model, self)
 
 
 #: the variant ``echokv train`` makes, and so the one method ``echokv`` evaluates

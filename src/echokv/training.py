@@ -212,6 +212,10 @@ def train(model, tokenizer, cfg: TrainConfig, calib=None, held=None, layout=None
     ``calib``/``held`` are token blocks [N, T]; by default they come from :mod:`echokv.data`.
     ``layout`` overrides the retained-head selection.
     """
+    if cfg.retains_components:
+        from .mix_training import train_mixes
+
+        return train_mixes(model, tokenizer, cfg, calib, held, layout)
     cfg.validate(model)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()

@@ -4,7 +4,8 @@ A codec splits the compressed layers into ``groups``; each group's tokens are st
 :class:`~echokv.cache.store.GroupStore` that the group's layers share (EchoKV: S layers, whose retained heads
 reconstruct each other; per-layer codecs: one layer each). The cache calls
 
-* :meth:`KVCodec.encode` with the full K/V of a block of tokens of one group -> tensors appended to its store;
+* :meth:`KVCodec.encode` with the full K/V of a block of tokens of one group (and, when it asks, their positions)
+  -> tensors appended to its store;
 * :meth:`KVCodec.decode` with one layer and its group's stored tensors -> that layer's full K/V;
 * :meth:`KVCodec.fast_attention` (optional) -> a function computing that layer's attention over the stored
   tokens without decoding them (used only inside :func:`~echokv.attention.echokv_attention`).
@@ -25,6 +26,8 @@ class KVCodec(ABC):
 
     #: the compressed layers, split into groups that are stored together
     groups: list[list[int]]
+    #: whether :meth:`encode` needs the tokens' positions (``positions=`` [B, T]), e.g. to undo RoPE
+    needs_positions: bool = False
 
     @property
     def layers(self) -> list[int]:
@@ -32,7 +35,8 @@ class KVCodec(ABC):
 
     @abstractmethod
     def encode(self, group: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Full K/V [B, H, T, d] of the layers of ``groups[group]`` (in order) -> the tensors to store."""
+        """Full K/V [B, H, T, d] of the layers of ``groups[group]`` (in order) -> the tensors to store. A codec
+        with :attr:`needs_positions` is also given ``positions`` [B, T] (int64), the tokens' RoPE positions."""
 
     @abstractmethod
     def decode(self, layer: int, stored: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

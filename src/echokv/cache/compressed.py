@@ -112,11 +112,15 @@ class CompressedCache(DynamicCache):
         #: token ids [B, n] of what the cache holds, when only echokv's prefill / generate fed it (None otherwise):
         #: :func:`echokv.generation.generate` checks that a new call's input extends them
         self.token_ids: torch.Tensor | None = None
+        # RoPE positions [B, T] of the recent (not yet compressed) tokens, for codecs that undo RoPE
+        self.positions: torch.Tensor | None = None
 
     # -- the cache protocol: each layer updates itself; the stores are handled once per group ----------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if layer_idx == 0:  # the first layer of a forward call: does its input continue what the cache holds?
             self._check_continues(args, kwargs)
+        if self.codec is not None and self.codec.needs_positions and layer_idx == self.compressible[0]:
+            self._record_positions(key_states, args, kwargs)
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         if layer_idx == len(self.layers) - 1:
             self._after_forward()
@@ -160,6 +164,7 @@ class CompressedCache(DynamicCache):
                 layer.is_initialized = False
             if isinstance(getattr(layer, "cumulative_length", None), int):
                 layer.cumulative_length = 0
+        self.positions = None
         for store in self.stores:
             store.reset()
         self.is_compressed = self.mode == "compressed"
@@ -169,20 +174,47 @@ class CompressedCache(DynamicCache):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.token_ids = None
         super().batch_select_indices(indices)
+        if self.positions is not None:
+            self.positions = self.positions[indices]
         for store in self.stores:
             store.batch_select_indices(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self.token_ids = None
         super().batch_repeat_interleave(repeats)
+        if self.positions is not None:
+            self.positions = self.positions.repeat_interleave(repeats, dim=0)
         for store in self.stores:
             store.batch_repeat_interleave(repeats)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.token_ids = None
         super().reorder_cache(beam_idx)
+        if self.positions is not None:
+            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
         for store in self.stores:
             store.reorder_cache(beam_idx)
+
+    def crop(self, max_length: int) -> None:
+        super().crop(max_length)
+        if self.positions is not None:
+            self.positions = self.positions[:, : self.layers[self.compressible[0]].recent_length()]
+
+    def _record_positions(self, key_states, args, kwargs) -> None:
+        """Keep the RoPE positions of the new tokens: the model's position ids where transformers passes them
+        to the cache (5.24 and newer: exact with left padding), else their cache positions."""
+        b, _, t, _ = key_states.shape
+        extra = kwargs.get("kwargs") or {}
+        pos = extra.get("position_ids", kwargs.get("position_ids"))
+        if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[-1] != t:
+            cache_kwargs = args[0] if args and isinstance(args[0], dict) else {}
+            pos = cache_kwargs.get("cache_position", extra.get("cache_position"))
+            if not isinstance(pos, torch.Tensor) or pos.numel() != t:
+                start = self.layers[self.compressible[0]].get_seq_length()
+                pos = torch.arange(start, start + t, device=key_states.device)
+            pos = pos.reshape(1, t)
+        pos = pos.to(device=key_states.device, dtype=torch.long).expand(b, t)
+        self.positions = pos if self.positions is None else torch.cat([self.positions, pos], dim=1)
 
     # -- switching ------------------------------------------------------------------------------------------
     def seen_tokens(self) -> int:
@@ -212,11 +244,14 @@ class CompressedCache(DynamicCache):
         n = min((self.layers[i].recent_length() for i in self.compressible), default=0) - self.full_window
         if n <= 0:
             return
+        extra = {}
+        if self.codec.needs_positions:
+            extra["positions"], self.positions = self.positions[:, :n], self.positions[:, n:]
         for gi, store in enumerate(self.stores):
             layers = [self.layers[i] for i in store.layers]
             keys = [lay.keys[:, :, :n] for lay in layers]
             values = [lay.values[:, :, :n] for lay in layers]
-            store.append(self.codec.encode(gi, keys, values), n)
+            store.append(self.codec.encode(gi, keys, values, **extra), n)
             for lay in layers:
                 lay.drop_oldest(n)
 
@@ -276,18 +311,19 @@ class EchoKVCache(CompressedCache):
         import os
 
         from ..artifact import load
-        from ..codecs.echo import EchoCodec
+        from ..codecs import echokv_codec
+        from ..mixes import Mixes
         from ..reconstructor import Reconstructor
 
         _check_model(model)
-        if not isinstance(artifact, (Reconstructor, str, os.PathLike)):
+        if not isinstance(artifact, (Reconstructor, Mixes, str, os.PathLike)):
             raise TypeError(f"EchoKVCache needs an artifact: the folder `echokv train` wrote (str or path) or a "
                             f"Reconstructor, got {artifact!r}")
-        recon = artifact if isinstance(artifact, Reconstructor) else load(artifact, model)
+        recon = artifact if isinstance(artifact, (Reconstructor, Mixes)) else load(artifact, model)
         param = next(model.parameters())
         recon.to(device=param.device)
         if mode is None:  # a switch condition means auto mode
             auto = kwargs.get("switch_at_tokens") is not None or kwargs.get("memory_budget_bytes") is not None
             mode = "auto" if auto else "full"
         kwargs.setdefault("fast", getattr(model.config, "attn_logit_softcapping", None) is None)
-        super().__init__(model, EchoCodec(recon), mode=mode, **kwargs)
+        super().__init__(model, echokv_codec(recon, model), mode=mode, **kwargs)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..cache.codec import KVCodec
+from .fast import attention_weights
 
 
 class EchoCodec(KVCodec):
@@ -132,7 +133,7 @@ def attend(maps: LayerMaps, q, recent_k, recent_v, group_k, group_v, mask, scali
     b, hq, tq, d = q.shape
     h = maps.num_kv_heads
     rows = hq // h * tq  # query rows per KV head
-    tc, tr = group_k.shape[-2], recent_k.shape[-2]
+    tc = group_k.shape[-2]
     dtype = q.dtype
     qh = q.reshape(b, h, rows, d)
     if maps.key_fold is not None:  # the query in the latent's space
@@ -141,17 +142,7 @@ def attend(maps: LayerMaps, q, recent_k, recent_v, group_k, group_v, mask, scali
     else:  # the query in each source head's space; scores summed over sources
         folded = torch.einsum("bhre,hsde->bsdhr", qh, maps.key_map.to(dtype)).reshape(b, -1, d, h * rows)
         past = (group_k @ folded).sum(1).transpose(-1, -2).view(b, h, rows, tc)
-    logits = torch.cat([past, qh @ recent_k.transpose(-1, -2)], dim=-1).mul_(scaling)
-    if mask is not None or tq > 1:
-        shaped = logits.view(b, h, rows // tq, tq, tc + tr)
-        if mask is None:
-            keep = torch.ones(tq, tc + tr, dtype=torch.bool, device=q.device).tril(tc + tr - tq)
-            shaped.masked_fill_(~keep, float("-inf"))
-        elif mask.dtype == torch.bool:
-            shaped.masked_fill_(~mask[:, :, None], float("-inf"))
-        else:
-            shaped.add_(mask[:, :, None])
-    p = torch.softmax(logits.float(), dim=-1).to(dtype)
+    p = attention_weights(past, qh, recent_k, mask, scaling, tq)
     p_past = p[..., :tc]
     # every query row's weighted sum of every stored value head, in one product
     mixed = (p_past.reshape(b, 1, h * rows, tc) @ group_v).view(b, -1, h, rows, d)

@@ -17,18 +17,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import artifact as art
-from ..codecs.echo import EchoCodec
+from ..codecs import echokv_codec
 from ..config import DEFAULT_VARIANT, TrainConfig
 from .base import Method, register
 
 log = logging.getLogger(__name__)
 
-#: name -> (variant, stage)
+#: name -> (variant, key form, stage)
 NAMES = {
-    "echokv": (DEFAULT_VARIANT, 2),
-    "echokv-hybrid": ("hybrid", 2),
-    "echokv-heads": ("heads", 2),
-    "echokv-heads-s1": ("heads", 1),
+    "echokv": (DEFAULT_VARIANT, "pre-rope", 2),
+    "echokv-mix": ("mix", "pre-rope", 2),
+    "echokv-mix-s1": ("mix", "pre-rope", 1),
+    "echokv-heads": ("heads", "pre-rope", 2),
+    "echokv-heads-s1": ("heads", "pre-rope", 1),
+    "echokv-heads-commuting": ("heads", "rope-commuting", 2),
+    "echokv-hybrid": ("hybrid", "rope-commuting", 2),
 }
 
 
@@ -38,6 +41,7 @@ class EchoKVMethod(Method):
 
     name: str = "echokv"
     variant: str = DEFAULT_VARIANT
+    keys: str = "pre-rope"
     stage: int = 2
     artifact: str | None = None
     work_dir: str | None = None
@@ -47,32 +51,35 @@ class EchoKVMethod(Method):
         return cls.from_artifacts(artifacts, ratio, **kwargs)
 
     @classmethod
-    def from_artifacts(cls, paths: list[str] | None, ratio: float, variant: str = DEFAULT_VARIANT, **kwargs):
+    def from_artifacts(cls, paths: list[str] | None, ratio: float, variant: str = DEFAULT_VARIANT,
+                       keys: str = "pre-rope", **kwargs):
         """The method with the artifact of ``paths`` trained for ``ratio`` and ``variant`` (none: trained on the
         spot by :meth:`prepare`). An artifact for this ratio of another variant is an error: training another
         one silently would surprise the user who handed it."""
         name = kwargs.get("name", cls.name)
         same_ratio = artifacts_at(paths, ratio)
-        match = artifacts_at(same_ratio, ratio, variant)
+        match = artifacts_at(same_ratio, ratio, variant, keys)
         if same_ratio and not match:
-            have = art.config_variant(art.read_config(same_ratio[0]))
-            other = next(n for n, (v, stage) in NAMES.items() if v == have and stage == 2)
+            config = art.read_config(same_ratio[0])
+            have = (art.config_variant(config), art.config_keys(config))
+            other = next((n for n, (v, k, stage) in NAMES.items() if (v, k) == have and stage == 2), None)
+            flags = f"--variant {variant}" + (" --keys rope-commuting" if keys == "rope-commuting" else "")
             raise ValueError(
-                f"{name}@{ratio:g}: artifact {same_ratio[0]} is the {have!r} variant but {name} needs the "
-                f"{variant!r} variant; train one with `echokv train --variant {variant} --compression-ratio "
-                f"{ratio:g}` and pass it too (or use method {other})"
+                f"{name}@{ratio:g}: artifact {same_ratio[0]} is the {have[0]!r} variant ({have[1]} keys) but {name} "
+                f"needs the {variant!r} variant ({keys} keys); train one with `echokv train {flags} "
+                f"--compression-ratio {ratio:g}` and pass it too" + (f" (or use method {other})" if other else "")
             )
-        return cls(ratio, variant=variant, artifact=match[0] if match else None, **kwargs)
+        return cls(ratio, variant=variant, keys=keys, artifact=match[0] if match else None, **kwargs)
 
     def prepare(self, model, tokenizer, calibration) -> None:
         if self.artifact is None:
-            config = TrainConfig(compression_ratio=self.compression_ratio, variant=self.variant)
+            config = TrainConfig(compression_ratio=self.compression_ratio, variant=self.variant, keys=self.keys)
             folder = artifact_dir(self.work_dir or "runs", config)
             self.artifact, _ = train_or_reuse(model, tokenizer, folder, config)
         self._recon = art.load(self.artifact, model, stage=self.stage)
 
     def make_codec(self, model):
-        return EchoCodec(self._recon)
+        return echokv_codec(self._recon, model)
 
     @property
     def achieved_kept_fraction(self) -> float:
@@ -82,18 +89,24 @@ class EchoKVMethod(Method):
         return self._recon.num_bytes()
 
     def info(self) -> dict:
-        return {**super().info(), "variant": self.variant, "stage": self.stage, "artifact": self.artifact}
+        out = {**super().info(), "variant": self.variant, "keys": self.keys, "stage": self.stage,
+               "artifact": self.artifact}
+        if hasattr(self._recon.layout, "width_counts"):
+            out["width_counts"] = {str(w): n for w, n in self._recon.layout.width_counts().items()}
+        return out
 
 
-for _name, (_variant, _stage) in NAMES.items():
-    register(_name, variant=_variant, stage=_stage)(EchoKVMethod)
+for _name, (_variant, _keys, _stage) in NAMES.items():
+    register(_name, variant=_variant, keys=_keys, stage=_stage)(EchoKVMethod)
 
 
-def artifacts_at(paths: list[str] | None, ratio: float, variant: str | None = None) -> list[str]:
-    """The artifact folders trained for ``ratio`` (and, unless None, of ``variant``)."""
+def artifacts_at(paths: list[str] | None, ratio: float, variant: str | None = None,
+                 keys: str | None = None) -> list[str]:
+    """The artifact folders trained for ``ratio`` (and, unless None, of ``variant`` with ``keys``)."""
     configs = {a: art.read_config(a) for a in paths or []}
     return [a for a, c in configs.items()
-            if abs(art.config_ratio(c) - ratio) < 1e-9 and (variant is None or art.config_variant(c) == variant)]
+            if abs(art.config_ratio(c) - ratio) < 1e-9 and (variant is None or art.config_variant(c) == variant)
+            and (keys is None or art.config_keys(c) == keys)]
 
 
 def artifact_notes(name: str, ratios: list[float], configs: list[dict]) -> list[str]:
@@ -101,9 +114,10 @@ def artifact_notes(name: str, ratios: list[float], configs: list[dict]) -> list[
     the spot, or report an error for an artifact of another variant. Nothing for other methods."""
     if name not in NAMES:
         return []
-    variant = NAMES[name][0]
+    variant, keys = NAMES[name][:2]
     trained = {round(art.config_ratio(c), 9) for c in configs}
-    have = {round(art.config_ratio(c), 9) for c in configs if art.config_variant(c) == variant}
+    have = {round(art.config_ratio(c), 9) for c in configs
+            if art.config_variant(c) == variant and art.config_keys(c) == keys}
     missing = [r for r in ratios if round(r, 9) not in trained]
     wrong = [r for r in ratios if round(r, 9) in trained - have]
     notes = []
@@ -118,7 +132,8 @@ def artifact_notes(name: str, ratios: list[float], configs: list[dict]) -> list[
 
 def artifact_dir(work_dir, config: TrainConfig) -> Path:
     """Where an artifact trained on the spot for ``config`` is kept."""
-    return Path(work_dir) / f"echokv-{config.variant}-{config.compression_ratio:g}"
+    keys = "-commuting" if config.variant == "heads" and config.keys == "rope-commuting" else ""
+    return Path(work_dir) / f"echokv-{config.variant}{keys}-{config.compression_ratio:g}"
 
 
 def train_or_reuse(model, tokenizer, folder, config: TrainConfig) -> tuple[str, dict]:

@@ -1,0 +1,422 @@
+"""Training of retained components (:mod:`echokv.mixes`): EchoKV's two stages for the ``mix`` and pre-RoPE
+``heads`` variants.
+
+Calibration blocks are taken evenly across the calibration text (every document of it, not only the first), and
+a disjoint set of blocks of the same text is held out: stage 2 stops on it, and the report's errors are measured
+on it. The evaluation text is never used, so no default is tuned on what reports it.
+
+Stage 1 (closed form, from streamed moments of the group's pre-RoPE keys and values):
+* ``mix``: PCA of each group and kind; every component gets a precision (16 bits, int8, int4, or dropped) under
+  the byte budget by :func:`~echokv.mixes.allocate`, from the error each choice leaves on calibration samples
+  (relative to the group's energy; keys weighted by ``key_weight``);
+* ``heads``: the data-driven (or paper) choice of retained heads, then ridge regression of the discarded heads on
+  the retained ones of the group.
+
+Then every decoder is refitted by ridge regression to the components as the cache stores them (quantized).
+
+Stage 2: the attention output (after ``o_proj``) of every compressed layer, computed from the original queries
+and the K/V the decoders rebuild from the stored components (fixed: the encoders do not change), against the
+output with the original K/V, relative MSE; AdamW with a cosine schedule. Every ``stage2_eval_every`` steps the held-out error
+is measured and the best state is kept (early stopping): stage 2 never hands back something worse than stage 1
+on held-out text.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .mixes import (
+    KINDS,
+    WIDTHS,
+    Mixes,
+    MixLayout,
+    Part,
+    allocate,
+    component_errors,
+    cost_bits,
+    heads_pair,
+    pca_pair,
+)
+from .models import kv_geometry
+from .selection import _budgets, data_layout, make_groups, nearest_paper_layout
+from .stats.capture import attention_modules
+from .stats.collect import collect
+from .stats.rope import Rope, rotate, unrotate
+
+log = logging.getLogger(__name__)
+
+
+# -- data ---------------------------------------------------------------------------------------------------------
+def spread_blocks(tokenizer, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration blocks, held-out blocks) of ``seq_len`` tokens, spread evenly over the calibration text and
+    disjoint: every ``k``-th block is held out."""
+    from .data import available_tokens, token_blocks
+
+    n_cal = -(-cfg.calib_tokens // cfg.seq_len)
+    n_held = -(-cfg.heldout_tokens // cfg.seq_len)
+    have = available_tokens(tokenizer, "calibration", cfg.text_paths) // cfg.seq_len
+    if have < n_cal + n_held:
+        raise ValueError(
+            f"the calibration text has {have} blocks of {cfg.seq_len} tokens; {n_cal} calibration + {n_held} "
+            "held-out blocks were asked for: pass fewer --calib-tokens / --heldout-tokens or more --text"
+        )
+    blocks = token_blocks(tokenizer, "calibration", have * cfg.seq_len, cfg.seq_len, cfg.text_paths)
+    picked = torch.linspace(0, have - 1, n_cal + n_held).round().long().unique()
+    held = picked[1::max(1, len(picked) // n_held)][:n_held]
+    cal = picked[~torch.isin(picked, held)][:n_cal]
+    return blocks[cal], blocks[held]
+
+
+class Features:
+    """Per group: pre-RoPE keys and values of some blocks [N, T, D] (layers, heads, channels), and per layer the
+    queries at the scored positions and the reference attention output, all float32."""
+
+    def __init__(self, model, samples: dict, groups: list[list[int]], modules: dict, queries: int | None, seed: int):
+        q0 = next(iter(samples.values()))[0]
+        self.n, t = q0.shape[0], q0.shape[2]
+        if queries is None or queries >= t:
+            self.pos = torch.arange(t)
+        else:  # a fixed random subset of the later positions, which attend to the most context
+            gen = torch.Generator().manual_seed(seed)
+            lo = t // 8
+            self.pos = (lo + torch.randperm(t - lo, generator=gen)[:queries]).sort().values
+        self.mask = torch.arange(t)[None, :] <= self.pos[:, None]  # [queries, T] causal
+        self.groups, self.modules = groups, modules
+        self.cos, self.sin = {}, {}
+        self.x: dict[tuple[int, str], torch.Tensor] = {}
+        self.q, self.ref = {}, {}
+        self.den = 0.0
+        with torch.no_grad():
+            for gi, group in enumerate(groups):
+                ks, vs = [], []
+                for layer in group:
+                    q, k, v = (x.float() for x in samples[layer])
+                    rope = Rope(model, layer)
+                    cos, sin = rope.table(t, k.device)
+                    self.cos[layer], self.sin[layer] = cos, sin
+                    ks.append(unrotate(k, cos, sin).transpose(1, 2).flatten(2))
+                    vs.append(v.transpose(1, 2).flatten(2))
+                    self.q[layer] = q[:, :, self.pos]
+                    n_rep = q.shape[1] // k.shape[1]
+                    out = self._attend(self.q[layer], k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1),
+                                       modules[layer])
+                    self.ref[layer] = out
+                    self.den += float(out.pow(2).sum())
+                self.x[gi, "k"], self.x[gi, "v"] = torch.cat(ks, -1), torch.cat(vs, -1)
+
+    def _attend(self, q, k, v, module):
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=module.scaling)
+        b, hq, tq, d = o.shape
+        return o.transpose(1, 2).reshape(b, tq, hq * d) @ module.o_proj.weight.float().T
+
+    def encode(self, mixes: Mixes, quantized: bool = True) -> None:
+        """Fix every sample's components as the cache stores them (the encoder does not change in stage 2)."""
+        self.z = {}
+        with torch.no_grad():
+            for (gi, kind), x in self.x.items():
+                i = mixes.index(gi, kind)
+                z = mixes.encode(i, x)
+                self.z[gi, kind] = mixes.fake_quantize(i, z) if quantized else z
+
+    def output_error(self, mixes: Mixes, batch: torch.Tensor | None = None) -> torch.Tensor:
+        """Relative output MSE of every compressed layer with the K/V ``mixes`` rebuilds from the fixed
+        components (:meth:`encode`)."""
+        pick = (lambda x: x) if batch is None else (lambda x: x[batch])
+        lay = mixes.layout
+        h, d = lay.num_kv_heads, lay.head_dim
+        total = 0.0
+        for gi, group in enumerate(self.groups):
+            rebuilt = {kind: mixes.decode(mixes.index(gi, kind), pick(self.z[gi, kind])) for kind in KINDS}
+            for j, layer in enumerate(group):
+                cols = slice(j * h * d, (j + 1) * h * d)
+                k = rebuilt["k"][..., cols].unflatten(-1, (h, d)).transpose(1, 2)
+                v = rebuilt["v"][..., cols].unflatten(-1, (h, d)).transpose(1, 2)
+                k = rotate(k, self.cos[layer], self.sin[layer])
+                q = pick(self.q[layer])
+                n_rep = q.shape[1] // h
+                out = self._attend(q, k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1), self.modules[layer])
+                total = total + (out - pick(self.ref[layer])).pow(2).sum()
+        scale = 1.0 if batch is None else self.n / len(batch)
+        return total * scale / max(self.den, 1e-30)
+
+    def kv_error(self, mixes: Mixes) -> dict[str, float]:
+        """Relative squared error of the rebuilt keys (pre-RoPE) and values, all heads."""
+        out = {}
+        with torch.no_grad():
+            for kind in KINDS:
+                num = den = 0.0
+                for gi in range(len(self.groups)):
+                    x = self.x[gi, kind]
+                    num += float((mixes.decode(mixes.index(gi, kind), self.z[gi, kind]) - x).pow(2).sum())
+                    den += float(x.pow(2).sum())
+                out[kind] = num / max(den, 1e-30)
+        return out
+
+
+def refit_decoders(mixes: Mixes, train: Features, ridge: float) -> None:
+    """Stage 1, second half: each decoder refitted by ridge regression of the features on the components as the
+    cache gives them back (quantized), which shrinks what quantization made noisy. Heads parts: only the discarded
+    heads' columns (the retained heads stay copies)."""
+    with torch.no_grad():
+        for (gi, kind), x in train.x.items():
+            i = mixes.index(gi, kind)
+            z = train.z[gi, kind].flatten(0, 1).double()
+            x = x.flatten(0, 1).double()
+            mz, mx = z.mean(0), x.mean(0)
+            zc, xc = z - mz, x - mx
+            a = zc.T @ zc
+            a += ridge * a.diagonal().mean().clamp_min(1e-12) * torch.eye(a.shape[0], dtype=a.dtype)
+            w = torch.linalg.solve(a, zc.T @ xc)  # [r, D]: x ~ (z - mz) w + mx
+            _, _, r, c, scale = mixes.tensors(i)
+            cols = mixes.discarded_columns(i) if mixes.layout.parts[i].selection is not None else \
+                torch.ones(r.shape[1], dtype=torch.bool)
+            r[:, cols] = (w / scale.double()[:, None])[:, cols].float()
+            c[cols] = (mx - mz @ w)[cols].float()
+
+
+# -- stage 1 ------------------------------------------------------------------------------------------------------
+def check_widths(cfg: TrainConfig) -> None:
+    allowed = ("auto", "16", "8", "4")
+    if str(cfg.widths) not in allowed:
+        raise ValueError(f"widths {cfg.widths!r}: choose 'auto' (the byte budget picks int8, int4 or 16 bits per "
+                         "component) or one precision for every retained component: 16 (the cache's dtype), 8 or 4 "
+                         "(int8 / int4)")
+
+
+def _fixed_width(cfg: TrainConfig) -> int | None:
+    return None if str(cfg.widths) == "auto" else int(cfg.widths)
+
+
+def head_ratio(ratio: float, width: int, element_bits: int, group: int) -> float:
+    """The share of heads to discard so that the retained ones, kept at ``width``, fill ``1 - ratio`` of the
+    cache (retained heads at int8 in a bf16 cache: twice as many heads for the same bytes)."""
+    return max(0.0, 1.0 - (1.0 - ratio) * element_bits / cost_bits(width, group))
+
+
+def stage1(model, cfg: TrainConfig, moments: dict, samples: Features, groups: list[list[int]],
+           heads=None) -> Mixes:
+    """The closed-form pairs and, for ``mix``, every component's precision under the byte budget. ``heads``: the
+    retained heads (a :class:`~echokv.selection.HeadLayout`) of the heads variant, chosen here when None."""
+    geo = kv_geometry(model)
+    h, d = geo.num_kv_heads, geo.head_dim
+    element_bits = 8 * next(model.parameters()).dtype.itemsize
+    element_bits = max(element_bits, 16)
+    pairs, parts, errors = [], [], []
+    width = _fixed_width(cfg)
+    if cfg.variant == "heads":
+        width = width or element_bits
+        rk, rv = (head_ratio(r, width, element_bits, cfg.quant_group) for r in cfg.ratios())
+        stats = {"k": moments["k_pre"], "v": moments["v"]}
+        if heads is not None:
+            pass
+        elif cfg.layout == "data":
+            heads = data_layout(geo.full_attention_layers, h, len(groups[0]), rk, rv, stats)
+        else:
+            lk = nearest_paper_layout(geo.full_attention_layers, h, rk, len(groups[0]), cfg.m, "all")
+            lv = nearest_paper_layout(geo.full_attention_layers, h, rv, len(groups[0]), cfg.m, "all")
+            heads = lk
+            heads.retained_v = lv.retained_v
+    for gi, group in enumerate(groups):
+        for kind in KINDS:
+            mom = moments["k_pre" if kind == "k" else "v"][gi]
+            if cfg.variant == "heads":
+                kept = [j * h + hh for j, layer in enumerate(group) for hh in heads.retained_in_layer(kind, layer)]
+                pair = heads_pair(mom, kept, d, cfg.ridge)
+                parts.append(Part(kind, gi, list(group), [width] * len(kept) * d, selection=kept))
+            else:
+                pair = pca_pair(mom)
+                parts.append(Part(kind, gi, list(group), []))
+                z = ((samples.x[gi, kind] - pair[0]) @ pair[1]) / pair[4]
+                energy = float(samples.x[gi, kind].pow(2).mean(0).sum())
+                weight = (cfg.key_weight if kind == "k" else 1.0) / max(energy, 1e-30)
+                err = component_errors(z.flatten(0, 1), WIDTHS, cfg.quant_group) * pair[4].pow(2)[:, None]
+                if width is not None:  # one precision for every kept component: only dropping is chosen
+                    err = torch.stack([err[:, 0], err[:, WIDTHS.index(width)]], 1)
+                errors.append(err * weight)
+            pairs.append(pair)
+    layout = MixLayout(geo.full_attention_layers, h, d, groups, parts, cfg.variant, cfg.quant_group, "pre-rope",
+                       element_bits)
+    if cfg.variant == "mix":
+        widths = WIDTHS if width is None else (0, width)
+        total = sum(layout.group_dims) * 2 * element_bits
+        budget = (1.0 - cfg.compression_ratio) * total - layout.POSITION_BITS * len(groups)
+        for _ in range(4):  # the allocator counts whole scale groups; shrink until the stored bits fit
+            chosen, _ = allocate(errors, budget, widths, cfg.quant_group)
+            for part, w in zip(parts, chosen):
+                part.widths = w
+            layout.parts = [_ordered(p) for p in parts]
+            over = layout.bits() - (1.0 - cfg.compression_ratio) * total
+            if over <= 0:
+                break
+            budget -= over
+    mixes = Mixes(layout)
+    for i, (part, pair) in enumerate(zip(layout.parts, pairs)):
+        m, e, r, c, scale = pair
+        if part.selection is None:  # mix: the components the budget kept, in storage order
+            e, r, scale = e[:, part.order], r[part.order], scale[part.order]
+        mixes.set_part(i, m, e, r, c, scale)
+    return mixes
+
+
+def _ordered(part: Part) -> Part:
+    """Drop the components of width 0 and sort the rest by width (16, 8, 4), remembering where each came from."""
+    idx = [c for w in (32, 16, 8, 4) for c, x in enumerate(part.widths) if x == w]
+    out = Part(part.kind, part.group, part.layers, [part.widths[c] for c in idx], part.selection)
+    out.order = torch.tensor(idx, dtype=torch.long)
+    return out
+
+
+# -- stage 2 ------------------------------------------------------------------------------------------------------
+def stage2(mixes: Mixes, train: Features, held: Features, cfg: TrainConfig) -> dict:
+    """Output-MSE fine-tuning with early stopping on held-out blocks (see the module docstring)."""
+    params = mixes.trainable()
+    for p in mixes.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.stage2_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.stage2_steps, 1))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():
+        start = float(held.output_error(mixes))
+    best = (start, 0, {k: v.detach().clone() for k, v in mixes.state_dict().items()})
+    curve, losses = [(0, start)], []
+    bar = tqdm(range(cfg.stage2_steps), desc="stage 2: output MSE", disable=not cfg.progress, leave=False)
+    for step in bar:
+        batch = torch.randperm(train.n, generator=gen)[: min(cfg.stage2_batch, train.n)]
+        loss = train.output_error(mixes, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        mixes.mask_gradients()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % cfg.stage2_eval_every == 0 or step + 1 == cfg.stage2_steps:
+            with torch.no_grad():
+                err = float(held.output_error(mixes))
+            curve.append((step + 1, err))
+            if err < best[0]:
+                best = (err, step + 1, {k: v.detach().clone() for k, v in mixes.state_dict().items()})
+            bar.set_postfix(held=f"{err:.4g}")
+    mixes.load_state_dict(best[2])
+    mixes.requires_grad_(False)
+    return {"heldout_output_error_curve": curve, "best_step": best[1], "train_losses": losses}
+
+
+# -- the whole procedure ------------------------------------------------------------------------------------------
+def train_mixes(model, tokenizer, cfg: TrainConfig, calib=None, held=None, layout=None) -> tuple[Mixes, dict]:
+    """Calibrate, fit (stage 1), allocate the budget, fine-tune (stage 2). Returns the network and a report.
+
+    ``layout`` (a :class:`~echokv.selection.HeadLayout`, heads variant) overrides the groups and retained heads."""
+    if layout is not None and cfg.variant != "heads":
+        raise ValueError("a head layout can only be given to the heads variant")
+    check_widths(cfg)
+    if layout is None:
+        cfg.validate(model)  # (the ratio's reachability too: a given layout decides it instead)
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    geo = kv_geometry(model)
+    if calib is None or held is None:
+        calib, held = spread_blocks(tokenizer, cfg)
+    groups = layout.groups if layout is not None else make_groups(
+        geo.full_attention_layers, cfg.group_size or min(4, len(geo.full_attention_layers)))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    modules = attention_modules(model)
+
+    t1 = time.perf_counter()
+    cal = collect(model, calib, groups, features=("k_pre", "v"), keep_samples=cfg.stage2_sequences,
+                  desc="stage 1: calibration", progress=cfg.progress)
+    if cal.moments["k_pre"] is None:
+        raise ValueError(f"{type(model).__name__} has no rotary embedding module to undo RoPE with; train the "
+                         "hybrid variant instead (--variant hybrid)")
+    train_set = Features(model, cal.samples, groups, modules, cfg.stage2_queries, cfg.seed)
+    ho = collect(model, held, groups, features=(), keep_samples=len(held), desc="held-out capture",
+                 progress=cfg.progress)
+    held_set = Features(model, ho.samples, groups, modules, cfg.stage2_queries, cfg.seed + 1)
+    mixes = stage1(model, cfg, cal.moments, train_set, groups, layout)
+    train_set.encode(mixes)
+    held_set.encode(mixes)
+    with torch.no_grad():
+        kv_closed = held_set.kv_error(mixes)
+        out_closed = float(held_set.output_error(mixes))
+    refit_decoders(mixes, train_set, cfg.ridge)
+    stage1_seconds = time.perf_counter() - t1
+    with torch.no_grad():
+        kv1 = held_set.kv_error(mixes)
+    stage1_state = {k: v.detach().clone() for k, v in mixes.state_dict().items()}
+
+    t2 = time.perf_counter()
+    s2 = stage2(mixes, train_set, held_set, cfg) if cfg.stage2_steps else {
+        "heldout_output_error_curve": [(0, float(held_set.output_error(mixes).detach()))], "best_step": 0,
+        "train_losses": []}
+    stage2_seconds = time.perf_counter() - t2
+    with torch.no_grad():
+        kv2 = held_set.kv_error(mixes)
+        held_set.encode(mixes, quantized=False)
+        unquantized = float(held_set.output_error(mixes))
+    lay = mixes.layout
+    report = {
+        "model": getattr(model, "echokv_name", None),
+        "variant": cfg.variant,
+        "compression_ratio": cfg.compression_ratio,
+        "kept_fraction": lay.kept_fraction(),
+        "kept_fraction_k": lay.kept_fraction("k"),
+        "kept_fraction_v": lay.kept_fraction("v"),
+        "width_counts": {str(w): n for w, n in lay.width_counts().items()},
+        "layout": {"variant": cfg.variant, "group_size": len(groups[0]), "keys": lay.keys,
+                   "quant_group": lay.quant_group},
+        "reconstructor_parameters": mixes.num_parameters(),
+        "reconstructor_bytes": mixes.num_bytes(),
+        "calibration_tokens": cal.tokens,
+        "heldout_tokens": ho.tokens,
+        "stage1": {"seconds": stage1_seconds, "heldout_rel_error": kv1, "final_loss": (kv1["k"] + kv1["v"]) / 2,
+                   "before_refit": {"heldout_rel_error": kv_closed, "heldout_output_error": out_closed}},
+        "stage2": {"seconds": stage2_seconds, "steps": cfg.stage2_steps, **s2,
+                   "omse_before": s2["heldout_output_error_curve"][0][1],
+                   "omse_after": min(e for _, e in s2["heldout_output_error_curve"]),
+                   "omse_after_unquantized": unquantized,
+                   "reverted_to_stage1": s2["best_step"] == 0 and cfg.stage2_steps > 0},
+        "heldout": {"rel_error_stage1": kv1, "rel_error_stage2": kv2},
+        "total_seconds": time.perf_counter() - t0,
+        "config": cfg.record(),
+    }
+    mixes.stage1_state = stage1_state
+    return mixes, report
+
+
+def check_reachable(model, cfg: TrainConfig) -> None:
+    """Refuse, before calibration, a ratio the variant cannot meet within 0.02 of the kept fraction, naming the
+    nearest reachable ratios."""
+    geo = kv_geometry(model)
+    element_bits = max(16, 8 * next(model.parameters()).dtype.itemsize)
+    groups = make_groups(geo.full_attention_layers, cfg.group_size or min(4, len(geo.full_attention_layers)))
+    width = _fixed_width(cfg)
+    if cfg.variant == "mix":
+        most = cost_bits(width or 16, cfg.quant_group) / element_bits  # every component kept
+        if 1.0 - cfg.compression_ratio > most + 0.02:
+            raise ValueError(
+                f"compression ratio {cfg.compression_ratio:g} keeps more than the mix variant can store for a "
+                f"{8 * next(model.parameters()).dtype.itemsize}-bit cache (every component at "
+                f"{width or 16} bits keeps {most:.3f}); nearest reachable ratio: {1 - most:.3f}"
+            )
+        return
+    total = len(geo.full_attention_layers) * geo.num_kv_heads
+    width = width or element_bits
+    for kind, ratio in zip(KINDS, cfg.ratios()):
+        per_head = cost_bits(width, cfg.quant_group) / element_bits / total  # kept fraction of one head
+        heads = sum(_budgets(groups, geo.num_kv_heads, head_ratio(ratio, width, element_bits, cfg.quant_group)))
+        if abs(heads * per_head - (1 - ratio)) > 0.02:
+            near = sorted({round(1 - n * per_head, 4) for n in range(total + 1) if n * per_head <= 1},
+                          key=lambda r: abs(r - ratio))[:3]
+            raise ValueError(
+                f"the heads variant keeps whole heads at {width} bits: {'key' if kind == 'k' else 'value'} ratio "
+                f"{ratio:g} cannot be met within 0.02 of the kept fraction; nearest reachable ratios: "
+                f"{', '.join(f'{r:g}' for r in near)}"
+            )
