@@ -52,5 +52,7 @@ def train_tiny(model, layout=None, steps: int = 3, seed: int = 0, **cfg):
     calib = torch.randint(3, vocab, (8, 64), generator=g)
     held = torch.randint(3, vocab, (4, 64), generator=g)
     cfg.setdefault("variant", "heads")  # the head-only form unless a test asks for the hybrid
+    if cfg["variant"] == "heads":  # the Reconstructor these tests check (pre-RoPE heads: tests/test_mixes.py)
+        cfg.setdefault("keys", "rope-commuting")
     config = TrainConfig(stage2_steps=steps, progress=False, seed=seed, **cfg)
     return train(model, None, config, calib=calib, held=held, layout=layout)

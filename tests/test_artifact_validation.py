@@ -76,7 +76,8 @@ def test_truncated_weights(saved, model, tmp_path):
         (lambda c: {**c, "layout": {"layers": [0]}}, r"config.json: has a malformed 'layout' \(KeyError"),
         (lambda c: {**c, "head_dim": 32}, r"config.json: says head_dim 32, but its model geometry has head_dim 16"),
         (lambda c: {**c, "head_dim": 32, "model": {**c["model"], "geometry": {**c["model"]["geometry"], "head_dim": 32}}},
-         r"reconstructor.safetensors: tensor groups.0.\w+ is F32 \[.*\], but config.json's layout and head_dim 32 need"),
+         (r"(reconstructor.safetensors: tensor groups.0.\w+ is F32 \[.*\], but config.json's layout and head_dim 32 "
+         r"need|config.json: has a layout of 2 KV heads of 16 for a model of 2 of 32)")),  # heads: a mixes layout
         (lambda c: {**c, "format": "something/2"}, r"config.json: has format 'something/2'"),
         (lambda c: {**c, "model": "smollm2"}, r"config.json: lacks the 'model' object"),
         (lambda c: {**c, "bias": "yes"}, r"config.json: has a 'bias' that is not true or false"),

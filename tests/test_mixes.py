@@ -111,7 +111,8 @@ def test_pre_rope_heads_are_exact_at_any_position_with_left_padding():
     """Head 1 of the exact model is a linear map of head 0 before RoPE too: retained head 0 rebuilds it at every
     position, including positions never calibrated and a left-padded row."""
     model = exact_tiny_llama()
-    net, report = train_tiny(model, one_head_layout(), steps=0, variant="heads", compression_ratio=0.5, ridge=1e-9)
+    net, report = train_tiny(model, one_head_layout(), steps=0, variant="heads", keys="pre-rope", compression_ratio=0.5,
+                             ridge=1e-9)
     assert report["heldout"]["rel_error_stage1"]["k"] < 1e-6
     ids = torch.randint(3, 250, (2, 120))  # calibration used positions < 64
     mask = torch.ones_like(ids)

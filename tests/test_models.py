@@ -86,7 +86,7 @@ def test_info_json_on_tiny_model(capsys):
     assert main(["info", "--model", "tiny-gemma3", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["num_layers"] == 6 and info["num_kv_heads"] == 2 and info["head_dim"] == 32
-    assert info["kv_bytes_per_token"] == 2 * 6 * 2 * 32 * 4
+    assert info["kv_bytes_per_token"] == 2 * 6 * 2 * 32 * 2  # bfloat16, the default dtype
 
 
 def test_info_unknown_model_is_a_clear_error(capsys):

@@ -273,6 +273,10 @@ def _ordered(part: Part) -> Part:
 
 
 # -- stage 2 ------------------------------------------------------------------------------------------------------
+#: a held-out output error below this is bf16 rounding (8-bit KV quantization measures 4e-5): stage 2 is skipped
+LOSSLESS = 1e-4
+
+
 def stage2(mixes: Mixes, train: Features, held: Features, cfg: TrainConfig) -> dict:
     """Output-MSE fine-tuning with early stopping on held-out blocks (see the module docstring)."""
     params = mixes.trainable()
@@ -280,13 +284,17 @@ def stage2(mixes: Mixes, train: Features, held: Features, cfg: TrainConfig) -> d
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.stage2_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.stage2_steps, 1))
     gen = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
         start = float(held.output_error(mixes))
     best = (start, 0, {k: v.detach().clone() for k, v in mixes.state_dict().items()})
     curve, losses = [(0, start)], []
+    if start < LOSSLESS:
+        mixes.requires_grad_(False)
+        return {"heldout_output_error_curve": curve, "best_step": 0, "train_losses": losses,
+                "skipped": f"stage 1 is already lossless (held-out output error {start:.2g} < {LOSSLESS:g})"}
     bar = tqdm(range(cfg.stage2_steps), desc="stage 2: output MSE", disable=not cfg.progress, leave=False)
     for step in bar:
         batch = torch.randperm(train.n, generator=gen)[: min(cfg.stage2_batch, train.n)]
@@ -382,7 +390,7 @@ def train_mixes(model, tokenizer, cfg: TrainConfig, calib=None, held=None, layou
                    "omse_before": s2["heldout_output_error_curve"][0][1],
                    "omse_after": min(e for _, e in s2["heldout_output_error_curve"]),
                    "omse_after_unquantized": unquantized,
-                   "reverted_to_stage1": s2["best_step"] == 0 and cfg.stage2_steps > 0},
+                   "reverted_to_stage1": s2["best_step"] == 0 and cfg.stage2_steps > 0 and not s2.get("skipped")},
         "heldout": {"rel_error_stage1": kv1, "rel_error_stage2": kv2},
         "total_seconds": time.perf_counter() - t0,
         "config": cfg.record(),

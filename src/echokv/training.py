@@ -342,7 +342,7 @@ def _moment_error(layout: HeadLayout, moments, head_dim: int) -> dict:
 def stage2(recon: Reconstructor, objective: OutputMSE, cfg: TrainConfig) -> list[float]:
     n = objective.n
     params = [p for p in recon.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.stage2_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.stage2_steps, 1))
     gen = torch.Generator().manual_seed(cfg.seed)
     losses = []

@@ -121,6 +121,7 @@ OWN_FILES: dict[str, Callable[[Path], bool]] = {
     "train_report.json": _json_file,
     "similarity.json": _json_file,
     "results.json": _json_file,
+    "job.json": _json_file,
     "predictions.jsonl": _starts_with(b""),
     "report.md": _starts_with(b"# EchoKV"),
     "bench.json": _json_file,

@@ -35,7 +35,8 @@ def run(args) -> int:
     print(f"stage 1: {s1['seconds']:.1f} s, calibration rel. error {s1['final_loss']:.4f}")
     print(
         f"stage 2: {s2['seconds']:.1f} s, held-out output MSE {s2['omse_before']:.4f} -> {s2['omse_after']:.4f}"
-        + (" (reverted to stage 1: stage 2 did not help on its training data)" if s2["reverted_to_stage1"] else "")
+        + (f" (skipped: {s2['skipped']})" if s2.get("skipped") else
+           " (kept the stage-1 weights: stage 2 did not lower the held-out error)" if s2["reverted_to_stage1"] else "")
     )
     print(f"total {report['total_seconds']:.1f} s; report in {out / artifact.REPORT}")
     return 0

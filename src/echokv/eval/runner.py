@@ -142,17 +142,19 @@ def _artifact_plan(job: EvalJob, names: list[str], ratios: list[float], explicit
     for name in names:
         if name not in NAMES:
             continue
-        variant = NAMES[name][0]
+        variant, keys = NAMES[name][:2]
+        kind = lambda c: (art.config_variant(c), art.config_keys(c))  # noqa: E731
+        flags = f"--variant {variant}" + (" --keys rope-commuting" if variant == "heads" and keys != "pre-rope" else "")
         for r in ratios:
             same = [a for a, c in job.artifact_configs.items() if abs(art.config_ratio(c) - r) < 1e-9]
-            match = [a for a in same if art.config_variant(job.artifact_configs[a]) == variant]
+            match = [a for a in same if kind(job.artifact_configs[a]) == (variant, keys)]
             if match:
                 continue
             if same:
-                other = art.config_variant(job.artifact_configs[same[0]])
-                alt = next((n for n, (v, st) in NAMES.items() if v == other and st == 2), None)
-                message = (f"{name}@{r:g}: artifact {same[0]} is the {other!r} variant but {name} needs the "
-                           f"{variant!r} variant; train one with `echokv train --variant {variant} "
+                other = kind(job.artifact_configs[same[0]])
+                alt = next((n for n, (v, k, st) in NAMES.items() if (v, k) == other and st == 2), None)
+                message = (f"{name}@{r:g}: artifact {same[0]} is the {other[0]!r} variant ({other[1]} keys) but {name} "
+                           f"needs the {variant!r} variant ({keys} keys); train one with `echokv train {flags} "
                            f"--compression-ratio {r:g}` and pass it too" + (f" (or use method {alt})" if alt else ""))
                 if explicit:
                     raise ValueError(message)
@@ -162,9 +164,8 @@ def _artifact_plan(job: EvalJob, names: list[str], ratios: list[float], explicit
                                  "trained on the fly (--train-missing; minutes; kept in runs/ for later runs)")
             else:
                 job.skipped[(name, r)] = (f"skipped: no {variant} artifact for ratio {r:g} (artifacts: {have}); "
-                                          f"train one (`echokv train --compression-ratio {r:g}"
-                                          + ("" if variant == "hybrid" else f" --variant {variant}")
-                                          + "`) and pass it with --artifacts, or pass --train-missing")
+                                          f"train one (`echokv train --compression-ratio {r:g} {flags}`) and pass "
+                                          "it with --artifacts, or pass --train-missing")
 
 
 def make_job(suite: str, methods, ratios, artifacts=None, data=None, tasks=None, context_lengths=None,
