@@ -226,7 +226,10 @@ class AnalyzeConfig(ModelConfig):
     calib_tokens: int = option(4096, "calibration tokens", check="positive")
     seq_len: int = option(CALIBRATION_SEQ_LEN, "tokens per calibration sequence", check="positive")
     layers: str | None = option(None, "range of layers to compare, e.g. 0-7 (default: all)")
-    text: list[str] | None = option(None, "your own text files/folders instead of the bundled text")
+    text: list[str] | None = option(None, "your own text files/folders instead of the bundled text (with "
+                                    "--artifact: one more text to measure on)")
+    artifact: str | None = option(None, "a trained artifact (mix or pre-RoPE heads): instead of head similarity, "
+                                  "where its rebuilt cache errs: per layer and head, across texts, by token position")
     out: str = option(help="output folder to create")
     overwrite: bool = option(False, "replace --out if it exists")
 

@@ -77,14 +77,15 @@ class Features:
     """Per group: pre-RoPE keys and values of some blocks [N, T, D] (layers, heads, channels), and per layer the
     queries at the scored positions and the reference attention output, all float32."""
 
-    def __init__(self, model, samples: dict, groups: list[list[int]], modules: dict, queries: int | None, seed: int):
+    def __init__(self, model, samples: dict, groups: list[list[int]], modules: dict, queries: int | None, seed: int,
+                 from_start: bool = False):
         q0 = next(iter(samples.values()))[0]
         self.n, t = q0.shape[0], q0.shape[2]
         if queries is None or queries >= t:
             self.pos = torch.arange(t)
-        else:  # a fixed random subset of the later positions, which attend to the most context
+        else:  # a fixed random subset of the later positions, which attend to the most context (or of all)
             gen = torch.Generator().manual_seed(seed)
-            lo = t // 8
+            lo = 0 if from_start else t // 8
             self.pos = (lo + torch.randperm(t - lo, generator=gen)[:queries]).sort().values
         self.mask = torch.arange(t)[None, :] <= self.pos[:, None]  # [queries, T] causal
         self.groups, self.modules = groups, modules
@@ -156,6 +157,47 @@ class Features:
                     num += float((mixes.decode(mixes.index(gi, kind), self.z[gi, kind]) - x).pow(2).sum())
                     den += float(x.pow(2).sum())
                 out[kind] = num / max(den, 1e-30)
+        return out
+
+
+    def details(self, mixes: Mixes) -> dict:
+        """Where the error is (:mod:`echokv.referee`): per layer and KV head the relative error of keys (pre-RoPE)
+        and values, per layer the relative attention-output error, and per token position the relative error of
+        K and V (all layers and heads) and of the output (the scored query positions)."""
+        lay = mixes.layout
+        h, d = lay.num_kv_heads, lay.head_dim
+        out = {"layers": [], "k": [], "v": [], "output": [], "positions": self.pos.tolist()}
+        t = next(iter(self.x.values())).shape[1]
+        pos_num = {kind: torch.zeros(t) for kind in KINDS}
+        pos_den = {kind: torch.zeros(t) for kind in KINDS}
+        out_num, out_den = torch.zeros(len(self.pos)), torch.zeros(len(self.pos))
+        with torch.no_grad():
+            for gi, group in enumerate(self.groups):
+                rebuilt = {kind: mixes.decode(mixes.index(gi, kind), self.z[gi, kind]) for kind in KINDS}
+                for j, layer in enumerate(group):
+                    cols = slice(j * h * d, (j + 1) * h * d)
+                    heads = {}
+                    for kind in KINDS:
+                        x = self.x[gi, kind][..., cols].unflatten(-1, (h, d))  # [N, T, H, d]
+                        err = (rebuilt[kind][..., cols].unflatten(-1, (h, d)) - x).pow(2)
+                        heads[kind] = (err.sum((0, 1, 3)) / x.pow(2).sum((0, 1, 3)).clamp_min(1e-30)).tolist()
+                        pos_num[kind] += err.sum((0, 2, 3))
+                        pos_den[kind] += x.pow(2).sum((0, 2, 3))
+                    k = rebuilt["k"][..., cols].unflatten(-1, (h, d)).transpose(1, 2)
+                    v = rebuilt["v"][..., cols].unflatten(-1, (h, d)).transpose(1, 2)
+                    k = rotate(k, self.cos[layer], self.sin[layer])
+                    n_rep = self.q[layer].shape[1] // h
+                    o = self._attend(self.q[layer], k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1),
+                                     self.modules[layer])
+                    diff, ref = (o - self.ref[layer]).pow(2), self.ref[layer].pow(2)
+                    out_num += diff.sum((0, 2))
+                    out_den += ref.sum((0, 2))
+                    out["layers"].append(layer)
+                    out["k"].append(heads["k"])
+                    out["v"].append(heads["v"])
+                    out["output"].append(float(diff.sum() / ref.sum().clamp_min(1e-30)))
+        out["by_position"] = {kind: (pos_num[kind] / pos_den[kind].clamp_min(1e-30)).tolist() for kind in KINDS}
+        out["by_position"]["output"] = (out_num / out_den.clamp_min(1e-30)).tolist()
         return out
 
 

@@ -120,6 +120,8 @@ OWN_FILES: dict[str, Callable[[Path], bool]] = {
     "reconstructor_stage1.safetensors": _names_format(_ARTIFACT_FORMAT, 1 << 20),
     "train_report.json": _json_file,
     "similarity.json": _json_file,
+    "artifact_analysis.json": _json_file,
+    "artifact_analysis.md": _starts_with(b"# EchoKV"),
     "results.json": _json_file,
     "job.json": _json_file,
     "predictions.jsonl": _starts_with(b""),

@@ -1,4 +1,5 @@
-"""``echokv analyze``: head similarity (R2 between every pair of KV heads), JSON and heatmaps."""
+"""``echokv analyze``: head similarity (R2 between every pair of KV heads), JSON and heatmaps; with ``--artifact``,
+the referee's analyses of a trained artifact (:mod:`echokv.referee`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ def run(args) -> int:
     cfg = from_args(args, AnalyzeConfig)
     out = Path(cfg.out).expanduser()
     check_output_dir(out, cfg.overwrite)
+    if cfg.artifact is not None:
+        return _referee(cfg, out)
     if cfg.layers is not None:
         similarity.parse_layers(cfg.layers)
     model, tokenizer = cfg.load()
@@ -55,6 +58,24 @@ def run(args) -> int:
     print("mean R2, one head predicted from one other:    K       V")
     print(f"  within a layer                           {fmt(sk['mean_within_layer'])}  {fmt(sv['mean_within_layer'])}")
     print(f"  adjacent layers                          {fmt(sk['mean_adjacent_layer'])}  {fmt(sv['mean_adjacent_layer'])}")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _referee(cfg: AnalyzeConfig, out: Path) -> int:
+    from .. import artifact, referee
+
+    artifact.read_config(cfg.artifact)  # a broken artifact is refused before the model loads
+    model, tokenizer = cfg.load()
+    result = referee.analyze(model, tokenizer, cfg.artifact, cfg.seq_len, cfg.text)
+    written = referee.write(result, out, cfg.overwrite)
+    ac = result["across_sources"]
+    print(f"analysed {cfg.artifact} on {len(result['per_source'])} texts and one sequence of "
+          f"{result['by_position']['tokens']} tokens in {result['seconds']:.1f} s")
+    for key, name in (("k", "K"), ("v", "V"), ("output", "attention output")):
+        print(f"  {name} relative error: mean {ac[key]['mean']:.4g} over the texts "
+              f"(range {ac[key]['min']:.4g}-{ac[key]['max']:.4g})")
     for path in written:
         print(f"wrote {path}")
     return 0

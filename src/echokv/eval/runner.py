@@ -143,7 +143,7 @@ def _artifact_plan(job: EvalJob, names: list[str], ratios: list[float], explicit
         if name not in NAMES:
             continue
         variant, keys = NAMES[name][:2]
-        kind = lambda c: (art.config_variant(c), art.config_keys(c))  # noqa: E731
+        kind = lambda c: (art.config_variant(c), art.config_keys(c))
         flags = f"--variant {variant}" + (" --keys rope-commuting" if variant == "heads" and keys != "pre-rope" else "")
         for r in ratios:
             same = [a for a, c in job.artifact_configs.items() if abs(art.config_ratio(c) - r) < 1e-9]

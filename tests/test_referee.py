@@ -1,0 +1,50 @@
+"""`echokv analyze --artifact`: the referee's analyses (issue #13, 8a-c) of a mixes artifact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from echokv import artifact, referee
+from echokv.cli import main
+from echokv.tiny import tiny_model
+from helpers import train_tiny
+from test_mixes import _full_rank_mixes
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm2_tokenizer):
+    return tiny_model("llama", vocab_size=len(smollm2_tokenizer), dtype=torch.float32), smollm2_tokenizer
+
+
+def test_an_exact_artifact_has_no_error_and_a_lossy_one_has_some(tiny, tmp_path):
+    model, tok = tiny
+    exact = artifact.save(_full_rank_mixes(model), model, tmp_path / "exact")
+    lossy_net, report = train_tiny(model, steps=0, variant="mix", compression_ratio=0.875)
+    lossy = artifact.save(lossy_net, model, tmp_path / "lossy", report)
+    results = {name: referee.analyze(model, tok, path, seq_len=128, long_tokens=512, progress=False)
+               for name, path in (("exact", exact), ("lossy", lossy))}
+    for name, r in results.items():
+        assert len(r["per_source"]) >= 4  # calibration held-out, evaluation prose, technical prose, code
+        assert len(r["per_head"]["k"]) == model.config.num_hidden_layers
+        assert all(len(row) == model.config.num_key_value_heads for row in r["per_head"]["v"])
+        assert len(r["by_position"]["k"]) == r["by_position"]["tokens"] == 512
+        worst = max(v["max"] for v in r["across_sources"].values())
+        assert (worst < 1e-8) if name == "exact" else (worst > 1e-4), (name, worst)
+    paths = referee.write(results["lossy"], tmp_path / "report")
+    assert all(p.is_file() for p in paths)
+    assert json.loads((tmp_path / "report" / referee.JSON_NAME).read_text())["variant"] == "mix"
+    assert "(b) Across documents" in (tmp_path / "report" / referee.MD_NAME).read_text()
+
+
+def test_an_artifact_of_the_reconstructor_is_refused_before_the_model_loads(tiny, tmp_path, capsys):
+    model, _ = tiny
+    recon, report = train_tiny(model, steps=0, variant="hybrid")
+    path = artifact.save(recon, model, tmp_path / "hybrid", report)
+    with pytest.raises(ValueError, match="retained components"):
+        referee.analyze(model, None, path)
+    assert main(["analyze", "--model", "tiny-llama", "--artifact", str(tmp_path / "missing"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "missing" in capsys.readouterr().err and not (tmp_path / "o").exists()
