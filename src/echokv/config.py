@@ -176,10 +176,23 @@ class TrainConfig:
             raise ValueError(f"stage2_steps must be >= 0, got {self.stage2_steps}")
         if geo.max_context and self.seq_len > geo.max_context:
             raise ValueError(f"seq_len {self.seq_len} exceeds the model's context of {geo.max_context} tokens")
+        if self.k_ratio is not None and self.v_ratio is not None and \
+                abs((self.k_ratio + self.v_ratio) / 2 - self.compression_ratio) > 0.02:
+            raise ValueError(
+                f"--k-ratio {self.k_ratio:g} and --v-ratio {self.v_ratio:g} compress the cache by "
+                f"{(self.k_ratio + self.v_ratio) / 2:g}, not by --compression-ratio {self.compression_ratio:g} "
+                "(the ratio the artifact is recorded and matched by): pass a --compression-ratio equal to their mean")
+        if self.variant == "mix" and (self.layout != "data" or self.m is not None or self.inputs is not None):
+            raise ValueError("--layout, --m and --inputs choose retained heads: they apply to the heads and hybrid "
+                             "variants, not to mix (pass --variant heads or --variant hybrid)")
         if self.retains_components:
             from .mix_training import check_reachable, check_widths
 
             check_widths(self)
+            check_reachable(model, self)
+        else:
+            from .training import check_reachable
+
             check_reachable(model, self)
 
 

@@ -9,9 +9,10 @@ affine pair per group and kind (K, V), over the group's heads stacked layer-majo
 
 * ``heads`` (the paper's form): E selects the retained heads (whitened channel by channel), R copies them back and
   maps them onto the discarded heads (stage 1: ridge regression, stage 2: attention-output MSE).
-* ``mix``: the components are learned mixes of all the group's heads: PCA at first (stage 1), then encoder and
-  decoder trained together on the attention-output MSE (stage 2). Retained heads are the special case where E
-  is a selection.
+* ``mix``: the components are learned mixes of all the group's heads: PCA (stage 1), the decoder refitted to the
+  components as the cache stores them (quantized), then trained on the attention-output MSE (stage 2) with the
+  encoder fixed (training both, at lr 1e-3 with a straight-through quantizer, raised the held-out output error of
+  SmolLM2 at 0.75 from 0.0039 to 0.0135). Retained heads are the special case where E is a selection.
 
 Keys are handled before RoPE: the cache's post-RoPE keys are rotated back at their positions, encoded, and the
 rebuilt keys are rotated at the same positions (exact at any position, left padding included). A full linear map
@@ -216,8 +217,8 @@ class Mixes(nn.Module):
 
     Part ``i`` holds ``m`` [D] (encoder offset), ``E`` [D, r] and ``R`` [r, D] (unit-scale axes: orthonormal for
     PCA, one-hot for retained heads), ``c`` [D] (decoder offset) and the fixed ``scale`` [r] that whitens the
-    components: ``z = ((x - m) E) / scale``, ``x_hat = (z * scale) R + c``. Stage 2 trains m, E, R, c (``heads``
-    parts: only the columns of R and c that rebuild discarded heads).
+    components: ``z = ((x - m) E) / scale``, ``x_hat = (z * scale) R + c``. Stage 2 trains R and c (``heads``
+    parts: only the columns that rebuild discarded heads).
     """
 
     def __init__(self, layout: MixLayout):

@@ -49,6 +49,50 @@ def build_layout(cfg: TrainConfig, model, moments=None) -> HeadLayout:
     return HeadLayout(layers, h, lk.groups, lk.retained_k, lv.retained_v, inputs=inputs, strategy="paper")
 
 
+def planned_kept(cfg: TrainConfig, model) -> tuple[float, float]:
+    """The kept fractions (K, V) the layout will have, from the geometry alone (before calibration)."""
+    from .key_latent import latent_dims
+    from .selection import _budgets
+
+    geo = kv_geometry(model)
+    layers, h = geo.full_attention_layers, geo.num_kv_heads
+    rk, rv = cfg.ratios()
+    if cfg.layout == "paper":
+        lay = build_layout(cfg, model)
+        return lay.kept_fraction("k"), lay.kept_fraction("v")
+    groups = make_groups(layers, cfg.group_size or min(DATA_GROUP_SIZE, len(layers)))
+    total = len(layers) * h
+    kept_v = sum(_budgets(groups, h, rv)) / total
+    if cfg.variant == "hybrid":
+        return sum(latent_dims(len(g) * h, geo.head_dim, rk) for g in groups) / (total * geo.head_dim), kept_v
+    return sum(_budgets(groups, h, rk)) / total, kept_v
+
+
+def check_reachable(model, cfg: TrainConfig) -> None:
+    """Refuse, before calibration, a request whose layout would keep more or less than asked (by over 0.02 of
+    the cache, for K, V or both), naming the nearest ratios this layout reaches."""
+    from dataclasses import replace
+
+    def misses(c: TrainConfig) -> bool:
+        (kk, kv), (rk, rv) = planned_kept(c, model), c.ratios()
+        far = abs(kk - (1 - rk)) > 0.02 or abs(kv - (1 - rv)) > 0.02
+        return far or min(kk, kv) == 0 or abs((kk + kv) / 2 - (1 - c.compression_ratio)) > 0.02  # 0: nothing to rebuild from
+
+    if not misses(cfg):
+        return
+    kk, kv = planned_kept(cfg, model)
+    near = [r / 100 for r in range(1, 100) if not misses(replace(cfg, compression_ratio=r / 100, k_ratio=None,
+                                                                   v_ratio=None))]
+    near = sorted(near, key=lambda r: abs(r - cfg.compression_ratio))[:3]
+    raise ValueError(
+        f"the {cfg.layout} layout of the {cfg.variant} variant cannot compress by {cfg.compression_ratio:g} on this "
+        f"model: it would keep {(kk + kv) / 2:.3f} of the cache (K {kk:.3f}, V {kv:.3f}); "
+        + (f"nearest reachable ratios: {', '.join(f'{r:g}' for r in sorted(near))}" if near else
+           "no ratio is reachable with these settings")
+        + ("" if cfg.variant == "mix" else "; or train the mix variant (the default), which reaches any ratio")
+    )
+
+
 def group_size_for(cfg: TrainConfig, model) -> int:
     geo = kv_geometry(model)
     if cfg.group_size is not None:
@@ -259,7 +303,8 @@ def train(model, tokenizer, cfg: TrainConfig, calib=None, held=None, layout=None
     stage1_state = {k: v.clone() for k, v in recon.state_dict().items()}
     with torch.no_grad():
         train_before = float(train_omse(recon))
-    losses = stage2(recon, train_omse, cfg) if cfg.stage2_steps else []
+    trains = any(p.requires_grad for p in recon.parameters())  # nothing to rebuild: nothing to train
+    losses = stage2(recon, train_omse, cfg) if cfg.stage2_steps and trains else []
     recon.requires_grad_(False)
     with torch.no_grad():
         train_after = float(train_omse(recon))
