@@ -75,7 +75,8 @@ def check_reachable(model, cfg: TrainConfig) -> None:
 
     def misses(c: TrainConfig) -> bool:
         (kk, kv), (rk, rv) = planned_kept(c, model), c.ratios()
-        far = abs(kk - (1 - rk)) > 0.02 or abs(kv - (1 - rv)) > 0.02
+        # a kind's own ratio is the user's request only when given (the hybrid's 60/40 split is ours)
+        far = (c.k_ratio is not None and abs(kk - (1 - rk)) > 0.02) or (c.v_ratio is not None and abs(kv - (1 - rv)) > 0.02)
         return far or min(kk, kv) == 0 or abs((kk + kv) / 2 - (1 - c.compression_ratio)) > 0.02  # 0: nothing to rebuild from
 
     if not misses(cfg):

@@ -71,9 +71,12 @@ def run(args) -> int:
           f"compression ratio {cfg.compression_ratio:g} (kept {report['kept_fraction']:.3f} of K/V: "
           f"K {report['kept_fraction_k']:.2f}, V {report['kept_fraction_v']:.2f}), artifact {path}")
     s1, s2 = report["stage1"], report["stage2"]
-    print(f"training: stage 1 {s1['seconds']:.0f} s, stage 2 {s2['seconds']:.0f} s; held-out output MSE "
-          f"stage 1 {s2['omse_before']:.3f} -> stage 2 {s2['omse_after']:.3f} "
-          f"(mean fill {report['heldout']['omse_mean_fill']:.3f}, zero fill {report['heldout']['omse_zero_fill']:.3f})")
+    fills = report["heldout"]
+    print(f"training: stage 1 {s1['seconds']:.0f} s, stage 2 {s2['seconds']:.0f} s; held-out output error "
+          f"stage 1 {s2['omse_before']:.4g} -> stage 2 {s2['omse_after']:.4g}"
+          + (f" (stage 2 skipped: {s2['skipped']})" if s2.get("skipped") else "")
+          + (f" (mean fill {fills['omse_mean_fill']:.3f}, zero fill {fills['omse_zero_fill']:.3f})"
+             if "omse_mean_fill" in fills else ""))
     print(bar)
     for prompt, answers in rows:
         print(f"Q: {prompt}")

@@ -49,13 +49,14 @@ def bootstrap_perplexity(nll: Sequence[float], tokens: Sequence[int], resamples:
     """Percentile bootstrap interval of ``exp(sum nll / sum tokens)`` over sequences (summed NLL per sequence)."""
     if len(nll) != len(tokens) or not nll:
         raise ValueError("bootstrap_perplexity needs one summed NLL and one token count per sequence")
+    return _bootstrap(lambda idx: math.exp(sum(nll[i] for i in idx) / sum(tokens[i] for i in idx)), len(nll),
+                      resamples, seed, level)
+
+
+def _bootstrap(stat, k: int, resamples: int, seed: int, level: float) -> tuple[float, float]:
+    """Percentile interval of ``stat(indices)`` over ``resamples`` resamplings of ``k`` units with replacement."""
     rng = random.Random(seed)
-    k = len(nll)
-    values = []
-    for _ in range(resamples):
-        idx = [rng.randrange(k) for _ in range(k)]
-        values.append(math.exp(sum(nll[i] for i in idx) / sum(tokens[i] for i in idx)))
-    values.sort()
+    values = sorted(stat([rng.randrange(k) for _ in range(k)]) for _ in range(resamples))
     alpha = (1.0 - level) / 2
     return _quantile(values, alpha), _quantile(values, 1.0 - alpha)
 
@@ -85,13 +86,8 @@ def bootstrap_ratio(numerators: Sequence[float], denominators: Sequence[float], 
     """Percentile bootstrap interval of ``sum(num) / sum(den)`` over units (e.g. mean KL per token over sequences)."""
     if len(numerators) != len(denominators) or not numerators:
         raise ValueError("bootstrap_ratio needs one numerator and one denominator per unit")
-    rng = random.Random(seed)
-    k = len(numerators)
-    values = []
-    for _ in range(resamples):
-        idx = [rng.randrange(k) for _ in range(k)]
+    def ratio(idx):
         den = sum(denominators[i] for i in idx)
-        values.append(sum(numerators[i] for i in idx) / den if den else 0.0)
-    values.sort()
-    alpha = (1.0 - level) / 2
-    return _quantile(values, alpha), _quantile(values, 1.0 - alpha)
+        return sum(numerators[i] for i in idx) / den if den else 0.0
+
+    return _bootstrap(ratio, len(numerators), resamples, seed, level)

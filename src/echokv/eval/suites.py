@@ -268,24 +268,15 @@ def resolve(suite: str, tasks=None, context_lengths=None, samples: int | None = 
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
         raise ValueError(f"--samples must be a positive integer, got {samples!r}")
 
-    if spec.source == "ppl":
-        if names is not None and names != [PERPLEXITY]:
-            raise ValueError(f"the ppl suite has one task, {PERPLEXITY!r}; got {', '.join(names)}")
+    if spec.source in ("ppl", "fidelity"):  # one task, one length: the sequences of a streamed measurement
+        task, base = (PERPLEXITY, spec.perplexity) if spec.source == "ppl" else (FIDELITY, spec.fidelity)
+        if names is not None and names != [task]:
+            raise ValueError(f"the {spec.name} suite has one task, {task!r}; got {', '.join(names)}")
         if lengths is not None and len(lengths) != 1:
-            raise ValueError("the ppl suite takes one --context-lengths value: the length of each sequence")
-        ppl = replace(spec.perplexity, sequences=samples or spec.perplexity.sequences,
-                      seq_len=lengths[0] if lengths else spec.perplexity.seq_len)
-        return ResolvedSuite(spec, [], [], None, None, None, ppl, explicit_lengths=lengths is not None)
-
-    if spec.source == "fidelity":
-        if names is not None and names != [FIDELITY]:
-            raise ValueError(f"the fidelity suite has one task, {FIDELITY!r}; got {', '.join(names)}")
-        if lengths is not None and len(lengths) != 1:
-            raise ValueError("the fidelity suite takes one --context-lengths value: the length of each sequence")
-        fid = replace(spec.fidelity, sequences=samples or spec.fidelity.sequences,
-                      seq_len=lengths[0] if lengths else spec.fidelity.seq_len)
-        return ResolvedSuite(spec, [], [], None, None, None, None, explicit_lengths=lengths is not None,
-                             fidelity=fid)
+            raise ValueError(f"the {spec.name} suite takes one --context-lengths value: the length of each sequence")
+        part = replace(base, sequences=samples or base.sequences, seq_len=lengths[0] if lengths else base.seq_len)
+        ppl, fid = (part, None) if spec.source == "ppl" else (None, part)
+        return ResolvedSuite(spec, [], [], None, None, None, ppl, explicit_lengths=lengths is not None, fidelity=fid)
 
     if spec.source == "longbench":
         known = LONGBENCH_TASKS
