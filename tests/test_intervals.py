@@ -61,3 +61,12 @@ def test_bootstrap_constant_and_fixed_seed():
     assert bootstrap_ratio([0.0, 0.0], [5, 5]) == (0.0, 0.0)
     with pytest.raises(ValueError):
         bootstrap_perplexity([], [])
+
+
+def test_wilson_contains_the_proportion_exactly_at_the_ends():
+    from echokv.eval.intervals import wilson
+
+    for n in (1, 7, 100, 1000):
+        assert wilson(0.0, n)[0] == 0.0 and wilson(1.0, n)[1] == 1.0
+        low, high = wilson(0.0, n)
+        assert low <= 0.0 <= high

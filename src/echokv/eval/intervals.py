@@ -33,7 +33,7 @@ def wilson(p: float, n: int, z: float = Z95) -> tuple[float, float]:
     denom = 1.0 + z2 / n
     centre = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1.0 - p) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))  # (p = 0 or 1: no rounding past it)
 
 
 def pooled(rows: Sequence[dict]) -> tuple[float, int]:

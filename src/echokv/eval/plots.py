@@ -82,12 +82,13 @@ def plot_score_vs_kept(rows: Iterable[dict], path, title: str | None = None) -> 
         ps = points[method]
         xs = [p["kept"] for p in ps]
         ys = [p["score"] for p in ps]
-        err = [[p["score"] - p["ci_low"] for p in ps], [p["ci_high"] - p["score"] for p in ps]]
+        # (clamped: Wilson's bound at a score of 0 or 1 can sit a rounding error beyond it)
+        err = [[max(0.0, p["score"] - p["ci_low"]) for p in ps], [max(0.0, p["ci_high"] - p["score"]) for p in ps]]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, linewidth=1.2, markersize=4, label=method)
     if full is not None:
         ax.axhline(full["score"], color="black", linestyle="--", linewidth=1)
         ax.axhspan(full["ci_low"], full["ci_high"], color="black", alpha=0.07)
-        ax.errorbar([1.0], [full["score"]], yerr=[[full["score"] - full["ci_low"]], [full["ci_high"] - full["score"]]],
+        ax.errorbar([1.0], [full["score"]], yerr=[[max(0.0, full["score"] - full["ci_low"])], [max(0.0, full["ci_high"] - full["score"])]],
                     marker="*", markersize=12, color="black", linestyle="none", capsize=3, label=FULL)
     ax.set_xlabel("measured kept KV fraction (stored bytes / full cache bytes)")
     ax.set_ylabel("average score (95% Wilson interval)")
