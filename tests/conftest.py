@@ -13,10 +13,11 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, float32 on CPU (~20 s, once)."""
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct in bfloat16 (the commands' default, so the dtype the
+    shared artifacts are trained in) on CPU (~20 s, once)."""
     from echokv.models import load_model
 
-    return load_model("smollm2-135m")
+    return load_model("smollm2-135m", dtype="bfloat16")
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +33,7 @@ def smollm2_tokenizer():
 
 @pytest.fixture(scope="session")
 def smollm2_artifact(tmp_path_factory):
-    """A small ratio-0.5 artifact (defaults: hybrid, data layout; 20 stage-2 steps) trained through `echokv train`."""
+    """A small ratio-0.5 artifact (the defaults: mix, bfloat16; 20 stage-2 steps) trained through `echokv train`."""
     out = tmp_path_factory.mktemp("artifact") / "smollm2-0.5"
     train_cli(out, "--steps", "20")
     return out

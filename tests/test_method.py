@@ -181,13 +181,13 @@ def test_real_model_train_report_and_stage2_gain(smollm2_artifact):
     report = json.loads((smollm2_artifact / "train_report.json").read_text())
     for key in ("kept_fraction", "total_seconds"):
         assert key in report
-    assert report["kept_fraction"] == pytest.approx(0.5, abs=2e-3)  # the key latent: whole complex components
+    assert report["kept_fraction"] == pytest.approx(0.5, abs=2e-3)  # the byte budget, positions included
     s2 = report["stage2"]
     assert {"seconds", "omse_before", "omse_after"} <= set(s2) and "final_loss" in report["stage1"]
-    # held-out text (evaluation split), not the training batch
+    # held-out blocks of the calibration text, not the training batch; the best state is kept
     assert s2["omse_after"] <= s2["omse_before"]
     held = report["heldout"]
-    assert held["rel_error_stage1"]["v"] < held["rel_error_mean_fill"]["v"] < held["rel_error_zero_fill"]["v"]
+    assert held["rel_error_stage1"]["k"] < 1e-3 and held["rel_error_stage1"]["v"] < 1e-3  # 0.5 of bf16: near-lossless
 
 
 @pytest.mark.parametrize("variant", ["echo", "hybrid"])

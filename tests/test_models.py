@@ -100,7 +100,7 @@ def test_real_model_geometry_and_info(smollm2, capsys):
     geo = kv_geometry(model)
     assert (geo.num_layers, geo.num_kv_heads, geo.head_dim) == (30, 3, 64)
     assert geo.num_attention_heads == 9 and geo.max_context == 8192
-    assert geo.kv_bytes_per_token == 2 * 30 * 3 * 64 * 4
+    assert geo.kv_bytes_per_token == 2 * 30 * 3 * 64 * 2  # bfloat16
 
 
 @pytest.mark.real_model

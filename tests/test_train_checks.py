@@ -22,10 +22,10 @@ def smollm2_shape():
 
 
 @pytest.mark.parametrize(("settings", "match"), [
-    ({"variant": "hybrid", "layout": "paper"}, r"would keep 0.802 of the cache \(K 0.604, V 1.000\)"),
+    ({"variant": "hybrid", "layout": "paper"}, r"\(K 0.000, V 1.000\), nothing of the keys to rebuild from"),
     ({"variant": "heads", "keys": "rope-commuting", "layout": "paper", "group_size": 1},
      r"would keep 1.000 of the cache"),
-    ({"variant": "hybrid", "compression_ratio": 0.999}, r"would keep 0.000 .* nearest reachable ratios: 0.97, 0.98"),
+    ({"variant": "hybrid", "compression_ratio": 0.999}, r"V 0.000\), nothing of the values .* nearest reachable ratios: 0.97, 0.98"),
     ({"variant": "hybrid", "k_ratio": 0.0, "v_ratio": 0.0}, r"compress the cache by 0, not by --compression-ratio 0.5"),
     ({"layout": "paper"}, r"apply to the heads and hybrid variants, not to mix"),
 ], ids=["hybrid-paper", "paper-S1", "hybrid-0.999", "kv-ratios-0", "mix-paper"])
@@ -46,3 +46,10 @@ def test_reachable_requests_pass_and_keep_what_they_say(smollm2_shape, settings)
         check_reachable(smollm2_shape, cfg)
         kk, kv = planned_kept(cfg, smollm2_shape)
         assert abs((kk + kv) / 2 - (1 - cfg.compression_ratio)) <= 0.02
+
+
+def test_one_kind_ratio_leaves_the_other_the_rest_of_the_budget():
+    assert TrainConfig(k_ratio=0.25).ratios() == (0.25, 0.75)
+    assert TrainConfig(v_ratio=0.6, compression_ratio=0.5).ratios() == (0.4, 0.6)
+    with pytest.raises(ValueError, match="leave the other kind a ratio of -0.35"):
+        TrainConfig(k_ratio=0.95, compression_ratio=0.3).ratios()

@@ -137,9 +137,13 @@ class TrainConfig:
             kept = 1.0 - r
             kept_k = min(1.0, 2 * HYBRID_KEY_SHARE * kept)
             return round(1.0 - kept_k, 9), round(1.0 - (2 * kept - kept_k), 9)
-        k = check_ratio(self.k_ratio, "K ratio") if self.k_ratio is not None else r
-        v = check_ratio(self.v_ratio, "V ratio") if self.v_ratio is not None else r
-        return k, v
+        # one kind given: the other gets the rest of the budget, so the cache is compressed by the ratio asked
+        k = self.k_ratio if self.k_ratio is not None else r if self.v_ratio is None else round(2 * r - self.v_ratio, 9)
+        v = self.v_ratio if self.v_ratio is not None else r if self.k_ratio is None else round(2 * r - self.k_ratio, 9)
+        if (self.k_ratio is None) != (self.v_ratio is None) and not (0 <= k < 1 and 0 <= v < 1):
+            raise ValueError(f"--k-ratio/--v-ratio with --compression-ratio {r:g} leave the other kind a ratio of "
+                             f"{min(k, v) if min(k, v) < 0 else max(k, v):g}, outside [0, 1): pass both, or a nearer one")
+        return check_ratio(k, "K ratio"), check_ratio(v, "V ratio")
 
     @property
     def learning_rate(self) -> float:

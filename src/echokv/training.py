@@ -36,7 +36,7 @@ def build_layout(cfg: TrainConfig, model, moments=None) -> HeadLayout:
     if cfg.variant == "hybrid":  # values choose their heads; keys become the latent
         heads = build_layout(TrainConfig(**{**asdict(cfg), "variant": "heads", "k_ratio": 0.0, "v_ratio": rv}), model,
                              moments)
-        return heads.with_key_latent(rk, geo.head_dim)
+        return heads.with_key_latent(hybrid_key_ratio(cfg, heads.kept_fraction("v")), geo.head_dim)
     layers, h = geo.full_attention_layers, geo.num_kv_heads
     if cfg.layout == "data":
         if moments is None:
@@ -47,6 +47,15 @@ def build_layout(cfg: TrainConfig, model, moments=None) -> HeadLayout:
     s = len(lk.groups[0])
     lv = nearest_paper_layout(layers, h, rv, s, cfg.m if cfg.v_ratio is None else None, inputs)
     return HeadLayout(layers, h, lk.groups, lk.retained_k, lv.retained_v, inputs=inputs, strategy="paper")
+
+
+def hybrid_key_ratio(cfg: TrainConfig, kept_v: float) -> float:
+    """The hybrid's key ratio: as asked, or, when the split is ours (no --k-ratio/--v-ratio), what the keys need
+    for the whole cache to keep ``1 - compression_ratio`` once the values' whole heads are rounded (``kept_v``)."""
+    rk = cfg.ratios()[0]
+    if cfg.k_ratio is not None or cfg.v_ratio is not None:
+        return rk
+    return round(min(max(1.0 - (2 * (1.0 - cfg.compression_ratio) - kept_v), 0.0), 0.999), 9)
 
 
 def planned_kept(cfg: TrainConfig, model) -> tuple[float, float]:
@@ -64,6 +73,7 @@ def planned_kept(cfg: TrainConfig, model) -> tuple[float, float]:
     total = len(layers) * h
     kept_v = sum(_budgets(groups, h, rv)) / total
     if cfg.variant == "hybrid":
+        rk = hybrid_key_ratio(cfg, kept_v)
         return sum(latent_dims(len(g) * h, geo.head_dim, rk) for g in groups) / (total * geo.head_dim), kept_v
     return sum(_budgets(groups, h, rk)) / total, kept_v
 
@@ -87,7 +97,8 @@ def check_reachable(model, cfg: TrainConfig) -> None:
     near = sorted(near, key=lambda r: abs(r - cfg.compression_ratio))[:3]
     raise ValueError(
         f"the {cfg.layout} layout of the {cfg.variant} variant cannot compress by {cfg.compression_ratio:g} on this "
-        f"model: it would keep {(kk + kv) / 2:.3f} of the cache (K {kk:.3f}, V {kv:.3f}); "
+        f"model: it would keep {(kk + kv) / 2:.3f} of the cache (K {kk:.3f}, V {kv:.3f})"
+        + ("" if min(kk, kv) else f", nothing of the {'keys' if kk == 0 else 'values'} to rebuild from") + "; "
         + (f"nearest reachable ratios: {', '.join(f'{r:g}' for r in sorted(near))}" if near else
            "no ratio is reachable with these settings")
         + ("" if cfg.variant == "mix" else "; or train the mix variant (the default), which reaches any ratio")
