@@ -232,3 +232,17 @@ def test_corrupting_an_artifact_without_checksums_never_raises_anything_else(mod
         except ArtifactError:
             return
         assert how[0] == "flip", "a truncated file was loaded"
+
+
+def test_checksums_removed_from_config_are_seen_in_the_weights(saved, tmp_path):
+    # the weights' format says the artifact was written with checksums, so deleting them from config.json is refused
+    from safetensors import safe_open
+
+    path = _copy(saved, tmp_path)
+    with safe_open(str(path / artifact.WEIGHTS), "pt") as f:
+        assert f.metadata() == {"format": artifact.FORMAT + artifact.WITH_CHECKSUMS}  # one key: it opens the file
+    config = json.loads((path / artifact.CONFIG).read_text())
+    del config["checksums"]
+    (path / artifact.CONFIG).write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match="has no 'checksums', yet reconstructor.safetensors was written with them"):
+        validate_artifact(path)

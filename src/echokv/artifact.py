@@ -32,6 +32,8 @@ from .stats.capture import attention_modules
 from .util import atomic_dir, is_unfinished_output
 
 FORMAT = "echokv-artifact/1"
+#: what a weights file's format says when its artifact records checksums
+WITH_CHECKSUMS = "; checksums=sha256"
 CONFIG, WEIGHTS, REPORT = "config.json", "reconstructor.safetensors", "train_report.json"
 STAGE1_WEIGHTS = "reconstructor_stage1.safetensors"  # the closed-form start, for ablations
 #: the weights file of each training stage
@@ -141,7 +143,9 @@ def save(
     }
     head_dim = config["head_dim"]
     tensors = _pack(recon.state_dict(), head_dim)
-    meta = {"format": FORMAT, "checksums": "sha256"}
+    # one metadata key: safetensors writes its metadata in no fixed order, and the format must open the file (so
+    # that a truncated artifact of echokv's is still recognised as its own, util.OWN_FILES)
+    meta = {"format": FORMAT + WITH_CHECKSUMS}
     with atomic_dir(out_dir, overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata=meta)
         stage1_state = stage1_state if stage1_state is not None else getattr(recon, "stage1_state", None)
@@ -216,7 +220,7 @@ def _check_checksums(folder: Path, config: dict, raw: bytes) -> None:
     if sums is None:
         for name in STAGE_FILES.values():
             meta = _header(folder / name)[1] if (folder / name).is_file() else {}
-            if meta.get("checksums"):
+            if meta.get("checksums") or meta.get("format", "").endswith(WITH_CHECKSUMS):
                 raise _fail(file, f"has no 'checksums', yet {name} was written with them: the file is corrupt")
         return
     if not isinstance(sums, dict) or not all(isinstance(v, str) and _HEX64.match(v) for v in sums.values()):

@@ -158,8 +158,9 @@ class TrainConfig:
         rather than the RoPE-commuting reconstructor (:mod:`echokv.training`)."""
         return self.variant == "mix" or (self.variant == "heads" and self.keys == "pre-rope")
 
-    def validate(self, model) -> None:
-        """Raise before any work for settings that cannot fit the model."""
+    def validate(self, model, reachable: bool = True) -> None:
+        """Raise before any work for settings that cannot fit the model (``reachable=False``: a given layout, not
+        the ratio, decides what is kept)."""
         self.ratios()
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}; choose 'paper' or 'data'")
@@ -194,7 +195,7 @@ class TrainConfig:
 
             check_widths(self)
             check_reachable(model, self)
-        else:
+        elif reachable:
             from .training import check_reachable
 
             check_reachable(model, self)

@@ -272,7 +272,7 @@ def train(model, tokenizer, cfg: TrainConfig, calib=None, held=None, layout=None
         from .mix_training import train_mixes
 
         return train_mixes(model, tokenizer, cfg, calib, held, layout)
-    cfg.validate(model)
+    cfg.validate(model, reachable=layout is None)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     geo = kv_geometry(model)
