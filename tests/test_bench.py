@@ -31,3 +31,14 @@ def test_bench_context_reports_every_variant_and_the_real_cache_bytes():
     # allocated memory: the stored tokens plus spare room of at most 1/64 (none yet at 51 tokens)
     assert fast <= r["variants"][FAST]["reserved_cache_bytes"] <= fast * (1 + 1 / 64) + 1
     assert r["kv_reserved_bytes_ratio"] >= r["kv_bytes_ratio"] - 1e-12
+
+
+def test_dtype_context_times_the_default_cache_in_two_dtypes():
+    from echokv.bench import dtype_context
+
+    models = {"bfloat16": tiny_model("llama", dtype=torch.bfloat16), "float32": tiny_model("llama")}
+    ids = torch.randint(3, 250, (1, 40), generator=torch.Generator().manual_seed(0))
+    r = dtype_context(models, ids, decode_tokens=3, repeats=2, chunk=16)
+    assert r["context"] == 40 and list(r["dtypes"]) == ["bfloat16", "float32"]
+    assert all(d["prefill_seconds"] > 0 and d["decode_tokens_per_second"] > 0 for d in r["dtypes"].values())
+    assert r["decode_ratio"] > 0 and r["prefill_ratio"] > 0

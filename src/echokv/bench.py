@@ -16,6 +16,10 @@ echokv-fast's cache bytes over echokv-full's, ``kv_reserved_bytes_ratio`` echokv
 stock's. Decode is timed step by step, interleaved across variants (each round advances every variant by one
 token) and repeated; ratios are medians of per-step ratios within a round, so machine noise hits every
 variant alike. Ratios, not absolute times, are the result.
+
+With a second dtype (``--compare-dtype``, default float32), each context also times the default cache of the
+same model loaded in that dtype against the first (:func:`dtype_context`): bf16 is faster for prefill-sized
+matmuls and slower for the batch-1 products of decoding on CPUs, so both are reported.
 """
 
 from __future__ import annotations
@@ -149,6 +153,40 @@ def bench_context(model, recon, ids: torch.Tensor, decode_tokens: int, repeats: 
         "kv_reserved_bytes_ratio": out[FAST]["reserved_cache_bytes"] / out[STOCK]["cache_bytes"],
         "kept_fraction": recon.layout.kept_fraction(),
     }
+
+
+@torch.no_grad()
+def dtype_context(models: dict, ids: torch.Tensor, decode_tokens: int, repeats: int, chunk: int = PREFILL_CHUNK) -> dict:
+    """transformers' default cache with the same model in two dtypes (``{"bfloat16": m1, "float32": m2}``): prefill
+    seconds and decode tokens/s, decode steps interleaved as in :func:`bench_context`; ``decode_ratio`` is the
+    first dtype's decode speed over the second's (median of per-step ratios), ``prefill_ratio`` likewise."""
+    names = list(models)
+    out, prefilled = {}, {}
+    for name in names:
+        model = models[name]
+        with implementation(model, "sdpa"):
+            cache = _new_cache(model, STOCK, None)
+            t = time.perf_counter()
+            logits = prefill(model, cache, ids, chunk_size=chunk)
+            out[name] = {"prefill_seconds": time.perf_counter() - t}
+        prefilled[name] = (cache, logits[:, None].argmax(-1))
+    steps: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(repeats):
+        work = {n: copy.deepcopy(prefilled[n][0]) for n in names}
+        tok = {n: prefilled[n][1] for n in names}
+        for i in range(decode_tokens):
+            for j in range(len(names)):
+                n = names[(i + j) % len(names)]
+                with implementation(models[n], "sdpa"):
+                    tok[n], secs = _step(models[n], work[n], tok[n])
+                steps[n].append(secs)
+        del work
+    for n in names:
+        out[n]["decode_tokens_per_second"] = 1.0 / statistics.median(steps[n])
+    a, b = names
+    return {"context": int(ids.shape[1]), "dtypes": out,
+            "decode_ratio": statistics.median(sb / sa for sa, sb in zip(steps[a], steps[b], strict=True)),
+            "prefill_ratio": out[b]["prefill_seconds"] / out[a]["prefill_seconds"]}
 
 
 def _attention_for(model, variant: str):

@@ -284,6 +284,8 @@ class BenchConfig(ModelConfig):
     contexts: str = option("512,2048,4096", "comma-separated context lengths")
     decode_tokens: int = option(32, "decode steps timed per round", check="positive")
     repeats: int = option(3, "rounds", check="positive")
+    compare_dtype: str = option("float32", "also time transformers' default cache with the model in this dtype "
+                                "against --dtype ('none': skip)", choices=(*DTYPES, "none"))
     out: str = option("runs/bench", "output folder")
 
 

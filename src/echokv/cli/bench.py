@@ -46,8 +46,22 @@ def run(args) -> int:
             f"(kept fraction {r['kept_fraction']:.3f})",
             flush=True,
         )
+    if cfg.compare_dtype not in ("none", cfg.dtype):
+        from dataclasses import replace
+
+        other, _ = replace(cfg, dtype=cfg.compare_dtype).load()
+        for n, r in zip(contexts, results, strict=True):
+            d = bench.dtype_context({cfg.dtype: model, cfg.compare_dtype: other}, text[:, :n], cfg.decode_tokens,
+                                    cfg.repeats)
+            r["dtype_comparison"] = d
+            speed = {k: v["decode_tokens_per_second"] for k, v in d["dtypes"].items()}
+            print(f"context {n}: default cache, {cfg.dtype} vs {cfg.compare_dtype}: decode tok/s "
+                  + " vs ".join(f"{s:.1f}" for s in speed.values())
+                  + f" ({d['decode_ratio']:.2f}x), prefill {d['prefill_ratio']:.2f}x as fast", flush=True)
+        del other
     meta = {"model": cfg.model, "artifact": str(cfg.artifact), "decode_tokens": cfg.decode_tokens,
-            "repeats": cfg.repeats, "threads": torch.get_num_threads()}
+            "repeats": cfg.repeats, "threads": torch.get_num_threads(), "dtype": cfg.dtype,
+            "compare_dtype": cfg.compare_dtype}
     json_path, png_path = bench.write(results, meta, cfg.out)
     print(f"written {json_path} and {png_path}")
     return 0
