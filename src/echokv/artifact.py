@@ -50,16 +50,25 @@ class ArtifactError(ValueError):
     what to do."""
 
 
+def _kv_weights(mod) -> list[torch.Tensor | None]:
+    """The K and V projections' weights and biases of an attention module (Phi-3: the K/V rows of ``qkv_proj``)."""
+    if hasattr(mod, "k_proj"):
+        return [mod.k_proj.weight, mod.k_proj.bias, mod.v_proj.weight, mod.v_proj.bias]
+    q = mod.config.num_attention_heads * mod.head_dim
+    kv = mod.config.num_key_value_heads * mod.head_dim
+    w, b = mod.qkv_proj.weight, mod.qkv_proj.bias
+    return [w[q : q + kv], None if b is None else b[q : q + kv], w[q + kv : q + 2 * kv],
+            None if b is None else b[q + kv : q + 2 * kv]]
+
+
 def _fingerprint(model, via: torch.dtype | None = None) -> str:
     h = hashlib.sha256()
     for layer, mod in sorted(attention_modules(model).items()):
-        for name in ("k_proj", "v_proj"):
-            proj = getattr(mod, name)
-            for t in (proj.weight, proj.bias):
-                if t is not None:
-                    t = t.detach().to("cpu")
-                    t = t if via is None else t.to(via)
-                    h.update(t.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+        for t in _kv_weights(mod):
+            if t is not None:
+                t = t.detach().to("cpu")
+                t = t if via is None else t.to(via)
+                h.update(t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
     return h.hexdigest()
 
 

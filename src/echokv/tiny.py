@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import torch
 
-#: Qwen3 normalises queries and keys per head (QK-norm) before RoPE. Phi-3 (fused ``qkv_proj``) is not supported yet.
-ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3", "qwen3")
+#: Qwen3 normalises queries and keys per head (QK-norm) before RoPE; Phi-3 fuses the Q/K/V projections (``qkv_proj``)
+ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3", "qwen3", "phi3")
 
 
 def tiny_config(arch: str = "llama", **overrides):
-    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     common = {
         "vocab_size": 256,
@@ -48,6 +55,9 @@ def tiny_config(arch: str = "llama", **overrides):
         cfg = Gemma3TextConfig(**{**gemma, **overrides})
     elif arch == "qwen3":
         cfg = Qwen3Config(**{**common, "use_sliding_window": False, **overrides})
+    elif arch == "phi3":
+        cfg = Phi3Config(**{**common, "sliding_window": None, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                            "attention_dropout": 0.0, **overrides})
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     cfg._attn_implementation = "sdpa"

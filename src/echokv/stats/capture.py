@@ -45,6 +45,6 @@ def attention_modules(model) -> dict[int, torch.nn.Module]:
     """layer index -> the attention module of that decoder layer."""
     out = {}
     for mod in model.modules():
-        if hasattr(mod, "o_proj") and hasattr(mod, "layer_idx") and hasattr(mod, "k_proj"):
+        if hasattr(mod, "o_proj") and hasattr(mod, "layer_idx") and (hasattr(mod, "k_proj") or hasattr(mod, "qkv_proj")):
             out[mod.layer_idx] = mod
     return out
