@@ -19,7 +19,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 
 from ..cache.codec import KVCodec
 from ..mixes import FLOAT_WIDTHS, FP16_MAX, KINDS, Mixes, dequantize, quantize
-from ..stats.rope import Rope
+from ..stats.rope import Rope, unrotate
 from .fast import attention_weights
 
 
@@ -42,7 +42,6 @@ class MixCodec(KVCodec):
         layers = self.groups[group]
         out = {}
         if self.pre_rope:
-            _b, _, t, _ = keys[0].shape
             if positions is None:
                 raise ValueError("pre-RoPE keys need the positions of the tokens the cache compresses")
             positions = positions.to(keys[0].device)
@@ -94,12 +93,12 @@ class MixCodec(KVCodec):
         return self._maps[key]
 
     def _rotate(self, x: torch.Tensor, layer: int, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        """RoPE (or its inverse) of x [B, H, T, d] at ``positions`` [B, T], in x's dtype (the inverse in float32)."""
+        """RoPE (or its inverse) of x [B, H, T, d] at ``positions`` [B, T], in x's dtype (the inverse in float32:
+        :func:`~echokv.stats.rope.unrotate`; the forward stays in the model's dtype, it runs at every decode step)."""
         cos, sin = self.ropes[layer].table(int(positions.max()) + 1, x.device)
         cos, sin = cos[positions][:, None], sin[positions][:, None]  # [B, 1, T, d]
         if inverse:
-            x = x.float()
-            return (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
+            return unrotate(x, cos, sin)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         return x * cos + rotate_half(x) * sin
 

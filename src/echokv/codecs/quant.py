@@ -47,10 +47,13 @@ def dequantize(stored: dict[str, torch.Tensor], bits: int, group: int, dtype: to
 
 
 def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes [..., d] of ``bits`` < 8 -> [..., d * bits / 8] bytes (little end first)."""
+    """uint8 codes [..., d] of ``bits`` < 8 -> [..., ceil(d * bits / 8)] bytes (little end first; a last byte
+    that is not full is padded with zero codes, which :func:`unpack` gives back)."""
     if bits == 8:
         return q
     per = 8 // bits
+    if q.shape[-1] % per:
+        q = torch.nn.functional.pad(q, (0, per - q.shape[-1] % per))
     q = q.unflatten(-1, (-1, per))
     out = torch.zeros(q.shape[:-1], dtype=torch.uint8, device=q.device)
     for j in range(per):
