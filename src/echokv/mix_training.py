@@ -321,22 +321,24 @@ LOSSLESS = 1e-4
 
 def stage2(mixes: Mixes, train: Features, held: Features, cfg: TrainConfig) -> dict:
     """Output-MSE fine-tuning with early stopping on held-out blocks (see the module docstring)."""
+    with torch.no_grad():
+        start = float(held.output_error(mixes))
+    curve, losses = [(0, start)], []
+    if not cfg.stage2_steps or start < LOSSLESS:  # not asked for, or nothing left to gain
+        mixes.requires_grad_(False)
+        out = {"heldout_output_error_curve": curve, "best_step": 0, "train_losses": losses}
+        if cfg.stage2_steps:
+            out["skipped"] = f"stage 1 is already lossless (held-out output error {start:.2g} < {LOSSLESS:g})"
+        return out
     params = mixes.trainable()
     for p in mixes.parameters():
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.stage2_steps, 1))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.stage2_steps)
     gen = torch.Generator().manual_seed(cfg.seed)
-    with torch.no_grad():
-        start = float(held.output_error(mixes))
     best = (start, 0, {k: v.detach().clone() for k, v in mixes.state_dict().items()})
-    curve, losses = [(0, start)], []
-    if start < LOSSLESS:
-        mixes.requires_grad_(False)
-        return {"heldout_output_error_curve": curve, "best_step": 0, "train_losses": losses,
-                "skipped": f"stage 1 is already lossless (held-out output error {start:.2g} < {LOSSLESS:g})"}
     bar = tqdm(range(cfg.stage2_steps), desc="stage 2: output MSE", disable=not cfg.progress, leave=False)
     for step in bar:
         batch = torch.randperm(train.n, generator=gen)[: min(cfg.stage2_batch, train.n)]
@@ -403,9 +405,7 @@ def train_mixes(model, tokenizer, cfg: TrainConfig, calib=None, held=None, layou
     stage1_state = {k: v.detach().clone() for k, v in mixes.state_dict().items()}
 
     t2 = time.perf_counter()
-    s2 = stage2(mixes, train_set, held_set, cfg) if cfg.stage2_steps else {
-        "heldout_output_error_curve": [(0, float(held_set.output_error(mixes).detach()))], "best_step": 0,
-        "train_losses": []}
+    s2 = stage2(mixes, train_set, held_set, cfg)
     stage2_seconds = time.perf_counter() - t2
     with torch.no_grad():
         kv2 = held_set.kv_error(mixes)
