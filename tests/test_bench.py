@@ -42,3 +42,75 @@ def test_dtype_context_times_the_default_cache_in_two_dtypes():
     assert r["context"] == 40 and list(r["dtypes"]) == ["bfloat16", "float32"]
     assert all(d["prefill_seconds"] > 0 and d["decode_tokens_per_second"] > 0 for d in r["dtypes"].values())
     assert r["decode_ratio"] > 0 and r["prefill_ratio"] > 0
+
+
+def test_parse_budget_reads_bytes_units_and_full_sequences():
+    import pytest
+
+    from echokv.bench import parse_budget
+
+    assert parse_budget("190000000") == ("bytes", 190e6)
+    assert parse_budget("190MB") == ("bytes", 190e6)
+    assert parse_budget("1.5GiB") == ("bytes", 1.5 * 2**30)
+    assert parse_budget(" 4x ") == ("full", 4.0)
+    for bad in ("0", "-3MB", "x", "fourx", "12 parsecs", "inf"):
+        with pytest.raises(ValueError, match="is not a positive size"):
+            parse_budget(bad)
+
+
+def test_budget_batches_are_the_largest_that_fit_the_bytes_actually_held():
+    from echokv.bench import BUDGET_VARIANTS, _batch, _decode, budget_context, parse_budget
+    from echokv.cache import accounting
+
+    model = tiny_model("llama", seed=0, num_hidden_layers=4)
+    recon, _ = train_tiny(model, steps=1, compression_ratio=0.5)
+    ids = torch.randint(3, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    budgets = [parse_budget("1x"), parse_budget("3.5x"), 20_000, 10]
+    r = budget_context(model, recon, ids, budgets, decode_tokens=3, repeats=1, chunk=16)
+    rows = r["budgets"]
+    assert [b["budget"] for b in rows] == ["1x full", "3.5x full", "20000 bytes", "10 bytes"]
+    one_full = rows[0]["variants"][FULL]["per_sequence_bytes"]
+    assert rows[0]["budget_bytes"] == one_full and rows[1]["budget_bytes"] == int(3.5 * one_full)
+
+    # the batch each variant got, rebuilt here: it fits after the timed tokens, one more sequence does not
+    prefilled = {}
+    for v in BUDGET_VARIANTS:
+        from echokv.bench import _attention_for, _new_cache
+        from echokv.generation import prefill
+
+        with _attention_for(model, v):
+            cache = _new_cache(model, v, recon)
+            prefilled[v] = (cache, prefill(model, cache, ids, chunk_size=16)[:, None].argmax(-1))
+
+    def held(v, batch):
+        work, tok = _batch(prefilled[v], batch)
+        _decode(model, work, tok, 3, v)
+        return accounting.reserved_nbytes(work)
+
+    for row in rows:
+        limit = row["budget_bytes"]
+        for v in BUDGET_VARIANTS:
+            got = row["variants"][v]
+            assert got["cache_bytes"] <= limit and got["fits"] == (got["batch"] > 0)
+            if got["batch"]:
+                assert got["cache_bytes"] == held(v, got["batch"]) and got["decode_tokens_per_second"] > 0
+            assert held(v, got["batch"] + 1) > limit
+    # half the bytes per sequence: twice the batch at 3.5 full sequences (3 full, 7 compressed)
+    assert rows[1]["variants"][FULL]["batch"] == 3 and rows[1]["variants"][FAST]["batch"] == 7
+    assert rows[1]["budget_throughput_vs_full"][FULL] == 1.0 and rows[1]["budget_throughput_vs_full"][FAST] > 0
+    assert rows[3]["budget_throughput_vs_full"] == {STOCK: None, FULL: None, FAST: None}
+
+
+def test_bench_refuses_a_bad_budget_before_loading_the_model(monkeypatch, capsys, tmp_path):
+    from echokv.cli import main
+    from echokv.config import ModelConfig
+
+    def boom(config):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(ModelConfig, "load", boom)
+    base = ["bench", "--artifact", str(tmp_path), "--out", str(tmp_path / "out")]
+    assert main([*base, "--kv-budget", "4x,lots"]) == 2
+    assert "--kv-budget entry 'lots' is not a positive size" in capsys.readouterr().err
+    assert main([*base, "--contexts", "none"]) == 2
+    assert "--contexts none needs --kv-budget" in capsys.readouterr().err

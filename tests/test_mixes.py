@@ -146,6 +146,21 @@ def test_quantized_storage_bytes_equal_the_accounting(ratio):
     assert report["width_counts"]["4"] + report["width_counts"]["8"] > 0
 
 
+def test_decoding_holds_one_groups_dequantized_components_at_a_time():
+    """The dequantized components are a step's workspace: keeping every group's would hold a second, wider copy
+    of the compressed cache."""
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    net, _ = train_tiny(model, steps=0, variant="mix", compression_ratio=0.5, group_size=1)
+    codec = echokv_codec(net, model)
+    assert len(codec.groups) > 1
+    _, cache = _decode_steps(model, codec, torch.randint(3, 250, (1, 30)), 10, fast=True)
+    assert {group for group, _ in codec._memo} == {len(codec.groups) - 1}
+    pieces = [z for entry in codec._memo.values() for z, _, _ in entry[2]]
+    # at most K and V of one layer (group size 1), however many components each keeps
+    geo = cache.geometry
+    assert sum(z.numel() for z in pieces) <= 2 * cache.stores[-1].n_tokens * geo.head_dim * geo.num_kv_heads
+
+
 # -- bad input, before any work ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("cfg, message", [
     ({"variant": "mix", "widths": "2"}, "choose 'auto'"),

@@ -17,6 +17,10 @@ stock's. Decode is timed step by step, interleaved across variants (each round a
 token) and repeated; ratios are medians of per-step ratios within a round, so machine noise hits every
 variant alike. Ratios, not absolute times, are the result.
 
+At a KV-memory budget (:func:`budget_context`, ``--kv-budget``), each variant decodes the largest batch whose cache,
+measured after the timed tokens, fits the budget; ``budget_throughput_vs_full`` is its summed decode tokens/s over
+full mode's at the same budget: what compression buys when memory, not one sequence's latency, is the limit.
+
 With a second dtype (``--compare-dtype``, default float32), each context also times the default cache of the
 same model loaded in that dtype against the first (:func:`dtype_context`): bf16 is faster for prefill-sized
 matmuls and slower for the batch-1 products of decoding on CPUs, so both are reported.
@@ -41,6 +45,8 @@ from .models import cache_kwarg
 
 STOCK, FULL, EXPLICIT, FAST = "stock", "echokv-full", "echokv-explicit", "echokv-fast"
 VARIANTS = (STOCK, FULL, EXPLICIT, FAST)
+#: what a user would deploy at a budget (the explicit path is only the reference of the fast one)
+BUDGET_VARIANTS = (STOCK, FULL, FAST)
 
 
 class PeakRSS:
@@ -155,6 +161,111 @@ def bench_context(model, recon, ids: torch.Tensor, decode_tokens: int, repeats: 
     }
 
 
+def parse_budget(item: str) -> tuple[str, float]:
+    """One ``--kv-budget`` entry: ``("bytes", n)`` for ``190000000``, ``190MB``, ``1.5GiB``; ``("full", n)`` for
+    ``4x`` (the bytes full mode holds for n sequences, measured in the run)."""
+    text = str(item).strip()
+    low = text.lower()
+    try:
+        if low.endswith("x"):
+            value, kind = float(low[:-1]), "full"
+        else:
+            units = {"gib": 2**30, "mib": 2**20, "kib": 2**10, "gb": 1e9, "mb": 1e6, "kb": 1e3, "b": 1}
+            unit = next((u for u in units if low.endswith(u)), "b")
+            value, kind = float(low[: len(low) - len(unit)] if low.endswith(unit) else low) * units[unit], "bytes"
+    except ValueError:
+        value, kind = float("nan"), "bytes"
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"--kv-budget entry {text!r} is not a positive size: pass bytes (190000000), a size with a "
+                         "unit (190MB, 1.5GiB) or a number of full-mode sequences (4x)")
+    return kind, value
+
+
+def _decode(model, cache, tok, steps: int, variant: str) -> torch.Tensor:
+    with _attention_for(model, variant):
+        for _ in range(steps):
+            tok, _ = _step(model, cache, tok)
+    return tok
+
+
+def _batch(prefilled, batch: int):
+    """A cache of ``batch`` copies of the prefilled sequence, and its next tokens."""
+    cache, tok = prefilled
+    cache = copy.deepcopy(cache)
+    if batch > 1:
+        cache.batch_repeat_interleave(batch)
+    return cache, tok.repeat_interleave(batch, dim=0)
+
+
+@torch.no_grad()
+def budget_context(model, recon, ids: torch.Tensor, budgets: list, decode_tokens: int, repeats: int,
+                   chunk: int = PREFILL_CHUNK) -> dict:
+    """Throughput at fixed KV-memory budgets, for one prompt length.
+
+    ``budgets``: bytes, or :func:`parse_budget`'s pairs (``("full", n)``: the bytes full mode holds for n
+    sequences). Each variant (:data:`BUDGET_VARIANTS`) gets the largest batch whose cache, holding the prompt and ``decode_tokens`` more
+    tokens, fits: a guess from one sequence's bytes, then checked on the batch itself (an untimed pass that also
+    gives peak memory), one sequence fewer while it does not fit. The batch is copies of one prefilled prompt
+    (decode cost does not depend on the tokens). Decode is timed interleaved as in :func:`bench_context`;
+    ``budget_throughput_vs_full`` is the median over steps of a variant's batch / seconds over full mode's.
+    """
+    prefilled, one = {}, {}
+    for v in BUDGET_VARIANTS:
+        with _attention_for(model, v):
+            cache = _new_cache(model, v, recon)
+            logits = prefill(model, cache, ids, chunk_size=chunk)
+        prefilled[v] = (cache, logits[:, None].argmax(-1))
+        work, tok = _batch(prefilled[v], 1)
+        _decode(model, work, tok, decode_tokens, v)
+        one[v] = accounting.reserved_nbytes(work)
+        del work
+    results = []
+    for budget in budgets:
+        kind, value = budget if isinstance(budget, tuple) else ("bytes", budget)
+        limit = int(value * one[FULL]) if kind == "full" else int(value)
+        rows, ready = {}, {}
+        for v in BUDGET_VARIANTS:
+            batch, held, peak = limit // one[v], 0, 0
+            while batch > 0:
+                work, tok = _batch(prefilled[v], batch)
+                with PeakRSS() as mem:
+                    _decode(model, work, tok, decode_tokens, v)
+                held, peak = accounting.reserved_nbytes(work), mem.delta
+                del work
+                if held <= limit:
+                    break
+                batch, held, peak = batch - 1, 0, 0
+            rows[v] = {"batch": int(batch), "per_sequence_bytes": one[v], "fits": batch > 0, "cache_bytes": held,
+                       "decode_peak_rss_delta": peak, "decode_tokens_per_second": 0.0}
+            if batch:
+                ready[v] = _batch(prefilled[v], batch)
+        steps: dict[str, list[float]] = {v: [] for v in ready}
+        names = list(ready)
+        for _ in range(repeats):
+            work = {v: (copy.deepcopy(ready[v][0]), ready[v][1]) for v in names}
+            for i in range(decode_tokens):
+                for j in range(len(names)):
+                    v = names[(i + j) % len(names)]
+                    with _attention_for(model, v):
+                        tok, secs = _step(model, work[v][0], work[v][1])
+                    work[v] = (work[v][0], tok)
+                    steps[v].append(secs)
+            del work
+        for v in names:
+            rows[v]["decode_tokens_per_second"] = rows[v]["batch"] / statistics.median(steps[v])
+        ratio = {}
+        for v in BUDGET_VARIANTS:
+            if v not in steps or FULL not in steps:
+                ratio[v] = 0.0 if FULL in steps else None
+                continue
+            b, bf = rows[v]["batch"], rows[FULL]["batch"]
+            ratio[v] = statistics.median((b / sv) / (bf / sf) for sv, sf in zip(steps[v], steps[FULL], strict=True))
+        results.append({"context": int(ids.shape[1]), "budget_bytes": limit,
+                        "budget": f"{value:g}x full" if kind == "full" else f"{limit} bytes",
+                        "variants": rows, "budget_throughput_vs_full": ratio})
+    return {"context": int(ids.shape[1]), "decode_tokens": decode_tokens, "budgets": results}
+
+
 @torch.no_grad()
 def dtype_context(models: dict, ids: torch.Tensor, decode_tokens: int, repeats: int, chunk: int = PREFILL_CHUNK) -> dict:
     """transformers' default cache with the same model in two dtypes (``{"bfloat16": m1, "float32": m2}``): prefill
@@ -194,12 +305,44 @@ def _attention_for(model, variant: str):
     return implementation(model, "sdpa") if variant == STOCK else echokv_attention(model)
 
 
-def write(results: list[dict], meta: dict, out) -> tuple[Path, Path]:
-    """``bench.json`` (``meta`` and the results of every context) and ``decode_speed.png`` in ``out``."""
+def write(results: list[dict], meta: dict, out, budget: dict | None = None) -> list[Path]:
+    """``bench.json`` (``meta``, the results of every context and, with ``budget``, the throughput at each KV
+    budget), ``decode_speed.png`` and, with ``budget``, ``throughput_vs_budget.png`` in ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "bench.json"
-    path.write_text(json.dumps({"meta": meta, "contexts": results}, indent=2))
+    data = {"meta": meta, "contexts": results}
+    if budget is not None:
+        data["kv_budget"] = budget
+    path.write_text(json.dumps(data, indent=2))
+    written = [path]
+    if results:
+        written.append(_speed_plot(results, out))
+    if budget is not None:
+        written.append(_budget_plot(budget, out))
+    return written
+
+
+def _budget_plot(budget: dict, out: Path) -> Path:
+    fig = plotting.figure((6.4, 4.2))
+    ax = fig.add_subplot()
+    rows = budget["budgets"]
+    xs = [r["budget_bytes"] / 1e6 for r in rows]
+    for v in BUDGET_VARIANTS:
+        ys = [r["variants"][v]["decode_tokens_per_second"] for r in rows]
+        ax.plot(xs, ys, marker="o", label=v)
+        for x, y, r in zip(xs, ys, rows, strict=True):
+            ax.annotate(f"b={r['variants'][v]['batch']}", (x, y), textcoords="offset points", xytext=(3, 3),
+                        fontsize=7)
+    ax.set_xlabel("KV-cache budget (MB)")
+    ax.set_ylabel("decode tokens / s (summed over the batch)")
+    ax.set_title(f"throughput at a KV budget, {budget['context']}-token prompts")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return plotting.save(fig, out / "throughput_vs_budget.png", dpi=120)
+
+
+def _speed_plot(results: list[dict], out: Path) -> Path:
     fig = plotting.figure((6.4, 4.2))
     ax = fig.add_subplot()
     xs = [r["context"] for r in results]
@@ -210,4 +353,4 @@ def write(results: list[dict], meta: dict, out) -> tuple[Path, Path]:
     ax.set_title("decode speed vs context")
     ax.grid(alpha=0.3)
     ax.legend()
-    return path, plotting.save(fig, out / "decode_speed.png", dpi=120)
+    return plotting.save(fig, out / "decode_speed.png", dpi=120)

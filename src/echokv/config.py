@@ -281,7 +281,11 @@ class EvalConfig(ModelConfig):
 @dataclass(kw_only=True)
 class BenchConfig(ModelConfig):
     artifact: str = option(help="trained artifact folder")
-    contexts: str = option("512,2048,4096", "comma-separated context lengths")
+    contexts: str = option("512,2048,4096", "comma-separated context lengths ('none': only --kv-budget)")
+    kv_budget: str | None = option(None, "comma-separated KV-cache budgets: bytes (190000000), sizes (190MB, "
+                                   "1.5GiB) or full-mode sequences (4x); each variant decodes the largest batch that "
+                                   "fits, and its throughput is compared with full mode's")
+    budget_context: int = option(2048, "prompt length of the --kv-budget runs", check="positive")
     decode_tokens: int = option(32, "decode steps timed per round", check="positive")
     repeats: int = option(3, "rounds", check="positive")
     compare_dtype: str = option("float32", "also time transformers' default cache with the model in this dtype "

@@ -19,19 +19,28 @@ def run(args) -> int:
     from ..util import check_output_dir, parse_csv
 
     cfg = from_args(args, BenchConfig)
-    contexts = sorted(set(parse_csv(cfg.contexts, int, "context length", "--contexts 512,2048")))
-    if not contexts or contexts[0] < 2:
+    skip = str(cfg.contexts).strip().lower() == "none"
+    contexts = [] if skip else sorted(set(parse_csv(cfg.contexts, int, "context length", "--contexts 512,2048")))
+    if not skip and (not contexts or contexts[0] < 2):
         raise ValueError(f"--contexts needs lengths of at least 2 tokens, got {cfg.contexts!r}")
+    budgets = [] if cfg.kv_budget is None else [bench.parse_budget(b) for b in parse_csv(cfg.kv_budget)]
+    if cfg.kv_budget is not None and not budgets:
+        raise ValueError("--kv-budget is empty: pass e.g. --kv-budget 1x,2x,4x or --kv-budget 190MB")
+    if not contexts and not budgets:
+        raise ValueError("nothing to measure: --contexts none needs --kv-budget (e.g. --kv-budget 1x,2x,4x)")
+    if budgets and cfg.budget_context < 2:
+        raise ValueError(f"--budget-context needs at least 2 tokens, got {cfg.budget_context}")
     check_output_dir(cfg.out, overwrite=True, replace=False)  # writable, before minutes of timing
     read_config(cfg.artifact)
     model, tokenizer = cfg.load()
     geo = kv_geometry(model)
-    if geo.max_context and contexts[-1] + cfg.decode_tokens > geo.max_context:
-        raise ValueError(f"context {contexts[-1]} + {cfg.decode_tokens} decode tokens exceeds the model's "
+    longest = max(contexts + ([cfg.budget_context] if budgets else []))
+    if geo.max_context and longest + cfg.decode_tokens > geo.max_context:
+        raise ValueError(f"context {longest} + {cfg.decode_tokens} decode tokens exceeds the model's "
                          f"{geo.max_context}")
     recon = load(cfg.artifact, model)
-    require_tokens(tokenizer, "evaluation", contexts[-1], contexts[-1])
-    text = token_blocks(tokenizer, "evaluation", contexts[-1], contexts[-1])
+    require_tokens(tokenizer, "evaluation", longest, longest)
+    text = token_blocks(tokenizer, "evaluation", longest, longest)
     results = []
     for n in contexts:
         print(f"context {n} ...", flush=True)
@@ -59,9 +68,22 @@ def run(args) -> int:
                   + " vs ".join(f"{s:.1f}" for s in speed.values())
                   + f" ({d['decode_ratio']:.2f}x), prefill {d['prefill_ratio']:.2f}x as fast", flush=True)
         del other
+    budget = None
+    if budgets:
+        print(f"KV budgets at {cfg.budget_context} tokens ...", flush=True)
+        budget = bench.budget_context(model, recon, text[:, : cfg.budget_context], budgets, cfg.decode_tokens,
+                                      cfg.repeats)
+        for r in budget["budgets"]:
+            rows = r["variants"]
+            print(f"  budget {r['budget_bytes'] / 1e6:.1f} MB ({r['budget']}): "
+                  + ", ".join(f"{v} batch {rows[v]['batch']} {rows[v]['decode_tokens_per_second']:.1f} tok/s"
+                              for v in bench.BUDGET_VARIANTS)
+                  + " | throughput vs full: "
+                  + ", ".join(f"{v} {x:.2f}" for v, x in r["budget_throughput_vs_full"].items() if x is not None),
+                  flush=True)
     meta = {"model": cfg.model, "artifact": str(cfg.artifact), "decode_tokens": cfg.decode_tokens,
             "repeats": cfg.repeats, "threads": torch.get_num_threads(), "dtype": cfg.dtype,
-            "compare_dtype": cfg.compare_dtype}
-    json_path, png_path = bench.write(results, meta, cfg.out)
-    print(f"written {json_path} and {png_path}")
+            "compare_dtype": cfg.compare_dtype, "kv_budget": cfg.kv_budget, "budget_context": cfg.budget_context}
+    written = bench.write(results, meta, cfg.out, budget)
+    print("written " + ", ".join(str(p) for p in written))
     return 0

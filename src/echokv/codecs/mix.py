@@ -15,7 +15,6 @@ and shared by its S layers.
 from __future__ import annotations
 
 import torch
-from transformers.models.llama.modeling_llama import rotate_half
 
 from ..cache.codec import KVCodec
 from ..mixes import FLOAT_WIDTHS, FP16_MAX, KINDS, Mixes, dequantize, quantize
@@ -36,6 +35,8 @@ class MixCodec(KVCodec):
         self.dtype = next(model.parameters()).dtype
         self._maps: dict = {}  # (part, layer, dtype) -> that layer's decoder columns and offset
         self._memo: dict = {}  # (group, kind) -> (a stored tensor, its length, the dequantized components)
+        self._trigs: dict = {}  # RoPE table -> (positions, their cos/sin)
+        self._pos = None  # (stored positions, as long [B, T])
 
     # -- storing ---------------------------------------------------------------------------------------------
     def encode(self, group, keys, values, positions=None):
@@ -64,8 +65,10 @@ class MixCodec(KVCodec):
         return out
 
     # -- reading ---------------------------------------------------------------------------------------------
-    def components(self, group: int, kind: str, stored: dict) -> torch.Tensor:
-        """The group's components of ``kind`` [B, T, r], dequantized (once per stored length)."""
+    def components(self, group: int, kind: str, stored: dict) -> list[tuple[torch.Tensor, int, int]]:
+        """The group's components of ``kind`` by precision class: ``(z [B, T, e - s], s, e)``, dequantized once per
+        stored length. Never concatenated: a decoder takes each class with its own rows of R (a concatenation
+        would copy every past token's components at every step)."""
         i = self.mixes.index(group, kind)
         classes = self.layout.parts[i].classes()
         first = stored[f"{kind}{classes[0][0]}" + ("" if classes[0][0] in FLOAT_WIDTHS else ".q")]
@@ -76,13 +79,17 @@ class MixCodec(KVCodec):
         for width, s, e in classes:
             name = f"{kind}{width}"
             if width in FLOAT_WIDTHS:
-                pieces.append(stored[name][:, 0].to(self.dtype))
+                z = stored[name][:, 0].to(self.dtype)
             else:
                 st = {key: stored[f"{name}.{key}"][:, 0] for key in ("q", "s", "z")}
-                pieces.append(dequantize(st, width, e - s, self.dtype, self.layout.quant_group))
-        z = torch.cat(pieces, dim=-1)
-        self._memo[(group, kind)] = (first, first.shape[-2], z)
-        return z
+                z = dequantize(st, width, e - s, self.dtype, self.layout.quant_group)
+            pieces.append((z, s, e))
+        # one group's components at a time: layers run in order, and keeping every group's would hold a
+        # dequantized copy of the whole cache
+        for key in [k for k in self._memo if k[0] != group]:
+            del self._memo[key]
+        self._memo[(group, kind)] = (first, first.shape[-2], pieces)
+        return pieces
 
     def _layer_map(self, i: int, layer: int, dtype):
         key = (i, layer, dtype)
@@ -95,21 +102,47 @@ class MixCodec(KVCodec):
     def _rotate(self, x: torch.Tensor, layer: int, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """RoPE (or its inverse) of x [B, H, T, d] at ``positions`` [B, T], in x's dtype (the inverse in float32:
         :func:`~echokv.stats.rope.unrotate`; the forward stays in the model's dtype, it runs at every decode step)."""
-        cos, sin = self.ropes[layer].table(int(positions.max()) + 1, x.device)
-        cos, sin = cos[positions][:, None], sin[positions][:, None]  # [B, 1, T, d]
         if inverse:
-            return unrotate(x, cos, sin)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        return x * cos + rotate_half(x) * sin
+            cos, sin = self.ropes[layer].table(int(positions.max()) + 1, x.device)
+            return unrotate(x, cos[positions][:, None], sin[positions][:, None])
+        cos, sin = self._trig(layer, positions, x.dtype)
+        half = x.shape[-1] // 2
+        out = x * cos  # rotate-half RoPE, x cos + rotate_half(x) sin, written half by half: no concatenation
+        out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+        out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+        return out
+
+    def _trig(self, layer: int, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, 1, T, d] at ``positions``, gathered once per stored length for all layers sharing a table."""
+        rope = self.ropes[layer]
+        key = (id(rope.module), tuple(sorted(rope.kwargs.items())), dtype)
+        memo = self._trigs.get(key)
+        if memo is not None and memo[0] is positions:
+            return memo[1]
+        cos, sin = rope.table(int(positions.max()) + 1, positions.device)
+        trig = cos[positions][:, None].to(dtype), sin[positions][:, None].to(dtype)
+        self._trigs[key] = (positions, trig)
+        return trig
 
     def _heads(self, group: int, kind: str, layer: int, stored: dict) -> torch.Tensor:
         """``layer``'s rebuilt keys or values [B, H, T, d] (keys with RoPE applied)."""
-        z = self.components(group, kind, stored)
-        r, c = self._layer_map(self.mixes.index(group, kind), layer, z.dtype)
-        x = torch.addmm(c, z.flatten(0, 1), r).view(z.shape[0], z.shape[1], self.h, self.d).transpose(1, 2)
+        pieces = self.components(group, kind, stored)
+        r, c = self._layer_map(self.mixes.index(group, kind), layer, self.dtype)
+        b, t = pieces[0][0].shape[:2]
+        x = c.expand(b * t, -1)
+        for z, s, e in pieces:
+            x = torch.addmm(x, z.reshape(b * t, e - s), r[s:e])
+        x = x.view(b, t, self.h, self.d).transpose(1, 2)
         if kind == "k" and self.pre_rope:
-            x = self._rotate(x, layer, stored["pos"][:, 0, :, 0].long())
+            x = self._rotate(x, layer, self._positions(stored))
         return x
+
+    def _positions(self, stored: dict) -> torch.Tensor:
+        """The stored tokens' positions [B, T] (one tensor per stored length: the RoPE memo is keyed on it)."""
+        pos = stored["pos"]
+        if self._pos is None or self._pos[0] is not pos:
+            self._pos = (pos, pos[:, 0, :, 0].long())
+        return self._pos[1]
 
     def decode(self, layer, stored):
         group = self.layout.group_of(layer)
@@ -128,12 +161,12 @@ class MixCodec(KVCodec):
         keys = self._heads(group, "k", layer, stored).to(q.dtype)  # [B, H, Tc, d]
         tc = keys.shape[-2]
         p = attention_weights(qh @ keys.transpose(-1, -2), qh, recent_k, mask, scaling, tq)
-        p_past = p[..., :tc]
-        z = self.components(group, "v", stored).to(q.dtype)  # [B, Tc, r]
+        p_past = p[..., :tc].reshape(b, h * rows, tc)
         r, c = self._layer_map(self.mixes.index(group, "v"), layer, q.dtype)
-        mixed = p_past.reshape(b, h * rows, tc) @ z  # every query row's weighted sum of the components
+        # every query row's weighted sum of the components, class by class, then mapped to the heads once
+        mixed = torch.cat([p_past @ z.to(q.dtype) for z, _, _ in self.components(group, "v", stored)], dim=-1)
         out = torch.einsum("bhrc,chd->bhrd", mixed.view(b, h, rows, -1), r.view(-1, h, d))
-        out = out + p_past.sum(-1, keepdim=True) * c.view(h, 1, d) + p[..., tc:] @ recent_v
+        out = out + p[..., :tc].sum(-1, keepdim=True) * c.view(h, 1, d) + p[..., tc:] @ recent_v
         return out.reshape(b, hq, tq, d).transpose(1, 2).contiguous()
 
 
