@@ -20,8 +20,10 @@ def test_bench_context_reports_every_variant_and_the_real_cache_bytes():
         assert len(v["decode_seconds"]) == 2 and v["decode_tokens_per_second"] > 0 and v["prefill_seconds"] > 0
     assert VARIANTS == (STOCK, FULL, EXPLICIT, FAST) == ("stock", "echokv-full", "echokv-explicit", "echokv-fast")
     for key in ("full_vs_stock_decode_ratio", "fast_vs_full_decode_ratio", "fast_vs_stock_decode_ratio",
-                "explicit_vs_full_decode_ratio", "fast_vs_explicit_decode_ratio"):
+                "explicit_vs_full_decode_ratio", "fast_vs_explicit_decode_ratio", "fast_vs_stock_prefill_ratio",
+                "fast_exact_prompt_vs_stock_prefill_ratio"):
         assert r[key] > 0
+    assert set(r["prefill_seconds"]) == {"stock", "chunks", "exact"}
     full, fast = r["variants"][FULL]["cache_bytes"], r["variants"][FAST]["cache_bytes"]
     # after the untimed pass (3 steps) the full cache holds 48 + 3 tokens of K and V for every layer and head, in float32
     geo = model.config

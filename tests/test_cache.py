@@ -207,6 +207,29 @@ def test_chunked_prefill_compresses_between_chunks(exact):
     assert all(cache.layers[i].store.n_tokens == 50 for i in cache.compressible)
 
 
+def test_exact_prompt_prefill_attends_exactly_and_compresses_once_at_the_end(trained):
+    """Chunks see each other's exact K/V (the last logits equal the full cache's), and the cache ends as a full
+    cache compressed after the prompt: same stored tensors, same next steps."""
+    model, recon = trained
+    ids = torch.randint(3, 250, (2, 45))
+    full = EchoKVCache(model, recon, mode="full")
+    cache = EchoKVCache(model, recon, mode="compressed")
+    with echokv_attention(model):
+        ref_logits = prefill(model, full, ids, chunk_size=16)
+        logits = prefill(model, cache, ids, chunk_size=16, exact_prompt=True)
+        full.compress()
+        assert torch.equal(logits, ref_logits)
+        assert cache.is_compressed and cache.layers[cache.compressible[0]].recent_length() == 0
+        for a, b in zip(cache.stores, full.stores, strict=True):
+            assert a.n_tokens == b.n_tokens == 45 and a.tensors.keys() == b.tensors.keys()
+            assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+        tok = logits[:, None].argmax(-1)
+        steps = [model(tok, past_key_values=c).logits for c in (cache, full)]
+    assert torch.equal(steps[0], steps[1])
+    with pytest.raises(TypeError, match="exact_prompt must be True or False"):
+        prefill(model, cache, ids, exact_prompt="yes")
+
+
 def test_generate_continues_from_a_prefilled_cache(exact):
     model, recon = exact
     ids = torch.randint(3, 250, (1, 30))

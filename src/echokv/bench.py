@@ -9,6 +9,10 @@ run, and cache bytes, for four variants (the keys of ``bench.json``):
 - ``echokv-explicit``: compressed, discarded heads rebuilt for every past token at every step (the reference)
 - ``echokv-fast``: compressed, reconstruction folded into the query / applied after the weighted sum
 
+Prefill is timed again, alternating the default cache and the compressed one fed both ways
+(``fast_vs_stock_prefill_ratio``: compressing between chunks; ``fast_exact_prompt_vs_stock_prefill_ratio``:
+compressing once after the prompt, :func:`echokv.generation.prefill` with ``exact_prompt``).
+
 Ratios ``a_vs_b_decode_ratio`` are decode speeds of a relative to b, with ``full`` = echokv-full,
 ``fast`` = echokv-fast, ``explicit`` = echokv-explicit, ``stock`` = stock (``full_vs_stock``,
 ``fast_vs_full``, ``fast_vs_stock``, ``explicit_vs_full``, ``fast_vs_explicit``); ``kv_bytes_ratio`` is
@@ -147,9 +151,11 @@ def bench_context(model, recon, ids: torch.Tensor, decode_tokens: int, repeats: 
         """Decode speed of a relative to b: median over steps of b's seconds / a's seconds."""
         return statistics.median(sb / sa for sa, sb in zip(steps[a], steps[b]))
 
+    prefill_ratios = _prefill_ratios(model, recon, ids, min(repeats, 2), chunk)
     return {
         "context": int(ids.shape[1]),
         "variants": out,
+        **prefill_ratios,
         "full_vs_stock_decode_ratio": speedup(FULL, STOCK),
         "fast_vs_full_decode_ratio": speedup(FAST, FULL),
         "fast_vs_stock_decode_ratio": speedup(FAST, STOCK),
@@ -158,6 +164,29 @@ def bench_context(model, recon, ids: torch.Tensor, decode_tokens: int, repeats: 
         "kv_bytes_ratio": out[FAST]["cache_bytes"] / out[FULL]["cache_bytes"],
         "kv_reserved_bytes_ratio": out[FAST]["reserved_cache_bytes"] / out[STOCK]["cache_bytes"],
         "kept_fraction": recon.layout.kept_fraction(),
+    }
+
+
+@torch.no_grad()
+def _prefill_ratios(model, recon, ids: torch.Tensor, repeats: int, chunk: int) -> dict:
+    """Prefill speed of the compressed cache relative to the default cache, both ways of feeding a prompt:
+    compressing between chunks (each chunk rebuilds the compressed past) and with ``exact_prompt`` (compressing
+    once, after the prompt). Prefills alternate, and a ratio is the median of those of the same round."""
+    runs: dict[str, list[float]] = {"stock": [], "chunks": [], "exact": []}
+    for _ in range(repeats):
+        for name, secs in runs.items():
+            variant = STOCK if name == "stock" else FAST
+            with _attention_for(model, variant):
+                cache = _new_cache(model, variant, recon)
+                t = time.perf_counter()
+                prefill(model, cache, ids, chunk_size=chunk, exact_prompt=name == "exact")
+                secs.append(time.perf_counter() - t)
+            del cache
+    return {
+        "fast_vs_stock_prefill_ratio": statistics.median(s / f for s, f in zip(runs["stock"], runs["chunks"])),
+        "fast_exact_prompt_vs_stock_prefill_ratio": statistics.median(
+            s / f for s, f in zip(runs["stock"], runs["exact"])),
+        "prefill_seconds": {k: statistics.median(v) for k, v in runs.items()},
     }
 
 

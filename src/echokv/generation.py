@@ -32,21 +32,36 @@ def encode_prompt(tokenizer, text: str, chat: bool | None = None) -> torch.Tenso
 
 
 @torch.no_grad()
-def prefill(model, cache, input_ids, attention_mask=None, chunk_size: int = PREFILL_CHUNK):
+def prefill(model, cache, input_ids, attention_mask=None, chunk_size: int = PREFILL_CHUNK,
+            exact_prompt: bool = False):
     """Feed ``input_ids`` through ``model`` in chunks with ``cache``; returns the last logits [B, V].
 
-    Between chunks a compressing cache compresses, so peak memory stays near one chunk of full KV. The tokens
-    are appended to what ``cache`` holds (an echokv cache records them, so that :func:`generate` can tell a
-    continuation from a new prompt).
+    Between chunks a compressing cache compresses, so peak memory stays near one chunk of full KV, and every
+    chunk rebuilds the compressed past. With ``exact_prompt`` it compresses once, after the last chunk
+    (:meth:`~echokv.cache.CompressedCache.deferred`): the chunks attend to each other's exact K/V, as fast as the
+    full cache, at the full cache's peak memory for the prompt. The tokens are appended to what ``cache`` holds
+    (an echokv cache records them, so that :func:`generate` can tell a continuation from a new prompt).
     """
     _check_call(model, input_ids, "prefill")
     if cache is None or not hasattr(cache, "get_seq_length"):
         raise TypeError(f"prefill needs a cache to fill (e.g. EchoKVCache(model, artifact)), got {cache!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    logits = None
+    if not isinstance(exact_prompt, bool):
+        raise TypeError(f"exact_prompt must be True or False, got {exact_prompt!r}")
     start = cache.get_seq_length()
     known = _recorded(cache, input_ids.shape[0], start)
+    hold = cache.deferred() if exact_prompt and hasattr(cache, "deferred") else contextlib.nullcontext()
+    with hold:
+        logits = _feed(model, cache, input_ids, attention_mask, chunk_size, start)
+    if hasattr(cache, "token_ids"):
+        ok = known is not None and cache.get_seq_length() == start + input_ids.shape[1]
+        cache.token_ids = torch.cat([known.to(input_ids.device), input_ids], 1) if ok else None
+    return logits
+
+
+def _feed(model, cache, input_ids, attention_mask, chunk_size: int, start: int):
+    logits = None
     for s in range(0, input_ids.shape[1], chunk_size):
         ids = input_ids[:, s : s + chunk_size]
         mask = None if attention_mask is None else attention_mask[:, : s + ids.shape[1]]
@@ -58,9 +73,6 @@ def prefill(model, cache, input_ids, attention_mask=None, chunk_size: int = PREF
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **kwargs,
                     **cache_kwarg(model, cache))
         logits = out.logits[:, -1]
-    if hasattr(cache, "token_ids"):
-        ok = known is not None and cache.get_seq_length() == start + input_ids.shape[1]
-        cache.token_ids = torch.cat([known.to(input_ids.device), input_ids], 1) if ok else None
     return logits
 
 

@@ -14,6 +14,7 @@ call (:func:`echokv.generation.prefill` feeds a long prompt in chunks so the cac
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import torch
@@ -114,6 +115,7 @@ class CompressedCache(DynamicCache):
         self.token_ids: torch.Tensor | None = None
         # RoPE positions [B, T] of the recent (not yet compressed) tokens, for codecs that undo RoPE
         self.positions: torch.Tensor | None = None
+        self._deferred = False
 
     # -- the cache protocol: each layer updates itself; the stores are handled once per group ----------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -227,7 +229,22 @@ class CompressedCache(DynamicCache):
             return True
         return self.memory_budget_bytes is not None and self.nbytes() > self.memory_budget_bytes
 
+    @contextlib.contextmanager
+    def deferred(self):
+        """Compress nothing inside the block, and everything due at its end: a prompt fed in chunks attends to its
+        own exact K/V, as in one call (:func:`echokv.generation.prefill` with ``exact_prompt``). Peak memory is
+        then the full K/V of what the block feeds."""
+        self._deferred = True
+        try:
+            yield self
+        finally:
+            self._deferred = False
+            if self.get_seq_length():
+                self._after_forward()
+
     def _after_forward(self) -> None:
+        if self._deferred:
+            return
         if not self.is_compressed and self._should_switch():
             self.is_compressed, self.switched_at = True, self.seen_tokens()
         if self.is_compressed:

@@ -52,7 +52,8 @@ def run(args) -> int:
             f"full/stock {r['full_vs_stock_decode_ratio']:.3f}, fast/full {r['fast_vs_full_decode_ratio']:.3f}, "
             f"fast/stock {r['fast_vs_stock_decode_ratio']:.3f}, "
             f"fast/explicit {r['fast_vs_explicit_decode_ratio']:.2f}, KV bytes {r['kv_bytes_ratio']:.3f} "
-            f"(kept fraction {r['kept_fraction']:.3f})",
+            f"(kept fraction {r['kept_fraction']:.3f}) | prefill vs stock: compressing between chunks "
+            f"{r['fast_vs_stock_prefill_ratio']:.2f}, exact prompt {r['fast_exact_prompt_vs_stock_prefill_ratio']:.2f}",
             flush=True,
         )
     if cfg.compare_dtype not in ("none", cfg.dtype):
