@@ -192,21 +192,23 @@ def _prefill_ratios(model, recon, ids: torch.Tensor, repeats: int, chunk: int) -
 
 def parse_budget(item: str) -> tuple[str, float]:
     """One ``--kv-budget`` entry: ``("bytes", n)`` for ``190000000``, ``190MB``, ``1.5GiB``; ``("full", n)`` for
-    ``4x`` (the bytes full mode holds for n sequences, measured in the run)."""
+    ``4x``: the bytes full mode holds for a batch of n sequences, measured in the run."""
     text = str(item).strip()
     low = text.lower()
     try:
         if low.endswith("x"):
             value, kind = float(low[:-1]), "full"
+            if value != int(value):
+                raise ValueError
         else:
             units = {"gib": 2**30, "mib": 2**20, "kib": 2**10, "gb": 1e9, "mb": 1e6, "kb": 1e3, "b": 1}
             unit = next((u for u in units if low.endswith(u)), "b")
             value, kind = float(low[: len(low) - len(unit)] if low.endswith(unit) else low) * units[unit], "bytes"
-    except ValueError:
+    except (ValueError, OverflowError):
         value, kind = float("nan"), "bytes"
     if not value > 0 or value == float("inf"):
         raise ValueError(f"--kv-budget entry {text!r} is not a positive size: pass bytes (190000000), a size with a "
-                         "unit (190MB, 1.5GiB) or a number of full-mode sequences (4x)")
+                         "unit (190MB, 1.5GiB) or a whole number of full-mode sequences (4x)")
     return kind, value
 
 
@@ -231,8 +233,8 @@ def budget_context(model, recon, ids: torch.Tensor, budgets: list, decode_tokens
                    chunk: int = PREFILL_CHUNK) -> dict:
     """Throughput at fixed KV-memory budgets, for one prompt length.
 
-    ``budgets``: bytes, or :func:`parse_budget`'s pairs (``("full", n)``: the bytes full mode holds for n
-    sequences). Each variant (:data:`BUDGET_VARIANTS`) gets the largest batch whose cache, holding the prompt and ``decode_tokens`` more
+    ``budgets``: bytes, or :func:`parse_budget`'s pairs (``("full", n)``: the bytes full mode holds for a batch of
+    n, measured). Each variant (:data:`BUDGET_VARIANTS`) gets the largest batch whose cache, holding the prompt and ``decode_tokens`` more
     tokens, fits: a guess from one sequence's bytes, then checked on the batch itself (an untimed pass that also
     gives peak memory), one sequence fewer while it does not fit. The batch is copies of one prefilled prompt
     (decode cost does not depend on the tokens). Decode is timed interleaved as in :func:`bench_context`;
@@ -251,7 +253,13 @@ def budget_context(model, recon, ids: torch.Tensor, budgets: list, decode_tokens
     results = []
     for budget in budgets:
         kind, value = budget if isinstance(budget, tuple) else ("bytes", budget)
-        limit = int(value * one[FULL]) if kind == "full" else int(value)
+        if kind == "full":  # what full mode holds for that batch, measured: buffers grow with spare room
+            work, tok = _batch(prefilled[FULL], int(value))
+            _decode(model, work, tok, decode_tokens, FULL)
+            limit = accounting.reserved_nbytes(work)
+            del work
+        else:
+            limit = int(value)
         rows, ready = {}, {}
         for v in BUDGET_VARIANTS:
             batch, held, peak = limit // one[v], 0, 0
