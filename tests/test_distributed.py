@@ -23,9 +23,10 @@ from echokv.config import TrainConfig
 from echokv.mix_training import check_data_parallel
 
 SRC = str(Path(echokv.__file__).resolve().parents[1])
-#: stage 2 runs (at 0.5 the tiny model's stage 1 is already lossless and stage 2 is skipped)
 TRAIN = ["--model", "tiny-llama", "--no-progress", "--calib-tokens", "1024", "--seq-len", "128",
          "--heldout-tokens", "512", "--steps", "10", "--stage2-eval-every", "3", "--compression-ratio", "0.9"]
+#: ratios at which stage 2 runs (at 0.5 the tiny model's mix is already lossless after stage 1)
+VARIANTS = {"mix": ["--compression-ratio", "0.9"], "heads": ["--variant", "heads", "--compression-ratio", "0.5"]}
 EVAL = ["--model", "tiny-llama", "--methods", "full,headdrop", "--compression-ratios", "0.5",
         "--tasks", "niah_single_1,perplexity", "--context-lengths", "500", "--samples", "2", "--peers", "off"]
 #: what a run measures about itself, not about the method
@@ -41,10 +42,12 @@ def torchrun(*args, processes: int = 2, timeout: int = 300) -> subprocess.Comple
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def test_two_ranks_train_what_one_process_trains(tmp_path):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_two_ranks_train_what_one_process_trains(tmp_path, variant):
     one, two = tmp_path / "one", tmp_path / "two"
-    assert cli.main(["train", *TRAIN, "--out", str(one)]) == 0
-    proc = torchrun("-m", "echokv", "train", *TRAIN, "--out", str(two))
+    args = [*TRAIN, *VARIANTS[variant]]
+    assert cli.main(["train", *args, "--out", str(one)]) == 0
+    proc = torchrun("-m", "echokv", "train", *args, "--out", str(two))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("wrote ") == 1  # rank 0 alone reports
     for name in ("reconstructor.safetensors", "reconstructor_stage1.safetensors"):
@@ -53,7 +56,8 @@ def test_two_ranks_train_what_one_process_trains(tmp_path):
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
     ca, cb = (json.loads((p / "config.json").read_text()) for p in (one, two))
-    assert ca["layout"] == cb["layout"] and ca["training"] == cb["training"]  # same widths, same components
+    assert ca["layout"] == cb["layout"] and ca["training"] == cb["training"]  # same widths / heads, same components
+    assert ca["layout"]["variant"] == variant
     ra, rb = (json.loads((p / "train_report.json").read_text()) for p in (one, two))
     assert rb["data_parallel"] == {"processes": 2, "backend": "gloo"} and "data_parallel" not in ra
     assert ra["calibration_tokens"] == rb["calibration_tokens"] == 1024

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
+from datetime import timedelta
 
 import torch
 
@@ -36,6 +37,12 @@ def _collective(op, *args) -> None:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:200]
         raise PeerLost("another process of this torchrun run stopped, so this one stops too and writes nothing; "
                        f"that process's own error says why ({first})") from exc
+
+
+#: how long a rank waits in a collective for the others. Evaluation gathers after every method, and one rank's
+#: share of a long suite (or rank 0's peers run) can take hours; a rank that dies is noticed at once regardless
+#: (its connections close), so only a hung rank waits this long
+WAIT = timedelta(hours=24)
 
 
 def launched() -> bool:
@@ -83,7 +90,7 @@ def init(device: str) -> str:
                              f"{torch.cuda.device_count()} CUDA device(s) are visible; pass --device cpu or start "
                              "at most that many processes per node")
         torch.cuda.set_device(torch.device(device))
-    torch.distributed.init_process_group(backend=backend)
+    torch.distributed.init_process_group(backend=backend, timeout=WAIT)
     return device
 
 
