@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import TrainConfig
 from .mixes import (
     KINDS,
@@ -75,12 +76,18 @@ def spread_blocks(tokenizer, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tens
 
 class Features:
     """Per group: pre-RoPE keys and values of some blocks [N, T, D] (layers, heads, channels), and per layer the
-    queries at the scored positions and the reference attention output, all float32."""
+    queries at the scored positions and the reference attention output, all float32.
+
+    Data parallel (:mod:`echokv.distributed`): ``index`` holds the positions of this rank's blocks among all
+    ``n`` blocks of the ranks; errors are this rank's share of the whole (:meth:`error` sums them)."""
 
     def __init__(self, model, samples: dict, groups: list[list[int]], modules: dict, queries: int | None, seed: int,
-                 from_start: bool = False):
+                 from_start: bool = False, index: torch.Tensor | None = None, n: int | None = None):
         q0 = next(iter(samples.values()))[0]
         self.n, t = q0.shape[0], q0.shape[2]
+        self.index = None
+        if index is not None:
+            self.index, self.n = {int(g): i for i, g in enumerate(index)}, n
         if queries is None or queries >= t:
             self.pos = torch.arange(t)
         else:  # a fixed random subset of the later positions, which attend to the most context (or of all)
@@ -110,6 +117,7 @@ class Features:
                     self.ref[layer] = out
                     self.den += float(out.pow(2).sum())
                 self.x[gi, "k"], self.x[gi, "v"] = torch.cat(ks, -1), torch.cat(vs, -1)
+        self.den = distributed.sum_float(self.den)
 
     def _attend(self, q, k, v, module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=module.scaling)
@@ -127,8 +135,12 @@ class Features:
 
     def output_error(self, mixes: Mixes, batch: torch.Tensor | None = None) -> torch.Tensor:
         """Relative output MSE of every compressed layer with the K/V ``mixes`` rebuilds from the fixed
-        components (:meth:`encode`)."""
-        pick = (lambda x: x) if batch is None else (lambda x: x[batch])
+        components (:meth:`encode`). ``batch``: positions among all ``n`` blocks (this rank scores its own)."""
+        if batch is not None and self.index is not None:
+            local = torch.tensor([self.index[int(b)] for b in batch if int(b) in self.index], dtype=torch.long)
+            if not len(local):  # none of the batch is this rank's
+                return torch.zeros(())
+        pick = (lambda x: x) if batch is None else (lambda x: x[local if self.index is not None else batch])
         lay = mixes.layout
         h, d = lay.num_kv_heads, lay.head_dim
         total = 0.0
@@ -146,6 +158,11 @@ class Features:
         scale = 1.0 if batch is None else self.n / len(batch)
         return total * scale / max(self.den, 1e-30)
 
+    def error(self, mixes: Mixes) -> float:
+        """:meth:`output_error` of every block (of every rank)."""
+        with torch.no_grad():
+            return distributed.sum_float(float(self.output_error(mixes)))
+
     def kv_error(self, mixes: Mixes) -> dict[str, float]:
         """Relative squared error of the rebuilt keys (pre-RoPE) and values, all heads."""
         out = {}
@@ -156,6 +173,7 @@ class Features:
                     x = self.x[gi, kind]
                     num += float((mixes.decode(mixes.index(gi, kind), self.z[gi, kind]) - x).pow(2).sum())
                     den += float(x.pow(2).sum())
+                num, den = distributed.sum_float(num), distributed.sum_float(den)
                 out[kind] = num / max(den, 1e-30)
         return out
 
@@ -204,17 +222,17 @@ class Features:
 def refit_decoders(mixes: Mixes, train: Features, ridge: float) -> None:
     """Stage 1, second half: each decoder refitted by ridge regression of the features on the components as the
     cache gives them back (quantized), which shrinks what quantization made noisy. Heads parts: only the discarded
-    heads' columns (the retained heads stay copies)."""
+    heads' columns (the retained heads stay copies). Data parallel: means and normal equations summed over ranks."""
     with torch.no_grad():
         for (gi, kind), x in train.x.items():
             i = mixes.index(gi, kind)
             z = train.z[gi, kind].flatten(0, 1).double()
             x = x.flatten(0, 1).double()
-            mz, mx = z.mean(0), x.mean(0)
+            mz, mx = distributed.pooled_mean(z.mean(0), len(z)), distributed.pooled_mean(x.mean(0), len(x))
             zc, xc = z - mz, x - mx
-            a = zc.T @ zc
+            a = distributed.all_sum(zc.T @ zc)
             a += ridge * a.diagonal().mean().clamp_min(1e-12) * torch.eye(a.shape[0], dtype=a.dtype)
-            w = torch.linalg.solve(a, zc.T @ xc)  # [r, D]: x ~ (z - mz) w + mx
+            w = torch.linalg.solve(a, distributed.all_sum(zc.T @ xc))  # [r, D]: x ~ (z - mz) w + mx
             _, _, r, c, scale = mixes.tensors(i)
             cols = mixes.discarded_columns(i) if mixes.layout.parts[i].selection is not None else \
                 torch.ones(r.shape[1], dtype=torch.bool)
@@ -275,9 +293,11 @@ def stage1(model, cfg: TrainConfig, moments: dict, samples: Features, groups: li
                 pair = pca_pair(mom)
                 parts.append(Part(kind, gi, list(group), []))
                 z = ((samples.x[gi, kind] - pair[0]) @ pair[1]) / pair[4]
-                energy = float(samples.x[gi, kind].pow(2).mean(0).sum())
+                # (data parallel: means over every rank's samples)
+                energy = float(distributed.pooled_mean(samples.x[gi, kind].pow(2).mean(0).sum(), len(z)))
                 weight = (cfg.key_weight if kind == "k" else 1.0) / max(energy, 1e-30)
-                err = component_errors(z.flatten(0, 1), WIDTHS, cfg.quant_group) * pair[4].pow(2)[:, None]
+                err = distributed.pooled_mean(component_errors(z.flatten(0, 1), WIDTHS, cfg.quant_group),
+                                              z.shape[0] * z.shape[1]) * pair[4].pow(2)[:, None]
                 if width is not None:  # one precision for every kept component: only dropping is chosen
                     err = torch.stack([err[:, 0], err[:, WIDTHS.index(width)]], 1)
                 errors.append(err * weight)
@@ -320,9 +340,10 @@ LOSSLESS = 1e-4
 
 
 def stage2(mixes: Mixes, train: Features, held: Features, cfg: TrainConfig) -> dict:
-    """Output-MSE fine-tuning with early stopping on held-out blocks (see the module docstring)."""
-    with torch.no_grad():
-        start = float(held.output_error(mixes))
+    """Output-MSE fine-tuning with early stopping on held-out blocks (see the module docstring). Data parallel:
+    every rank draws the same batches, computes the loss of the blocks it holds, and the gradients and held-out
+    errors are summed over the ranks, so all take the same steps and keep the same best state."""
+    start = held.error(mixes)
     curve, losses = [(0, start)], []
     if not cfg.stage2_steps or start < LOSSLESS:  # not asked for, or nothing left to gain
         mixes.requires_grad_(False)
@@ -344,14 +365,15 @@ def stage2(mixes: Mixes, train: Features, held: Features, cfg: TrainConfig) -> d
         batch = torch.randperm(train.n, generator=gen)[: min(cfg.stage2_batch, train.n)]
         loss = train.output_error(mixes, batch)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if loss.requires_grad:  # (not when none of the batch is this rank's)
+            loss.backward()
+        distributed.sum_gradients(params)
         mixes.mask_gradients()
         opt.step()
         sched.step()
-        losses.append(float(loss.detach()))
+        losses.append(distributed.sum_float(float(loss.detach())))
         if (step + 1) % cfg.stage2_eval_every == 0 or step + 1 == cfg.stage2_steps:
-            with torch.no_grad():
-                err = float(held.output_error(mixes))
+            err = held.error(mixes)
             curve.append((step + 1, err))
             if err < best[0]:
                 best = (err, step + 1, {k: v.detach().clone() for k, v in mixes.state_dict().items()})
@@ -376,6 +398,11 @@ def train_mixes(model, tokenizer, cfg: TrainConfig, calib=None, held=None, layou
     geo = kv_geometry(model)
     if calib is None or held is None:
         calib, held = spread_blocks(tokenizer, cfg)
+    check_data_parallel(cfg, len(calib), len(held))
+    # this rank's blocks (every block in one process); the first stage2_sequences blocks are kept for stage 2
+    cal_index, held_index = distributed.shard(len(calib)), distributed.shard(len(held))
+    kept = min(cfg.stage2_sequences, len(calib))
+    keep = cal_index[cal_index < kept]
     groups = layout.groups if layout is not None else make_groups(
         geo.full_attention_layers, cfg.group_size or min(4, len(geo.full_attention_layers)))
     for p in model.parameters():
@@ -383,21 +410,22 @@ def train_mixes(model, tokenizer, cfg: TrainConfig, calib=None, held=None, layou
     modules = attention_modules(model)
 
     t1 = time.perf_counter()
-    cal = collect(model, calib, groups, features=("k_pre", "v"), keep_samples=cfg.stage2_sequences,
-                  desc="stage 1: calibration", progress=cfg.progress)
+    cal = collect(model, calib[cal_index], groups, features=("k_pre", "v"), keep_samples=len(keep),
+                  desc="stage 1: calibration", progress=cfg.progress).pool()
     if cal.moments["k_pre"] is None:
         raise ValueError(f"{type(model).__name__} has no rotary embedding module to undo RoPE with; train the "
                          "hybrid variant instead (--variant hybrid)")
-    train_set = Features(model, cal.samples, groups, modules, cfg.stage2_queries, cfg.seed)
-    ho = collect(model, held, groups, features=(), keep_samples=len(held), desc="held-out capture",
-                 progress=cfg.progress)
-    held_set = Features(model, ho.samples, groups, modules, cfg.stage2_queries, cfg.seed + 1)
+    train_set = Features(model, cal.samples, groups, modules, cfg.stage2_queries, cfg.seed, index=keep, n=kept)
+    ho = collect(model, held[held_index], groups, features=(), keep_samples=len(held_index), desc="held-out capture",
+                 progress=cfg.progress).pool()
+    held_set = Features(model, ho.samples, groups, modules, cfg.stage2_queries, cfg.seed + 1, index=held_index,
+                        n=len(held))
     mixes = stage1(model, cfg, cal.moments, train_set, groups, layout)
     train_set.encode(mixes)
     held_set.encode(mixes)
     with torch.no_grad():
         kv_closed = held_set.kv_error(mixes)
-        out_closed = float(held_set.output_error(mixes))
+        out_closed = held_set.error(mixes)
     refit_decoders(mixes, train_set, cfg.ridge)
     stage1_seconds = time.perf_counter() - t1
     with torch.no_grad():
@@ -410,7 +438,7 @@ def train_mixes(model, tokenizer, cfg: TrainConfig, calib=None, held=None, layou
     with torch.no_grad():
         kv2 = held_set.kv_error(mixes)
         held_set.encode(mixes, quantized=False)
-        unquantized = float(held_set.output_error(mixes))
+        unquantized = held_set.error(mixes)
     lay = mixes.layout
     report = {
         "model": getattr(model, "echokv_name", None),
@@ -437,8 +465,34 @@ def train_mixes(model, tokenizer, cfg: TrainConfig, calib=None, held=None, layou
         "total_seconds": time.perf_counter() - t0,
         "config": cfg.record(),
     }
+    if distributed.active():
+        report["data_parallel"] = {"processes": distributed.size(), "backend": distributed.backend()}
     mixes.stage1_state = stage1_state
     return mixes, report
+
+
+def check_data_parallel(cfg: TrainConfig, calibration: int | None = None, heldout: int | None = None,
+                        processes: int | None = None) -> None:
+    """Refuse, before any work, a data-parallel run (:mod:`echokv.distributed`) this trainer cannot split: the
+    variants of :mod:`echokv.training`, or more processes than calibration, held-out or stage-2 sequences (blocks
+    of ``seq_len`` tokens; counted from the configuration when not given)."""
+    processes = distributed.size() if processes is None else processes
+    if processes < 2:
+        return
+    if not cfg.retains_components:
+        raise ValueError(f"the {cfg.variant} variant{' with --keys rope-commuting' if cfg.variant == 'heads' else ''} "
+                         "does not train data-parallel: run it as one process (without torchrun), or train the mix "
+                         "variant (the default) or --variant heads (pre-RoPE keys) under torchrun")
+    calibration = -(-cfg.calib_tokens // cfg.seq_len) if calibration is None else calibration
+    heldout = -(-cfg.heldout_tokens // cfg.seq_len) if heldout is None else heldout
+    counts = {"calibration": calibration, "held-out": heldout, "stage-2": min(cfg.stage2_sequences, calibration)}
+    least = min(counts.values())
+    if processes > least:
+        raise ValueError(
+            f"torchrun started {processes} processes, but training splits its sequences of {cfg.seq_len} tokens "
+            f"over them and has only {', '.join(f'{n} {k}' for k, n in counts.items())} sequences: start at most "
+            f"{least} (--nproc-per-node {least}), or pass more --calib-tokens / --heldout-tokens / "
+            "--stage2-sequences")
 
 
 def check_reachable(model, cfg: TrainConfig) -> None:

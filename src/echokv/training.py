@@ -272,6 +272,9 @@ def train(model, tokenizer, cfg: TrainConfig, calib=None, held=None, layout=None
         from .mix_training import train_mixes
 
         return train_mixes(model, tokenizer, cfg, calib, held, layout)
+    from .mix_training import check_data_parallel
+
+    check_data_parallel(cfg)  # (refuses these variants under torchrun)
     cfg.validate(model, reachable=layout is None)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()

@@ -10,14 +10,20 @@ A user's mistake (any of :data:`USER_ERRORS`: the library's own error classes, a
 missing, exists, cannot be written or is not UTF-8) is one line on stderr, ``echokv: error: ...``, and exit
 code 2; ``--debug`` shows the traceback instead. Another ``OSError`` (a full disk, ...) is one line and exit
 code 1. Anything else is a bug of echokv and keeps its traceback.
+
+Under ``torchrun`` (:mod:`echokv.distributed`) ``train`` and ``eval`` run data-parallel: each process joins the
+group, only rank 0 prints and writes, and an error line names the rank it came from. A rank that exits with an
+error makes torchrun stop the others.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
+from .. import distributed
 from . import analyze, bench, demo, eval, generate, info, train
 from ._args import UsageError, add_options
 
@@ -30,6 +36,8 @@ __all__ = ["COMMANDS", "USER_ERRORS", "UsageError", "build_parser", "main"]
 
 COMMANDS = {"info": info, "train": train, "generate": generate, "analyze": analyze, "eval": eval, "bench": bench,
             "demo": demo}
+#: the commands that split their work over torchrun's processes
+DATA_PARALLEL = ("train", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,18 +80,33 @@ def error_line(exc: BaseException) -> str:
     return " ".join(line.strip() for line in text.splitlines())
 
 
+def _run_data_parallel(args) -> int:
+    """One of torchrun's processes: join the group (this rank's device), run, leave."""
+    if args.command not in DATA_PARALLEL:
+        raise UsageError(f"echokv {args.command} does not run data-parallel; run it without torchrun (echokv "
+                         f"{' and '.join(DATA_PARALLEL)} do)")
+    args.device = distributed.init(args.device)
+    try:
+        if not distributed.is_main():  # rank 0 speaks for all
+            logging.getLogger("echokv").setLevel(logging.ERROR)
+        return args.run(args) or 0
+    finally:
+        distributed.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _show_library_messages()
+    where = f"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}: " if distributed.launched() else ""
     try:
-        return args.run(args) or 0
+        return _run_data_parallel(args) if distributed.launched() else args.run(args) or 0
     except USER_ERRORS as exc:
         if args.debug:
             raise
-        print(f"echokv: error: {error_line(exc)}", file=sys.stderr)
+        print(f"echokv: error: {where}{error_line(exc)}", file=sys.stderr)
         return 2
-    except OSError as exc:  # the machine, not the input: a full disk, a lost network share
+    except (OSError, distributed.PeerLost) as exc:  # the machine, not the input: a full disk, a lost rank
         if args.debug:
             raise
-        print(f"echokv: error: {error_line(exc)}", file=sys.stderr)
+        print(f"echokv: error: {where}{error_line(exc)}", file=sys.stderr)
         return 1

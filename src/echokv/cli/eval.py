@@ -35,6 +35,7 @@ def run(args) -> int:
     reach, no artifact for a ratio, no peers environment); 1 when a method failed (its rows hold ``error``);
     2 (from the dispatcher) for a mistake in the request, before any work.
     """
+    from .. import distributed
     from ..eval import runner
 
     start = time.perf_counter()
@@ -45,8 +46,10 @@ def run(args) -> int:
                           model_name=cfg.model, dtype=cfg.dtype, inputs_file=cfg.inputs)
     quiet_gguf_dtype_warning()
     model, tokenizer = cfg.load()
-    rows = runner.execute(job, model, tokenizer, progress=True)
+    rows = runner.execute(job, model, tokenizer, progress=distributed.is_main())
     errors = [r for r in rows if r.get("error")]
+    if not distributed.is_main():  # rank 0 reports for all (the same rows, so the same exit status)
+        return 1 if errors else 0
     skipped = {(r["method"], r.get("compression_ratio")): r["skipped"] for r in rows if r.get("skipped")}
     print("\n".join(runner.summary_lines(rows)))
     for (method, ratio), why in skipped.items():

@@ -12,8 +12,9 @@ HELP = "train a reconstructor (stage 1 + stage 2) and write an artifact"
 
 
 def run(args) -> int:
-    from .. import artifact
+    from .. import artifact, distributed
     from ..data import require_tokens
+    from ..mix_training import check_data_parallel
     from ..training import train
     from ..util import check_output_dir
 
@@ -21,11 +22,16 @@ def run(args) -> int:
     out = Path(output.out)
     check_output_dir(out, output.overwrite)
     cfg.ratios()
+    check_data_parallel(cfg)
+    cfg.progress = cfg.progress and distributed.is_main()
     model, tokenizer = from_args(args, ModelConfig).load()
     cfg.validate(model)
     require_tokens(tokenizer, "calibration", cfg.calib_tokens, cfg.seq_len, cfg.text_paths)
     require_tokens(tokenizer, "evaluation", cfg.heldout_tokens, cfg.seq_len, cfg.text_paths)
     recon, report = train(model, tokenizer, cfg)
+    distributed.barrier()  # every rank finished: only then does rank 0 write
+    if not distributed.is_main():
+        return 0
     artifact.save(recon, model, out, report, overwrite=output.overwrite)
     s1, s2 = report["stage1"], report["stage2"]
     print(

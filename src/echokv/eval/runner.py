@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from echokv import distributed
 from echokv.config import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS
 from echokv.eval import suites
 from echokv.eval.suites import FIDELITY, PERPLEXITY, ResolvedSuite
@@ -184,6 +185,9 @@ def make_job(suite: str, methods, ratios, artifacts=None, data=None, tasks=None,
     from echokv.util import check_output_dir
 
     resolved = suites.resolve(suite, tasks, context_lengths, samples)
+    if train_missing and distributed.active():
+        raise ValueError("--train-missing does not run under torchrun (every rank would train): train the artifact "
+                         "first (`torchrun ... -m echokv train`) and pass it with --artifacts")
     if split not in HAYSTACK_SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(HAYSTACK_SPLITS)}")
     names, is_all = _method_names(methods)
@@ -634,6 +638,8 @@ def run_peers(job: EvalJob, inputs: Inputs, runs: list[tuple[str, float]], progr
         src = str(Path(__file__).resolve().parents[2])  # this echokv's source, first on the path
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.pop(PEERS_ENV, None)
+        for name in distributed.TORCHRUN_ENV:  # the child is one process, not a rank
+            env.pop(name, None)
         log.info("[echokv eval] running %s in the peers environment (%s)", names, python)
         proc = subprocess.run(cmd, check=False, env=env, stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE,
                               text=True)
@@ -684,18 +690,58 @@ def execute(job: EvalJob, model, tokenizer, progress: bool = True) -> list[dict]
     if any(name != FULL and (name, r) not in job.skipped for name, r in local):
         calibration = Calibration(token_blocks(tokenizer, "calibration", CALIBRATION_TOKENS, CALIBRATION_SEQ_LEN))
     eos_ids = eos_token_ids(tokenizer, model)
-    for name, ratio in local + [(n, r) for n, r in job.runs if n in job.remote and (n, r) in job.skipped]:
-        rows += run_method(name, ratio, model, tokenizer, job, inputs, calibration, eos_ids, progress, predictions,
-                           done)
-        if job.out is not None:  # after every method: a long run that is stopped keeps what it measured
+    in_order = local + [(n, r) for n, r in job.runs if n in job.remote and (n, r) in job.skipped]
+    others = _other_ranks_cells(in_order, inputs)
+    main = distributed.is_main()
+    for name, ratio in in_order:
+        mine = [] if distributed.active() else predictions
+        new = run_method(name, ratio, model, tokenizer, job, inputs, calibration, eos_ids, progress, mine,
+                         done | others)
+        if distributed.active():
+            new, mine = _merge_ranks(new, mine, inputs)
+            predictions += mine
+        rows += new
+        if job.out is not None and main:  # after every method: a long run that is stopped keeps what it measured
             write(rows, predictions, job)
     remote = [(n, r) for n, r in remote if any(_cell_key({"method": n, "compression_ratio": r, **k}) not in done
                                                  for k, _ in inputs.cells)]
     if remote:
-        rows += run_peers(job, inputs, remote, progress)
-        if job.out is not None:
+        new = run_peers(job, inputs, remote, progress) if main else []
+        rows += distributed.gather_json(new)[0]  # rank 0's (the peers environment runs once)
+        if job.out is not None and main:
             write(rows, predictions, job)
     return rows
+
+
+# -- data parallel (torchrun: echokv.distributed) --------------------------------------------------------------
+def _units(inputs: Inputs) -> list[dict]:
+    """The row keys of one (method, ratio): its sample cells, then perplexity and fidelity, in row order."""
+    extra = [{"task": task, "context_length": int(blocks.shape[1]), "depth": None}
+             for task, blocks in ((PERPLEXITY, inputs.ppl_blocks), (FIDELITY, inputs.fidelity_blocks))
+             if blocks is not None]
+    return [keys for keys, _ in inputs.cells] + extra
+
+
+def _other_ranks_cells(runs: list[tuple[str, float]], inputs: Inputs) -> set:
+    """The cells (one result row each: method, ratio, task, context length, depth) the other ranks run: every
+    ``size()``-th cell of the whole evaluation is this rank's (nothing in one process)."""
+    if not distributed.active():
+        return set()
+    cells = [_cell_key({"method": n, "compression_ratio": float(r), **keys}) for n, r in runs for keys in _units(inputs)]
+    return {c for i, c in enumerate(cells) if i % distributed.size() != distributed.rank()}
+
+
+def _merge_ranks(rows: list[dict], predictions: list[dict], inputs: Inputs) -> tuple[list[dict], list[dict]]:
+    """Every rank's rows and predictions of one (method, ratio), in the order one process writes them (a cell's
+    rows and predictions come whole from one rank)."""
+    order = {_cell_key({"method": None, "compression_ratio": 0.0, **keys})[2:]: i
+             for i, keys in enumerate(_units(inputs))}
+    parts = distributed.gather_json([rows, predictions])
+
+    def sort(items):
+        return sorted(items, key=lambda item: order.get(_cell_key(item)[2:], len(order)))
+
+    return sort([r for part in parts for r in part[0]]), sort([p for part in parts for p in part[1]])
 
 
 def write(rows: list[dict], predictions: list[dict], job: EvalJob) -> dict[str, Path]:

@@ -45,6 +45,19 @@ class CalibrationStats:
     means: dict
     tokens: int
 
+    def pool(self) -> CalibrationStats:
+        """The moments and token count summed over data-parallel ranks (:mod:`echokv.distributed`); each rank
+        keeps its own samples."""
+        from .. import distributed
+
+        for per_group in self.moments.values():
+            for mom in per_group or []:
+                mom.pool()
+        local, self.tokens = self.tokens, distributed.sum_int(self.tokens)
+        self.means = {kind: {layer: (distributed.all_sum(m.double() * local) / max(self.tokens, 1)).float()
+                             for layer, m in per_layer.items()} for kind, per_layer in self.means.items()}
+        return self
+
 
 class GroupCollector:
     """The capture callback that accumulates :class:`CalibrationStats` (see the module docstring)."""

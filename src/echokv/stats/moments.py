@@ -59,6 +59,15 @@ class ValueMoments:
         self.outer += x.T @ x
         self._cov = None
 
+    def pool(self) -> None:
+        """Sum the streams over data-parallel ranks (:mod:`echokv.distributed`): the moments of every rank's
+        tokens."""
+        from .. import distributed
+
+        self.count = distributed.sum_int(self.count)
+        self.total, self.outer = distributed.all_sum(self.total), distributed.all_sum(self.outer)
+        self._cov = None
+
     @property
     def mean(self) -> torch.Tensor:
         return (self.total / max(self.count, 1)).view(self.n, self.d)
@@ -151,6 +160,13 @@ class KeyMoments:
         z = to_complex(k)  # [N, n, F]
         self.count += z.shape[0]
         self.gram += torch.einsum("nai,nbi->iab", z.conj(), z)
+
+    def pool(self) -> None:
+        """Sum the streams over data-parallel ranks (:mod:`echokv.distributed`)."""
+        from .. import distributed
+
+        self.count = distributed.sum_int(self.count)
+        self.gram = torch.view_as_complex(distributed.all_sum(torch.view_as_real(self.gram)).contiguous())
 
     def solve(self, src: list[int], tgt: int, ridge: float = RIDGE) -> torch.Tensor:
         """Complex coefficients [F, len(src)] predicting head ``tgt`` from heads ``src``."""
