@@ -23,8 +23,7 @@ def run(args) -> int:
     if not contexts or contexts[0] < 2:
         raise ValueError(f"--contexts needs lengths of at least 2 tokens, got {cfg.contexts!r}")
     check_output_dir(cfg.out, overwrite=True, replace=False)  # writable, before minutes of timing
-    read_config(cfg.artifact)
-    model, tokenizer = cfg.load()
+    model, tokenizer = cfg.load(groups=read_config(cfg.artifact)["layout"]["groups"])
     geo = kv_geometry(model)
     if geo.max_context and contexts[-1] + cfg.decode_tokens > geo.max_context:
         raise ValueError(f"context {contexts[-1]} + {cfg.decode_tokens} decode tokens exceeds the model's "
@@ -49,7 +48,7 @@ def run(args) -> int:
     if cfg.compare_dtype not in ("none", cfg.dtype):
         from dataclasses import replace
 
-        other, _ = replace(cfg, dtype=cfg.compare_dtype).load()
+        other, _ = replace(cfg, dtype=cfg.compare_dtype, offload_folder=None).load()  # (its own offload folder)
         for n, r in zip(contexts, results, strict=True):
             d = bench.dtype_context({cfg.dtype: model, cfg.compare_dtype: other}, text[:, :n], cfg.decode_tokens,
                                     cfg.repeats)

@@ -44,7 +44,10 @@ def run(args) -> int:
                           text=cfg.text, resume=cfg.resume, train_missing=cfg.train_missing, peers=cfg.peers,
                           model_name=cfg.model, dtype=cfg.dtype, inputs_file=cfg.inputs)
     quiet_gguf_dtype_warning()
-    model, tokenizer = cfg.load()
+    from ..artifact import read_config
+
+    groups = [g for path in cfg.artifacts or [] for g in read_config(path)["layout"]["groups"]]
+    model, tokenizer = cfg.load(groups=groups or None)
     rows = runner.execute(job, model, tokenizer, progress=True)
     errors = [r for r in rows if r.get("error")]
     skipped = {(r["method"], r.get("compression_ratio")): r["skipped"] for r in rows if r.get("skipped")}

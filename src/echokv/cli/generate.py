@@ -51,11 +51,12 @@ def run(args) -> int:
         raise UsageError(f"--mode {cfg.mode} needs --artifact DIR (train one with `echokv train`)")
     if cfg.mode == "auto" and cfg.switch_at is None and cfg.memory_budget is None:
         raise UsageError("--mode auto needs --switch-at N (tokens) or --memory-budget BYTES")
+    groups = None
     if cfg.artifact:
         from ..artifact import read_config
 
-        read_config(cfg.artifact)  # complete and well-formed, before the model loads
-    model, tokenizer = cfg.load()
+        groups = read_config(cfg.artifact)["layout"]["groups"]  # complete and well-formed, before the model loads
+    model, tokenizer = cfg.load(groups=groups)
     ids = encode_prompt(tokenizer, text, None if cfg.chat == "auto" else cfg.chat == "on")
     ctx = kv_geometry(model).max_context
     if ctx and ids.shape[1] + cfg.max_new_tokens > ctx:
