@@ -107,6 +107,10 @@ def test_keep_groups_on_device_refuses_a_map_that_splits_a_group():
     assert "\n" not in str(err.value)
     model, _ = load_model("tiny-llama")
     placement.check_groups(model, [[0, 1, 2], [3]], placement.execution_devices(model, split), True)  # fits
+    # a strategy's map is moved instead: layer 3 joins layer 2 (ties go to the earliest layer's device)
+    aligned = placement.align(model, split, [[0, 1], [2, 3]])
+    assert aligned["model.layers.3"] == "cpu:0" and not placement.split_groups(
+        [[0, 1], [2, 3]], placement.execution_devices(model, aligned))
 
 
 @pytest.mark.parametrize("device_map, message", [

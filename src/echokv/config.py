@@ -65,8 +65,9 @@ class ModelConfig:
     max_memory: str | None = option(None, "with --device-map auto: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
     offload_folder: str | None = option(None, "empty or new folder for the weights a device map puts on disk "
                                         "(default: a temporary folder)")
-    keep_groups_on_device: bool = option(False, "refuse a device map that runs a group of layers (which share "
-                                         "stored components) on two devices")
+    keep_groups_on_device: bool = option(False, "keep each group of layers (which share stored components) on one "
+                                         "device: --device-map auto moves a split group whole, a given map that "
+                                         "splits one is refused")
 
     def load(self, groups: int | list[list[int]] | None = None):
         """``(model, tokenizer)`` (:func:`echokv.models.load_model`); ``groups``: the layer groups the command

@@ -224,7 +224,8 @@ def load_model(
     (``"auto"``, within ``max_memory``), or module -> device (GPU index, ``"cpu"``, ``"disk"``; a dict, inline JSON
     or a ``.json`` file); ``"disk"`` weights go to ``offload_folder`` (empty or new; default: a temporary folder).
     ``groups`` (S, or the groups of an artifact) are the layer groups that will share stored components: with
-    ``keep_groups_on_device`` a map that runs one of them on two devices is refused before the weights load.
+    ``keep_groups_on_device`` a strategy's map is moved so that each group runs on one device, and a given map that
+    runs one of them on two devices is refused, before the weights load.
 
     Raises ``TypeError`` for a name that is not a string or path, :class:`ModelLoadError` for anything that
     cannot be loaded (the message says what to pass or install).
@@ -310,6 +311,8 @@ def _checked(model, placed: tuple, groups, keep: bool) -> dict:
 
                 layers = kv_geometry(model).full_attention_layers
                 groups = make_groups(layers, min(groups, len(layers)))
+            if keep and isinstance(placed[0], str):  # a strategy's map is moved to fit the groups
+                mapping = placement.align(model, mapping, groups)
             placement.check_groups(model, groups, placement.execution_devices(model, mapping), keep)
     except placement.PlacementError as exc:
         raise ModelLoadError(str(exc)) from None

@@ -262,6 +262,34 @@ def straddle_bytes(geometry, groups: list[list[int]], devices: dict[int, torch.d
     return total
 
 
+def align(model, mapping: dict, groups: list[list[int]]) -> dict:
+    """``mapping`` (a strategy's) with every group that runs on two devices moved whole to its group device: the
+    map a strategy gives with ``keep_groups_on_device``. That device then holds up to S/2 layers more than the
+    strategy planned for it (logged)."""
+    from .stats.capture import attention_modules
+
+    devices = execution_devices(model, mapping)
+    names = {id(m): n for n, m in model.named_modules()}
+    attn = attention_modules(model)
+    out = dict(mapping)
+    for g in split_groups(groups, devices):
+        home = group_device(g, devices)
+        value = next(mapping[_owner(mapping, names[id(attn[layer])])] for layer in g if devices[layer] == home)
+        for layer in g:
+            if devices[layer] == home:
+                continue
+            key = _owner(mapping, names[id(attn[layer])])
+            layer_name = names[id(attn[layer])].rsplit(".", 1)[0]  # the decoder layer holding the attention
+            if not (key == layer_name or key.startswith(layer_name + ".")):
+                raise PlacementError(f"the device map places layer {layer} through {key!r} with other layers; it "
+                                     "cannot be moved alone to keep its group on one device")
+            for k in [k for k in out if k == layer_name or k.startswith(layer_name + ".")]:
+                out[k] = value
+        log.info("device map: layers %s moved to %s with the rest of their group", 
+                 [layer for layer in g if devices[layer] != home], home)
+    return out
+
+
 def check_groups(model, groups: list[list[int]], devices: dict[int, torch.device], keep_on_device: bool) -> None:
     """Refuse (``keep_on_device``) or report a placement that runs a group's layers on two devices."""
     from .models import kv_geometry
