@@ -147,3 +147,19 @@ def test_cli_refuses_bad_placement_before_loading(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert rc == 2 and message in err and len(err.splitlines()) == 1, err
     assert (folder / "mine.txt").read_text() == "keep me"
+
+
+def test_a_model_folder_is_loaded_in_place_by_its_map(tmp_path):
+    """A Hub id or folder goes through from_pretrained(device_map=...): the map is resolved and checked on an empty
+    model first, then the weights load straight to their devices."""
+    ref, tok = load_model("tiny-llama")
+    ref.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    off, _ = load_model(str(tmp_path / "m"), device_map=HALF_ON_DISK, offload_folder=tmp_path / "w")
+    # (read back from the model's own safetensors file: transformers writes nothing to the folder for them)
+    assert off.model.layers[2].self_attn.k_proj.weight.device.type == "meta"
+    ids = torch.randint(3, 250, (1, 16), generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(off(ids).logits, ref(ids).logits, atol=1e-5)
+    with pytest.raises(ModelLoadError, match="splits the group of layers"):
+        load_model(str(tmp_path / "m"), device_map={**{k: "cpu:0" for k in HALF_ON_DISK}, "model.layers.3": "cpu:1"},
+                   groups=2, keep_groups_on_device=True)

@@ -16,6 +16,7 @@ def run(args) -> int:
     from ..artifact import load, read_config
     from ..data import require_tokens, token_blocks
     from ..models import kv_geometry
+    from ..placement import input_device
     from ..util import check_output_dir, parse_csv
 
     cfg = from_args(args, BenchConfig)
@@ -30,7 +31,7 @@ def run(args) -> int:
                          f"{geo.max_context}")
     recon = load(cfg.artifact, model)
     require_tokens(tokenizer, "evaluation", contexts[-1], contexts[-1])
-    text = token_blocks(tokenizer, "evaluation", contexts[-1], contexts[-1])
+    text = token_blocks(tokenizer, "evaluation", contexts[-1], contexts[-1]).to(input_device(model))
     results = []
     for n in contexts:
         print(f"context {n} ...", flush=True)

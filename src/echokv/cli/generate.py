@@ -38,6 +38,7 @@ def run(args) -> int:
     from ..cache import EchoKVCache, FullCache
     from ..generation import encode_prompt, generate
     from ..models import kv_geometry
+    from ..placement import input_device
 
     cfg = from_args(args, GenerateConfig)
     text = _read_prompt(cfg)
@@ -57,7 +58,7 @@ def run(args) -> int:
 
         groups = read_config(cfg.artifact)["layout"]["groups"]  # complete and well-formed, before the model loads
     model, tokenizer = cfg.load(groups=groups)
-    ids = encode_prompt(tokenizer, text, None if cfg.chat == "auto" else cfg.chat == "on")
+    ids = encode_prompt(tokenizer, text, None if cfg.chat == "auto" else cfg.chat == "on").to(input_device(model))
     ctx = kv_geometry(model).max_context
     if ctx and ids.shape[1] + cfg.max_new_tokens > ctx:
         raise UsageError(
