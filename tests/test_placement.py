@@ -163,3 +163,22 @@ def test_a_model_folder_is_loaded_in_place_by_its_map(tmp_path):
     with pytest.raises(ModelLoadError, match="splits the group of layers"):
         load_model(str(tmp_path / "m"), device_map={**{k: "cpu:0" for k in HALF_ON_DISK}, "model.layers.3": "cpu:1"},
                    groups=2, keep_groups_on_device=True)
+
+
+@pytest.mark.real_model
+def test_the_embedded_gguf_model_with_half_its_layers_on_disk_answers_as_in_memory(smollm2, smollm2_artifact, tmp_path):
+    """SmolLM2 (a GGUF: dequantized, then dispatched) with layers 15-29 on disk: the same logits, and the same greedy
+    answer through the compressed cache."""
+    ref, tok = smollm2
+    half = {k: "cpu" for k in ("model.embed_tokens", "model.rotary_emb", "model.norm", "lm_head")}
+    half.update({f"model.layers.{i}": "cpu" if i < 15 else "disk" for i in range(30)})
+    off, _ = load_model("smollm2-135m", dtype="bfloat16", device_map=json.dumps(half), offload_folder=tmp_path / "w",
+                        groups=4, keep_groups_on_device=True)
+    assert off.model.layers[29].self_attn.k_proj.weight.device.type == "meta"
+    from echokv.generation import encode_prompt
+
+    ids = encode_prompt(tok, "What is the capital of France?")
+    assert torch.equal(off(ids).logits, ref(ids).logits)
+    answers = [generate(m, ids, EchoKVCache(m, str(smollm2_artifact), mode="compressed"), max_new_tokens=12)
+               for m in (ref, off)]
+    assert torch.equal(answers[0], answers[1])

@@ -258,11 +258,13 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         if name == "gemma3-270m":
             _check_gemma_tokenizer(tokenizer)
-        if placed is not None and gguf_file is None:  # resolved and checked on an empty model, then loaded in place
-            mapping = _planned(source, torch_dtype, attn_implementation, placed, groups, keep_groups_on_device)
+        if placed is not None:  # resolved and checked on an empty model before any weight loads
             from . import placement
 
-            load_kwargs = {"device_map": mapping, "offload_folder": placement.offload_folder(mapping, placed[2])}
+            mapping = _planned(source, kwargs, torch_dtype, attn_implementation, placed, groups, keep_groups_on_device)
+            folder = placement.offload_folder(mapping, placed[2])
+            if gguf_file is None:  # loaded in place
+                load_kwargs = {"device_map": mapping, "offload_folder": folder}
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype, attn_implementation=attn_implementation, **kwargs, **load_kwargs
         )
@@ -272,7 +274,7 @@ def load_model(
         raise ModelLoadError(f"could not load model {name!r}: {exc}") from exc
     if placed is not None and gguf_file is not None:
         # transformers refuses disk offload of GGUF files: dequantized in memory, then dispatched
-        model = _dispatched(model, placed, groups, keep_groups_on_device)
+        model = placement.dispatch(model, mapping, folder)
     elif placed is None:
         model.to(dev)
     model.eval()
@@ -330,12 +332,12 @@ def _dispatched(model, placed: tuple, groups, keep: bool):
     return placement.dispatch(model, mapping, folder)
 
 
-def _planned(source: str, dtype, attn_implementation, placed: tuple, groups, keep: bool) -> dict:
-    """The map of a Hub or folder model, resolved on an empty (meta) model built from its configuration."""
+def _planned(source: str, kwargs: dict, dtype, attn_implementation, placed: tuple, groups, keep: bool) -> dict:
+    """The map of a Hub, folder or GGUF model, resolved on an empty (meta) model built from its configuration."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(source)
+    config = AutoConfig.from_pretrained(source, **kwargs)
     with init_empty_weights():
         empty = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     return _checked(empty, placed, groups, keep)
