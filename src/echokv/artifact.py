@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from . import key_latent
 from .mixes import Mixes, MixLayout
 from .models import kv_geometry
+from .placement import onloaded
 from .reconstructor import Reconstructor
 from .selection import HeadLayout
 from .stats.capture import attention_modules
@@ -64,11 +65,12 @@ def _kv_weights(mod) -> list[torch.Tensor | None]:
 def _fingerprint(model, via: torch.dtype | None = None) -> str:
     h = hashlib.sha256()
     for layer, mod in sorted(attention_modules(model).items()):
-        for t in _kv_weights(mod):
-            if t is not None:
-                t = t.detach().to("cpu")
-                t = t if via is None else t.to(via)
-                h.update(t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+        with onloaded(mod):  # weights accelerate offloaded are meta outside a forward
+            for t in _kv_weights(mod):
+                if t is not None:
+                    t = t.detach().to("cpu")
+                    t = t if via is None else t.to(via)
+                    h.update(t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
     return h.hexdigest()
 
 

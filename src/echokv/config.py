@@ -59,12 +59,24 @@ class ModelConfig:
     dtype: str = option("bfloat16", "dtype the model and its KV cache run in (bfloat16: what users serve; "
                         "float32 for reference numbers)", choices=tuple(DTYPES))
     device: str = option("cpu", "torch device")
+    device_map: str | None = option(None, "split the model across devices with accelerate: auto (or balanced, "
+                                    "sequential; within --max-memory), or a JSON object or .json file of module -> "
+                                    "device (GPU index, cpu, disk)")
+    max_memory: str | None = option(None, "with --device-map auto: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+    offload_folder: str | None = option(None, "empty or new folder for the weights a device map puts on disk "
+                                        "(default: a temporary folder)")
+    keep_groups_on_device: bool = option(False, "keep each group of layers (which share stored components) on one "
+                                         "device: --device-map auto moves a split group whole, a given map that "
+                                         "splits one is refused")
 
-    def load(self):
-        """``(model, tokenizer)`` (:func:`echokv.models.load_model`)."""
+    def load(self, groups: int | list[list[int]] | None = None):
+        """``(model, tokenizer)`` (:func:`echokv.models.load_model`); ``groups``: the layer groups the command
+        compresses (S, or an artifact's), checked against the device map."""
         from .models import load_model
 
-        return load_model(self.model, dtype=self.dtype, device=self.device)
+        return load_model(self.model, dtype=self.dtype, device=self.device, device_map=self.device_map,
+                          max_memory=self.max_memory, offload_folder=self.offload_folder, groups=groups,
+                          keep_groups_on_device=self.keep_groups_on_device)
 
 
 #: stage-2 learning rates. The mixes' stage 2 trains decoders on fixed components, which 1e-3 overshoots

@@ -45,6 +45,7 @@ from .mixes import (
     pca_pair,
 )
 from .models import kv_geometry
+from .placement import readable
 from .selection import _budgets, data_layout, make_groups, nearest_paper_layout
 from .stats.capture import attention_modules
 from .stats.collect import collect
@@ -106,7 +107,7 @@ class Features:
                 for layer in group:
                     q, k, v = (x.float() for x in samples[layer])
                     rope = Rope(model, layer)
-                    cos, sin = rope.table(t, k.device)
+                    cos, sin = rope.table(t, k.device)  # (samples are kept on the CPU)
                     self.cos[layer], self.sin[layer] = cos, sin
                     ks.append(unrotate(k, cos, sin).transpose(1, 2).flatten(2))
                     vs.append(v.transpose(1, 2).flatten(2))
@@ -407,7 +408,7 @@ def train_mixes(model, tokenizer, cfg: TrainConfig, calib=None, held=None, layou
         geo.full_attention_layers, cfg.group_size or min(4, len(geo.full_attention_layers)))
     for p in model.parameters():
         p.requires_grad_(False)
-    modules = attention_modules(model)
+    modules = readable(attention_modules(model))
 
     t1 = time.perf_counter()
     cal = collect(model, calib[cal_index], groups, features=("k_pre", "v"), keep_samples=len(keep),

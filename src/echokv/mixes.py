@@ -239,6 +239,14 @@ class Mixes(nn.Module):
     def index(self, group: int, kind: str) -> int:
         return 2 * group + KINDS.index(kind)
 
+    def place(self, devices: list[torch.device]) -> None:
+        """Each group's parts on ``devices[group]`` (its group device on a model split across devices)."""
+        for i, part in enumerate(self.layout.parts):
+            dev = devices[part.group]
+            for key in ("m", "E", "R", "c"):
+                self.params[f"p{i}_{key}"].data = self.params[f"p{i}_{key}"].data.to(dev)
+            setattr(self, f"p{i}_scale", getattr(self, f"p{i}_scale").to(dev))
+
     def encode(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Group features [..., D] -> whitened components [..., r] (not yet quantized)."""
         m, e, _, _, scale = self.tensors(i)

@@ -211,8 +211,21 @@ def load_model(
     dtype: str | torch.dtype = torch.float32,
     device: str = "cpu",
     attn_implementation: str | None = "sdpa",
+    *,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    offload_folder: str | None = None,
+    groups: int | list[list[int]] | None = None,
+    keep_groups_on_device: bool = False,
 ):
     """Load ``(model, tokenizer)`` for a name, Hub id, folder or ``.gguf`` file, in eval mode.
+
+    ``device_map`` splits the model across devices with accelerate (:mod:`echokv.placement`): a strategy
+    (``"auto"``, within ``max_memory``), or module -> device (GPU index, ``"cpu"``, ``"disk"``; a dict, inline JSON
+    or a ``.json`` file); ``"disk"`` weights go to ``offload_folder`` (empty or new; default: a temporary folder).
+    ``groups`` (S, or the groups of an artifact) are the layer groups that will share stored components: with
+    ``keep_groups_on_device`` a strategy's map is moved so that each group runs on one device, and a given map that
+    runs one of them on two devices is refused, before the weights load.
 
     Raises ``TypeError`` for a name that is not a string or path, :class:`ModelLoadError` for anything that
     cannot be loaded (the message says what to pass or install).
@@ -224,8 +237,13 @@ def load_model(
                         f"folder or a .gguf file (str or path), got {name!r}")
     torch_dtype = resolve_dtype(dtype)
     dev = check_device(device)
+    placed = None
+    if device_map is not None or max_memory is not None or offload_folder is not None:
+        placed = _placement_request(device_map, max_memory, offload_folder, dev)
     if name.startswith("tiny-") and not Path(name).exists():
         model, tokenizer = _tiny(name, torch_dtype)
+        if placed is not None:
+            return _dispatched(model, placed, groups, keep_groups_on_device).eval(), tokenizer
         return model.to(dev).eval(), tokenizer
     source, gguf_file = _resolve_source(name)
     _require("transformers", "loading a model", "pip install transformers")
@@ -235,22 +253,94 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    load_kwargs = {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         if name == "gemma3-270m":
             _check_gemma_tokenizer(tokenizer)
+        if placed is not None:  # resolved and checked on an empty model before any weight loads
+            from . import placement
+
+            mapping = _planned(source, kwargs, torch_dtype, attn_implementation, placed, groups, keep_groups_on_device)
+            folder = placement.offload_folder(mapping, placed[2])
+            if gguf_file is None:  # loaded in place
+                load_kwargs = {"device_map": mapping, "offload_folder": folder}
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, attn_implementation=attn_implementation, **kwargs
+            source, dtype=torch_dtype, attn_implementation=attn_implementation, **kwargs, **load_kwargs
         )
     except ModelLoadError:
         raise
     except OSError as exc:  # missing Hub access, no network, bad folder
         raise ModelLoadError(f"could not load model {name!r}: {exc}") from exc
-    model.to(dev).eval()
+    if placed is not None and gguf_file is not None:
+        # transformers refuses disk offload of GGUF files: dequantized in memory, then dispatched
+        model = placement.dispatch(model, mapping, folder)
+    elif placed is None:
+        model.to(dev)
+    model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.echokv_name = name  # recorded in artifacts and reports
     return model, tokenizer
+
+
+def _placement_request(device_map, max_memory, offload_folder, dev: torch.device) -> tuple:
+    """(map, max memory, folder) as given, checked before anything loads."""
+    from .placement import PlacementError, check_offload_folder, parse_device_map, parse_max_memory
+
+    if device_map is None:
+        raise ModelLoadError("--max-memory and --offload-folder apply to a model split by --device-map; pass "
+                             "--device-map auto (or a map)")
+    if dev.type != "cpu":
+        raise ModelLoadError(f"pass --device ({dev}) or --device-map, not both: the map says where every module goes")
+    try:
+        if offload_folder is not None:
+            check_offload_folder(offload_folder)
+        return parse_device_map(device_map), parse_max_memory(max_memory), offload_folder
+    except PlacementError as exc:
+        raise ModelLoadError(str(exc)) from None
+
+
+def _checked(model, placed: tuple, groups, keep: bool) -> dict:
+    """The resolved map of ``model`` (real or empty), its groups checked."""
+    from . import placement
+
+    try:
+        mapping = placement.resolve(model, placed[0], placed[1])
+        if groups is not None:
+            if isinstance(groups, int):
+                from .selection import make_groups
+
+                layers = kv_geometry(model).full_attention_layers
+                groups = make_groups(layers, min(groups, len(layers)))
+            if keep and isinstance(placed[0], str):  # a strategy's map is moved to fit the groups
+                mapping = placement.align(model, mapping, groups)
+            placement.check_groups(model, groups, placement.execution_devices(model, mapping), keep)
+    except placement.PlacementError as exc:
+        raise ModelLoadError(str(exc)) from None
+    return mapping
+
+
+def _dispatched(model, placed: tuple, groups, keep: bool):
+    from . import placement
+
+    mapping = _checked(model, placed, groups, keep)
+    try:
+        folder = placement.offload_folder(mapping, placed[2])
+    except placement.PlacementError as exc:
+        raise ModelLoadError(str(exc)) from None
+    return placement.dispatch(model, mapping, folder)
+
+
+def _planned(source: str, kwargs: dict, dtype, attn_implementation, placed: tuple, groups, keep: bool) -> dict:
+    """The map of a Hub, folder or GGUF model, resolved on an empty (meta) model built from its configuration."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    return _checked(empty, placed, groups, keep)
 
 
 @dataclass

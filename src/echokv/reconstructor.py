@@ -102,6 +102,11 @@ class Reconstructor(nn.Module):
                     entry[kind] = (torch.tensor(rows, dtype=torch.long), [tgt[i][1] for i in rows])
                 self._targets[layer] = (gi, entry)
 
+    def place(self, devices: list[torch.device]) -> None:
+        """Each group's maps on ``devices[group]`` (its group device on a model split across devices)."""
+        for mod, dev in zip(self.groups, devices):
+            mod.to(dev)
+
     def layer_targets(self, kind: str, layer: int) -> tuple[int, torch.Tensor, list[int]]:
         """``layer``'s discarded heads of ``kind``: (group index, their rows among the group's targets,
         their head ids)."""

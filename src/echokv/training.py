@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .models import kv_geometry
+from .placement import readable
 from .reconstructor import Reconstructor
 from .selection import HeadLayout, data_layout, make_groups, nearest_paper_layout
 from .stats.capture import attention_modules
@@ -306,7 +307,7 @@ def train(model, tokenizer, cfg: TrainConfig, calib=None, held=None, layout=None
 
     ho = collect(model, held, groups, features=(), keep_samples=len(held), desc="held-out capture",
                  progress=cfg.progress)
-    modules = attention_modules(model)
+    modules = readable(attention_modules(model))
     held_omse = OutputMSE(layout, ho.samples, modules, recon=recon)
     held_err = {fill: relative_kv_error(recon, ho.samples, fill, cal.means) for fill in ("recon", "zero", "mean")}
 

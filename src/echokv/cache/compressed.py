@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .. import attention
+from .. import attention, placement
 from ..config import CACHE_MODES
 from ..models import kv_geometry
 from . import accounting
@@ -96,14 +96,17 @@ class CompressedCache(DynamicCache):
                 self.layers[i] = GrowingLayer()
         self.codec = codec
         self.fast = fast
-        self.stores = [GroupStore(group) for group in (codec.groups if codec is not None else [])]
+        # each layer's K/V stay on the device it runs on; each group's stored tokens on the group's device
+        devices = placement.layer_devices(model) if codec is not None else {}
+        self.stores = [GroupStore(group, placement.group_device(group, devices))
+                       for group in (codec.groups if codec is not None else [])]
         self.compressible = sorted(i for store in self.stores for i in store.layers)
         fast_for = attention.config_ids(model) if fast else None
         for store in self.stores:
             for i in store.layers:
                 if type(self.layers[i]) is not GrowingLayer:
                     raise ValueError(f"layer {i} is not a full-attention layer; the codec cannot compress it")
-                self.layers[i] = CompressedLayer(i, store, codec, fast_for)
+                self.layers[i] = CompressedLayer(i, store, codec, fast_for, devices[i])
         self.mode = mode
         self.switch_at_tokens = switch_at_tokens
         self.memory_budget_bytes = memory_budget_bytes
@@ -261,13 +264,18 @@ class CompressedCache(DynamicCache):
         n = min((self.layers[i].recent_length() for i in self.compressible), default=0) - self.full_window
         if n <= 0:
             return
-        extra = {}
+        positions = None
         if self.codec.needs_positions:
-            extra["positions"], self.positions = self.positions[:, :n], self.positions[:, n:]
+            positions, self.positions = self.positions[:, :n], self.positions[:, n:]
+        here = self.layers[self.compressible[0]].runs_on  # where the positions were recorded
         for gi, store in enumerate(self.stores):
             layers = [self.layers[i] for i in store.layers]
-            keys = [lay.keys[:, :, :n] for lay in layers]
-            values = [lay.values[:, :, :n] for lay in layers]
+            keys = [store.move(lay.keys[:, :, :n], store.device) if lay.away else lay.keys[:, :, :n] for lay in layers]
+            values = [store.move(lay.values[:, :, :n], store.device) if lay.away else lay.values[:, :, :n]
+                      for lay in layers]
+            extra = {}
+            if positions is not None:
+                extra["positions"] = store.move(positions, store.device) if store.device != here else positions
             store.append(self.codec.encode(gi, keys, values, **extra), n)
             for lay in layers:
                 lay.drop_oldest(n)
@@ -292,6 +300,10 @@ class CompressedCache(DynamicCache):
 
     def kept_fraction(self) -> float:
         return accounting.kept_fraction(self)
+
+    def moved_bytes(self) -> int:
+        """Bytes moved so far between the devices of layers and those of their groups (0 on one device)."""
+        return sum(store.moved_bytes for store in self.stores)
 
     def memory_report(self) -> dict:
         return {
@@ -337,8 +349,8 @@ class EchoKVCache(CompressedCache):
             raise TypeError(f"EchoKVCache needs an artifact: the folder `echokv train` wrote (str or path) or a "
                             f"Reconstructor, got {artifact!r}")
         recon = artifact if isinstance(artifact, (Reconstructor, Mixes)) else load(artifact, model)
-        param = next(model.parameters())
-        recon.to(device=param.device)
+        devices = placement.layer_devices(model)
+        recon.place([placement.group_device(g, devices) for g in recon.layout.groups])
         if mode is None:  # a switch condition means auto mode
             auto = kwargs.get("switch_at_tokens") is not None or kwargs.get("memory_budget_bytes") is not None
             mode = "auto" if auto else "full"

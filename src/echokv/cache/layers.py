@@ -70,9 +70,17 @@ class CompressedLayer(GrowingLayer):
     attention to the attention call instead, and returns the recent tokens only.
     """
 
-    def __init__(self, layer_idx: int, store: GroupStore, codec: KVCodec, fast_for: frozenset | None = None):
+    def __init__(self, layer_idx: int, store: GroupStore, codec: KVCodec, fast_for: frozenset | None = None,
+                 device: torch.device | None = None):
         super().__init__()
         self.layer_idx, self.store, self.codec, self.fast_for = layer_idx, store, codec, fast_for
+        #: the device this layer runs on; when it is not its group's (``store.device``), tensors move between them
+        #: (not ``device``: transformers' layers set that to their tensors' device)
+        self.runs_on = device
+
+    @property
+    def away(self) -> bool:
+        return self.runs_on is not None and self.store.device is not None and self.runs_on != self.store.device
 
     def get_seq_length(self) -> int:
         return super().get_seq_length() + self.store.n_tokens
@@ -88,9 +96,11 @@ class CompressedLayer(GrowingLayer):
         if fast and attention.in_scope(self.fast_for):
             fn = self.codec.fast_attention(self.layer_idx, self.store.tensors)
             if fn is not None:
-                attention.defer(self.layer_idx, fn)
+                attention.defer(self.layer_idx, self.store.bridge(fn, self.runs_on) if self.away else fn)
                 return keys, values
         past_k, past_v = self.codec.decode(self.layer_idx, self.store.tensors)
+        if self.away:  # decoded on the group's device
+            past_k, past_v = self.store.move(past_k, self.runs_on), self.store.move(past_v, self.runs_on)
         keys = torch.cat([past_k.to(keys.dtype), keys], dim=-2)
         return keys, torch.cat([past_v.to(values.dtype), values], dim=-2)
 

@@ -60,11 +60,30 @@ class GroupStore:
     (:class:`~echokv.cache.compressed.CompressedCache` calls them), never once per layer.
     """
 
-    def __init__(self, layers: list[int]):
+    def __init__(self, layers: list[int], device: torch.device | None = None):
         self.layers = list(layers)
         self.tensors: dict[str, torch.Tensor] = {}
         self.n_tokens = 0
         self.appender = Appender()
+        #: where the group's tokens are encoded, stored and decoded (:func:`echokv.placement.group_device`)
+        self.device = device
+        #: bytes moved between this device and the devices of layers that run elsewhere
+        self.moved_bytes = 0
+
+    def move(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``tensor`` on ``device``, its bytes counted (a layer of the group that runs on another device)."""
+        self.moved_bytes += tensor.numel() * tensor.element_size()
+        return tensor.to(device)
+
+    def bridge(self, fn, device: torch.device):
+        """The fast attention ``fn`` (run on this group's device) for a layer on ``device``: its queries, recent
+        K/V and mask go here, the output goes back."""
+        def run(q, k, v, mask, scaling):
+            home = self.device
+            mask = None if mask is None else self.move(mask, home)
+            return self.move(fn(self.move(q, home), self.move(k, home), self.move(v, home), mask, scaling), device)
+
+        return run
 
     def append(self, tensors: dict[str, torch.Tensor], n_tokens: int) -> None:
         for name, t in tensors.items():

@@ -16,6 +16,7 @@ def run(args) -> int:
     from ..artifact import load, read_config
     from ..data import require_tokens, token_blocks
     from ..models import kv_geometry
+    from ..placement import input_device
     from ..util import check_output_dir, parse_csv
 
     cfg = from_args(args, BenchConfig)
@@ -31,8 +32,7 @@ def run(args) -> int:
     if budgets and cfg.budget_context < 2:
         raise ValueError(f"--budget-context needs at least 2 tokens, got {cfg.budget_context}")
     check_output_dir(cfg.out, overwrite=True, replace=False)  # writable, before minutes of timing
-    read_config(cfg.artifact)
-    model, tokenizer = cfg.load()
+    model, tokenizer = cfg.load(groups=read_config(cfg.artifact)["layout"]["groups"])
     geo = kv_geometry(model)
     longest = max(contexts + ([cfg.budget_context] if budgets else []))
     if geo.max_context and longest + cfg.decode_tokens > geo.max_context:
@@ -40,7 +40,7 @@ def run(args) -> int:
                          f"{geo.max_context}")
     recon = load(cfg.artifact, model)
     require_tokens(tokenizer, "evaluation", longest, longest)
-    text = token_blocks(tokenizer, "evaluation", longest, longest)
+    text = token_blocks(tokenizer, "evaluation", longest, longest).to(input_device(model))
     results = []
     for n in contexts:
         print(f"context {n} ...", flush=True)
@@ -59,7 +59,7 @@ def run(args) -> int:
     if cfg.compare_dtype not in ("none", cfg.dtype):
         from dataclasses import replace
 
-        other, _ = replace(cfg, dtype=cfg.compare_dtype).load()
+        other, _ = replace(cfg, dtype=cfg.compare_dtype, offload_folder=None).load()  # (its own offload folder)
         for n, r in zip(contexts, results, strict=True):
             d = bench.dtype_context({cfg.dtype: model, cfg.compare_dtype: other}, text[:, :n], cfg.decode_tokens,
                                     cfg.repeats)

@@ -38,6 +38,7 @@ def run(args) -> int:
     from ..cache import EchoKVCache, FullCache
     from ..generation import encode_prompt, generate
     from ..models import kv_geometry
+    from ..placement import input_device
 
     cfg = from_args(args, GenerateConfig)
     text = _read_prompt(cfg)
@@ -51,12 +52,13 @@ def run(args) -> int:
         raise UsageError(f"--mode {cfg.mode} needs --artifact DIR (train one with `echokv train`)")
     if cfg.mode == "auto" and cfg.switch_at is None and cfg.memory_budget is None:
         raise UsageError("--mode auto needs --switch-at N (tokens) or --memory-budget BYTES")
+    groups = None
     if cfg.artifact:
         from ..artifact import read_config
 
-        read_config(cfg.artifact)  # complete and well-formed, before the model loads
-    model, tokenizer = cfg.load()
-    ids = encode_prompt(tokenizer, text, None if cfg.chat == "auto" else cfg.chat == "on")
+        groups = read_config(cfg.artifact)["layout"]["groups"]  # complete and well-formed, before the model loads
+    model, tokenizer = cfg.load(groups=groups)
+    ids = encode_prompt(tokenizer, text, None if cfg.chat == "auto" else cfg.chat == "on").to(input_device(model))
     ctx = kv_geometry(model).max_context
     if ctx and ids.shape[1] + cfg.max_new_tokens > ctx:
         raise UsageError(

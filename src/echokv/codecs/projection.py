@@ -11,6 +11,7 @@ import torch
 
 from ..cache.codec import KVCodec
 from ..models import kv_geometry
+from ..placement import group_device, layer_devices
 from ..stats.rope import Rope, rotate, unrotate
 
 
@@ -50,8 +51,9 @@ class ProjectionCodec(KVCodec):
         self.pre_rope = keys == "pre_rope"
         self.ropes = {lay: Rope(model, lay) for lay in self.layers} if self.pre_rope else {}
         self.offset = [0] * len(self.groups)  # per group: position of the next token to encode
-        dev = next(model.parameters()).device
-        for b in bases:
+        devices = layer_devices(model)
+        for b in bases:  # on the device of the basis's layers
+            dev = group_device(b.layers, devices)
             b.mean, b.basis = b.mean.to(dev), b.basis.to(dev)
         # per (layer, kind): [(basis, its basis rows for this layer, its mean rows for this layer)]
         self.layer_bases: dict[tuple[int, str], list] = {}

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from echokv.eval.suites import FIDELITY
+from echokv.placement import input_device
 
 
 def _attention_modules(model) -> list:
@@ -122,7 +123,7 @@ def fidelity_row(model, method, blocks: torch.Tensor, chunk: int, progress: bool
                                 "prefill only): no streaming fidelity protocol")
     if blocks.shape[1] <= chunk:
         raise ValueError(f"fidelity needs sequences longer than one chunk ({chunk} tokens), got {blocks.shape[1]}")
-    device = next(model.parameters()).device
+    device = input_device(model)
     start = time.perf_counter()
     parts = [compare(model, method, b[None].to(device), chunk)
              for b in tqdm(blocks, desc=desc or "fidelity", disable=not progress, leave=False, unit="seq")]

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from echokv.eval.suites import PERPLEXITY, PerplexitySpec
+from echokv.placement import input_device
 
 
 def heldout_blocks(tokenizer, spec: PerplexitySpec, paths=None) -> torch.Tensor:
@@ -47,7 +48,7 @@ def perplexity_row(model, method, blocks: torch.Tensor, chunk: int, progress: bo
 
     from echokv.eval.intervals import bootstrap_perplexity
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     total, count, kept, cache_bytes, seq_nll, seq_tokens = 0.0, 0, [], [], [], []
     start = time.perf_counter()
     for block in tqdm(blocks, desc=desc or "perplexity", disable=not progress, leave=False, unit="seq"):

@@ -25,6 +25,7 @@ from ..attention import echokv_attention
 from ..cache import CompressedCache, FullCache, KVCodec
 from ..generation import PREFILL_CHUNK, prefill
 from ..models import cache_kwarg
+from ..placement import input_device
 from ..selection import check_ratio
 from ..stats.collect import Calibration
 
@@ -115,7 +116,7 @@ class Method:
 
     @torch.no_grad()
     def _generate(self, model, context_ids, question_ids, max_new_tokens, eos_ids):
-        device = next(model.parameters()).device
+        device = input_device(model)
         cache = self.new_cache(model)
         ctx = torch.tensor([context_ids], device=device)
         prefill(model, cache, ctx, chunk_size=self.chunk_size)

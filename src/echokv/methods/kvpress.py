@@ -54,6 +54,7 @@ import torch
 
 from ..cache import accounting
 from ..models import kv_geometry
+from ..placement import input_device
 from .base import Method, MethodUnavailable, register
 
 #: ``kvpress:<name>`` -> the kvpress class
@@ -161,7 +162,7 @@ class KVPressMethod(Method):
         self._check_context(press, len(context_ids))
         if not question_ids:
             raise ValueError("the kvpress protocol decodes after the question: pass at least one question token")
-        device = next(model.parameters()).device
+        device = input_device(model)
         ctx = torch.tensor([context_ids], device=device)
         n_ctx = ctx.shape[1]
         cache = DynamicCache()

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import attention
+from ..placement import input_device
 
 # callback(layer_idx, module, q [B, Hq, T, d], k [B, H, T, d], v [B, H, T, d])
 LayerCallback = Callable[[int, torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -35,7 +36,7 @@ def capture(
             on_layer(module.layer_idx, module, q.detach(), k.detach(), v.detach())
         # let the stock attention run
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     with attention.echokv_attention(model), attention.hooked(hook):
         for i in tqdm(range(0, len(blocks), batch_size), desc=desc, disable=not progress, leave=False):
             model(input_ids=blocks[i : i + batch_size].to(device), use_cache=False)

@@ -93,14 +93,15 @@ class GroupCollector:
         gi = self.group_of[layer]
         if self.sums is not None:
             for kind, x in (("k", k), ("v", v)):
-                self.sums[kind][layer] += x.double().sum(dim=(0, 2))
+                self.sums[kind][layer] += x.double().sum(dim=(0, 2)).cpu()
         buf = self.pending.setdefault(gi, {})
         buf[layer] = (k, v)
         if len(buf) == len(self.groups[gi]):  # every layer of the group seen for this block
             self.pending.pop(gi)
             self._add(gi, [buf[lay][0] for lay in self.groups[gi]], [buf[lay][1] for lay in self.groups[gi]])
         if self.blocks < self.keep_samples:
-            self.kept[layer].append((q.clone(), k.clone(), v.clone()))
+            # on the CPU, where training's stage 2 runs (a layer may run on any device of a split model)
+            self.kept[layer].append(tuple(x.to("cpu", copy=True) for x in (q, k, v)))
         if layer == self.last:
             self.blocks += q.shape[0]
             self.tokens += q.shape[0] * q.shape[2]

@@ -53,7 +53,7 @@ class ValueMoments:
 
     def add(self, x: torch.Tensor) -> None:
         """x: [N tokens, n heads, d]."""
-        x = x.reshape(x.shape[0], -1).double()
+        x = x.reshape(x.shape[0], -1).to(self.total.device, torch.float64)  # statistics stay on the CPU
         self.count += x.shape[0]
         self.total += x.sum(0)
         self.outer += x.T @ x
@@ -157,7 +157,7 @@ class KeyMoments:
 
     def add(self, k: torch.Tensor) -> None:
         """k: [N tokens, n heads, d], post-RoPE."""
-        z = to_complex(k)  # [N, n, F]
+        z = to_complex(k.to(self.gram.device))  # [N, n, F]; statistics stay on the CPU
         self.count += z.shape[0]
         self.gram += torch.einsum("nai,nbi->iab", z.conj(), z)
 

@@ -53,7 +53,8 @@ class Rope:
             x = torch.zeros(1, dtype=torch.float32, device=device)
             with torch.no_grad():
                 cos, sin = self.module(x, pos, **self.kwargs)
-            self._cos, self._sin = cos[0].float(), sin[0].float()
+            # (.to: a dispatched model's rotary module answers on its own execution device)
+            self._cos, self._sin = cos[0].float().to(device), sin[0].float().to(device)
         return self._cos[:n], self._sin[:n]
 
     def at(self, start: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
