@@ -49,8 +49,11 @@ class Rope:
         """cos, sin [n, d] (float32) of positions 0..n-1."""
         if self._cos is None or self._cos.shape[0] < n or self._cos.device != torch.device(device):
             size = max(n, 2 * (0 if self._cos is None else self._cos.shape[0]), 64)
-            pos = torch.arange(size, device=device)[None]
-            x = torch.zeros(1, dtype=torch.float32, device=device)
+            # computed where the module's buffers are (the tables may be asked for on another device)
+            buf = next(self.module.buffers(), None)
+            at = buf.device if buf is not None and buf.device.type != "meta" else device
+            pos = torch.arange(size, device=at)[None]
+            x = torch.zeros(1, dtype=torch.float32, device=at)
             with torch.no_grad():
                 cos, sin = self.module(x, pos, **self.kwargs)
             # (.to: a dispatched model's rotary module answers on its own execution device)
