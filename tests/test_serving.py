@@ -81,3 +81,77 @@ def test_serde_refuses_bad_input_in_one_line(tiny_mix):
         serde.encode(keys, keys, torch.arange(5))
     with pytest.raises(ValueError, match="whole number of tokens"):
         serde.decode(b"\0" * (serde.token_bytes + 1))
+
+
+# -- start-up checks of an engine (echokv.serving.check; the vLLM plugin runs them) ------------------------------------
+@pytest.fixture(scope="module")
+def tiny_served(tmp_path_factory):
+    """tiny-llama exported as an engine would load it, and a mix artifact trained on it."""
+    from echokv.artifact import save
+    from echokv.models import load_model
+    from echokv.serving.export import export
+
+    root = tmp_path_factory.mktemp("served")
+    model, _ = load_model("tiny-llama")
+    mixes, _ = train_tiny(model, steps=0, variant="mix", compression_ratio=0.5)
+    save(mixes, model, root / "artifact")
+    return export(root / "model", "tiny-llama"), root / "artifact", model
+
+
+def _hf_config(folder):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder)
+
+
+def test_export_writes_a_folder_transformers_loads_with_the_same_logits(tiny_served):
+    from transformers import AutoModelForCausalLM
+
+    folder, _, model = tiny_served
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    ids = torch.randint(3, 250, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    import json
+
+    written = json.loads((folder / "config.json").read_text())  # what transformers 4 reads
+    assert written["rope_theta"] == model.config.rope_parameters["rope_theta"]
+    assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    from echokv.serving.export import export
+    from echokv.util import OutputFolderError
+
+    with pytest.raises(OutputFolderError):  # never replaces a folder
+        export(folder, "tiny-llama")
+
+
+def test_engine_check_accepts_the_artifact_of_the_served_model(tiny_served):
+    from echokv.serving.check import load_for_engine
+
+    folder, artifact, _ = tiny_served
+    mixes = load_for_engine(artifact, _hf_config(folder), folder)
+    assert mixes.layout.layers == list(range(_hf_config(folder).num_hidden_layers))
+
+
+def test_engine_check_refuses_artifacts_it_cannot_serve_in_one_line(tiny_served, tmp_path):
+    from echokv.artifact import save
+    from echokv.serving.check import ServeError, load_for_engine
+
+    folder, artifact, model = tiny_served
+    config = _hf_config(folder)
+    cases = {}
+    other = tiny_model("llama", seed=7, vocab_size=model.config.vocab_size)  # same geometry, other weights
+    save(train_tiny(other, steps=0, variant="mix", compression_ratio=0.5)[0], other, tmp_path / "other-weights")
+    cases["other-weights"] = "trained on a different model"
+    deeper = tiny_model("llama", num_hidden_layers=2, vocab_size=model.config.vocab_size)
+    save(train_tiny(deeper, steps=0, variant="mix", compression_ratio=0.5)[0], deeper, tmp_path / "other-geometry")
+    cases["other-geometry"] = "num_layers=2, but the served model has 4"
+    save(train_tiny(model, steps=0)[0], model, tmp_path / "rebuilt-heads")  # RoPE-commuting heads: no components
+    cases["rebuilt-heads"] = "retained components only"
+    for name, message in cases.items():
+        with pytest.raises(ServeError, match=message) as err:
+            load_for_engine(tmp_path / name, config, folder)
+        assert "\n" not in str(err.value), name
+    with pytest.raises(ServeError, match="not a local folder"):
+        load_for_engine(artifact, config, "HuggingFaceTB/SmolLM2-135M-Instruct")
+    with pytest.raises(ServeError, match="artifact folder not found"):
+        load_for_engine(tmp_path / "missing", config, folder)
