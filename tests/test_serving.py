@@ -155,3 +155,122 @@ def test_engine_check_refuses_artifacts_it_cannot_serve_in_one_line(tiny_served,
         load_for_engine(artifact, config, "HuggingFaceTB/SmolLM2-135M-Instruct")
     with pytest.raises(ServeError, match="artifact folder not found"):
         load_for_engine(tmp_path / "missing", config, folder)
+
+
+# -- vLLM itself (marker serve: .venv-serve, minutes) ----------------------------------------------------------------
+def _needs_serve():
+    from echokv.serving.server import SERVE_VENV
+
+    return pytest.mark.skipif(not (SERVE_VENV / "bin" / "vllm").exists(),
+                              reason="no .venv-serve (bash scripts/setup.sh serve)")
+
+
+def serve(test):
+    """Marks a test that starts vLLM servers."""
+    for mark in (pytest.mark.serve, pytest.mark.real_model, _needs_serve()):
+        test = mark(test)
+    return test
+
+
+PROMPTS = ["What is the capital of France?", "List three primary colors.", "Why is the sky blue?"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_fp32():
+    from echokv.models import load_model
+
+    return load_model("smollm2-135m", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def smollm2_folder(tmp_path_factory):
+    from echokv.serving.export import export
+
+    return export(tmp_path_factory.mktemp("served") / "smollm2", dtype="float32")
+
+
+def _served(srv, ids, n, eos):
+    """The server's greedy tokens without the end-of-sequence token it includes when it stops there."""
+    out = srv.complete(ids, n)["token_ids"]
+    return out[:-1] if out and out[-1] in eos else out
+
+
+def _prompt_ids(tokenizer):
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False) for p in PROMPTS]
+
+
+@torch.no_grad()
+def _greedy(model, ids, n, eos, artifact=None):
+    """transformers' greedy tokens; with ``artifact``, through echokv's own cache compressed from the first token
+    (exact within a forward call, compressed afterwards, as the vLLM backend does)."""
+    from transformers import DynamicCache
+
+    from echokv.attention import echokv_attention
+    from echokv.cache import EchoKVCache
+    from echokv.generation import prefill
+
+    cache = DynamicCache() if artifact is None else EchoKVCache(model, artifact, mode="compressed")
+    out = []
+    with echokv_attention(model):
+        logits = prefill(model, cache, torch.tensor([ids]))
+        while len(out) < n and int(logits[0].argmax()) not in eos:
+            out.append(int(logits[0].argmax()))
+            logits = prefill(model, cache, torch.tensor([out[-1:]]), chunk_size=1)
+    return out
+
+
+@serve
+def test_vllm_serves_the_exported_model_with_transformers_greedy_answers(smollm2_folder, smollm2_fp32, tmp_path):
+    import urllib.error
+
+    from echokv.serving.server import Server
+
+    model, tokenizer = smollm2_fp32
+    eos = {tokenizer.eos_token_id}
+    with Server(smollm2_folder, tmp_path / "full.log") as srv:
+        for ids in _prompt_ids(tokenizer):
+            assert _served(srv, ids, 24, eos) == _greedy(model, ids, 24, eos)
+        with pytest.raises(urllib.error.HTTPError) as err:  # longer than the context: vLLM's own error
+            srv.complete([100] * 4200, 4)
+        assert err.value.code == 400
+        assert srv.complete("Hello", 4)["token_ids"]  # and the server keeps serving
+
+
+@serve
+def test_vllm_keeps_the_artifacts_rows_and_answers_like_echokvs_own_cache(smollm2_folder, smollm2_fp32,
+                                                                          smollm2_artifact, tmp_path):
+    from echokv.artifact import load
+    from echokv.serving.rows import KVSerde
+    from echokv.serving.server import BLOCK_SIZE, Server
+    from echokv.serving.vllm import serve_args
+
+    model, tokenizer = smollm2_fp32
+    serde = KVSerde(load(smollm2_artifact), model)
+    per_token = 0  # bytes the engine keeps per token: each layer its even share of its group's row
+    for g, fmt in enumerate(serde.formats):
+        size = len(serde.codec.groups[g])
+        chunk = -(-fmt.nbytes // size)
+        per_token += size * (chunk + chunk % 2)
+    eos = {tokenizer.eos_token_id}
+    with Server(smollm2_folder, tmp_path / "echokv.log", serve_args(smollm2_artifact)) as srv:
+        tokens = srv.kv_cache_tokens()
+        # 1 GiB of cache filled with rows, not K/V (full float32 K/V: 46,080 bytes per token, 23,296 tokens)
+        assert 0 <= 2**30 - tokens * per_token < BLOCK_SIZE * per_token
+        assert tokens / (2**30 // 46080) > 3.6  # float32 K/V against rows of a 16-bit budget at 0.5
+        same = [_served(srv, ids, 24, eos) == _greedy(model, ids, 24, eos, smollm2_artifact)
+                for ids in _prompt_ids(tokenizer)]
+        assert all(same), same
+
+
+@serve
+def test_vllm_refuses_an_artifact_for_another_model_in_one_line(smollm2_folder, tmp_path):
+    from echokv.artifact import save
+    from echokv.models import load_model
+    from echokv.serving.server import Server
+    from echokv.serving.vllm import serve_args
+
+    model, _ = load_model("tiny-llama")
+    save(train_tiny(model, steps=0, variant="mix", compression_ratio=0.5)[0], model, tmp_path / "tiny")
+    with pytest.raises(RuntimeError, match="status 1: echokv: .* was trained for a model with num_layers=4"):
+        Server(smollm2_folder, tmp_path / "refused.log", serve_args(tmp_path / "tiny"), timeout=300).start()

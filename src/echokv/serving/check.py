@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from ..artifact import ArtifactError, hash_kv_weights, load, read_config
 from ..mixes import Mixes
 from ..models import kv_geometry
@@ -80,7 +82,11 @@ def load_for_engine(artifact, hf_config, model_folder) -> Mixes:
     if mine not in recorded:
         raise ServeError(f"{path} was trained on a different model than {folder} (its K/V projection weights "
                          f"differ; artifact model: {config['model'].get('name')}); train an artifact for this model")
+    default = torch.get_default_dtype()  # an engine builds its model under the model's dtype; the artifact is float32
+    torch.set_default_dtype(torch.float32)
     try:
         return load(path)
     except ArtifactError as exc:
         raise ServeError(str(exc)) from None
+    finally:
+        torch.set_default_dtype(default)
