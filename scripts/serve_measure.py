@@ -160,7 +160,9 @@ def main() -> int:
         own_file.write_text(json.dumps({"key": key, "hf": hf, "own": own, "seconds": time.perf_counter() - t0}))
     result["own_seconds"] = round(json.loads(own_file.read_text())["seconds"], 1)
 
-    extra = ["--max-num-batched-tokens", str(CHUNK)]
+    # no prefix caching: every prompt computed as echokv's own runs compute it (a shared opening block would
+    # otherwise be read back from the rows of an earlier request)
+    extra = ["--max-num-batched-tokens", str(CHUNK), "--no-enable-prefix-caching"]
     for dtype in ("bfloat16", "float32"):
         for mode in ("full", "echokv"):
             args = extra + (serve_args(a.artifact) if mode == "echokv" else [])

@@ -16,12 +16,43 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from echokv.serving.server import Server
 
 PROMPTS = ["Summarize the following text in one sentence.", "What is the main topic of the text above?",
            "Name two people or places mentioned in the text."]
+
+
+@torch.no_grad()
+def own_answer(model_folder, artifact, ids, stored, n, eos):
+    """What the connector should answer, computed with transformers and KVSerde: the prompt's first ``stored``
+    tokens' K/V through the artifact's bytes, the rest of the prompt and the answer computed on top (greedy)."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from echokv.artifact import load
+    from echokv.serving.rows import KVSerde
+
+    model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32)
+    x = torch.tensor([ids])
+    past = model(x[:, :stored], use_cache=True).past_key_values
+    serde = KVSerde(load(artifact, model), model)
+    keys = torch.stack([layer.keys[0].transpose(0, 1) for layer in past.layers])
+    values = torch.stack([layer.values[0].transpose(0, 1) for layer in past.layers])
+    back_k, back_v = serde.decode(serde.encode(keys, values, torch.arange(stored)))
+    cache = DynamicCache()
+    for layer in range(back_k.shape[0]):
+        cache.update(back_k[layer].transpose(0, 1)[None], back_v[layer].transpose(0, 1)[None], layer)
+    logits = model(x[:, stored:], past_key_values=cache, use_cache=True).logits[:, -1]
+    out = []
+    while len(out) < n:
+        out.append(int(logits[0].argmax()))
+        if out[-1] == eos:
+            break
+        logits = model(torch.tensor([out[-1:]]), past_key_values=cache, use_cache=True).logits[:, -1]
+    return out
 
 
 def main() -> int:
@@ -47,6 +78,8 @@ def main() -> int:
     from transformers import AutoConfig
 
     geo = kv_geometry(AutoConfig.from_pretrained(model_folder), "float32")
+    own = [own_answer(model_folder, artifact, ids, (len(ids) - 1) // 128 * 128, 32, tokenizer.eos_token_id)
+           for ids in prompts]
     rows = []
     t0 = time.perf_counter()
     with Server(model_folder, out / "offload.log", ["--kv-transfer-config", json.dumps(config), "--no-enable-prefix-caching"]) as srv:
@@ -61,7 +94,9 @@ def main() -> int:
                          "full_bytes_float32": tokens * geo.kv_bytes_per_token,
                          "full_bytes_16bit": tokens * geo.kv_bytes_per_token // 2,
                          "same_answer": first == second, "first": tokenizer.decode(first),
-                         "from_store": tokenizer.decode(second)})
+                         "from_store": tokenizer.decode(second),
+                         "from_store_as_echokv_rebuilds": second == own[len(rows)],
+                         "echokv_own": tokenizer.decode(own[len(rows)])})
             print(rows[-1], flush=True)
     log = (out / "offload.log").read_text(errors="replace")
     result = {"artifact": artifact, "rows": rows, "seconds": round(time.perf_counter() - t0, 1),

@@ -52,7 +52,19 @@ def _checkpoint_kv(folder: Path, num_layers: int):
 def load_for_engine(artifact, hf_config, model_folder) -> Mixes:
     """The artifact's :class:`~echokv.mixes.Mixes`, after checking it is one the engine can keep (retained
     components covering every layer) and made for the served model (geometry and K/V weights of the
-    checkpoint in ``model_folder``). Raises :class:`ServeError` (one line) otherwise."""
+    checkpoint in ``model_folder``). Raises :class:`ServeError` (one line) otherwise.
+
+    An engine builds its model under the model's default dtype; artifacts are float32, and are checked and loaded
+    as such whatever the default."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        return _load_for_engine(artifact, hf_config, model_folder)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def _load_for_engine(artifact, hf_config, model_folder) -> Mixes:
     path = Path(str(artifact)).expanduser()
     try:
         config = read_config(path)
@@ -82,11 +94,7 @@ def load_for_engine(artifact, hf_config, model_folder) -> Mixes:
     if mine not in recorded:
         raise ServeError(f"{path} was trained on a different model than {folder} (its K/V projection weights "
                          f"differ; artifact model: {config['model'].get('name')}); train an artifact for this model")
-    default = torch.get_default_dtype()  # an engine builds its model under the model's dtype; the artifact is float32
-    torch.set_default_dtype(torch.float32)
     try:
         return load(path)
     except ArtifactError as exc:
         raise ServeError(str(exc)) from None
-    finally:
-        torch.set_default_dtype(default)
