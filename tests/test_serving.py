@@ -73,6 +73,24 @@ def test_serde_keeps_positions_a_block_starting_mid_sequence_and_a_config_only_h
     assert torch.equal(host.decode(data)[0], part_k)
 
 
+def test_rows_of_one_token_unpack_at_any_byte_offset(tiny_mix):
+    """A single token's row read from a larger buffer at an odd byte offset (an engine's cache, a second group in a
+    byte string): its fields' slices are contiguous but misaligned for float16 / int32 (a served request with one
+    past token once crashed the engine here)."""
+    model, mixes = tiny_mix
+    ids = torch.randint(3, 250, (1, 6), generator=torch.Generator().manual_seed(3))
+    keys, values = _full_kv(model, ids)
+    serde = KVSerde(mixes, model)
+    layers = serde.codec.groups[0]
+    rows = serde.encode_rows(0, [keys[x, 5:].transpose(0, 1)[None] for x in layers],
+                             [values[x, 5:].transpose(0, 1)[None] for x in layers], torch.tensor([[5]]))
+    buffer = torch.zeros(rows.numel() + 1, dtype=torch.uint8)
+    buffer[1:] = rows.flatten()
+    odd = buffer[1:].view(1, 1, -1)
+    for name, t in serde.formats[0].unpack(odd).items():
+        assert torch.equal(t, serde.formats[0].unpack(rows)[name]), name
+
+
 def test_serde_refuses_bad_input_in_one_line(tiny_mix):
     model, mixes = tiny_mix
     serde = KVSerde(mixes, model)

@@ -41,7 +41,7 @@ class RowFormat:
     def unpack(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         out, start = {}, 0
         for (name, dtype, _), size in zip(self.fields, self.sizes):
-            out[name] = rows[..., start : start + size].contiguous().view(dtype)[:, None]
+            out[name] = rows[..., start : start + size].clone(memory_format=torch.contiguous_format).view(dtype)[:, None]
             start += size
         return out
 
