@@ -135,6 +135,8 @@ def main() -> int:
     p.add_argument("out")
     p.add_argument("--samples", type=int, default=10, help="NIAH samples per task and length")
     p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--cells", default="full-bfloat16,echokv-bfloat16,full-float32,echokv-float32",
+                   help="which engines to start (MODE-DTYPE, comma-separated)")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,6 +167,8 @@ def main() -> int:
     extra = ["--max-num-batched-tokens", str(CHUNK), "--no-enable-prefix-caching"]
     for dtype in ("bfloat16", "float32"):
         for mode in ("full", "echokv"):
+            if f"{mode}-{dtype}" not in a.cells.split(","):
+                continue
             args = extra + (serve_args(a.artifact) if mode == "echokv" else [])
             t1 = time.perf_counter()
             with Server(a.model_folder, out / f"{mode}-{dtype}.log", args, dtype=dtype) as srv:
@@ -190,10 +194,12 @@ def main() -> int:
                 result[f"{mode}-{dtype}"] = cell
                 print(mode, dtype, {k: v for k, v in cell.items() if not k.endswith(("rows", "answers"))}, flush=True)
     for dtype in ("bfloat16", "float32"):
-        result[f"kv_tokens_ratio_{dtype}"] = round(
-            result[f"echokv-{dtype}"]["kv_cache_tokens"] / result[f"full-{dtype}"]["kv_cache_tokens"], 3)
+        if f"echokv-{dtype}" in result and f"full-{dtype}" in result:
+            result[f"kv_tokens_ratio_{dtype}"] = round(
+                result[f"echokv-{dtype}"]["kv_cache_tokens"] / result[f"full-{dtype}"]["kv_cache_tokens"], 3)
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "serve.json").write_text(json.dumps(result, indent=2))
+    name = "serve.json" if len(a.cells.split(",")) == 4 else f"serve-{a.cells.replace(',', '+')}.json"
+    (out / name).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k.startswith("kv_tokens")}))
     return 0
 
