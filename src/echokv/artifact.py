@@ -63,14 +63,24 @@ def _kv_weights(mod) -> list[torch.Tensor | None]:
 
 
 def _fingerprint(model, via: torch.dtype | None = None) -> str:
+    def layers():
+        for _, mod in sorted(attention_modules(model).items()):
+            with onloaded(mod):  # weights accelerate offloaded are meta outside a forward
+                yield _kv_weights(mod)
+
+    return hash_kv_weights(layers(), via)
+
+
+def hash_kv_weights(layers, via: torch.dtype | None = None) -> str:
+    """The fingerprint of K/V weights given layer by layer (K weight, K bias, V weight, V bias; None where absent);
+    also for weights read from a checkpoint without a model (a serving engine's folder)."""
     h = hashlib.sha256()
-    for layer, mod in sorted(attention_modules(model).items()):
-        with onloaded(mod):  # weights accelerate offloaded are meta outside a forward
-            for t in _kv_weights(mod):
-                if t is not None:
-                    t = t.detach().to("cpu")
-                    t = t if via is None else t.to(via)
-                    h.update(t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    for tensors in layers:
+        for t in tensors:
+            if t is not None:
+                t = t.detach().to("cpu")
+                t = t if via is None else t.to(via)
+                h.update(t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
     return h.hexdigest()
 
 
