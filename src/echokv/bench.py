@@ -99,6 +99,34 @@ def _step(model, cache, tok: torch.Tensor) -> tuple[torch.Tensor, float]:
     return logits[:, -1:].argmax(-1), secs
 
 
+def _interleaved(prefilled: dict, step, decode_tokens: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds of every decode step of each entry of ``prefilled`` (name -> (cache, next tokens)), ``repeats``
+    rounds of ``decode_tokens`` steps from a copy of the prefilled cache. A round advances every entry by one
+    token in a rotating order, so slow drifts of a shared machine hit all alike. ``step(name, cache, tok)``
+    returns the next tokens and the step's seconds."""
+    names = list(prefilled)
+    steps: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(repeats):
+        work = {n: copy.deepcopy(prefilled[n][0]) for n in names}
+        tok = {n: prefilled[n][1] for n in names}
+        for i in range(decode_tokens):
+            for j in range(len(names)):
+                n = names[(i + j) % len(names)]
+                tok[n], secs = step(n, work[n], tok[n])
+                steps[n].append(secs)
+        del work
+    return steps
+
+
+def _step_as(model):
+    """``step`` for :func:`_interleaved` over variants of one model, each in its attention implementation."""
+    def step(variant, cache, tok):
+        with _attention_for(model, variant):
+            return _step(model, cache, tok)
+
+    return step
+
+
 @torch.no_grad()
 def bench_context(model, recon, ids: torch.Tensor, decode_tokens: int, repeats: int,
                   chunk: int = PREFILL_CHUNK) -> dict:
@@ -118,33 +146,19 @@ def bench_context(model, recon, ids: torch.Tensor, decode_tokens: int, repeats: 
                 logits = prefill(model, cache, ids, chunk_size=chunk)
                 secs = time.perf_counter() - t
         prefilled[variant] = (cache, logits[:, None].argmax(-1))
-        out[variant] = {"prefill_seconds": secs, "prefill_peak_rss_delta": mem.delta, "decode_seconds": []}
+        out[variant] = {"prefill_seconds": secs, "prefill_peak_rss_delta": mem.delta}
         # peak memory of decoding, in an untimed pass of its own (the timed rounds mix variants)
-        work = copy.deepcopy(cache)
-        tok = prefilled[variant][1]
-        with _attention_for(model, variant), PeakRSS() as mem:
-            for _ in range(min(decode_tokens, 4)):
-                tok, _ = _step(model, work, tok)
+        work, tok = _batch(prefilled[variant], 1)
+        with PeakRSS() as mem:
+            _decode(model, work, tok, min(decode_tokens, 4), variant)
         out[variant]["decode_peak_rss_delta"] = mem.delta
         out[variant]["cache_bytes"] = accounting.nbytes(work)
         out[variant]["reserved_cache_bytes"] = accounting.reserved_nbytes(work)
         del work
-    steps: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for _ in range(repeats):
-        work = {v: copy.deepcopy(prefilled[v][0]) for v in VARIANTS}
-        tok = {v: prefilled[v][1] for v in VARIANTS}
-        round_secs = {v: 0.0 for v in VARIANTS}
-        for i in range(decode_tokens):
-            for j in range(len(VARIANTS)):
-                v = VARIANTS[(i + j) % len(VARIANTS)]
-                with _attention_for(model, v):
-                    tok[v], secs = _step(model, work[v], tok[v])
-                steps[v].append(secs)
-                round_secs[v] += secs
-        for v in VARIANTS:
-            out[v]["decode_seconds"].append(round_secs[v])
-        del work
+    steps = _interleaved(prefilled, _step_as(model), decode_tokens, repeats)
     for v in VARIANTS:
+        out[v]["decode_seconds"] = [sum(steps[v][r * decode_tokens : (r + 1) * decode_tokens])
+                                    for r in range(repeats)]
         out[v]["decode_tokens_per_second"] = 1.0 / statistics.median(steps[v])
 
     def speedup(a: str, b: str) -> float:
@@ -234,8 +248,8 @@ def budget_context(model, recon, ids: torch.Tensor, budgets: list, decode_tokens
     """Throughput at fixed KV-memory budgets, for one prompt length.
 
     ``budgets``: bytes, or :func:`parse_budget`'s pairs (``("full", n)``: the bytes full mode holds for a batch of
-    n, measured). Each variant (:data:`BUDGET_VARIANTS`) gets the largest batch whose cache, holding the prompt and ``decode_tokens`` more
-    tokens, fits: a guess from one sequence's bytes, then checked on the batch itself (an untimed pass that also
+    n, measured). Each variant (:data:`BUDGET_VARIANTS`) gets the largest batch whose cache, holding the prompt
+    and ``decode_tokens`` more tokens, fits: a guess from one sequence's bytes, then checked on the batch itself (an untimed pass that also
     gives peak memory), one sequence fewer while it does not fit. The batch is copies of one prefilled prompt
     (decode cost does not depend on the tokens). Decode is timed interleaved as in :func:`bench_context`;
     ``budget_throughput_vs_full`` is the median over steps of a variant's batch / seconds over full mode's.
@@ -276,19 +290,8 @@ def budget_context(model, recon, ids: torch.Tensor, budgets: list, decode_tokens
                        "decode_peak_rss_delta": peak, "decode_tokens_per_second": 0.0}
             if batch:
                 ready[v] = _batch(prefilled[v], batch)
-        steps: dict[str, list[float]] = {v: [] for v in ready}
-        names = list(ready)
-        for _ in range(repeats):
-            work = {v: (copy.deepcopy(ready[v][0]), ready[v][1]) for v in names}
-            for i in range(decode_tokens):
-                for j in range(len(names)):
-                    v = names[(i + j) % len(names)]
-                    with _attention_for(model, v):
-                        tok, secs = _step(model, work[v][0], work[v][1])
-                    work[v] = (work[v][0], tok)
-                    steps[v].append(secs)
-            del work
-        for v in names:
+        steps = _interleaved(ready, _step_as(model), decode_tokens, repeats)
+        for v in ready:
             rows[v]["decode_tokens_per_second"] = rows[v]["batch"] / statistics.median(steps[v])
         ratio = {}
         for v in BUDGET_VARIANTS:
@@ -318,17 +321,11 @@ def dtype_context(models: dict, ids: torch.Tensor, decode_tokens: int, repeats: 
             logits = prefill(model, cache, ids, chunk_size=chunk)
             out[name] = {"prefill_seconds": time.perf_counter() - t}
         prefilled[name] = (cache, logits[:, None].argmax(-1))
-    steps: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(repeats):
-        work = {n: copy.deepcopy(prefilled[n][0]) for n in names}
-        tok = {n: prefilled[n][1] for n in names}
-        for i in range(decode_tokens):
-            for j in range(len(names)):
-                n = names[(i + j) % len(names)]
-                with implementation(models[n], "sdpa"):
-                    tok[n], secs = _step(models[n], work[n], tok[n])
-                steps[n].append(secs)
-        del work
+    def step(name, cache, tok):
+        with implementation(models[name], "sdpa"):
+            return _step(models[name], cache, tok)
+
+    steps = _interleaved(prefilled, step, decode_tokens, repeats)
     for n in names:
         out[n]["decode_tokens_per_second"] = 1.0 / statistics.median(steps[n])
     a, b = names
