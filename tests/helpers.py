@@ -44,15 +44,19 @@ def one_head_layout(num_layers: int = 4):
 
 
 def train_tiny(model, layout=None, steps: int = 3, seed: int = 0, **cfg):
-    """Train a reconstructor on random token blocks of a tiny model (seconds)."""
+    """Train an EchoKV network on random token blocks of a tiny model (seconds): the default variant (mix) unless
+    ``variant`` (or a head ``layout``) says otherwise."""
     from echokv.training import TrainConfig, train
 
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     calib = torch.randint(3, vocab, (8, 64), generator=g)
     held = torch.randint(3, vocab, (4, 64), generator=g)
-    cfg.setdefault("variant", "heads")  # the head-only form unless a test asks for the hybrid
-    if cfg["variant"] == "heads":  # the Reconstructor these tests check (pre-RoPE heads: tests/test_mixes.py)
+    # the product's default network (mix) unless a test names another; a test that asks for ``layout`` means the
+    # retained heads of that layout, with the RoPE-commuting keys those tests were written for
+    if layout is not None:
+        cfg.setdefault("variant", "heads")
+    if cfg.get("variant") == "heads":
         cfg.setdefault("keys", "rope-commuting")
     config = TrainConfig(stage2_steps=steps, progress=False, seed=seed, **cfg)
     return train(model, None, config, calib=calib, held=held, layout=layout)

@@ -184,7 +184,7 @@ def test_headdrop_keeps_the_retained_heads_of_an_echo_artifact(llama, calib, tmp
     from echokv import artifact
     from helpers import train_tiny
 
-    echo, report = train_tiny(llama, steps=1, compression_ratio=0.5)  # data layout (default)
+    echo, report = train_tiny(llama, steps=1, compression_ratio=0.5, variant="heads")  # data layout (default)
     path = str(artifact.save(echo, llama, tmp_path / "heads-0.5", report))
     meth = make_method("headdrop", 0.5, [path])
     assert meth.artifact == path

@@ -310,7 +310,7 @@ def test_real_model_answers_after_switching(smollm2, which, request):
 @pytest.fixture(scope="module")
 def grouped():
     model = tiny_model("llama")
-    recon, _ = train_tiny(model, steps=0)  # data layout: one group of the 4 layers
+    recon, _ = train_tiny(model, steps=0, variant="heads")  # data layout: one group of the 4 layers
     return model, recon
 
 

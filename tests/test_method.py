@@ -103,6 +103,9 @@ def test_stage2_is_deterministic_with_a_seed():
     model = tiny_model()
     _, r1 = train_tiny(model, steps=4, seed=3)
     _, r2 = train_tiny(model, steps=4, seed=3)
+    assert r1["stage2"]["train_losses"] == r2["stage2"]["train_losses"]
+    _, r1 = train_tiny(model, steps=4, seed=3, variant="heads")
+    _, r2 = train_tiny(model, steps=4, seed=3, variant="heads")
     assert r1["stage2"]["losses"] == r2["stage2"]["losses"]
 
 
@@ -122,10 +125,10 @@ def test_artifact_round_trip_gives_identical_tensors(tmp_path):
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())
     for key in ("kv_fingerprint", "geometry"):
         assert key in cfg["model"]
-    assert cfg["layout"]["retained_k"] and cfg["versions"]["torch"]
+    assert cfg["layout"]["parts"] and cfg["layout"]["groups"] and cfg["versions"]["torch"]
     stage1 = artifact.load(tmp_path / "a", model, stage=1)
     assert any(not torch.equal(stage1.state_dict()[k], v) for k, v in loaded.state_dict().items()) or (
-        report["stage2"]["reverted_to_stage1"]
+        report["stage2"]["reverted_to_stage1"] or report["stage2"].get("skipped")
     )
 
 

@@ -170,7 +170,7 @@ def test_engine_check_refuses_artifacts_it_cannot_serve_in_one_line(tiny_served,
     deeper = tiny_model("llama", num_hidden_layers=2, vocab_size=model.config.vocab_size)
     save(train_tiny(deeper, steps=0, variant="mix", compression_ratio=0.5)[0], deeper, tmp_path / "other-geometry")
     cases["other-geometry"] = "num_layers=2, but the served model has 4"
-    save(train_tiny(model, steps=0)[0], model, tmp_path / "rebuilt-heads")  # RoPE-commuting heads: no components
+    save(train_tiny(model, steps=0, variant="heads")[0], model, tmp_path / "rebuilt-heads")  # RoPE-commuting heads: no components
     cases["rebuilt-heads"] = "retained components only"
     for name, message in cases.items():
         with pytest.raises(ServeError, match=message) as err:

@@ -1,8 +1,9 @@
 """The ``echokv`` attention and its scope: the one place where echokv changes how a model attends.
 
 The ``echokv`` attention implementation, registered in transformers' attention and mask interfaces, calls the
-stock SDPA function with the stock SDPA mask, so a model switched to it computes bit-identical outputs. It
-has two hooks:
+stock SDPA function with the stock SDPA mask, except for decode steps (one query position), which it computes with
+the query heads of each KV head packed as the rows of one matrix (:func:`packed_decode`: the same SDPA kernel and
+mask; outputs equal to the stock call's up to rounding). It has two hooks:
 
 * calibration capture (:func:`hooked`): a callback sees each layer's post-RoPE queries, keys and values;
 * the compressed cache's fast decode path (:func:`defer`): a cache layer's ``update`` hands the attention
@@ -10,10 +11,10 @@ has two hooks:
   compressed past (:meth:`~echokv.cache.codec.KVCodec.fast_attention`), through a context variable.
 
 Building a cache never changes the model. A model runs the echokv attention only inside
-``with echokv_attention(model):`` (or :func:`echokv.generate`, which opens that scope for a cache that asks for
-the fast path); the model's configuration is restored on exit. A cache defers to the fast path only while its
-model is in that scope (:func:`in_scope`); outside it, it rebuilds the compressed past explicitly, which gives
-the same outputs (the reference the fast path is tested against).
+``with echokv_attention(model):`` (or :func:`echokv.generate`, which opens that scope for echokv's caches); the
+model's configuration is restored on exit. A cache defers to the fast path only while its model is in that scope
+(:func:`in_scope`); outside it, it rebuilds the compressed past explicitly, which gives the same outputs up to
+rounding (the reference the fast path is tested against).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Callable
+
+import torch
 
 NAME = "echokv"
 
@@ -31,6 +34,8 @@ _HOOK: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("echokv_
 _DEFERRED: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("echokv_deferred", default=None)
 # ids of the model configs that run the echokv attention in the current scope
 _SCOPE: contextvars.ContextVar[frozenset] = contextvars.ContextVar("echokv_scope", default=frozenset())
+# whether decode steps run packed GQA (:func:`packed_decode`); off only to time or test the stock SDPA call
+_PACK: contextvars.ContextVar[bool] = contextvars.ContextVar("echokv_pack", default=True)
 
 
 _SDPA: Callable | None = None
@@ -45,6 +50,28 @@ def _sdpa() -> Callable:
     return _SDPA
 
 
+def packs(module, query, key, kwargs) -> bool:
+    """Whether a call is a plain decode step that :func:`packed_decode` computes: one query position, grouped
+    query heads, and nothing SDPA's arguments cannot say (no soft-capping, sinks or dropout)."""
+    hq, h = query.shape[1], key.shape[1]
+    return (query.shape[2] == 1 and hq % h == 0 and not kwargs.get("dropout") and kwargs.get("s_aux") is None
+            and kwargs.get("softcap") is None and kwargs.get("position_bias") is None and getattr(module, "training", False) is False
+            and query.device.type == "cpu")
+
+
+def packed_decode(query, key, value, attention_mask, scaling) -> torch.Tensor:
+    """A decode step's attention with the query heads of each KV head as rows of one matrix: SDPA's CPU kernel run
+    with ``enable_gqa`` handles every query head alone (see ``../shared/design/fast.md``). Output [B, 1, Hq, d]."""
+    b, hq, _, d = query.shape
+    h = key.shape[1]
+    mask = attention_mask
+    if mask is not None and mask.dim() == 4:  # [B, 1, 1, T]: the same row for every head and query row
+        mask = mask[:, :, -1:]
+    out = torch.nn.functional.scaled_dot_product_attention(query.reshape(b, h, hq // h, d), key, value,
+                                                           attn_mask=mask, scale=scaling)
+    return out.reshape(b, 1, hq, d)
+
+
 def echokv_attention_forward(module, query, key, value, attention_mask, **kwargs):
     deferred = _DEFERRED.get()
     if deferred is not None and deferred[0] == module.layer_idx:
@@ -56,12 +83,20 @@ def echokv_attention_forward(module, query, key, value, attention_mask, **kwargs
         out = hook(module, query, key, value, attention_mask, kwargs.get("scaling"))
         if out is not None:
             return out, None
+    if _PACK.get() and packs(module, query, key, kwargs):
+        return packed_decode(query, key, value, attention_mask, kwargs.get("scaling") or query.shape[-1] ** -0.5), None
     return _sdpa()(module, query, key, value, attention_mask, **kwargs)
 
 
 def defer(layer_idx: int, fn: Callable) -> None:
     """Have the next echokv attention call of layer ``layer_idx`` computed by ``fn`` instead."""
     _DEFERRED.set((layer_idx, fn))
+
+
+def serves(model) -> bool:
+    """Whether the echokv attention computes what ``model``'s own does: not for soft-capped attention logits,
+    which SDPA (what it calls) does not apply."""
+    return all(getattr(cfg, "attn_logit_softcapping", None) is None for cfg in _configs(model))
 
 
 def register() -> None:

@@ -354,5 +354,5 @@ class EchoKVCache(CompressedCache):
         if mode is None:  # a switch condition means auto mode
             auto = kwargs.get("switch_at_tokens") is not None or kwargs.get("memory_budget_bytes") is not None
             mode = "auto" if auto else "full"
-        kwargs.setdefault("fast", getattr(model.config, "attn_logit_softcapping", None) is None)
+        kwargs.setdefault("fast", attention.serves(model))
         super().__init__(model, echokv_codec(recon, model), mode=mode, **kwargs)

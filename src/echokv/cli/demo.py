@@ -29,10 +29,22 @@ def _perplexity(model, method, ids) -> tuple[float, dict]:
     return math.exp(total / count), mem
 
 
+def _verdict(split: dict | None, tokenizer, tol: float) -> str:
+    """One line: does the compressed answer follow full mode's, and where it does not, why."""
+    if split is None:
+        return "check: the compressed answer follows full mode's token for token"
+    ref, ans = (repr(tokenizer.decode([split[k]])) for k in ("reference_token", "answer_token"))
+    where = (f"check: the compressed answer leaves full mode's at token {split['index']} ({ans} for {ref}); full mode "
+             f"preferred {ref} by {split['reference_margin']:.3g} logits")
+    if split["near_tie"]:
+        return where + f", a near tie (within the dtype's rounding, {tol:g}): either answer is the model's"
+    return where + f", beyond the dtype's rounding ({tol:g}): a loss from compression"
+
+
 def run(args) -> int:
     from ..cache import EchoKVCache
     from ..data import token_blocks
-    from ..generation import encode_prompt, generate
+    from ..generation import divergence, encode_prompt, generate, near_tie
     from ..methods import EchoKVMethod, make_method
     from ..methods.echokv import artifact_dir, train_or_reuse
     from ..util import atomic_dir, check_output_dir
@@ -50,14 +62,18 @@ def run(args) -> int:
     rows = []
     for prompt in PROMPTS:
         ids = encode_prompt(tokenizer, prompt)
-        answers = {}
+        answers, tokens = {}, {}
         for mode in ("full", "compressed"):
             cache = EchoKVCache(model, path, mode=mode)
             t = time.perf_counter()
             new = generate(model, ids, cache, max_new_tokens=32, pad_token_id=tokenizer.pad_token_id)[0]
             secs = time.perf_counter() - t
             answers[mode] = (tokenizer.decode(new, skip_special_tokens=True).strip(), cache.memory_report(), secs)
-        rows.append((prompt, answers))
+            tokens[mode] = new
+        # the compressed answer checked against full mode's: where it leaves it, and whether that was a near tie
+        split = divergence(model, ids, tokens["full"], tokens["compressed"],
+                           lambda: EchoKVCache(model, path, mode="compressed"))
+        rows.append((prompt, answers, split))
 
     held = token_blocks(tokenizer, "evaluation", 1024, 1024)
     full_ppl, _ = _perplexity(model, make_method("full", 0.0), held[:1])
@@ -78,10 +94,12 @@ def run(args) -> int:
           + (f" (mean fill {fills['omse_mean_fill']:.3f}, zero fill {fills['omse_zero_fill']:.3f})"
              if "omse_mean_fill" in fills else ""))
     print(bar)
-    for prompt, answers in rows:
+    tol = near_tie(next(model.parameters()).dtype)
+    for prompt, answers, split in rows:
         print(f"Q: {prompt}")
         for mode, (text, mem, secs) in answers.items():
             print(f"  {mode:<10} {text[:70]!r:<74} cache {mem['cache_bytes'] / 1e6:6.2f} MB (kept {mem['kept_fraction']:.2f})")
+        print("  " + _verdict(split, tokenizer, tol))
     print(bar)
     print(f"held-out perplexity (1024 tokens, chunks of 128 through the cache): full {full_ppl:.2f}, "
           f"echokv {echo_ppl:.2f} (kept {echo_mem['kept_fraction']:.3f})")
@@ -91,7 +109,8 @@ def run(args) -> int:
         "compression_ratio": cfg.compression_ratio,
         "kept_fraction": report["kept_fraction"],
         "perplexity": {"full": full_ppl, "echokv": echo_ppl},
-        "answers": [{"prompt": p, **{m: a[0] for m, a in ans.items()}} for p, ans in rows],
+        "near_tie_tolerance": tol,
+        "answers": [{"prompt": p, **{m: a[0] for m, a in ans.items()}, "divergence": split} for p, ans, split in rows],
     }
     with atomic_dir(out, overwrite=True, replace=False) as tmp:
         (tmp / "demo.json").write_text(json.dumps(summary, indent=2))

@@ -154,20 +154,22 @@ class MixCodec(KVCodec):
         return lambda q, k, v, mask, scaling: self._attend(group, layer, stored, q, k, v, mask, scaling)
 
     def _attend(self, group, layer, stored, q, recent_k, recent_v, mask, scaling):
+        # scores, softmax and the weighted sums in float32 from the model-dtype keys and components, as SDPA's
+        # kernels accumulate: rounding them to bfloat16 flipped near ties against the explicit path (issue #28)
         b, hq, tq, d = q.shape
         h = self.h
         rows = hq // h * tq
-        qh = q.reshape(b, h, rows, d)
-        keys = self._heads(group, "k", layer, stored).to(q.dtype)  # [B, H, Tc, d]
+        qh = q.reshape(b, h, rows, d).float()
+        keys = self._heads(group, "k", layer, stored)  # [B, H, Tc, d], rebuilt as the explicit path does
         tc = keys.shape[-2]
-        p = attention_weights(qh @ keys.transpose(-1, -2), qh, recent_k, mask, scaling, tq)
+        p = attention_weights(qh @ keys.float().transpose(-1, -2), qh, recent_k.float(), mask, scaling, tq)
         p_past = p[..., :tc].reshape(b, h * rows, tc)
-        r, c = self._layer_map(self.mixes.index(group, "v"), layer, q.dtype)
+        r, c = self._layer_map(self.mixes.index(group, "v"), layer, torch.float32)
         # every query row's weighted sum of the components, class by class, then mapped to the heads once
-        mixed = torch.cat([p_past @ z.to(q.dtype) for z, _, _ in self.components(group, "v", stored)], dim=-1)
+        mixed = torch.cat([p_past @ z.float() for z, _, _ in self.components(group, "v", stored)], dim=-1)
         out = torch.einsum("bhrc,chd->bhrd", mixed.view(b, h, rows, -1), r.view(-1, h, d))
-        out = out + p[..., :tc].sum(-1, keepdim=True) * c.view(h, 1, d) + p[..., tc:] @ recent_v
-        return out.reshape(b, hq, tq, d).transpose(1, 2).contiguous()
+        out = out + p[..., :tc].sum(-1, keepdim=True) * c.view(h, 1, d) + p[..., tc:] @ recent_v.float()
+        return out.to(q.dtype).reshape(b, hq, tq, d).transpose(1, 2).contiguous()
 
 
 __all__ = ["KINDS", "MixCodec"]

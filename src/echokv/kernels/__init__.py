@@ -1,0 +1,149 @@
+"""Decode attention over per-head coded K/V: one entry point, three implementations.
+
+:func:`attend` takes the stored layout of :mod:`echokv.kernels.reference` and returns ``(out, lse)`` exactly as
+:func:`echokv.kernels.reference.attend` does, through
+
+* ``"cpp"``: the fused C++ kernel (``csrc/decode_attention.cpp``, built on first use by :mod:`.cpu`), CPU tensors;
+* ``"triton"``: ``echokv.kernels.triton_decode`` (imported lazily; it may be absent), CUDA tensors;
+* ``"torch"``: the PyTorch reference, anywhere.
+
+``kernel="auto"`` (the default) takes cpp on CPU and triton on CUDA when they run, else torch, and then logs one
+warning per process naming the path and why. ``$ECHOKV_KERNEL`` (torch, cpp, triton or auto) overrides ``"auto"``.
+Forcing a kernel that cannot run raises RuntimeError.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+import torch
+
+from . import reference
+
+KERNELS = ("auto", "cpp", "triton", "torch")
+ENV = "ECHOKV_KERNEL"
+
+log = logging.getLogger("echokv")
+_warned: set[str] = set()
+_triton = None
+_triton_error: str | None = None
+
+
+def _choice(kernel: str) -> str:
+    """The requested kernel after the environment override; ValueError for an unknown name."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    if kernel == "auto":
+        env = os.environ.get(ENV, "").strip().lower() or "auto"
+        if env not in KERNELS:
+            raise ValueError(f"${ENV} must be one of {', '.join(KERNELS)}, got {env!r}")
+        return env
+    return kernel
+
+
+def _load_triton():
+    """The Triton module, or None with the reason in ``_triton_error``."""
+    global _triton, _triton_error
+    if _triton is None and _triton_error is None:
+        try:
+            mod = importlib.import_module(f"{__name__}.triton_decode")
+            ok = getattr(mod, "available", None)
+            res = ok() if callable(ok) else True
+            good, why = res if isinstance(res, tuple) else (bool(res), "")
+            if not good:
+                raise RuntimeError(why or "triton_decode reports it cannot run")
+            _triton = mod
+        except Exception as exc:  # noqa: BLE001 - an absent or broken optional module means "not available"
+            _triton_error = f"the Triton kernel is not available ({str(exc).splitlines()[0] if str(exc) else exc!r})"
+    return _triton
+
+
+def _cpp_reason() -> str | None:
+    from . import cpu
+
+    ok, why = cpu.available()
+    return None if ok else why
+
+
+def _resolve(kernel: str, device: torch.device) -> str:
+    """The path taken for ``kernel`` on ``device``: "cpp", "triton" or "torch" (warns on an auto fallback)."""
+    want = _choice(kernel)
+    dev = device.type
+    if want == "torch":
+        return "torch"
+    if want == "cpp":
+        if dev != "cpu":
+            raise RuntimeError(f"echokv kernels: the C++ kernel runs on CPU tensors, got {dev} tensors")
+        why = _cpp_reason()
+        if why:
+            raise RuntimeError(f"echokv kernels: {why}")
+        return "cpp"
+    if want == "triton":
+        if dev != "cuda":
+            raise RuntimeError(f"echokv kernels: the Triton kernel runs on CUDA tensors, got {dev} tensors")
+        if _load_triton() is None:
+            raise RuntimeError(f"echokv kernels: {_triton_error}")
+        return "triton"
+    # auto
+    if dev == "cpu":
+        why = _cpp_reason()
+        if why is None:
+            return "cpp"
+    elif dev == "cuda":
+        if _load_triton() is not None:
+            return "triton"
+        why = _triton_error
+    else:
+        why = f"no compiled kernel for {dev} tensors"
+    _warn_once(f"echokv kernels: {why}; using the PyTorch path (slower)")
+    return "torch"
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+def path(kernel: str = "auto", device: str | torch.device = "cpu") -> str:
+    """The implementation :func:`attend` takes for ``kernel`` on ``device``: "cpp", "triton" or "torch"."""
+    return _resolve(kernel, torch.device(device))
+
+
+def _classes(store: dict, widths) -> tuple[list[torch.Tensor], list[int]]:
+    """The C++ kernel's per-class arguments: (codes, scale, zero) triples and (width, n) pairs."""
+    tensors, meta = [], []
+    for width, n in widths:
+        if not n:
+            continue
+        key = str(width)
+        data = store[key]
+        if width == 16:
+            empty = data.new_empty(0, dtype=torch.float16)
+            tensors += [data, empty, empty]
+        else:
+            tensors += [data, store[key + ".s"], store[key + ".z"]]
+        meta += [int(width), int(n)]
+    return tensors, meta
+
+
+def attend(q: torch.Tensor, k_store: dict, v_store: dict, k_widths, v_widths, mask: torch.Tensor | None = None,
+           kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, H, R, n_v], lse [B, H, R]) float32 over the stored tokens; see :mod:`echokv.kernels.reference`.
+
+    q [B, H, R, d >= kept keys] (already in the key basis and scaled); ``mask`` bool [B, T] or None; ``kernel``:
+    "auto", "cpp", "triton" or "torch"."""
+    which = _resolve(kernel, q.device)
+    if which == "torch":
+        return reference.attend(q, k_store, v_store, k_widths, v_widths, mask)
+    if which == "triton":
+        return _triton.attend(q, k_store, v_store, k_widths, v_widths, mask)
+    from . import cpu
+
+    kt, km = _classes(k_store, k_widths)
+    vt, vm = _classes(v_store, v_widths)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.bool()
+    return cpu.load().attend(q.float().contiguous(), kt, km, vt, vm, mask)

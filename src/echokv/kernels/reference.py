@@ -1,0 +1,89 @@
+"""The decode attention over per-head coded K/V, in plain PyTorch: the specification every kernel is tested against,
+and the path taken where no compiled kernel runs.
+
+Stored layout, per layer and kind (keys or values), for B sequences, H KV heads and T stored tokens: the head's
+channels, in the codec's basis, are cut into contiguous *classes* of one width each, in the order of ``widths``
+(``((16, n16), (8, n8), (4, n4))``, any of them absent or 0); channels past the last class are dropped (zero).
+``store`` holds, for a class of width w:
+
+* w = 16: ``store["16"]`` [B, H, T, n16], bfloat16 or float16 values;
+* w = 8 or 4: ``store[f"{w}"]`` [B, H, T, n * w / 8] uint8 codes (4-bit: two per byte, the even channel in the low
+  nibble; n even), and ``store[f"{w}.s"]``, ``store[f"{w}.z"]`` [B, H, T] float16 scale and zero point of the class
+  (one per token and head): the channel value is ``code * s + z``.
+
+Tensors may be views into larger buffers (strided on every axis but the last, which is contiguous).
+
+:func:`attend` computes, per sequence b, KV head h and query row r (the query heads of a KV head times the query
+positions), over the stored tokens t with ``mask[b, t]`` (all, without a mask):
+
+    score[t] = q[b, h, r] . key[b, h, t]            (q already in the key basis and multiplied by the scaling)
+    lse      = log sum_t exp(score[t])
+    out      = sum_t softmax(score)[t] * value[b, h, t]   (value components, in the value basis)
+
+and returns ``out`` [B, H, R, n_v] and ``lse`` [B, H, R], both float32 (n_v: the values' kept channels). A row with
+no visible token gets ``out`` 0 and ``lse`` -inf, so that merging it with other parts by log-sum-exp is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+WIDTHS = (16, 8, 4)
+
+
+def kept(widths) -> int:
+    """Channels kept by the classes ``widths``."""
+    return sum(n for _, n in widths)
+
+
+def unpack4(codes: torch.Tensor) -> torch.Tensor:
+    """[..., n/2] uint8 -> [..., n] uint8 (even channel in the low nibble)."""
+    return torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2)
+
+
+def dequantize(store: dict, widths) -> torch.Tensor:
+    """The stored channels [B, H, T, kept(widths)] in float32."""
+    parts = []
+    for width, n in widths:
+        if not n:
+            continue
+        key = str(width)
+        if width == 16:
+            parts.append(store[key].float())
+            continue
+        codes = store[key] if width == 8 else unpack4(store[key])
+        parts.append(codes[..., :n].float() * store[key + ".s"].float()[..., None] + store[key + ".z"].float()[..., None])
+    return torch.cat(parts, dim=-1)
+
+
+def attend(q: torch.Tensor, k_store: dict, v_store: dict, k_widths, v_widths,
+           mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, H, R, n_v], lse [B, H, R]) over the stored tokens (see the module docstring)."""
+    keys, values = dequantize(k_store, k_widths), dequantize(v_store, v_widths)
+    scores = q[..., : keys.shape[-1]].float() @ keys.transpose(-1, -2)  # [B, H, R, T]
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    p = torch.exp(scores - lse[..., None].clamp_min(torch.finfo(torch.float32).min))
+    p = torch.nan_to_num(p, nan=0.0)
+    return p @ values, lse
+
+
+def quantize_class(x: torch.Tensor, width: int) -> dict[str, torch.Tensor]:
+    """x [..., n] float -> the stored tensors of one class of ``width`` 8 or 4 (one scale and zero per row).
+
+    Scale rounded up and zero down to float16, so every value stays inside the code range."""
+    from ..codecs.quant import _round_fp16
+
+    levels = 2**width - 1
+    xf = x.float()
+    zero = _round_fp16(xf.amin(-1), up=False)
+    scale = _round_fp16((xf.amax(-1) - zero.float()) / levels, up=True)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    codes = ((xf - zero.float()[..., None]) / scale.float()[..., None]).round_().clamp_(0, levels).to(torch.uint8)
+    if width == 4:
+        if codes.shape[-1] % 2:
+            raise ValueError(f"a 4-bit class needs an even number of channels, got {codes.shape[-1]}")
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    key = str(width)
+    return {key: codes.contiguous(), key + ".s": scale, key + ".z": zero}
