@@ -152,3 +152,117 @@ def test_legacy_fast_paths_equal_their_references(networks, variant):
     with torch.no_grad():
         model(ids[:, :-1], past_key_values=cache)
     _check(_steps(model, cache, ids[:, -1:], 6))
+
+
+# -- the fast codec, EchoKV-Q (codecs/headq.py): the fused kernel's path against the explicit rebuild ---------------
+@pytest.fixture(scope="module")
+def fast_codecs():
+    from echokv.codecs.headq import fit
+
+    made = {}
+
+    def get(arch, ratio, kernel="auto"):
+        if (arch, ratio) not in made:
+            model = tiny_model(arch)
+            made[(arch, ratio)] = (model, fit(model, torch.randint(3, 250, (4, 48)), ratio))
+        model, codec = made[(arch, ratio)]
+        codec.kernel = kernel
+        return model, codec
+
+    return get
+
+
+@pytest.mark.parametrize("kernel", ["cpp", "torch"])
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "phi3"])
+def test_fast_codec_equals_explicit_every_step(fast_codecs, arch, ratio, kernel):
+    from echokv import kernels
+    from echokv.cache import CompressedCache
+
+    if kernel == "cpp" and kernels.path("auto") != "cpp":
+        pytest.skip("the C++ kernel does not build here")
+    model, codec = fast_codecs(arch, ratio, kernel)
+    for length, kw in ((70, {"mode": "compressed"}), (3, {"mode": "compressed"}), (60, {"switch_at_tokens": 64})):
+        cache = CompressedCache(model, codec, fast=True, **kw)
+        ids = torch.randint(3, 250, (1, length + 1))
+        with torch.no_grad():
+            model(ids[:, :-1], past_key_values=cache)
+        _check(_steps(model, cache, ids[:, -1:], 8))
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_fast_codec_batch_with_left_padding_and_block_flushes(fast_codecs, ratio):
+    from echokv.cache import CompressedCache
+
+    model, codec = fast_codecs("llama", ratio)
+    ids = torch.randint(3, 250, (2, 80))
+    mask = torch.ones_like(ids)
+    ids[1, :9], mask[1, :9] = 0, 0
+    cache = CompressedCache(model, codec, mode="compressed", fast=True)
+    with torch.no_grad():
+        model(ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache)
+    assert cache.stores[0].n_tokens == 64 and cache.layers[0].recent_length() == 79 - 64  # whole blocks only
+    _check(_steps(model, cache, ids[:, -1:], 6, mask=mask[:, :-1]))
+    more = torch.randint(3, 250, (2, 130))  # two more blocks appended to the store
+    mask = torch.cat([mask, torch.ones(2, 6 + 129, dtype=torch.long)], dim=1)  # 79 + 6 steps + 129 new
+    with torch.no_grad():
+        model(more[:, :-1], attention_mask=mask, past_key_values=cache)
+    assert cache.stores[0].n_tokens == 192
+    _check(_steps(model, cache, more[:, -1:], 4, mask=mask))
+
+
+# -- full mode's decode steps (attention.packed_decode) against the stock SDPA call -----------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", ["none", "padding", "per-head", "additive"])
+def test_packed_decode_equals_the_stock_sdpa_call(dtype, masked):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from echokv.attention import packed_decode
+
+    g = torch.Generator().manual_seed(0)
+    b, h, rep, t, d = 2, 3, 3, 70, 64
+    q = torch.randn(b, h * rep, 1, d, generator=g).to(dtype)
+    buf = torch.randn(b, h, t + 9, d, generator=g).to(dtype)  # K/V as views into buffers with spare room
+    k, v = buf[:, :, :t], (buf * 0.5)[:, :, 2 : t + 2]
+    mask = None
+    if masked == "padding":
+        mask = torch.ones(b, 1, 1, t, dtype=torch.bool)
+        mask[1, ..., :11] = False
+    elif masked == "per-head":
+        mask = torch.rand(b, h * rep, 1, t, generator=g) > 0.3
+    elif masked == "additive":
+        mask = torch.randn(b, 1, 1, t, generator=g).to(dtype)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = rep, True
+    ref = sdpa_attention_forward(module, q, k, v, mask, scaling=d**-0.5)[0]
+    out = packed_decode(q, k, v, mask, d**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+
+
+def test_divergence_says_where_and_by_how_much():
+    from echokv.cache import FullCache
+    from echokv.cli.demo import _verdict
+    from echokv.generation import divergence
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 250, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)[0, 6:]
+    assert divergence(model, ids, ref, ref.clone(), lambda: FullCache(model)) is None
+    other = ref.clone()
+    other[2] = (ref[2] + 1) % 256
+    split = divergence(model, ids, ref, other, lambda: FullCache(model))
+    assert split["index"] == 2 and split["reference_token"] == int(ref[2]) and split["answer_token"] == int(other[2])
+    # the same cache both ways: the answer's own cache preferred the reference's token by the same margin
+    assert split["reference_margin"] == pytest.approx(-split["answer_margin"], abs=1e-5)
+    assert split["near_tie"] == (split["reference_margin"] <= near_tie(torch.float32))
+
+    class Tok:
+        def decode(self, ids):
+            return f"t{ids[0]}"
+
+    assert "follows full mode's" in _verdict(None, Tok(), 1.0)
+    line = _verdict({**split, "reference_margin": 0.5, "near_tie": True}, Tok(), 1.0)
+    assert "token 2" in line and "near tie" in line
+    assert "loss from compression" in _verdict({**split, "reference_margin": 3.0, "near_tie": False}, Tok(), 1.0)

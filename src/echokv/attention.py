@@ -60,16 +60,48 @@ def packs(module, query, key, kwargs) -> bool:
 
 
 def packed_decode(query, key, value, attention_mask, scaling) -> torch.Tensor:
-    """A decode step's attention with the query heads of each KV head as rows of one matrix: SDPA's CPU kernel run
-    with ``enable_gqa`` handles every query head alone (see ``../shared/design/fast.md``). Output [B, 1, Hq, d]."""
+    """A decode step's attention with the query heads of each KV head as rows of one matrix (the stock call passes
+    ``enable_gqa``, with which SDPA's CPU kernel handles every query head alone). With bfloat16/float16 K/V and a
+    mask that is none or one keep/drop row per sequence, the fused kernel of :mod:`echokv.kernels` reads the K/V in
+    place (a 16-bit class, float32 accumulation); otherwise SDPA with the packed rows. Output [B, 1, Hq, d]."""
     b, hq, _, d = query.shape
     h = key.shape[1]
     mask = attention_mask
-    if mask is not None and mask.dim() == 4:  # [B, 1, 1, T]: the same row for every head and query row
+    if mask is not None and mask.dim() == 4 and mask.shape[1] == 1:  # [B, 1, 1, T]: one row for every head
         mask = mask[:, :, -1:]
-    out = torch.nn.functional.scaled_dot_product_attention(query.reshape(b, h, hq // h, d), key, value,
-                                                           attn_mask=mask, scale=scaling)
+    elif mask is not None and mask.dim() == 4 and mask.shape[1] == hq:  # a row per query head: rows as the queries
+        mask = mask[:, :, -1:].reshape(b, h, hq // h, mask.shape[-1])
+    rows = query.reshape(b, h, hq // h, d)
+    # the fused kernel takes a keep/drop row per sequence: not per-head masks, nor additive biases
+    if _fused(key) and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1)):
+        from . import kernels
+
+        seen = None if mask is None else mask[:, 0, 0]
+        width = ((16, d),)
+        out, _ = kernels.attend(rows.float() * scaling, {"16": key}, {"16": value}, width, width, seen, kernel="cpp")
+        return out.to(query.dtype).reshape(b, 1, hq, d)
+    out = torch.nn.functional.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(b, 1, hq, d)
+
+
+_FUSED: bool | None = None
+
+
+def _fused(key) -> bool:
+    """Whether full-mode decode steps run the fused C++ kernel: 16-bit K/V on a CPU where it builds."""
+    global _FUSED
+    if key.device.type != "cpu" or key.dtype not in (torch.bfloat16, torch.float16) or key.stride(-1) != 1:
+        return False
+    if _FUSED is None:
+        import os
+
+        from .kernels import cpu
+
+        try:  # never an error inside a decode step: without the C++ kernel, SDPA runs
+            _FUSED = os.environ.get("ECHOKV_KERNEL", "auto") not in ("torch", "triton") and cpu.available()[0]
+        except Exception:
+            _FUSED = False
+    return _FUSED
 
 
 def echokv_attention_forward(module, query, key, value, attention_mask, **kwargs):
@@ -94,9 +126,19 @@ def defer(layer_idx: int, fn: Callable) -> None:
 
 
 def serves(model) -> bool:
-    """Whether the echokv attention computes what ``model``'s own does: not for soft-capped attention logits,
-    which SDPA (what it calls) does not apply."""
-    return all(getattr(cfg, "attn_logit_softcapping", None) is None for cfg in _configs(model))
+    """Whether the echokv attention computes what ``model``'s own does: not for soft-capped attention logits or
+    attention sinks, which SDPA (what it calls) does not apply, nor for a model that does not support SDPA."""
+    if getattr(model, "_supports_sdpa", True) is False:
+        return False
+    if any(getattr(cfg, "attn_logit_softcapping", None) is not None for cfg in _configs(model)):
+        return False
+    return not any(hasattr(m, "sinks") for m in model.modules() if hasattr(m, "layer_idx"))
+
+
+def runs_sdpa(model) -> bool:
+    """Whether ``model`` was loaded with SDPA (or runs the echokv attention already): then the echokv attention
+    changes nothing but speed."""
+    return all(cfg._attn_implementation in ("sdpa", NAME) for cfg in _configs(model))
 
 
 def register() -> None:
@@ -131,7 +173,8 @@ def in_scope(ids: frozenset) -> bool:
 def implementation(model, name: str = NAME):
     """Run the block with ``model`` switched to the attention implementation ``name`` (restored afterwards).
 
-    ``"echokv"`` accepts a model loaded with SDPA (or eager) attention: its outputs stay identical to SDPA.
+    ``"echokv"`` accepts a model loaded with SDPA (or eager) attention: its outputs are SDPA's, decode steps up to
+    rounding (:func:`packed_decode`).
     """
     saved = [(cfg, cfg._attn_implementation) for cfg in _configs(model)]
     ids = config_ids(model)

@@ -8,6 +8,9 @@ run, and cache bytes, for four variants (the keys of ``bench.json``):
   in place, where the default cache copies the whole layer with ``torch.cat`` at every step)
 - ``echokv-explicit``: compressed, discarded heads rebuilt for every past token at every step (the reference)
 - ``echokv-fast``: compressed, reconstruction folded into the query / applied after the weighted sum
+- ``echokv-q@R`` (one per ``codecs`` ratio R): the fast codec EchoKV-Q (:mod:`echokv.codecs.headq`), per-head codes
+  read in place by the fused kernel; ``q_vs_full_decode_ratio`` / ``q_vs_stock_decode_ratio`` per ratio, and the
+  kernel path that ran (``kernel_path``: cpp, triton or torch)
 
 Prefill is timed again, alternating the default cache and the compressed one fed both ways
 (``fast_vs_stock_prefill_ratio``: compressing between chunks; ``fast_exact_prompt_vs_stock_prefill_ratio``:
@@ -42,6 +45,7 @@ from pathlib import Path
 import torch
 
 from . import plotting
+from . import kernels
 from .attention import echokv_attention, implementation
 from .cache import EchoKVCache, accounting
 from .generation import PREFILL_CHUNK, prefill
@@ -81,11 +85,15 @@ class PeakRSS:
         return self.peak - self.base
 
 
-def _new_cache(model, variant: str, recon):
+def _new_cache(model, variant: str, recon, codecs: dict | None = None):
     from transformers import DynamicCache
+
+    from .cache import CompressedCache
 
     if variant == STOCK:
         return DynamicCache(config=model.config)
+    if codecs and variant in codecs:
+        return CompressedCache(model, codecs[variant], mode="compressed", fast=True)
     mode = "full" if variant == FULL else "compressed"
     return EchoKVCache(model, recon, mode=mode, fast=variant == FAST)
 
@@ -129,7 +137,7 @@ def _step_as(model):
 
 @torch.no_grad()
 def bench_context(model, recon, ids: torch.Tensor, decode_tokens: int, repeats: int,
-                  chunk: int = PREFILL_CHUNK) -> dict:
+                  chunk: int = PREFILL_CHUNK, codecs: dict | None = None) -> dict:
     """Prefill each variant once, then time decoding interleaved step by step.
 
     Every round advances each variant by one token, in a rotating order, so that slow drifts of a
@@ -138,9 +146,10 @@ def bench_context(model, recon, ids: torch.Tensor, decode_tokens: int, repeats: 
     """
     out = {}
     prefilled = {}
-    for variant in VARIANTS:
+    codecs = codecs or {}
+    for variant in (*VARIANTS, *codecs):
         with _attention_for(model, variant):
-            cache = _new_cache(model, variant, recon)
+            cache = _new_cache(model, variant, recon, codecs)
             with PeakRSS() as mem:
                 t = time.perf_counter()
                 logits = prefill(model, cache, ids, chunk_size=chunk)
@@ -156,7 +165,7 @@ def bench_context(model, recon, ids: torch.Tensor, decode_tokens: int, repeats: 
         out[variant]["reserved_cache_bytes"] = accounting.reserved_nbytes(work)
         del work
     steps = _interleaved(prefilled, _step_as(model), decode_tokens, repeats)
-    for v in VARIANTS:
+    for v in (*VARIANTS, *codecs):
         out[v]["decode_seconds"] = [sum(steps[v][r * decode_tokens : (r + 1) * decode_tokens])
                                     for r in range(repeats)]
         out[v]["decode_tokens_per_second"] = 1.0 / statistics.median(steps[v])
@@ -178,6 +187,9 @@ def bench_context(model, recon, ids: torch.Tensor, decode_tokens: int, repeats: 
         "kv_bytes_ratio": out[FAST]["cache_bytes"] / out[FULL]["cache_bytes"],
         "kv_reserved_bytes_ratio": out[FAST]["reserved_cache_bytes"] / out[STOCK]["cache_bytes"],
         "kept_fraction": recon.layout.kept_fraction(),
+        **({"codecs": {v: {"q_vs_full_decode_ratio": speedup(v, FULL), "q_vs_stock_decode_ratio": speedup(v, STOCK),
+                           "kv_bytes_ratio": out[v]["cache_bytes"] / out[FULL]["cache_bytes"],
+                           "kernel_path": kernels.path(codecs[v].kernel, ids.device)} for v in codecs}} if codecs else {}),
     }
 
 
@@ -244,7 +256,7 @@ def _batch(prefilled, batch: int):
 
 @torch.no_grad()
 def budget_context(model, recon, ids: torch.Tensor, budgets: list, decode_tokens: int, repeats: int,
-                   chunk: int = PREFILL_CHUNK) -> dict:
+                   chunk: int = PREFILL_CHUNK, codecs: dict | None = None) -> dict:
     """Throughput at fixed KV-memory budgets, for one prompt length.
 
     ``budgets``: bytes, or :func:`parse_budget`'s pairs (``("full", n)``: the bytes full mode holds for a batch of
@@ -255,9 +267,11 @@ def budget_context(model, recon, ids: torch.Tensor, budgets: list, decode_tokens
     ``budget_throughput_vs_full`` is the median over steps of a variant's batch / seconds over full mode's.
     """
     prefilled, one = {}, {}
-    for v in BUDGET_VARIANTS:
+    codecs = codecs or {}
+    variants = (*BUDGET_VARIANTS, *codecs)
+    for v in variants:
         with _attention_for(model, v):
-            cache = _new_cache(model, v, recon)
+            cache = _new_cache(model, v, recon, codecs)
             logits = prefill(model, cache, ids, chunk_size=chunk)
         prefilled[v] = (cache, logits[:, None].argmax(-1))
         work, tok = _batch(prefilled[v], 1)
@@ -275,7 +289,7 @@ def budget_context(model, recon, ids: torch.Tensor, budgets: list, decode_tokens
         else:
             limit = int(value)
         rows, ready = {}, {}
-        for v in BUDGET_VARIANTS:
+        for v in variants:
             batch, held, peak = limit // one[v], 0, 0
             while batch > 0:
                 work, tok = _batch(prefilled[v], batch)
@@ -294,7 +308,7 @@ def budget_context(model, recon, ids: torch.Tensor, budgets: list, decode_tokens
         for v in ready:
             rows[v]["decode_tokens_per_second"] = rows[v]["batch"] / statistics.median(steps[v])
         ratio = {}
-        for v in BUDGET_VARIANTS:
+        for v in variants:
             if v not in steps or FULL not in steps:
                 ratio[v] = 0.0 if FULL in steps else None
                 continue

@@ -302,6 +302,10 @@ class BenchConfig(ModelConfig):
     repeats: int = option(3, "rounds", check="positive")
     compare_dtype: str = option("float32", "also time transformers' default cache with the model in this dtype "
                                 "against --dtype ('none': skip)", choices=(*DTYPES, "none"))
+    codec_ratios: str = option("0.5,0.75", "compression ratios of the fast codec EchoKV-Q timed beside the artifact "
+                               "(fitted on the calibration text first, seconds; 'none': skip)")
+    kernel: str = option("auto", "the fast codec's attention kernel: auto (C++ on CPU, Triton on a GPU, else "
+                         "PyTorch), or one forced (an error if it cannot run)", choices=("auto", "cpp", "triton", "torch"))
     out: str = option("runs/bench", "output folder")
 
 

@@ -115,7 +115,7 @@ def generate(model, input_ids: torch.Tensor, cache=None, *, max_new_tokens: int 
     else is refused with ``ValueError``, because the answer would read the earlier prompt: call
     ``cache.reset()`` or make a new cache for a new prompt.
     """
-    from .attention import echokv_attention, serves
+    from .attention import echokv_attention, runs_sdpa, serves
     from .cache import CompressedCache, FullCache
 
     _check_call(model, input_ids, "generate")
@@ -131,8 +131,9 @@ def generate(model, input_ids: torch.Tensor, cache=None, *, max_new_tokens: int 
                 "extend them: it is a new prompt, whose answer would read the previous one. Call cache.reset() or "
                 "pass a new cache; to continue, pass the earlier prompt and answer followed by the new text"
             )
-    # echokv's caches run in the echokv attention (packed decode steps, the compressed cache's fast path)
-    ours = isinstance(cache, CompressedCache) and serves(model)
+    # echokv's caches run in the echokv attention: the compressed cache's fast path, and packed decode steps of a
+    # model loaded with SDPA (another attention implementation is left as it is, unless the fast path asks)
+    ours = isinstance(cache, CompressedCache) and serves(model) and (runs_sdpa(model) or getattr(cache, "fast", False))
     scope = echokv_attention(model) if ours else contextlib.nullcontext()
     torch.manual_seed(seed)
     kwargs = {"do_sample": sample, "max_new_tokens": max_new_tokens, "streamer": streamer,
@@ -152,10 +153,11 @@ def generate(model, input_ids: torch.Tensor, cache=None, *, max_new_tokens: int 
 
 
 #: Logit differences between two exact computations of the same step, by the model's dtype: below this, which of two
-#: tokens wins is rounding, not the cache. Measured on SmolLM2-135M (30 layers), one decode step from the same cache
-#: state: bfloat16 0.84 between the compressed cache's fast and explicit paths and up to 0.88 between stock SDPA and
-#: packed-GQA attention on the full cache (both exact); float32 5e-5.
-NEAR_TIE = {torch.bfloat16: 1.0, torch.float16: 0.125, torch.float32: 1e-3}
+#: tokens wins is rounding, not the cache. Measured on SmolLM2-135M (30 layers, logits ~10-30): one decode step from
+#: the same cache state, the compressed cache's fast and explicit paths differ by up to 1.06 in bfloat16 (ten prompts,
+#: 16 steps, ratios 0.5 and 0.75; the bfloat16 step at 25 is 0.125) and 5e-5 in float32; stock SDPA and packed-GQA
+#: attention on the full cache, both exact, by up to 0.88 in bfloat16.
+NEAR_TIE = {torch.bfloat16: 1.5, torch.float16: 0.2, torch.float32: 1e-3}
 
 
 def near_tie(dtype: torch.dtype) -> float:

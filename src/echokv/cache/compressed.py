@@ -254,7 +254,8 @@ class CompressedCache(DynamicCache):
             self._flush()
 
     def compress(self) -> None:
-        """Switch to compressed mode now: existing entries are converted and their memory freed."""
+        """Switch to compressed mode now: existing entries are converted and their memory freed (a codec that
+        stores whole blocks, :attr:`~echokv.cache.codec.KVCodec.token_block`, keeps the last incomplete one exact)."""
         if not self.is_compressed:
             self.is_compressed, self.switched_at = True, self.seen_tokens()
         self._flush()
@@ -262,6 +263,7 @@ class CompressedCache(DynamicCache):
     def _flush(self) -> None:
         """Move every token older than the full window from the recent part into the group stores."""
         n = min((self.layers[i].recent_length() for i in self.compressible), default=0) - self.full_window
+        n -= n % self.codec.token_block  # whole blocks only: the rest stays exact until a block is complete
         if n <= 0:
             return
         positions = None

@@ -11,8 +11,21 @@ CONFIGS = (BenchConfig,)
 HELP = "speed and memory: stock vs echokv full vs compressed"
 
 
+def _fast_codecs(model, tokenizer, ratios: list[float], kernel: str) -> dict:
+    """``{"echokv-q@R": codec}`` fitted on the calibration text (:func:`echokv.codecs.headq.fit`)."""
+    from ..codecs.headq import fit
+    from ..config import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS
+    from ..data import token_blocks
+    from ..placement import input_device
+
+    if not ratios:
+        return {}
+    blocks = token_blocks(tokenizer, "calibration", CALIBRATION_TOKENS, CALIBRATION_SEQ_LEN).to(input_device(model))
+    return {f"echokv-q@{r:g}": fit(model, blocks, r, kernel=kernel) for r in ratios}
+
+
 def run(args) -> int:
-    from .. import bench
+    from .. import bench, kernels
     from ..artifact import load, read_config
     from ..data import require_tokens, token_blocks
     from ..models import kv_geometry
@@ -20,6 +33,13 @@ def run(args) -> int:
     from ..util import check_output_dir, parse_csv
 
     cfg = from_args(args, BenchConfig)
+    ratios = [] if str(cfg.codec_ratios).strip().lower() == "none" else parse_csv(cfg.codec_ratios, float,
+                                                                                   "compression ratio", "0.5,0.75")
+    for r in ratios:
+        if not 0 < r < 1:
+            raise ValueError(f"--codec-ratios takes fractions of the cache removed, between 0 and 1, got {r:g}")
+    if cfg.kernel != "auto":
+        kernels.path(cfg.kernel, cfg.device)  # a forced kernel that cannot run fails here, before the model loads
     skip = str(cfg.contexts).strip().lower() == "none"
     contexts = [] if skip else sorted(set(parse_csv(cfg.contexts, int, "context length", "--contexts 512,2048")))
     if not skip and (not contexts or contexts[0] < 2):
@@ -39,12 +59,13 @@ def run(args) -> int:
         raise ValueError(f"context {longest} + {cfg.decode_tokens} decode tokens exceeds the model's "
                          f"{geo.max_context}")
     recon = load(cfg.artifact, model)
+    codecs = _fast_codecs(model, tokenizer, ratios, cfg.kernel)
     require_tokens(tokenizer, "evaluation", longest, longest)
     text = token_blocks(tokenizer, "evaluation", longest, longest).to(input_device(model))
     results = []
     for n in contexts:
         print(f"context {n} ...", flush=True)
-        r = bench.bench_context(model, recon, text[:, :n], cfg.decode_tokens, cfg.repeats)
+        r = bench.bench_context(model, recon, text[:, :n], cfg.decode_tokens, cfg.repeats, codecs=codecs)
         results.append(r)
         speed = {v: r["variants"][v]["decode_tokens_per_second"] for v in bench.VARIANTS}
         print(
@@ -56,6 +77,9 @@ def run(args) -> int:
             f"{r['fast_vs_stock_prefill_ratio']:.2f}, exact prompt {r['fast_exact_prompt_vs_stock_prefill_ratio']:.2f}",
             flush=True,
         )
+        for v, c in r.get("codecs", {}).items():
+            print(f"  {v} ({c['kernel_path']} kernel): q/full {c['q_vs_full_decode_ratio']:.3f}, "
+                  f"q/stock {c['q_vs_stock_decode_ratio']:.3f}, KV bytes {c['kv_bytes_ratio']:.3f}", flush=True)
     if cfg.compare_dtype not in ("none", cfg.dtype):
         from dataclasses import replace
 
@@ -73,18 +97,20 @@ def run(args) -> int:
     if budgets:
         print(f"KV budgets at {cfg.budget_context} tokens ...", flush=True)
         budget = bench.budget_context(model, recon, text[:, : cfg.budget_context], budgets, cfg.decode_tokens,
-                                      cfg.repeats)
+                                      cfg.repeats, codecs=codecs)
         for r in budget["budgets"]:
             rows = r["variants"]
             print(f"  budget {r['budget_bytes'] / 1e6:.1f} MB ({r['budget']}): "
                   + ", ".join(f"{v} batch {rows[v]['batch']} {rows[v]['decode_tokens_per_second']:.1f} tok/s"
-                              for v in bench.BUDGET_VARIANTS)
+                              for v in rows)
                   + " | throughput vs full: "
                   + ", ".join(f"{v} {x:.2f}" for v, x in r["budget_throughput_vs_full"].items() if x is not None),
                   flush=True)
     meta = {"model": cfg.model, "artifact": str(cfg.artifact), "decode_tokens": cfg.decode_tokens,
             "repeats": cfg.repeats, "threads": torch.get_num_threads(), "dtype": cfg.dtype,
-            "compare_dtype": cfg.compare_dtype, "kv_budget": cfg.kv_budget, "budget_context": cfg.budget_context}
+            "compare_dtype": cfg.compare_dtype, "kv_budget": cfg.kv_budget, "budget_context": cfg.budget_context,
+            "codec_ratios": ratios, "kernel": cfg.kernel,
+            "kernel_path": kernels.path(cfg.kernel, cfg.device) if codecs else None}
     written = bench.write(results, meta, cfg.out, budget)
     print("written " + ", ".join(str(p) for p in written))
     return 0

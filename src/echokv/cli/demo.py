@@ -34,8 +34,10 @@ def _verdict(split: dict | None, tokenizer, tol: float) -> str:
     if split is None:
         return "check: the compressed answer follows full mode's token for token"
     ref, ans = (repr(tokenizer.decode([split[k]])) for k in ("reference_token", "answer_token"))
-    where = (f"check: the compressed answer leaves full mode's at token {split['index']} ({ans} for {ref}); full mode "
-             f"preferred {ref} by {split['reference_margin']:.3g} logits")
+    margin = split["reference_margin"]
+    where = f"check: the compressed answer leaves full mode's at token {split['index']} ({ans} for {ref}); full mode "
+    where += (f"preferred {ref} by {margin:.3g} logits" if margin >= 0 else
+              f"replayed one step at a time prefers {ans} too, by {-margin:.3g} logits")
     if split["near_tie"]:
         return where + f", a near tie (within the dtype's rounding, {tol:g}): either answer is the model's"
     return where + f", beyond the dtype's rounding ({tol:g}): a loss from compression"

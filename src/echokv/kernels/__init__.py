@@ -56,7 +56,8 @@ def _load_triton():
                 raise RuntimeError(why or "triton_decode reports it cannot run")
             _triton = mod
         except Exception as exc:  # noqa: BLE001 - an absent or broken optional module means "not available"
-            _triton_error = f"the Triton kernel is not available ({str(exc).splitlines()[0] if str(exc) else exc!r})"
+            why = (str(exc).splitlines() or [type(exc).__name__])[0]
+            _triton_error = f"the Triton kernel is not available ({why})"
     return _triton
 
 
@@ -81,10 +82,11 @@ def _resolve(kernel: str, device: torch.device) -> str:
             raise RuntimeError(f"echokv kernels: {why}")
         return "cpp"
     if want == "triton":
-        if dev != "cuda":
-            raise RuntimeError(f"echokv kernels: the Triton kernel runs on CUDA tensors, got {dev} tensors")
         if _load_triton() is None:
             raise RuntimeError(f"echokv kernels: {_triton_error}")
+        interpreting = getattr(_triton, "interpreting", lambda: False)()  # TRITON_INTERPRET=1 runs on CPU
+        if dev != "cuda" and not interpreting:
+            raise RuntimeError(f"echokv kernels: the Triton kernel runs on CUDA tensors, got {dev} tensors")
         return "triton"
     # auto
     if dev == "cpu":
@@ -127,6 +129,19 @@ def _classes(store: dict, widths) -> tuple[list[torch.Tensor], list[int]]:
             tensors += [data, store[key + ".s"], store[key + ".z"]]
         meta += [int(width), int(n)]
     return tensors, meta
+
+
+def prepared(k_store: dict, v_store: dict, k_widths, v_widths) -> tuple:
+    """The C++ kernel's class arguments for one stored snapshot, for :func:`attend_prepared` (a decode step of every
+    layer calls the kernel on the same tensors until the store grows: built once, not once per call)."""
+    return (*_classes(k_store, k_widths), *_classes(v_store, v_widths))
+
+
+def attend_prepared(q: torch.Tensor, args: tuple, mask: torch.Tensor | None = None):
+    """The C++ kernel on :func:`prepared` arguments (the caller resolved the path to "cpp" with :func:`path`)."""
+    from . import cpu
+
+    return cpu.load().attend(q.float().contiguous(), *args, mask)
 
 
 def attend(q: torch.Tensor, k_store: dict, v_store: dict, k_widths, v_widths, mask: torch.Tensor | None = None,

@@ -12,7 +12,7 @@ from ..selection import check_ratio
 
 # isort: off
 # importing a method file registers its names; this order is the order methods are listed and run in
-from . import full, echokv, headdrop, lowrank, xlayer_svd, quant, kvpress  # noqa: F401
+from . import full, echokv, echokv_q, headdrop, lowrank, xlayer_svd, quant, kvpress  # noqa: F401
 # isort: on
 from .base import REGISTRY, Method, MethodUnavailable, register
 from .echokv import EchoKVMethod

@@ -1,0 +1,297 @@
+"""EchoKV-Q, the fast codec: per layer and KV head, post-RoPE K and V in a data-driven basis, each basis channel kept
+at 16, 8 or 4 bits or dropped under one byte budget allocated over the whole model, read in place by a fused kernel
+(:mod:`echokv.kernels`).
+
+Per (layer, kind, head): a mean ``m`` and a basis (PCA of calibration V, channels by falling variance, scaled to
+unit variance: ``z = (x - m) U diag(1/s)``, read back as ``x = z diag(s) U^T + m``; for K the same in the metric of
+the head's queries, ``A A = E[q q^T]``: ``z = (k - m) A U diag(1/s)``, ``k = z diag(s) U^T A^-1 + m``, so that the
+error the allocation counts is the scores' and a direction the queries read is kept even where keys vary little;
+plain PCA dropped such directions). Per (layer, kind), the classes: the first ``n16`` channels as float16, the next
+``n8`` as int8 codes, the next ``n4`` as int4, the rest dropped; a quantized class has one float16 scale and zero per
+token and head (:mod:`echokv.kernels.reference` is the stored layout).
+
+Reading (decode steps): keys fold into the query, ``q.k = (q U).z + q.m``, so the kernel scores with ``q U`` on the
+codes and ``q.m`` is added to the stored part's log-sum-exp; values come out as ``(sum_t p_t z_t) U^T + m``. No
+positions are stored and no RoPE runs at read time: a decode step costs what attention costs (2 Hq d MACs per token
+and layer), where the cross-layer mix rebuilds every past key (r H d MACs, ~117x at 0.5: ``shared/design/fast.md``).
+
+New tokens are stored in blocks of :data:`TOKEN_BLOCK` (:attr:`token_block`; the cache keeps the rest exact, at most
+``TOKEN_BLOCK - 1`` recent tokens, counted in its bytes): encoding a token costs about as much per layer as a decode
+step's attention, so it runs once per block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import kernels
+from ..cache.codec import KVCodec
+from ..kernels.reference import dequantize as dequantize_classes
+from ..kernels.reference import quantize_class
+
+KINDS = ("k", "v")
+#: tokens encoded together (the cache flushes whole blocks; KIVI's residual)
+TOKEN_BLOCK = 64
+#: the class sizes the allocator tries per (layer, kind): float16 channels, then int8, then int4 (steps of 8)
+N16 = (0, 8)
+STEP = 8
+#: calibration tokens per (layer, head) the allocation measures its errors on
+ERROR_SAMPLES = 1024
+
+
+def token_bytes(widths) -> int:
+    """Stored bytes per token and head of the classes ``widths``: codes, plus a float16 scale and zero per quantized
+    class."""
+    return sum(n * w // 8 + (4 if w < 16 and n else 0) for w, n in widths)
+
+
+class HeadQuantCodec(KVCodec):
+    """Per-head coded K/V (the module docstring). ``params``: per layer, ``{"k_mean" [H, d], "k_encode" [H, d, d]
+    (``U diag(1/s)``), "k_basis" [H, d, d] (``U diag(s)``: channels back to the head), "v_mean", "v_encode",
+    "v_basis"}`` (float32); ``widths``: per layer, ``{"k": ((16, n16), (8, n8), (4, n4)), "v": ...}``."""
+
+    token_block = TOKEN_BLOCK
+
+    def __init__(self, params: dict[int, dict[str, torch.Tensor]], widths: dict[int, dict[str, tuple]],
+                 dtype: torch.dtype, kernel: str = "auto"):
+        self.params, self.widths, self.dtype = params, widths, dtype
+        self.kernel = kernel
+        self.groups = [[layer] for layer in sorted(params)]
+        self._reads: dict = {}  # (layer, device) -> the basis columns the read path uses
+        self._args: dict = {}  # layer -> (a stored tensor, the kernel's arguments for that snapshot)
+
+    # -- storing ---------------------------------------------------------------------------------------------
+    def encode(self, group, keys, values):
+        layer = self.groups[group][0]
+        out = {}
+        for kind, x in (("k", keys[0]), ("v", values[0])):
+            p = self.params[layer]
+            m, u = p[f"{kind}_mean"].to(x.device), p[f"{kind}_encode"].to(x.device)
+            z = torch.einsum("bhtd,hde->bhte", x.float() - m[None, :, None], u)
+            s = 0
+            for width, n in self.widths[layer][kind]:
+                if not n:
+                    continue
+                part = z[..., s : s + n]
+                if width == 16:
+                    out[f"{kind}16"] = part.clamp(-65504, 65504).to(torch.float16)
+                else:  # scales and zeros [B, H, T, 1]: the store grows every tensor along dim -2
+                    out.update({kind + name: t if name == str(width) else t[..., None]
+                                for name, t in quantize_class(part, width).items()})
+                s += n
+        return out
+
+    def _classes(self, stored: dict, kind: str) -> dict:
+        """One kind's stored tensors under the kernel's names (``"16"``, ``"8"``, ``"8.s"``, ...)."""
+        return {name[1:]: t[..., 0] if name.endswith((".s", ".z")) else t for name, t in stored.items() if name[0] == kind}
+
+    @property
+    def kernel(self) -> str:
+        """The kernel asked for (:mod:`echokv.kernels`): auto, cpp, triton or torch."""
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, value: str) -> None:
+        self._kernel, self._path = value, None
+
+    def _prepared(self, layer: int, stored: dict) -> tuple:
+        """The kernel's arguments for ``layer``'s stored tensors, rebuilt only when the store has grown."""
+        first = next(iter(stored.values()))
+        memo = self._args.get(layer)
+        if memo is None or memo[0] is not first:
+            w = self.widths[layer]
+            memo = (first, kernels.prepared(self._classes(stored, "k"), self._classes(stored, "v"), w["k"], w["v"]))
+            self._args[layer] = memo
+        return memo[1]
+
+    def _kept(self, layer: int, kind: str) -> int:
+        return sum(n for _, n in self.widths[layer][kind])
+
+    def _read(self, layer: int, device) -> tuple:
+        """The read path's constants: key basis columns [H, d, n_k], key mean [H, d, 1], value basis rows
+        [H, n_v, d], value mean [H, 1, d] (one copy per device)."""
+        key = (layer, device)
+        if key not in self._reads:
+            p = self.params[layer]
+            nk, nv = self._kept(layer, "k"), self._kept(layer, "v")
+            self._reads[key] = tuple(t.to(device).contiguous() for t in (
+                p["k_basis"][..., :nk], p["k_mean"][..., None], p["v_basis"][..., :nv].transpose(1, 2),
+                p["v_mean"][:, None]))
+        return self._reads[key]
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    def decode(self, layer, stored):
+        p = self.params[layer]
+        out = []
+        for kind in KINDS:
+            z = dequantize_classes(self._classes(stored, kind), self.widths[layer][kind])
+            n = z.shape[-1]
+            u = p[f"{kind}_basis"].to(z.device)[..., :n]
+            x = torch.einsum("bhtn,hdn->bhtd", z, u) + p[f"{kind}_mean"].to(z.device)[None, :, None]
+            out.append(x.to(self.dtype))
+        return out[0], out[1]
+
+    def fast_attention(self, layer, stored):
+        stored = dict(stored)  # the tensors as they are now: the cache may append to its store before the call
+        return lambda q, k, v, mask, scaling: self._attend(layer, stored, q, k, v, mask, scaling)
+
+    def _attend(self, layer, stored, q, recent_k, recent_v, mask, scaling):
+        b, hq, tq, d = q.shape
+        h = recent_k.shape[1]
+        rows = hq // h * tq
+        qs = q.reshape(b, h, rows, d).float() * scaling
+        ku, km, vu, vm = self._read(layer, q.device)
+        tc = next(iter(stored.values())).shape[-2]
+        past_mask = None
+        if mask is not None:
+            seen = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+            past_mask = seen[:, 0, -1, :tc]  # stored tokens are in every query's past: one row says who is padding
+            if bool(past_mask.all()):
+                past_mask = None
+        # the stored tokens: the query in the key basis, scores on the codes, the weighted sum in the value basis
+        if self._path is None:
+            self._path = kernels.path(self.kernel, q.device)
+        if self._path == "cpp":
+            out, lse = kernels.attend_prepared(qs @ ku, self._prepared(layer, stored), past_mask)
+        else:
+            out, lse = kernels.attend(qs @ ku, self._classes(stored, "k"), self._classes(stored, "v"),
+                                      self.widths[layer]["k"], self.widths[layer]["v"], past_mask, kernel=self._path)
+        # merged with the recent (exact) tokens: the stored part is one more score, its log-sum-exp (plus the key
+        # mean's score, the same for every stored token), whose value is its weighted sum
+        recent = qs @ recent_k.transpose(-1, -2).float()  # [B, H, rows, Tr]
+        if mask is not None or tq > 1:
+            tr = recent.shape[-1]
+            shaped = recent.view(b, h, rows // tq, tq, tr)
+            if mask is None:
+                keep = torch.ones(tq, tr, dtype=torch.bool, device=q.device).tril(tr - tq)
+                shaped.masked_fill_(~keep, float("-inf"))
+            elif mask.dtype == torch.bool:
+                shaped.masked_fill_(~mask[:, :, None, :, tc:], float("-inf"))
+            else:
+                shaped.add_(mask[:, :, None, :, tc:].float())
+        p = torch.softmax(torch.cat([(qs @ km).add_(lse[..., None]), recent], dim=-1), dim=-1)
+        res = (out @ vu).add_(vm).mul_(p[..., :1]).add_(p[..., 1:] @ recent_v.float())
+        return res.to(q.dtype).reshape(b, hq, tq, d).transpose(1, 2).contiguous()
+
+    def parameter_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for p in self.params.values() for t in p.values())
+
+
+# -- fitting ---------------------------------------------------------------------------------------------------------
+def _candidates(d: int) -> list[tuple]:
+    out = []
+    for n16 in N16:
+        for n8 in range(0, d - n16 + 1, STEP):
+            for n4 in range(0, d - n16 - n8 + 1, STEP):
+                if n16 + n8 + n4:  # at least one class: the reading path needs stored tensors of each kind
+                    out.append(((16, n16), (8, n8), (4, n4)))
+    return out
+
+
+def _error(z: torch.Tensor, widths, scale: torch.Tensor) -> float:
+    """Squared error, in the head's space, of storing ``z`` [H, N, d] (unit-variance channels; ``scale`` [H, d]: their
+    standard deviations) with the classes ``widths``."""
+    w2 = scale.pow(2)[:, None]
+    s, err = 0, 0.0
+    for width, n in widths:
+        if not n:
+            continue
+        part = z[..., s : s + n]
+        if width == 16:
+            back = part.to(torch.float16).float()
+        else:
+            back = dequantize_classes(quantize_class(part, width), ((width, n),))
+        err += float(((back - part).pow(2) * w2[..., s : s + n]).sum())
+        s += n
+    return err + float((z[..., s:].pow(2) * w2[..., s:]).sum())
+
+
+def allocate(errors: dict, budget: float) -> dict:
+    """``errors``: (layer, kind) -> [(widths, bytes, error)]. The widths of each (layer, kind) that minimise the
+    summed error with the summed bytes at most ``budget``: the Lagrangian ``error + lam * bytes`` per (layer, kind),
+    ``lam`` the smallest whose choice fits (the bytes only fall as ``lam`` grows)."""
+    def choose(lam):
+        return {key: min(opts, key=lambda o: o[2] + lam * o[1]) for key, opts in errors.items()}
+
+    def used(choice):
+        return sum(o[1] for o in choice.values())
+
+    lo, hi = 0.0, 1.0
+    while used(choose(hi)) > budget:
+        hi *= 4
+        if hi > 1e30:
+            raise ValueError(f"no allocation fits {budget:.0f} bytes per token")
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if used(choose(mid)) <= budget else (mid, hi)
+    return {key: o[0] for key, o in choose(hi).items()}
+
+
+def _query_metric(q2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A = W^(1/2)`` and ``A^-1`` [H, d, d] of the queries' second moment ``W`` [H, d, d], regularised (a direction
+    no calibration query reads still counts a little)."""
+    w = q2 + torch.eye(q2.shape[-1]) * (q2.diagonal(dim1=-2, dim2=-1).mean(-1) * 1e-3 + 1e-12)[:, None, None]
+    lam, vec = torch.linalg.eigh(w)
+    root = lam.clamp_min(1e-12).sqrt()
+    return vec @ torch.diag_embed(root) @ vec.transpose(1, 2), vec @ torch.diag_embed(1 / root) @ vec.transpose(1, 2)
+
+
+@torch.no_grad()
+def fit(model, blocks: torch.Tensor, compression_ratio: float, kernel: str = "auto",
+        progress: bool = False) -> HeadQuantCodec:
+    """Fit the bases and the allocation on calibration ``blocks`` [N, T] (token ids) for a cache keeping
+    ``1 - compression_ratio`` of the full cache's bytes (stored codes, scales and zero points)."""
+    from ..attention import serves
+    from ..models import kv_geometry
+    from ..stats.capture import capture
+
+    if not serves(model):
+        raise ValueError("EchoKV-Q cannot serve this model: its attention soft-caps the logits, which the fused "
+                         "kernel does not apply; use the mix (echokv) or a quantizer (quant, kivi)")
+    if not 0 < compression_ratio < 1:
+        raise ValueError(f"compression_ratio must be between 0 and 1 (the fraction of the cache removed), got "
+                         f"{compression_ratio!r}")
+    geo = kv_geometry(model)
+    layers = list(geo.full_attention_layers)
+    samples: dict[tuple[int, str], list[torch.Tensor]] = {(layer, kind): [] for layer in layers for kind in KINDS}
+    queries: dict[int, torch.Tensor] = {}  # layer -> [H, d, d]: second moment of the queries each KV head serves
+
+    def on_layer(layer, module, q, k, v):
+        for kind, x in (("k", k), ("v", v)):
+            samples[(layer, kind)].append(x.float().transpose(0, 1).flatten(1, 2).cpu())  # [H, B*T, d]
+        h = k.shape[1]
+        qh = q.float().cpu().unflatten(1, (h, -1)).transpose(0, 1).flatten(1, 3)  # [H, B*rep*T, d]
+        queries[layer] = queries.get(layer, 0) + qh.transpose(1, 2) @ qh / qh.shape[1]
+
+    capture(model, blocks, on_layer, layers=layers, progress=progress, desc="EchoKV-Q calibration")
+    params: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in layers}
+    errors: dict = {}
+    cands = _candidates(geo.head_dim)
+    for (layer, kind), xs in samples.items():
+        x = torch.cat(xs, dim=1)  # [H, N, d]
+        m = x.mean(1)
+        c = x - m[:, None]
+        # keys are measured by the error of the scores they give: ||dk A||^2 with A A = E[q q^T] (the queries of
+        # the head), so a direction the queries read is kept even where the keys vary little; values by their own
+        a, a_inv = _query_metric(queries[layer]) if kind == "k" else (None, None)
+        ct = c @ a if a is not None else c
+        var, vec = torch.linalg.eigh(ct.transpose(1, 2) @ ct / ct.shape[1])
+        u = vec.flip(-1)  # channels by falling variance
+        # channels scaled to unit variance, so that one scale per token serves all of a class. Measured on SmolLM2
+        # (next-token KL, fidelity text): at 0.5 / 0.75 with the allocation, 0.0025 / 0.157 scaled, 0.0027 / 0.208
+        # unscaled; but with every channel at int4, 0.115 scaled against 0.023 unscaled and 0.022 without a basis:
+        # scaling magnifies rare tokens (attention sinks) in the channels calibration saw vary little
+        std = var.flip(-1).clamp_min(0).sqrt()
+        std = torch.maximum(std, std[:, :1] * 1e-4 + 1e-12)  # a channel of no variance is dropped, not divided by 0
+        enc, dec = u / std[:, None], u * std[:, None]
+        if a is not None:
+            enc, dec = a @ enc, a_inv @ dec
+        params[layer].update({f"{kind}_mean": m, f"{kind}_encode": enc.contiguous(), f"{kind}_basis": dec.contiguous()})
+        step = max(1, c.shape[1] // ERROR_SAMPLES)
+        z = c[:, ::step] @ params[layer][f"{kind}_encode"]
+        energy = float(ct[:, ::step].pow(2).sum()) or 1.0
+        errors[(layer, kind)] = [(w, token_bytes(w), _error(z, w, std) / energy) for w in cands]
+    full = 2 * geo.head_dim * geo.bytes_per_element  # K and V bytes per token and head
+    chosen = allocate(errors, (1 - compression_ratio) * full / 2 * len(errors))
+    widths = {layer: {kind: chosen[(layer, kind)] for kind in KINDS} for layer in layers}
+    return HeadQuantCodec(params, widths, next(model.parameters()).dtype, kernel=kernel)

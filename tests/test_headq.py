@@ -1,0 +1,75 @@
+"""The fast codec EchoKV-Q (codecs/headq.py): its byte budget, its stored bytes, its refusals. Its decode paths
+are tested against the explicit rebuild in tests/test_decode_paths.py, its kernels in tests/test_kernels.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from echokv.cache import CompressedCache
+from echokv.codecs.headq import TOKEN_BLOCK, allocate, fit, token_bytes
+from echokv.tiny import tiny_model
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama", head_dim=32)
+
+
+def test_allocation_meets_the_byte_budget_and_spends_it():
+    model = tiny_model("llama", head_dim=32, dtype=torch.bfloat16)
+    for ratio in (0.5, 0.75, 0.875):
+        codec = fit(model, torch.randint(3, 250, (4, 64)), ratio)
+        w = codec.widths
+        stored = sum(token_bytes(w[layer][kind]) for layer in w for kind in ("k", "v"))
+        full = 2 * len(w) * 32 * 2  # K and V per token and head, bfloat16
+        assert stored <= (1 - ratio) * full + 1e-9
+        assert stored >= (1 - ratio) * full * 0.8  # the budget is spent, not left over
+
+
+def test_allocate_picks_the_cheapest_error_per_byte():
+    opts = {("a", "k"): [("a1", 10, 1.0), ("a2", 20, 0.1)], ("b", "k"): [("b1", 10, 0.5), ("b2", 20, 0.45)]}
+    assert allocate(opts, 30) == {("a", "k"): "a2", ("b", "k"): "b1"}
+    with pytest.raises(ValueError, match="no allocation fits"):
+        allocate(opts, 5)
+
+
+def test_stored_bytes_are_the_counted_bytes(llama):
+    codec = fit(llama, torch.randint(3, 250, (4, 64)), 0.75)
+    cache = CompressedCache(llama, codec, mode="compressed", fast=True)
+    n = 2 * TOKEN_BLOCK + 5
+    with torch.no_grad():
+        llama(torch.randint(3, 250, (2, n)), past_key_values=cache)
+    heads, d, layers = 2, 32, 4
+    stored = sum(token_bytes(codec.widths[layer][kind]) for layer in codec.widths for kind in ("k", "v"))
+    expect = 2 * (2 * TOKEN_BLOCK * heads * stored + 5 * heads * layers * 2 * d * 4)  # batch 2; 5 exact tokens
+    assert cache.nbytes() == expect
+    assert cache.kept_fraction() == pytest.approx(expect / (2 * n * heads * layers * 2 * d * 4))
+
+
+def test_refusals(llama):
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        fit(llama, torch.randint(3, 250, (2, 16)), 1.0)
+    capped = tiny_model("llama")
+    capped.config.attn_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="soft-caps"):
+        fit(capped, torch.randint(3, 250, (2, 16)), 0.5)
+
+
+def test_encode_decode_error_is_what_the_allocation_measured(llama):
+    from echokv.codecs.headq import _error
+
+    codec = fit(llama, torch.randint(3, 250, (4, 64), generator=torch.Generator().manual_seed(0)), 0.75)
+    layer = codec.groups[0][0]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 2, 40, 32, generator=g)
+    # values (keys are measured in their queries' metric, not in their own space)
+    back = codec.decode(layer, codec.encode(0, [x], [x]))[1].float()
+    p = codec.params[layer]
+    z = torch.einsum("bhtd,hde->bhte", x - p["v_mean"][None, :, None], p["v_encode"])[0]
+    std = p["v_basis"].norm(dim=1)  # the value basis columns: unit vectors times the deviations
+    assert float((back - x).pow(2).sum()) == pytest.approx(_error(z, codec.widths[layer]["v"], std), rel=1e-3)
+    # every channel at 16 bits: the basis round trip is exact up to float16
+    codec.widths[layer] = {"k": ((16, 32), (8, 0), (4, 0)), "v": ((16, 32), (8, 0), (4, 0))}
+    k, _ = codec.decode(layer, codec.encode(0, [x], [x]))
+    torch.testing.assert_close(k.float(), x, rtol=1e-2, atol=2e-3)
