@@ -99,7 +99,7 @@ def _fused(key) -> bool:
 
         try:  # never an error inside a decode step: without the C++ kernel, SDPA runs
             _FUSED = os.environ.get("ECHOKV_KERNEL", "auto") not in ("torch", "triton") and cpu.available()[0]
-        except Exception:
+        except (RuntimeError, OSError, ImportError):
             _FUSED = False
     return _FUSED
 

@@ -44,8 +44,7 @@ from pathlib import Path
 
 import torch
 
-from . import plotting
-from . import kernels
+from . import kernels, plotting
 from .attention import echokv_attention, implementation
 from .cache import EchoKVCache, accounting
 from .generation import PREFILL_CHUNK, prefill
