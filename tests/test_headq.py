@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from echokv.cache import CompressedCache
-from echokv.codecs.headq import TOKEN_BLOCK, allocate, fit, token_bytes
+from echokv.codecs.headq import SINK_TOKENS, TOKEN_BLOCK, allocate, fit, token_bytes
 from echokv.tiny import tiny_model
 
 
@@ -42,9 +42,21 @@ def test_stored_bytes_are_the_counted_bytes(llama):
         llama(torch.randint(3, 250, (2, n)), past_key_values=cache)
     heads, d, layers = 2, 32, 4
     stored = sum(token_bytes(codec.widths[layer][kind]) for layer in codec.widths for kind in ("k", "v"))
-    expect = 2 * (2 * TOKEN_BLOCK * heads * stored + 5 * heads * layers * 2 * d * 4)  # batch 2; 5 exact tokens
+    # batch 2; 5 recent tokens exact, and the SINK_TOKENS first ones kept exact beside their codes
+    expect = 2 * (2 * TOKEN_BLOCK * heads * stored + (5 + SINK_TOKENS) * heads * layers * 2 * d * 4)
     assert cache.nbytes() == expect
     assert cache.kept_fraction() == pytest.approx(expect / (2 * n * heads * layers * 2 * d * 4))
+
+
+def test_the_first_tokens_are_kept_exact(llama):
+    codec = fit(llama, torch.randint(3, 250, (4, 64), generator=torch.Generator().manual_seed(0)), 0.875)
+    x = torch.randn(1, 2, 70, 32, generator=torch.Generator().manual_seed(2))
+    k, v = codec.decode(codec.groups[0][0], codec.encode(0, [x], [x * 2], start=0))
+    assert torch.equal(k[:, :, :SINK_TOKENS], x[:, :, :SINK_TOKENS]) and torch.equal(v[:, :, :SINK_TOKENS], 2 * x[:, :, :SINK_TOKENS])
+    assert not torch.allclose(k[:, :, SINK_TOKENS:], x[:, :, SINK_TOKENS:])
+    k, _ = codec.decode(codec.groups[0][0], codec.encode(0, [x], [x], start=2))  # a block from slot 2: two sinks
+    assert torch.equal(k[:, :, : SINK_TOKENS - 2], x[:, :, : SINK_TOKENS - 2])
+    assert not torch.allclose(k[:, :, SINK_TOKENS - 2 : SINK_TOKENS], x[:, :, SINK_TOKENS - 2 : SINK_TOKENS])
 
 
 def test_refusals(llama):
@@ -64,12 +76,12 @@ def test_encode_decode_error_is_what_the_allocation_measured(llama):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 2, 40, 32, generator=g)
     # values (keys are measured in their queries' metric, not in their own space)
-    back = codec.decode(layer, codec.encode(0, [x], [x]))[1].float()
+    back = codec.decode(layer, codec.encode(0, [x], [x], start=SINK_TOKENS))[1].float()  # a block with no sinks
     p = codec.params[layer]
     z = torch.einsum("bhtd,hde->bhte", x - p["v_mean"][None, :, None], p["v_encode"])[0]
     std = p["v_basis"].norm(dim=1)  # the value basis columns: unit vectors times the deviations
     assert float((back - x).pow(2).sum()) == pytest.approx(_error(z, codec.widths[layer]["v"], std), rel=1e-3)
     # every channel at 16 bits: the basis round trip is exact up to float16
     codec.widths[layer] = {"k": ((16, 32), (8, 0), (4, 0)), "v": ((16, 32), (8, 0), (4, 0))}
-    k, _ = codec.decode(layer, codec.encode(0, [x], [x]))
+    k, _ = codec.decode(layer, codec.encode(0, [x], [x], start=SINK_TOKENS))
     torch.testing.assert_close(k.float(), x, rtol=1e-2, atol=2e-3)

@@ -166,3 +166,129 @@ def test_forced_cpp_refuses_other_devices_and_failed_builds(monkeypatch, caplog)
         assert kernels.path("auto") == "torch"
     lines = [r.getMessage() for r in caplog.records if "PyTorch path" in r.getMessage()]
     assert len(lines) == 1 and "did not build (test)" in lines[0]
+
+
+# -- the stored tokens merged with exact ones (attend_merged) ---------------------------------------------------------
+def _exact(B, H, Te, d, dtype, seed):
+    """Exact keys and values [B, H, Te, d] in ``dtype``, views into larger buffers (strided on every axis but the
+    last)."""
+    g = torch.Generator().manual_seed(seed)
+    kbuf = torch.randn(B + 1, H + 2, Te + 9, d + 16, generator=g).to(dtype)
+    vbuf = torch.randn(B + 1, H + 2, Te + 9, d + 16, generator=g).to(dtype)
+    return kbuf[1:, 2:, 4 : Te + 4, 8 : d + 8], vbuf[1:, 2:, 3 : Te + 3, :d]
+
+
+def _check_merged(B=2, H=2, T=200, R=3, Te=5, d=64, k_widths=((8, 40), (4, 24)), v_widths=((8, 64),),
+                  mask="ragged", exact_mask="ragged", exact_dtype=torch.bfloat16, dtype16=torch.bfloat16, seed=0,
+                  peaked=1.0):
+    v_widths = k_widths if v_widths is None else v_widths
+    k = _store(B, H, T, k_widths, dtype16, seed)
+    v = _store(B, H, T, v_widths, dtype16, seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    nk, nv = reference.kept(k_widths), reference.kept(v_widths)
+    q_basis = torch.randn(B, H, R, max(nk, 1), generator=g) * peaked
+    q_exact = torch.randn(B, H, R, d, generator=g) * 0.2 * peaked
+    mean_score = torch.randn(B, H, R, generator=g)
+    v_dec = torch.randn(H, nv, d, generator=g) * 0.3
+    v_mean = torch.randn(H, d, generator=g)
+    ek, ev = _exact(B, H, Te, d, exact_dtype, seed + 3)
+    m = None
+    if isinstance(mask, str) and mask == "ragged":
+        m = torch.arange(T)[None, :] >= (torch.arange(B) * T // (B + 1))[:, None]
+    elif mask is not None:
+        m = mask
+    em = None
+    if isinstance(exact_mask, str) and exact_mask == "ragged":  # sequence b misses its first b exact tokens
+        em = torch.arange(Te)[None, :] >= torch.arange(B)[:, None]
+    elif exact_mask is not None:
+        em = exact_mask
+    want = reference.attend_merged(q_basis, q_exact, mean_score, k, v, k_widths, v_widths, m, ek, ev, em, v_dec,
+                                   v_mean)
+    got = kernels.attend_merged(q_basis, q_exact, mean_score, k, v, k_widths, v_widths, m, ek, ev, em, v_dec, v_mean,
+                                kernel="cpp")
+    args = kernels.prepared(k, v, k_widths, v_widths)
+    got2 = kernels.attend_merged_prepared(q_basis, q_exact, mean_score, args, m, ek, ev, em, v_dec, v_mean)
+    assert got.shape == (B, H, R, d) and got.dtype == torch.float32
+    scale = want.abs().max().clamp_min(1e-3).item()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * scale)
+    torch.testing.assert_close(got2, got, rtol=0, atol=0)
+    return got, want
+
+
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_merged_class_mixes_match_reference(mix):
+    k_widths, v_widths = MIXES[mix]
+    _check_merged(k_widths=k_widths, v_widths=v_widths)
+
+
+@pytest.mark.parametrize("Te", [0, 1, 5, 63])
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("R", [1, 3])
+@pytest.mark.parametrize("exact_dtype", [torch.bfloat16, torch.float32])
+def test_merged_exact_lengths_batches_rows_dtypes(Te, B, R, exact_dtype):
+    _check_merged(B=B, R=R, Te=Te, T=130, exact_dtype=exact_dtype, seed=Te + 7 * B + R)
+
+
+@pytest.mark.parametrize("d", [48, 64, 80, 128])
+def test_merged_head_dims_and_float16_exact(d):
+    _check_merged(d=d, Te=17, exact_dtype=torch.float16, k_widths=((16, 8), (8, 24), (4, 32)),
+                  v_widths=((16, 6), (4, 10)))
+
+
+@pytest.mark.parametrize("mask", [None, "ragged"])
+@pytest.mark.parametrize("exact_mask", [None, "ragged", "per-row"])
+def test_merged_masks(mask, exact_mask):
+    B, R, Te = 3, 3, 6
+    if exact_mask == "per-row":  # a causal window: row r sees the exact tokens up to Te - R + r
+        exact_mask = (torch.arange(Te)[None, :] <= torch.arange(R)[:, None] + Te - R)[None].expand(B, R, Te)
+    _check_merged(B=B, R=R, Te=Te, mask=mask, exact_mask=exact_mask)
+
+
+def test_merged_rows_seeing_nothing():
+    """Sequence 1 sees no stored token (only exact ones), sequence 2 nothing at all (0), sequence 0 every token;
+    a peaked query stresses the merge."""
+    B, T, Te = 3, 130, 4
+    m = torch.ones(B, T, dtype=torch.bool)
+    m[1] = False
+    m[2] = False
+    em = torch.ones(B, Te, dtype=torch.bool)
+    em[2] = False
+    got, _ = _check_merged(B=B, T=T, Te=Te, mask=m, exact_mask=em, peaked=4.0)
+    assert (got[2] == 0).all() and got[[0, 1]].abs().sum() > 0
+    # sequence 1: the exact tokens alone
+    got0, _ = _check_merged(B=B, T=T, Te=0, mask=m, exact_mask=None)
+    assert (got0[[1, 2]] == 0).all()
+
+
+def test_merged_equals_attend_then_pytorch_epilogue():
+    """The fused call equals attend() followed by the epilogue written out in PyTorch (log-sum-exp merge)."""
+    B, H, R, T, Te, d = 1, 3, 3, 300, 9, 64
+    kw, vw = ((8, 40), (4, 24)), ((8, 64),)
+    k, v = _store(B, H, T, kw, seed=5), _store(B, H, T, vw, seed=6)
+    g = torch.Generator().manual_seed(7)
+    qs = torch.randn(B, H, R, d, generator=g) * 0.3
+    ku, km = torch.randn(H, d, 64, generator=g), torch.randn(H, d, 1, generator=g) * 0.1
+    vu, vm = torch.randn(H, 64, d, generator=g) * 0.3, torch.randn(H, 1, d, generator=g)
+    ek, ev = _exact(B, H, Te, d, torch.bfloat16, 8)
+    out, lse = kernels.attend(qs @ ku, k, v, kw, vw, kernel="cpp")
+    recent = qs @ ek.transpose(-1, -2).float()
+    p = torch.softmax(torch.cat([(qs @ km).add_(lse[..., None]), recent], dim=-1), dim=-1)
+    want = (out @ vu).add_(vm).mul_(p[..., :1]).add_(p[..., 1:] @ ev.float())
+    got = kernels.attend_merged(qs @ ku, qs, qs @ km, k, v, kw, vw, None, ek, ev, None, vu, vm, kernel="cpp")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_merged_torch_path_and_bad_shapes():
+    B, H, R, T, Te, d = 1, 2, 1, 40, 3, 64
+    kw = ((8, 64),)
+    k, v = _store(B, H, T, kw), _store(B, H, T, kw, seed=1)
+    q = torch.randn(B, H, R, 64)
+    ek, ev = _exact(B, H, Te, d, torch.float32, 2)
+    vd, vm = torch.randn(H, 64, d), torch.randn(H, d)
+    a = kernels.attend_merged(q, q, q[..., 0], k, v, kw, kw, None, ek, ev, None, vd, vm, kernel="torch")
+    b = kernels.attend_merged(q, q, q[..., 0], k, v, kw, kw, None, ek, ev, None, vd, vm, kernel="cpp")
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * a.abs().max().item())
+    with pytest.raises(RuntimeError, match="v_dec"):
+        kernels.attend_merged(q, q, q[..., 0], k, v, kw, kw, None, ek, ev, None, vd[:, :10], vm, kernel="cpp")
+    with pytest.raises(RuntimeError, match="exact_k"):
+        kernels.attend_merged(q, q, q[..., 0], k, v, kw, kw, None, ek[..., :32], ev, None, vd, vm, kernel="cpp")

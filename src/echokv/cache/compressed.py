@@ -276,6 +276,8 @@ class CompressedCache(DynamicCache):
             values = [store.move(lay.values[:, :, :n], store.device) if lay.away else lay.values[:, :, :n]
                       for lay in layers]
             extra = {}
+            if getattr(self.codec, "sink_tokens", 0):  # where the block starts: its first slots may be sinks
+                extra["start"] = store.n_tokens
             if positions is not None:
                 extra["positions"] = store.move(positions, store.device) if store.device != here else positions
             store.append(self.codec.encode(gi, keys, values, **extra), n)

@@ -32,6 +32,8 @@ from ..kernels.reference import quantize_class
 KINDS = ("k", "v")
 #: tokens encoded together (the cache flushes whole blocks; KIVI's residual)
 TOKEN_BLOCK = 64
+#: the first token slots of a sequence kept exact beside their codes (attention sinks: StreamingLLM, KVTC)
+SINK_TOKENS = 4
 #: the class sizes the allocator tries per (layer, kind): float16 channels, then int8, then int4 (steps of 8)
 N16 = (0, 8)
 STEP = 8
@@ -51,6 +53,9 @@ class HeadQuantCodec(KVCodec):
     "v_basis"}`` (float32); ``widths``: per layer, ``{"k": ((16, n16), (8, n8), (4, n4)), "v": ...}``."""
 
     token_block = TOKEN_BLOCK
+    #: the first token slots kept exact (:data:`SINK_TOKENS`); the cache passes ``start``, the slot of a block's
+    #: first token, to :meth:`encode`
+    sink_tokens = SINK_TOKENS
 
     def __init__(self, params: dict[int, dict[str, torch.Tensor]], widths: dict[int, dict[str, tuple]],
                  dtype: torch.dtype, kernel: str = "auto"):
@@ -61,9 +66,12 @@ class HeadQuantCodec(KVCodec):
         self._args: dict = {}  # layer -> (a stored tensor, the kernel's arguments for that snapshot)
 
     # -- storing ---------------------------------------------------------------------------------------------
-    def encode(self, group, keys, values):
+    def encode(self, group, keys, values, start: int = 0):
         layer = self.groups[group][0]
         out = {}
+        n_sink = min(self.sink_tokens - start, keys[0].shape[-2]) if start < self.sink_tokens else 0
+        if n_sink > 0:  # kept exact too (their codes are masked out when read): only in the first block's tensors
+            out["sink.k"], out["sink.v"] = keys[0][..., :n_sink, :].clone(), values[0][..., :n_sink, :].clone()
         for kind, x in (("k", keys[0]), ("v", values[0])):
             p = self.params[layer]
             m, u = p[f"{kind}_mean"].to(x.device), p[f"{kind}_encode"].to(x.device)
@@ -96,7 +104,7 @@ class HeadQuantCodec(KVCodec):
 
     def _prepared(self, layer: int, stored: dict) -> tuple:
         """The kernel's arguments for ``layer``'s stored tensors, rebuilt only when the store has grown."""
-        first = next(iter(stored.values()))
+        first = next(t for n, t in stored.items() if not n.startswith("sink"))  # a tensor the store grows
         memo = self._args.get(layer)
         if memo is None or memo[0] is not first:
             w = self.widths[layer]
@@ -123,12 +131,17 @@ class HeadQuantCodec(KVCodec):
     def decode(self, layer, stored):
         p = self.params[layer]
         out = []
+        sinks = [stored.get("sink.k"), stored.get("sink.v")]
         for kind in KINDS:
             z = dequantize_classes(self._classes(stored, kind), self.widths[layer][kind])
             n = z.shape[-1]
             u = p[f"{kind}_basis"].to(z.device)[..., :n]
             x = torch.einsum("bhtn,hdn->bhtd", z, u) + p[f"{kind}_mean"].to(z.device)[None, :, None]
-            out.append(x.to(self.dtype))
+            x = x.to(self.dtype)
+            sink = sinks[len(out)]
+            if sink is not None:
+                x[..., : sink.shape[-2], :] = sink.to(x.device, x.dtype)
+            out.append(x)
         return out[0], out[1]
 
     def fast_attention(self, layer, stored):
@@ -141,13 +154,21 @@ class HeadQuantCodec(KVCodec):
         rows = hq // h * tq
         qs = q.reshape(b, h, rows, d).float() * scaling
         ku, km, vu, vm = self._read(layer, q.device)
-        tc = next(iter(stored.values())).shape[-2]
+        tc = next(t for n, t in stored.items() if not n.startswith("sink")).shape[-2]
+        sink_k, sink_v = stored.get("sink.k"), stored.get("sink.v")
+        ns = 0 if sink_k is None else sink_k.shape[-2]
         past_mask = None
         if mask is not None:
             seen = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
             past_mask = seen[:, 0, -1, :tc]  # stored tokens are in every query's past: one row says who is padding
             if bool(past_mask.all()):
                 past_mask = None
+        if ns:  # the sinks' codes are not read: their exact copies are
+            codes = self._sink_mask(b, tc, ns, q.device)
+            past_mask = codes if past_mask is None else past_mask & codes
+            recent_k, recent_v = torch.cat([sink_k, recent_k], dim=-2), torch.cat([sink_v, recent_v], dim=-2)
+            if mask is not None:  # the mask's columns in the same order: sinks, then the recent tokens
+                mask = torch.cat([mask[..., :tc], mask[..., :ns], mask[..., tc:]], dim=-1)
         # the stored tokens: the query in the key basis, scores on the codes, the weighted sum in the value basis
         if self._path is None:
             self._path = kernels.path(self.kernel, q.device)
@@ -172,6 +193,15 @@ class HeadQuantCodec(KVCodec):
         p = torch.softmax(torch.cat([(qs @ km).add_(lse[..., None]), recent], dim=-1), dim=-1)
         res = (out @ vu).add_(vm).mul_(p[..., :1]).add_(p[..., 1:] @ recent_v.float())
         return res.to(q.dtype).reshape(b, hq, tq, d).transpose(1, 2).contiguous()
+
+    def _sink_mask(self, b: int, tc: int, ns: int, device) -> torch.Tensor:
+        """[B, Tc] bool: every stored token but the first ``ns`` (one tensor per length, shared by the layers)."""
+        key = (b, tc, ns, device)
+        if getattr(self, "_sinks", (None,))[0] != key:
+            keep = torch.ones(b, tc, dtype=torch.bool, device=device)
+            keep[:, :ns] = False
+            self._sinks = (key, keep)
+        return self._sinks[1]
 
     def parameter_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for p in self.params.values() for t in p.values())

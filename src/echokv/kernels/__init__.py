@@ -162,3 +162,49 @@ def attend(q: torch.Tensor, k_store: dict, v_store: dict, k_widths, v_widths, ma
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.bool()
     return cpu.load().attend(q.float().contiguous(), kt, km, vt, vm, mask)
+
+
+def _merged_args(q_exact, mean_score, exact_mask, v_dec, v_mean, B, H, R):
+    """The merge's tensors in the C++ kernel's forms (no copy where they already are)."""
+    if exact_mask is not None and exact_mask.dtype != torch.bool:
+        exact_mask = exact_mask.bool()
+    return (q_exact.float().contiguous(), mean_score.float().reshape(B, H, R).contiguous(), exact_mask,
+            v_dec.float().contiguous(), v_mean.float().reshape(v_mean.shape[0], -1).contiguous())
+
+
+def attend_merged_prepared(q_basis: torch.Tensor, q_exact: torch.Tensor, mean_score: torch.Tensor, args: tuple,
+                           mask: torch.Tensor | None, exact_k: torch.Tensor, exact_v: torch.Tensor,
+                           exact_mask: torch.Tensor | None, v_dec: torch.Tensor, v_mean: torch.Tensor) -> torch.Tensor:
+    """The C++ kernel's :func:`attend_merged` on :func:`prepared` arguments (the caller resolved the path to "cpp"
+    with :func:`path`): out [B, H, R, d] float32."""
+    from . import cpu
+
+    B, H, R = q_basis.shape[:3]
+    qe, ms, em, vd, vm = _merged_args(q_exact, mean_score, exact_mask, v_dec, v_mean, B, H, R)
+    return cpu.load().attend_merged(q_basis.float().contiguous(), qe, ms, *args, mask, exact_k, exact_v, em, vd, vm)
+
+
+def attend_merged(q_basis: torch.Tensor, q_exact: torch.Tensor, mean_score: torch.Tensor, k_store: dict,
+                  v_store: dict, k_widths, v_widths, mask: torch.Tensor | None, exact_k: torch.Tensor,
+                  exact_v: torch.Tensor, exact_mask: torch.Tensor | None, v_dec: torch.Tensor, v_mean: torch.Tensor,
+                  kernel: str = "auto") -> torch.Tensor:
+    """out [B, H, R, d] float32: the stored tokens and ``Te`` exact ones under one softmax, in the head's space;
+    see :func:`echokv.kernels.reference.attend_merged`.
+
+    q_basis [B, H, R, >= kept keys] (the query in the key basis, scaled), q_exact [B, H, R, d] (the scaled query),
+    mean_score [B, H, R] (or [B, H, R, 1]): the key mean's score; ``mask`` bool [B, T] or None; exact_k/exact_v
+    [B, H, Te, d]; ``exact_mask`` bool [B, Te] (or [B, R, Te]) or None; v_dec [H, n_v, d]; v_mean [H, d] (or
+    [H, 1, d]); ``kernel``: "auto", "cpp", "triton" or "torch"."""
+    which = _resolve(kernel, q_basis.device)
+    if which == "torch":
+        return reference.attend_merged(q_basis, q_exact, mean_score, k_store, v_store, k_widths, v_widths, mask,
+                                       exact_k, exact_v, exact_mask, v_dec, v_mean)
+    if which == "triton":
+        parts = _triton.attend(q_basis, k_store, v_store, k_widths, v_widths, mask)
+        return reference.attend_merged(q_basis, q_exact, mean_score, k_store, v_store, k_widths, v_widths, mask,
+                                       exact_k, exact_v, exact_mask, v_dec, v_mean, parts=parts)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.bool()
+    args = prepared(k_store, v_store, k_widths, v_widths)
+    return attend_merged_prepared(q_basis, q_exact, mean_score, args, mask, exact_k, exact_v, exact_mask, v_dec,
+                                  v_mean)

@@ -87,3 +87,32 @@ def quantize_class(x: torch.Tensor, width: int) -> dict[str, torch.Tensor]:
         codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
     key = str(width)
     return {key: codes.contiguous(), key + ".s": scale, key + ".z": zero}
+
+
+def attend_merged(q_basis: torch.Tensor, q_exact: torch.Tensor, mean_score: torch.Tensor, k_store: dict,
+                  v_store: dict, k_widths, v_widths, mask: torch.Tensor | None, exact_k: torch.Tensor,
+                  exact_v: torch.Tensor, exact_mask: torch.Tensor | None, v_dec: torch.Tensor,
+                  v_mean: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """out [B, H, R, d] float32: one softmax over the stored tokens and ``Te`` exact ones, in the head's space.
+
+    Stored token t: score ``q_basis[b, h, r] . key[b, h, t] + mean_score[b, h, r]``, visible where ``mask[b, t]``
+    (None: all), value ``value[b, h, t] @ v_dec[h] + v_mean[h]`` (``v_dec`` [H, n_v, d], ``v_mean`` [H, d]).
+    Exact token e: score ``q_exact[b, h, r] . exact_k[b, h, e]``, visible where ``exact_mask[b, e]`` ([B, Te], or per
+    row [B, R, Te]; None: all), value ``exact_v[b, h, e]`` (``exact_k``/``exact_v`` [B, H, Te, d], any float dtype).
+    A row that sees nothing gets 0. ``parts``: the stored part's ``(out, lse)`` when already computed (by another
+    kernel); otherwise :func:`attend` computes it. ``mean_score`` may also be [B, H, R, 1]."""
+    out, lse = parts if parts is not None else attend(q_basis, k_store, v_store, k_widths, v_widths, mask)
+    B, H, R = lse.shape
+    stored = lse.float() + mean_score.float().reshape(B, H, R)  # [B, H, R]
+    exact = q_exact.float() @ exact_k.float().transpose(-1, -2)  # [B, H, R, Te]
+    if exact_mask is not None:
+        em = exact_mask[:, None, None, :] if exact_mask.dim() == 2 else exact_mask[:, None]
+        exact = exact.masked_fill(~em, float("-inf"))
+    scores = torch.cat([stored[..., None], exact], dim=-1)
+    top = scores.amax(-1, keepdim=True)
+    p = torch.exp(scores - top.clamp_min(torch.finfo(torch.float32).min))
+    p = torch.nan_to_num(p, nan=0.0)
+    total = p.sum(-1, keepdim=True)
+    p = torch.where(total > 0, p / total.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(p))
+    head = out.float() @ v_dec.float() + v_mean.float().reshape(H, 1, -1)  # [B, H, R, d]
+    return head * p[..., :1] + p[..., 1:] @ exact_v.float()

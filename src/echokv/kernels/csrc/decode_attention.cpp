@@ -474,16 +474,18 @@ int64_t infer_t(const std::vector<at::Tensor>& tensors, const std::vector<int64_
   return fallback;
 }
 
-}  // namespace
+// The stored part's partials: per (b, h, split) item and row, the running max, the sum of exps and the unnormalised
+// output in the value basis (natural channel order). S == 0: nothing to merge (no row or no token).
+struct Partials {
+  int64_t B = 0, H = 0, R = 0, S = 0;
+  int nv = 0;
+  std::vector<float> pm, pl, pacc;
+};
 
-// q [B, H, R, dq] float32 contiguous; per class of keys (values): codes, scale, zero tensors (scale/zero undefined or
-// empty for 16 bit) and (width, n) in meta, in the stored channel order; mask bool [B, T] or None; threads <= 0:
-// at::get_num_threads(). Returns (out [B, H, R, n_v], lse [B, H, R]) float32.
-std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& q, const std::vector<at::Tensor>& k_tensors,
-                                          const std::vector<int64_t>& k_meta,
-                                          const std::vector<at::Tensor>& v_tensors,
-                                          const std::vector<int64_t>& v_meta,
-                                          const std::optional<at::Tensor>& mask, int64_t splits) {
+// The split, online-softmax pass over the stored tokens (the arguments of attend below).
+Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_tensors,
+                         const std::vector<int64_t>& k_meta, const std::vector<at::Tensor>& v_tensors,
+                         const std::vector<int64_t>& v_meta, const std::optional<at::Tensor>& mask, int64_t splits) {
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(),
               "echokv attend: q must be a contiguous float32 [B, H, R, d] tensor");
   TORCH_CHECK(q.device().is_cpu(), "echokv attend: the C++ kernel runs on CPU tensors");
@@ -506,10 +508,10 @@ std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& q, const std::vector
     mb = mask->stride(0), mt = mask->stride(1);
   }
 
-  auto out = at::zeros({B, H, R, nv}, q.options());
-  auto lse = at::full({B, H, R}, NEG_INF, q.options());
+  Partials P;
+  P.B = B, P.H = H, P.R = R, P.nv = nv;
   const int64_t nblocks = (T + BT - 1) / BT;
-  if (B * H * R == 0 || nblocks == 0) return {out, lse};
+  if (B * H * R == 0 || nblocks == 0) return P;
 
   // Splits per (b, h): the fewest that give every thread an equal share of items (more only when asked).
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
@@ -620,6 +622,31 @@ std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& q, const std::vector
     }
   });
 
+  P.S = S;
+  P.pm = std::move(pm), P.pl = std::move(pl), P.pacc = std::move(pacc);
+  return P;
+}
+
+}  // namespace
+
+// q [B, H, R, dq] float32 contiguous; per class of keys (values): codes, scale, zero tensors (scale/zero undefined or
+// empty for 16 bit) and (width, n) in meta, in the stored channel order; mask bool [B, T] or None; threads <= 0:
+// at::get_num_threads(). Returns (out [B, H, R, n_v], lse [B, H, R]) float32.
+std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& q, const std::vector<at::Tensor>& k_tensors,
+                                          const std::vector<int64_t>& k_meta,
+                                          const std::vector<at::Tensor>& v_tensors,
+                                          const std::vector<int64_t>& v_meta,
+                                          const std::optional<at::Tensor>& mask, int64_t splits) {
+  const Partials P = stored_partials(q, k_tensors, k_meta, v_tensors, v_meta, mask, splits);
+  const int64_t B = P.B, H = P.H, R = P.R, S = P.S;
+  const int nv = P.nv;
+  auto out = at::zeros({B, H, R, nv}, q.options());
+  auto lse = at::full({B, H, R}, NEG_INF, q.options());
+  if (S == 0) return {out, lse};
+  const std::vector<float>& pm = P.pm;
+  const std::vector<float>& pl = P.pl;
+  const std::vector<float>& pacc = P.pacc;
+
   // Merge the splits by log-sum-exp.
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
@@ -647,10 +674,218 @@ std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& q, const std::vector
   return {out, lse};
 }
 
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Exact (recent) tokens: rows of d channels, bfloat16, float16 or float32
+// ---------------------------------------------------------------------------------------------------------------
+
+enum class Row { F32, BF16, F16 };
+
+Row row_type(const at::Tensor& x, const char* what) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return Row::F32;
+    case at::kBFloat16: return Row::BF16;
+    case at::kHalf: return Row::F16;
+    default: TORCH_CHECK(false, "echokv attend_merged: ", what, " must be bfloat16, float16 or float32, got ",
+                         x.scalar_type());
+  }
+  return Row::F32;
+}
+
+#ifdef ECHOKV_AVX512
+inline __m512 load_row(const void* p, Row t, int i, __mmask16 k) {
+  if (t == Row::F32) return _mm512_maskz_loadu_ps(k, static_cast<const float*>(p) + i);
+  const __m256i x = _mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(p) + i);
+  if (t == Row::BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+  return _mm512_cvtph_ps(x);
+}
+#endif
+
+inline float row_at(const void* p, Row t, int i) {
+  if (t == Row::F32) return static_cast<const float*>(p)[i];
+  if (t == Row::BF16) return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
+  return static_cast<float>(static_cast<const at::Half*>(p)[i]);
+}
+
+// q . x over d channels.
+float row_dot(const float* q, const void* x, Row t, int d) {
+#ifdef ECHOKV_AVX512
+  __m512 a = _mm512_setzero_ps();
+  for (int i = 0; i < d; i += 16) {
+    const __mmask16 k = lanes(d - i);
+    a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, q + i), load_row(x, t, i, k), a);
+  }
+  return _mm512_reduce_add_ps(a);
+#else
+  float a = 0.0f;
+  for (int i = 0; i < d; ++i) a += q[i] * row_at(x, t, i);
+  return a;
+#endif
+}
+
+// acc += w * x over d channels.
+void row_axpy(float w, const void* x, Row t, int d, float* acc) {
+#ifdef ECHOKV_AVX512
+  const __m512 wv = _mm512_set1_ps(w);
+  for (int i = 0; i < d; i += 16) {
+    const __mmask16 k = lanes(d - i);
+    _mm512_mask_storeu_ps(acc + i, k, _mm512_fmadd_ps(wv, load_row(x, t, i, k), _mm512_maskz_loadu_ps(k, acc + i)));
+  }
+#else
+  for (int i = 0; i < d; ++i) acc[i] += w * row_at(x, t, i);
+#endif
+}
+
+}  // namespace
+
+// The stored tokens (as attend: q_basis, the classes, mask) merged with Te exact tokens into the head's output:
+// stored scores are q_basis . key + mean_score[b, h, r], their values value_components @ v_dec[h] + v_mean[h];
+// exact scores q_exact . exact_k[b, h, e], their values exact_v[b, h, e], visible where exact_mask ([B, Te] or
+// per row [B, R, Te]; None: all). One softmax over every visible score; a row that sees nothing gets 0.
+// q_exact [B, H, R, d] and mean_score [B, H, R] float32 contiguous; exact_k/v [B, H, Te, d] bfloat16, float16 or
+// float32, any strides but the last; v_dec [H, n_v, d], v_mean [H, d] float32 contiguous. Returns out [B, H, R, d]
+// float32.
+at::Tensor attend_merged(const at::Tensor& q_basis, const at::Tensor& q_exact, const at::Tensor& mean_score,
+                         const std::vector<at::Tensor>& k_tensors, const std::vector<int64_t>& k_meta,
+                         const std::vector<at::Tensor>& v_tensors, const std::vector<int64_t>& v_meta,
+                         const std::optional<at::Tensor>& mask, const at::Tensor& exact_k, const at::Tensor& exact_v,
+                         const std::optional<at::Tensor>& exact_mask, const at::Tensor& v_dec,
+                         const at::Tensor& v_mean, int64_t splits) {
+  TORCH_CHECK(q_basis.dim() == 4, "echokv attend_merged: q_basis must be [B, H, R, n]");
+  const int64_t B = q_basis.size(0), H = q_basis.size(1), R = q_basis.size(2);
+  TORCH_CHECK(q_exact.dim() == 4 && q_exact.size(0) == B && q_exact.size(1) == H && q_exact.size(2) == R &&
+                  q_exact.scalar_type() == at::kFloat && q_exact.is_contiguous(),
+              "echokv attend_merged: q_exact must be a contiguous float32 [B, H, R, d] = [", B, ", ", H, ", ", R,
+              ", d] tensor, got ", q_exact.sizes());
+  const int64_t d = q_exact.size(3);
+  TORCH_CHECK(mean_score.dim() == 3 && mean_score.size(0) == B && mean_score.size(1) == H &&
+                  mean_score.size(2) == R && mean_score.scalar_type() == at::kFloat && mean_score.is_contiguous(),
+              "echokv attend_merged: mean_score must be a contiguous float32 [B, H, R] tensor, got ",
+              mean_score.sizes());
+  TORCH_CHECK(exact_k.dim() == 4 && exact_v.dim() == 4 && exact_k.sizes() == exact_v.sizes() &&
+                  exact_k.size(0) == B && exact_k.size(1) == H && exact_k.size(3) == d,
+              "echokv attend_merged: exact_k and exact_v must be [B, H, Te, d] = [", B, ", ", H, ", Te, ", d,
+              "], got ", exact_k.sizes(), " and ", exact_v.sizes());
+  const int64_t Te = exact_k.size(2);
+  TORCH_CHECK(d <= 1 || Te == 0 || (exact_k.stride(3) == 1 && exact_v.stride(3) == 1),
+              "echokv attend_merged: the last dimension of exact_k and exact_v must be contiguous");
+  TORCH_CHECK(exact_k.device().is_cpu() && exact_v.device().is_cpu() && v_dec.device().is_cpu() &&
+                  v_mean.device().is_cpu(), "echokv attend_merged: the C++ kernel runs on CPU tensors");
+  const Row kt = row_type(exact_k, "exact_k"), vt = row_type(exact_v, "exact_v");
+  const uint8_t* emp = nullptr;
+  int64_t emb = 0, emr = 0, eme = 0;
+  if (exact_mask.has_value() && exact_mask->defined()) {
+    const at::Tensor& m = *exact_mask;
+    const bool ok2 = m.dim() == 2 && m.size(0) == B && m.size(1) == Te;
+    const bool ok3 = m.dim() == 3 && m.size(0) == B && m.size(1) == R && m.size(2) == Te;
+    TORCH_CHECK((ok2 || ok3) && m.scalar_type() == at::kBool,
+                "echokv attend_merged: exact_mask must be bool [B, Te] = [", B, ", ", Te, "] or [B, R, Te], got ",
+                m.sizes());
+    emp = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());
+    emb = m.stride(0);
+    emr = ok3 ? m.stride(1) : 0;
+    eme = m.stride(m.dim() - 1);
+  }
+
+  const Partials P = stored_partials(q_basis, k_tensors, k_meta, v_tensors, v_meta, mask, splits);
+  const int64_t S = P.S;
+  const int nv = P.nv;
+  TORCH_CHECK(v_dec.dim() == 3 && v_dec.size(0) == H && v_dec.size(1) == nv && v_dec.size(2) == d &&
+                  v_dec.scalar_type() == at::kFloat && v_dec.is_contiguous(),
+              "echokv attend_merged: v_dec must be a contiguous float32 [H, n_v, d] = [", H, ", ", nv, ", ", d,
+              "] tensor, got ", v_dec.sizes());
+  TORCH_CHECK(v_mean.dim() == 2 && v_mean.size(0) == H && v_mean.size(1) == d &&
+                  v_mean.scalar_type() == at::kFloat && v_mean.is_contiguous(),
+              "echokv attend_merged: v_mean must be a contiguous float32 [H, d] tensor, got ", v_mean.sizes());
+
+  auto out = at::empty({B, H, R, d}, q_exact.options());
+  if (B * H * R == 0 || d == 0) return out;
+  float* op = out.data_ptr<float>();
+  const float* qp = q_exact.data_ptr<float>();
+  const float* msp = mean_score.data_ptr<float>();
+  const float* vdp = v_dec.data_ptr<float>();
+  const float* vmp = v_mean.data_ptr<float>();
+  const uint8_t* kp = static_cast<const uint8_t*>(exact_k.data_ptr());
+  const uint8_t* vp = static_cast<const uint8_t*>(exact_v.data_ptr());
+  const int64_t kes = exact_k.element_size(), ves = exact_v.element_size();
+  const int64_t kb = exact_k.stride(0) * kes, kh = exact_k.stride(1) * kes, ke = exact_k.stride(2) * kes;
+  const int64_t vb = exact_v.stride(0) * ves, vh = exact_v.stride(1) * ves, ve = exact_v.stride(2) * ves;
+  const int di = static_cast<int>(d);
+
+  // Per row: merge the splits, then the exact tokens; map the stored part to the head (one [n_v] x [n_v, d]
+  // product); small rows run inline rather than waking the threads.
+  const int64_t cost = S * nv + int64_t(nv) * d + 2 * Te * d + 64;
+  const int64_t grain = std::max<int64_t>(1, 32768 / cost);
+  at::parallel_for(0, B * H * R, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> o(std::max(nv, 1)), e(std::max<int64_t>(Te, 1)), acc(d);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t bh = i / R, r = i % R, b = bh / H, h = bh % H;
+      // the stored part: max Ms (with the key mean's score), sum of exps Ls relative to it, components o
+      float Ms = NEG_INF, Ls = 0.0f;
+      if (S > 0) {
+        float M = NEG_INF;
+        for (int64_t s = 0; s < S; ++s) M = std::max(M, P.pm[(bh * S + s) * R + r]);
+        if (M != NEG_INF) {
+          std::fill(o.begin(), o.end(), 0.0f);
+          for (int64_t s = 0; s < S; ++s) {
+            const int64_t k = (bh * S + s) * R + r;
+            if (P.pm[k] == NEG_INF) continue;
+            const float f = std::exp(P.pm[k] - M);
+            Ls += P.pl[k] * f;
+            const float* a = P.pacc.data() + k * nv;
+            for (int c = 0; c < nv; ++c) o[c] += f * a[c];
+          }
+          Ms = M + msp[i];
+        }
+      }
+      // the exact tokens' scores
+      const float* qr = qp + i * d;
+      float Mx = Ms;
+      for (int64_t t = 0; t < Te; ++t) {
+        if (emp && !emp[b * emb + r * emr + t * eme]) {
+          e[t] = NEG_INF;
+          continue;
+        }
+        e[t] = row_dot(qr, kp + b * kb + h * kh + t * ke, kt, di);
+        Mx = std::max(Mx, e[t]);
+      }
+      float* orow = op + i * d;
+      if (Mx == NEG_INF) {  // nothing visible
+        std::fill(orow, orow + d, 0.0f);
+        continue;
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      float L = 0.0f;
+      if (Ms != NEG_INF) {
+        const float fs = std::exp(Ms - Mx);
+        L = fs * Ls;
+        const float* vd = vdp + h * nv * d;
+        for (int c = 0; c < nv; ++c) row_axpy(fs * o[c], vd + c * d, Row::F32, di, acc.data());
+        row_axpy(L, vmp + h * d, Row::F32, di, acc.data());
+      }
+      for (int64_t t = 0; t < Te; ++t) {
+        if (e[t] == NEG_INF) continue;
+        const float w = std::exp(e[t] - Mx);
+        L += w;
+        row_axpy(w, vp + b * vb + h * vh + t * ve, vt, di, acc.data());
+      }
+      const float inv = 1.0f / L;
+      for (int64_t c = 0; c < d; ++c) orow[c] = acc[c] * inv;
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend", &attend, "echokv fused decode attention over per-head coded K/V (see echokv/kernels/reference.py)",
         py::arg("q"), py::arg("k_tensors"), py::arg("k_meta"), py::arg("v_tensors"), py::arg("v_meta"),
         py::arg("mask") = py::none(), py::arg("splits") = 0);
+  m.def("attend_merged", &attend_merged,
+        "echokv decode attention: the stored tokens merged with exact ones, in the head's space (one call)",
+        py::arg("q_basis"), py::arg("q_exact"), py::arg("mean_score"), py::arg("k_tensors"), py::arg("k_meta"),
+        py::arg("v_tensors"), py::arg("v_meta"), py::arg("mask"), py::arg("exact_k"), py::arg("exact_v"),
+        py::arg("exact_mask"), py::arg("v_dec"), py::arg("v_mean"), py::arg("splits") = 0);
   m.def("simd", []() {
 #ifdef ECHOKV_AVX512
     return std::string("avx512");
