@@ -172,6 +172,12 @@ class HeadQuantCodec(KVCodec):
         # the stored tokens: the query in the key basis, scores on the codes, the weighted sum in the value basis
         if self._path is None:
             self._path = kernels.path(self.kernel, q.device)
+        if self._path == "cpp" and tq == 1 and (mask is None or mask.dtype == torch.bool):
+            # one call: the stored tokens, the exact ones (sinks, recent) and the value basis, merged in C++
+            exact_mask = None if mask is None else mask[:, 0, -1, tc:]
+            res = kernels.attend_merged_prepared(qs @ ku, qs, qs @ km, self._prepared(layer, stored), past_mask,
+                                                 recent_k, recent_v, exact_mask, vu, vm)
+            return res.to(q.dtype).reshape(b, hq, tq, d).transpose(1, 2).contiguous()
         if self._path == "cpp":
             out, lse = kernels.attend_prepared(qs @ ku, self._prepared(layer, stored), past_mask)
         else:
