@@ -56,6 +56,13 @@ def _steps(model, cache, first, n, mask=None):
     return pairs
 
 
+def _prompt_then_steps(model, cache, ids, n):
+    """Feed all but the last token of ``ids`` (one call: compressed after it), then check ``n`` steps from the last."""
+    with torch.no_grad():
+        model(ids[:, :-1], past_key_values=cache)
+    _check(_steps(model, cache, ids[:, -1:], n))
+
+
 def _check(pairs, dtype=torch.float32):
     tol = near_tie(dtype)
     for step, (fast, explicit) in enumerate(pairs):
@@ -70,21 +77,14 @@ def _check(pairs, dtype=torch.float32):
 def test_fast_equals_explicit_every_step_from_token_0(networks, arch, ratio):
     model, net = networks(arch, ratio)
     ids = torch.randint(3, 250, (1, 20), generator=torch.Generator().manual_seed(1))
-    cache = EchoKVCache(model, net, mode="compressed")
-    with torch.no_grad():
-        model(ids[:, :-1], past_key_values=cache)  # compressed from token 0
-    _check(_steps(model, cache, ids[:, -1:], 8))
+    _prompt_then_steps(model, EchoKVCache(model, net, mode="compressed"), ids, 8)  # compressed from token 0
 
 
 @pytest.mark.parametrize("ratio", RATIOS)
 @pytest.mark.parametrize("length", [1, 3])  # fewer tokens than one quantization group
 def test_short_prompts(networks, ratio, length):
     model, net = networks("llama", ratio)
-    cache = EchoKVCache(model, net, mode="compressed")
-    ids = torch.randint(3, 250, (1, length + 1))
-    with torch.no_grad():
-        model(ids[:, :-1], past_key_values=cache)
-    _check(_steps(model, cache, ids[:, -1:], 6))
+    _prompt_then_steps(model, EchoKVCache(model, net, mode="compressed"), torch.randint(3, 250, (1, length + 1)), 6)
 
 
 @pytest.mark.parametrize("ratio", RATIOS)
@@ -147,11 +147,7 @@ def test_legacy_fast_paths_equal_their_references(networks, variant):
     if variant == "heads":
         cfg["keys"] = "rope-commuting"
     model, net = networks("llama", 0.5, **cfg)
-    cache = EchoKVCache(model, net, mode="compressed")
-    ids = torch.randint(3, 250, (1, 20))
-    with torch.no_grad():
-        model(ids[:, :-1], past_key_values=cache)
-    _check(_steps(model, cache, ids[:, -1:], 6))
+    _prompt_then_steps(model, EchoKVCache(model, net, mode="compressed"), torch.randint(3, 250, (1, 20)), 6)
 
 
 # -- the fast codec, EchoKV-Q (codecs/headq.py): the fused kernel's path against the explicit rebuild ---------------
@@ -183,11 +179,8 @@ def test_fast_codec_equals_explicit_every_step(fast_codecs, arch, ratio, kernel)
         pytest.skip("the C++ kernel does not build here")
     model, codec = fast_codecs(arch, ratio, kernel)
     for length, kw in ((70, {"mode": "compressed"}), (3, {"mode": "compressed"}), (60, {"switch_at_tokens": 64})):
-        cache = CompressedCache(model, codec, fast=True, **kw)
-        ids = torch.randint(3, 250, (1, length + 1))
-        with torch.no_grad():
-            model(ids[:, :-1], past_key_values=cache)
-        _check(_steps(model, cache, ids[:, -1:], 8))
+        _prompt_then_steps(model, CompressedCache(model, codec, fast=True, **kw),
+                           torch.randint(3, 250, (1, length + 1)), 8)
 
 
 @pytest.mark.parametrize("ratio", RATIOS)
