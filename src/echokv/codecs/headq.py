@@ -64,6 +64,7 @@ class HeadQuantCodec(KVCodec):
         self.groups = [[layer] for layer in sorted(params)]
         self._reads: dict = {}  # (layer, device) -> the basis columns the read path uses
         self._args: dict = {}  # layer -> (a stored tensor, the kernel's arguments for that snapshot)
+        self._sinks: tuple = (None, None)  # ((batch, stored length, sinks, device), the codes' mask)
 
     # -- storing ---------------------------------------------------------------------------------------------
     def encode(self, group, keys, values, start: int = 0):
@@ -203,7 +204,7 @@ class HeadQuantCodec(KVCodec):
     def _sink_mask(self, b: int, tc: int, ns: int, device) -> torch.Tensor:
         """[B, Tc] bool: every stored token but the first ``ns`` (one tensor per length, shared by the layers)."""
         key = (b, tc, ns, device)
-        if getattr(self, "_sinks", (None,))[0] != key:
+        if self._sinks[0] != key:
             keep = torch.ones(b, tc, dtype=torch.bool, device=device)
             keep[:, :ns] = False
             self._sinks = (key, keep)
