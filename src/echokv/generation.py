@@ -41,6 +41,11 @@ def prefill(model, cache, input_ids, attention_mask=None, chunk_size: int = PREF
     (:meth:`~echokv.cache.CompressedCache.deferred`): the chunks attend to each other's exact K/V, as fast as the
     full cache, at the full cache's peak memory for the prompt. The tokens are appended to what ``cache`` holds
     (an echokv cache records them, so that :func:`generate` can tell a continuation from a new prompt).
+
+    A padded batch needs ``attention_mask`` (1 on tokens, 0 on padding), padded on the left (the cache's slots are
+    shared by the rows, so each row's last token must be the last slot: :func:`generate` re-aligns any padding);
+    it covers what the cache holds and ``input_ids`` ([B, held + T]; [B, T] for an empty cache). A batch whose rows
+    start or end with different runs of the pad token and no mask is refused.
     """
     _check_call(model, input_ids, "prefill")
     if cache is None or not hasattr(cache, "get_seq_length"):
@@ -49,8 +54,20 @@ def prefill(model, cache, input_ids, attention_mask=None, chunk_size: int = PREF
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if not isinstance(exact_prompt, bool):
         raise TypeError(f"exact_prompt must be True or False, got {exact_prompt!r}")
+    check_model = getattr(cache, "check_model", None)
+    if check_model is not None:
+        check_model(model)
     start = cache.get_seq_length()
-    known = _recorded(cache, input_ids.shape[0], start)
+    if attention_mask is None:
+        _refuse_unmasked_padding(model, input_ids, None, "prefill")
+    else:
+        attention_mask = _check_mask(attention_mask, input_ids, start, "prefill")
+        if not bool((attention_mask[:, 1:] >= attention_mask[:, :-1]).all()):
+            raise ValueError("prefill takes left-padded batches (each row's padding before its tokens: "
+                             "tokenizer.padding_side = 'left'); echokv.generate takes any padding")
+        if bool(attention_mask.all()):
+            attention_mask = None  # nothing padded: the plain path
+    known = _recorded(cache, input_ids.shape[0], start) if attention_mask is None else None
     hold = cache.deferred() if exact_prompt and hasattr(cache, "deferred") else contextlib.nullcontext()
     with hold:
         logits = _feed(model, cache, input_ids, attention_mask, chunk_size, start)
@@ -64,7 +81,7 @@ def _feed(model, cache, input_ids, attention_mask, chunk_size: int, start: int):
     logits = None
     for s in range(0, input_ids.shape[1], chunk_size):
         ids = input_ids[:, s : s + chunk_size]
-        mask = None if attention_mask is None else attention_mask[:, : s + ids.shape[1]]
+        mask = None if attention_mask is None else attention_mask[:, : start + s + ids.shape[1]]
         pos = torch.arange(start + s, start + s + ids.shape[1], device=ids.device)
         kwargs = {"cache_position": pos}
         if mask is not None:
@@ -93,6 +110,67 @@ def _check_call(model, input_ids, what: str) -> None:
         raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
 
 
+def _pad_id(model, pad_token_id: int | None) -> int | None:
+    if pad_token_id is not None:
+        return int(pad_token_id)
+    for config in (getattr(model, "generation_config", None), model.config):
+        pad = getattr(config, "pad_token_id", None)
+        if isinstance(pad, int):
+            return pad
+    return None
+
+
+def _refuse_unmasked_padding(model, input_ids, pad_token_id, what: str) -> None:
+    """A batch whose rows begin or end with different numbers of pad tokens is padded; without a mask its short
+    rows would attend to (and, right-padded, continue after) their padding. An unpadded batch passes, and so does
+    a pad id that is also the end of a turn (SmolLM2's) inside a prompt."""
+    pad = _pad_id(model, pad_token_id)
+    if pad is None or input_ids.shape[0] < 2:
+        return
+    is_pad = (input_ids == pad).long()
+    lead = is_pad.cumprod(1).sum(1)
+    trail = is_pad.flip(1).cumprod(1).sum(1)
+    if bool((lead != lead[0]).any()) or bool((trail != trail[0]).any()):
+        raise ValueError(f"input_ids is a padded batch (rows begin or end with different runs of the pad token "
+                         f"{pad}) and {what} got no attention_mask: pass the tokenizer's attention_mask (1 on "
+                         "tokens, 0 on padding)")
+
+
+def _check_mask(attention_mask, input_ids, held: int, what: str) -> torch.Tensor:
+    """The mask as a long tensor on the ids' device, covering the held and the new tokens; refuses a mask that
+    does not fit ``input_ids`` or leaves a row without a token."""
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a tensor [batch, tokens] of 0 and 1 (the tokenizer's), got "
+                        f"{type(attention_mask).__name__}")
+    b, t = input_ids.shape
+    if attention_mask.dim() == 2 and attention_mask.shape == (b, t) and held:
+        attention_mask = torch.cat([attention_mask.new_ones(b, held), attention_mask], dim=1)
+    if attention_mask.dim() != 2 or attention_mask.shape != (b, held + t):
+        want = f"[{b}, {held + t}] (the {held} tokens the cache holds and the {t} new ones)" if held else f"[{b}, {t}]"
+        raise ValueError(f"{what}: attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
+                         f"{tuple(input_ids.shape)}; it must be {want}")
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise TypeError(f"attention_mask must hold 0 and 1 (integers or bools), got dtype {attention_mask.dtype}")
+    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
+    mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
+    empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"attention_mask leaves row {', '.join(map(str, empty))} of the batch without a token")
+    return mask
+
+
+def _left_aligned(input_ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's tokens moved to the end (its padding first, in order kept), and the columns that are padding in
+    every row dropped: the cache's slots are shared by the rows, so every row's next token must follow its last
+    slot (right padding would put it after the padding) and the longest row must start at slot 0 (the cache
+    tells a continuation from a new prompt by that row's positions)."""
+    order = torch.argsort(mask, dim=1, stable=True)  # 0s (padding) first, each group in its order
+    ids, mask = input_ids.gather(1, order), mask.gather(1, order)
+    first = int(mask.sum(0).nonzero()[0])
+    return ids[:, first:], mask[:, first:]
+
+
 def _recorded(cache, batch: int, held: int) -> torch.Tensor | None:
     """The token ids an echokv cache holds, when it recorded all of them (empty for an empty cache)."""
     if held == 0:
@@ -104,7 +182,7 @@ def _recorded(cache, batch: int, held: int) -> torch.Tensor | None:
 def generate(model, input_ids: torch.Tensor, cache=None, *, max_new_tokens: int = GenerateConfig.max_new_tokens,
              sample: bool = GenerateConfig.sample, temperature: float = GenerateConfig.temperature,
              top_p: float = GenerateConfig.top_p, seed: int = GenerateConfig.seed, streamer=None,
-             pad_token_id: int | None = None) -> torch.Tensor:
+             pad_token_id: int | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """New token ids [B, N] after ``input_ids`` [B, T], decoded through ``cache`` (default: the full cache).
 
     The prompt but its last token is prefilled in chunks first (:func:`prefill`), so a compressing cache
@@ -114,6 +192,10 @@ def generate(model, input_ids: torch.Tensor, cache=None, *, max_new_tokens: int 
     answer, then new text: an echokv cache records what :func:`prefill` and :func:`generate` fed it); anything
     else is refused with ``ValueError``, because the answer would read the earlier prompt: call
     ``cache.reset()`` or make a new cache for a new prompt.
+
+    A padded batch needs ``attention_mask`` (the tokenizer's: 1 on tokens, 0 on padding; left, right or both):
+    each row answers as it would alone (its tokens are moved after its padding first, because the rows share the
+    cache's slots). Rows that begin or end with different runs of the pad token and no mask are refused.
     """
     from .attention import echokv_attention, runs_sdpa, serves
     from .cache import CompressedCache, FullCache
@@ -122,7 +204,23 @@ def generate(model, input_ids: torch.Tensor, cache=None, *, max_new_tokens: int 
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     cache = FullCache(model) if cache is None else cache
+    check_model = getattr(cache, "check_model", None)
+    if check_model is not None:
+        check_model(model)
     held = cache.get_seq_length()
+    mask = None
+    if attention_mask is None:
+        _refuse_unmasked_padding(model, input_ids, pad_token_id, "generate")
+    else:
+        mask = _check_mask(attention_mask, input_ids, 0, "generate")
+        if bool(mask.all()):
+            mask = None  # nothing padded: the plain path
+        elif held:
+            raise ValueError(f"this cache already holds {held} tokens; a padded batch is not continued in a cache "
+                             "(its rows are re-aligned): call cache.reset() and pass the whole text with its "
+                             "attention_mask")
+        else:
+            input_ids, mask = _left_aligned(input_ids, mask)
     if held:
         known = _recorded(cache, input_ids.shape[0], held)
         if known is None or input_ids.shape[1] <= held or not torch.equal(input_ids[:, :held], known.to(input_ids.device)):
@@ -144,11 +242,11 @@ def generate(model, input_ids: torch.Tensor, cache=None, *, max_new_tokens: int 
         kwargs.update(temperature=None, top_p=None, top_k=None)
     with scope:
         if input_ids.shape[1] - held > 1:  # long prompts: chunked, so a compressing cache compresses between chunks
-            prefill(model, cache, input_ids[:, held:-1])
-        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
-    if hasattr(cache, "token_ids"):  # what the cache holds now: all but the last new token
+            prefill(model, cache, input_ids[:, held:-1], attention_mask=None if mask is None else mask[:, :-1])
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids) if mask is None else mask, **kwargs)
+    if hasattr(cache, "token_ids"):  # what the cache holds now: all but the last new token (a padded batch: unknown)
         n = cache.get_seq_length()
-        cache.token_ids = out[:, :n] if n <= out.shape[1] else None
+        cache.token_ids = out[:, :n] if n <= out.shape[1] and mask is None else None
     return out[:, input_ids.shape[1]:]
 
 
