@@ -8,6 +8,7 @@ the real SmolLM2-135M and checks that the full cache scores above chance.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -302,6 +303,32 @@ def test_resume_skips_cells_already_in_results(tiny, tmp_path, monkeypatch):
     assert {r["method"] for r in saved} == {"full", "headdrop"}
     with pytest.raises(ValueError, match="another run.*seed"):
         runner.run_eval(model, tokenizer, "quick", "full", [], resume=True, seed=1, **args)
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"dtype": "float32"}, "dtype: bfloat16 there, float32 now"),
+    ({"model_name": "other-model"}, "model: tiny-llama there, other-model now"),
+    ({"seed": 3}, "seed: 0 there, 3 now"),
+    ("weights", "artifacts: their weights differ"),
+])
+def test_resume_refuses_a_run_that_would_change_the_rows_naming_the_setting(tiny_artifact, tmp_path, change, named):
+    from echokv.artifact import WEIGHTS, sha256_file
+
+    out = tmp_path / "eval"
+    settings = {"tasks": "niah_single_1", "context_lengths": "200", "samples": 1, "out": out,
+                "model_name": "tiny-llama", "dtype": "bfloat16", "artifacts": [tiny_artifact]}
+    recorded = runner.make_job("quick", "full", [], **settings).description()
+    assert recorded["artifacts"] == [sha256_file(Path(tiny_artifact) / WEIGHTS)]
+    out.mkdir()
+    if change == "weights":  # an earlier run with an artifact of the same name but other weights
+        recorded["artifacts"] = ["0" * 64]
+    (out / runner.JOB_FILE).write_text(json.dumps(recorded))
+    if change != "weights":
+        runner.make_job("quick", "full", [], resume=True, **settings)  # the same settings resume
+        settings.update(change)
+    with pytest.raises(ValueError, match=f"another run.*{named}") as err:
+        runner.make_job("quick", "full", [], resume=True, **settings)
+    assert "\n" not in str(err.value)
 
 
 def test_results_are_written_after_every_method(tiny, monkeypatch, tmp_path):

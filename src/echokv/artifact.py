@@ -115,6 +115,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def sha256_file(path) -> str:
+    """sha256 of a file's bytes."""
+    return _sha256(Path(path))
+
+
+def weights_checksum(path, config: dict | None = None) -> str:
+    """sha256 of an artifact's weights: what its ``config.json`` records, else read from the file."""
+    sums = (config or {}).get("checksums") or {}
+    return sums.get(WEIGHTS) or _sha256(Path(path) / WEIGHTS)
+
+
 def _config_bytes(config: dict) -> bytes:
     """``config.json``'s bytes, its ``checksums[config.json]`` the SHA-256 of these bytes with that value
     zeroed (so that a change of any byte, whitespace included, is seen)."""

@@ -93,13 +93,20 @@ class EvalJob:
     inputs_file: str | None = None
 
     def description(self) -> dict:
-        """What makes two runs comparable cell by cell (``--resume`` refuses another one)."""
+        """What makes two runs comparable cell by cell (``--resume`` refuses another one): every setting that
+        changes a row, the model and its dtype, the artifacts (by their weights' checksums, wherever they lie)
+        and the prompts file included."""
+        from echokv.artifact import sha256_file, weights_checksum
+
         s = self.suite
         return {"suite": s.name, "tasks": list(s.tasks), "context_lengths": list(s.context_lengths),
                 "samples": s.samples, "seed": self.seed, "split": self.split,
                 "text": [str(t) for t in self.text] if self.text else None,
                 "perplexity": None if s.perplexity is None else list(dataclasses.astuple(s.perplexity)),
-                "fidelity": None if s.fidelity is None else list(dataclasses.astuple(s.fidelity))}
+                "fidelity": None if s.fidelity is None else list(dataclasses.astuple(s.fidelity)),
+                "model": self.model_name, "dtype": self.dtype, "data": self.data,
+                "artifacts": sorted(weights_checksum(a, self.artifact_configs.get(a)) for a in self.artifacts),
+                "inputs": None if self.inputs_file is None else sha256_file(self.inputs_file)}
 
 
 # -- step 1: checks without the model -------------------------------------------------------------
@@ -254,10 +261,22 @@ def _check_resume(job: EvalJob) -> None:
         return
     saved = json.loads(path.read_text(encoding="utf-8"))
     mine = job.description()
-    differ = [k for k in mine if saved.get(k) != mine[k]]
+    differ = [_difference(k, saved, mine[k]) for k in mine if saved.get(k) != mine[k]]
     if differ:
-        raise ValueError(f"--resume: the results in {job.out} are of another run (it differs in "
-                         f"{', '.join(differ)}); use the same options or another --out")
+        raise ValueError(f"--resume: the results in {job.out} are of another run ({'; '.join(differ)}): its rows "
+                         "and this run's would mix in one table; use the same options or another --out")
+
+
+def _difference(key: str, saved: dict, mine) -> str:
+    """One setting that differs between the run in ``--out`` and this one, in words."""
+    if key not in saved:
+        return f"{key}: not recorded by that run (an older echokv)"
+    if key == "artifacts":
+        return "artifacts: their weights differ (checksums)"
+    short = lambda v: isinstance(v, (str, int, float, type(None))) and len(str(v)) <= 80
+    if short(saved[key]) and short(mine):
+        return f"{key}: {saved[key]} there, {mine} now"
+    return f"{key} differs"
 
 
 def previous_rows(job: EvalJob) -> tuple[list[dict], list[dict]]:
@@ -826,6 +845,9 @@ def run_eval(model, tokenizer, suite: str, methods, ratios, artifacts=None, data
 
     Every check runs before any model work (:func:`make_job`, :func:`check_with_model`).
     """
+    # the model a library caller passes is the run's model (the command line names it before it loads)
+    options.setdefault("model_name", getattr(model, "echokv_name", None))
+    options.setdefault("dtype", str(next(model.parameters()).dtype).removeprefix("torch."))
     job = make_job(suite, methods, ratios, artifacts, data, tasks, context_lengths, samples, seed, out, overwrite,
                    **options)
     return execute(job, model, tokenizer, progress)
