@@ -124,7 +124,7 @@ class CompressedCache(DynamicCache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if layer_idx == 0:  # the first layer of a forward call: does its input continue what the cache holds?
             self._check_continues(args, kwargs)
-        if self.codec is not None and self.codec.needs_positions and layer_idx == self.compressible[0]:
+        if self._records_positions() and layer_idx == self.compressible[0]:
             self._record_positions(key_states, args, kwargs)
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         if layer_idx == len(self.layers) - 1:
@@ -221,6 +221,13 @@ class CompressedCache(DynamicCache):
         pos = pos.to(device=key_states.device, dtype=torch.long).expand(b, t)
         self.positions = pos if self.positions is None else torch.cat([self.positions, pos], dim=1)
 
+    def _records_positions(self) -> bool:
+        """Whether the tokens' RoPE positions are kept (a codec that undoes RoPE needs them)."""
+        return self.codec is not None and self.codec.needs_positions
+
+    def _keep_positions(self, positions: torch.Tensor) -> None:
+        """The positions of tokens just handed to the codec (its store keeps what it needs of them)."""
+
     # -- switching ------------------------------------------------------------------------------------------
     def seen_tokens(self) -> int:
         return self.layers[self.compressible[0]].get_seq_length() if self.compressible else 0
@@ -267,8 +274,9 @@ class CompressedCache(DynamicCache):
         if n <= 0:
             return
         positions = None
-        if self.codec.needs_positions:
+        if self.positions is not None:
             positions, self.positions = self.positions[:, :n], self.positions[:, n:]
+            self._keep_positions(positions)
         here = self.layers[self.compressible[0]].runs_on  # where the positions were recorded
         for gi, store in enumerate(self.stores):
             layers = [self.layers[i] for i in store.layers]
@@ -278,7 +286,7 @@ class CompressedCache(DynamicCache):
             extra = {}
             if getattr(self.codec, "sink_tokens", 0):  # where the block starts: its first slots may be sinks
                 extra["start"] = store.n_tokens
-            if positions is not None:
+            if positions is not None and self.codec.needs_positions:
                 extra["positions"] = store.move(positions, store.device) if store.device != here else positions
             store.append(self.codec.encode(gi, keys, values, **extra), n)
             for lay in layers:
