@@ -193,3 +193,37 @@ def test_a_forward_that_starts_inside_the_cache_is_refused(trained):
             with pytest.raises(ValueError, match="a new prompt, not a continuation"):
                 model.generate(_ids(26, 8), max_new_tokens=2, do_sample=False, **cache_kwarg(model, cache))
     assert cache.get_seq_length() == 31  # the refused calls stored nothing
+
+
+# -- a cache knows its model (issue #29) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("other", [
+    {"arch": "llama", "num_hidden_layers": 2},  # fewer layers: nothing would ever be compressed
+    {"arch": "llama", "num_hidden_layers": 6},  # more layers
+    {"arch": "qwen2"},  # other heads or head size
+    {"arch": "llama", "dtype": torch.bfloat16},
+])
+def test_a_cache_refuses_another_model_in_one_line(llama, other):
+    model, recon = llama
+    other = dict(other)
+    wrong = tiny_model(other.pop("arch"), **other)
+    ids = torch.randint(3, 250, (1, 12))
+    for cache in (EchoKVCache(model, recon, mode="compressed"), FullCache(model)):
+        for call in (lambda c: generate(wrong, ids, c, max_new_tokens=2), lambda c: prefill(wrong, c, ids)):
+            with pytest.raises(ValueError, match=r"made for another model \(llama, 4 layers.*\) than the one it is "
+                                                 r"used with \(.+\)") as err:
+                call(cache)
+            assert "\n" not in str(err.value)
+    assert generate(model, ids, EchoKVCache(model, recon, mode="compressed"), max_new_tokens=2).shape == (1, 2)
+
+
+@pytest.mark.parametrize("layers", [2, 6])
+def test_model_generate_with_a_cache_of_another_model_is_refused_at_its_first_update(llama, layers):
+    model, recon = llama
+    wrong = tiny_model("llama", num_hidden_layers=layers)
+    ids = torch.randint(3, 250, (1, 12))
+    cache = EchoKVCache(model, recon, mode="compressed")
+    with pytest.raises(ValueError, match="made for another model"):  # fewer layers: at the next call's first layer
+        wrong.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                       **cache_kwarg(wrong, cache))

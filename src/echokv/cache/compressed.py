@@ -41,6 +41,15 @@ def _check_model(model) -> None:
                         f"echokv.load_model), got {type(model).__name__}: {model!r:.80}")
 
 
+def _describe(model) -> str:
+    """The model as a cache knows it: its KV geometry and dtype, and (a cheap fingerprint) its hidden size and
+    vocabulary; two models that differ here cannot share a cache."""
+    g = kv_geometry(model)
+    cfg = getattr(model.config, "text_config", None) or model.config
+    return (f"{g.model_type}, {g.num_layers} layers, {g.num_kv_heads} KV heads x {g.head_dim}, hidden size "
+            f"{getattr(cfg, 'hidden_size', '?')}, vocabulary {getattr(cfg, 'vocab_size', '?')}, {g.dtype}")
+
+
 class CompressedCache(DynamicCache):
     """Full cache until a switch; compressed by ``codec`` afterwards.
 
@@ -88,6 +97,7 @@ class CompressedCache(DynamicCache):
         full_window = int(full_window)
         super().__init__(config=model.config)
         self.geometry = kv_geometry(model)
+        self.made_for = _describe(model)  # generate / prefill refuse another model (:meth:`check_model`)
         if len(self.layers) != self.geometry.num_layers:  # config without layer types: build them now
             self.layers = [DynamicLayer() for _ in range(self.geometry.num_layers)]
             self.layer_class_to_replicate = None
@@ -122,6 +132,8 @@ class CompressedCache(DynamicCache):
 
     # -- the cache protocol: each layer updates itself; the stores are handled once per group ----------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx == 0 or layer_idx >= len(self.layers):  # a cache made for another model: one line
+            self._check_same_model(key_states, layer_idx)
         if layer_idx == 0:  # the first layer of a forward call: does its input continue what the cache holds?
             self._check_continues(args, kwargs)
         if self._records_positions() and layer_idx == self.compressible[0]:
@@ -159,6 +171,31 @@ class CompressedCache(DynamicCache):
                 "prompt, not a continuation (its answer would read the previous prompt). Call cache.reset() or make "
                 "a new cache for each prompt; to continue, pass input that extends what the cache holds"
             )
+
+    def check_model(self, model) -> None:
+        """Refuse a model other than the one the cache was made for: ``ValueError`` naming both."""
+        _check_model(model)
+        theirs = _describe(model)
+        if theirs != self.made_for:
+            raise ValueError(f"this cache was made for another model ({self.made_for}) than the one it is used "
+                             f"with ({theirs}): make the cache with the model it runs with")
+
+    def _check_same_model(self, key_states, layer_idx: int) -> None:
+        """The same refusal inside a forward call (``model.generate`` with this cache): K/V of another shape, a
+        layer the model of the cache has not, or a previous call that stopped before its last layer."""
+        g = self.geometry
+        heads, dim = key_states.shape[1], key_states.shape[-1]
+        held = self.layers[0].get_seq_length()
+        if layer_idx >= len(self.layers):
+            theirs = f"at least {layer_idx + 1} layers"
+        elif heads != g.num_kv_heads or dim != g.head_dim:
+            theirs = f"{heads} KV heads x {dim}"
+        elif held and self.layers[-1].get_seq_length() < held:
+            theirs = f"fewer than {g.num_layers} layers"
+        else:
+            return
+        raise ValueError(f"this cache was made for another model ({self.made_for}) than the one it is used with "
+                         f"({theirs}): make the cache with the model it runs with")
 
     def reset(self) -> None:
         """Empty the cache for a new prompt (same settings: auto mode starts in full mode again)."""
