@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -220,3 +221,32 @@ def test_error_classes_map_to_one_line(monkeypatch, capsys, exc, code, line):
     assert main(["info"]) == code
     err = _err(capsys)
     assert err.startswith(f"echokv: error: {line}") and len(err.strip().splitlines()) == 1
+
+
+def test_ctrl_c_is_one_line_saying_what_was_kept(monkeypatch, capsys, tmp_path):
+    # issue #29: Ctrl-C printed a 30-line KeyboardInterrupt traceback
+    from echokv.cli import eval as eval_cmd
+    from echokv.cli import train
+
+    def stopped(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run", stopped)
+    assert main(["train", "--out", str(tmp_path / "art")]) == 130
+    assert _err(capsys).strip() == "echokv: interrupted; nothing written"
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "old.txt").write_text("from before this run")
+    os.utime(out / "old.txt", (0, 0))
+
+    def some_rows(args):
+        (out / "results.json").write_text("[]")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_cmd, "run", some_rows)
+    assert main(["eval", "--out", str(out), "--resume"]) == 130
+    err = _err(capsys).strip()
+    assert "\n" not in err and f"kept what was finished in {out}: results.json" in err and "--resume" in err
+    monkeypatch.setattr(train, "run", stopped)
+    with pytest.raises(KeyboardInterrupt):  # --debug: the traceback
+        main(["--debug", "train", "--out", str(tmp_path / "art")])

@@ -275,3 +275,85 @@ def test_a_replacement_killed_between_its_two_renames_is_undone(saved, tmp_path,
     monkeypatch.setattr(util, "_exchange", lambda a, b: False)  # the two-rename path itself works
     artifact.save(recon, model, tmp_path / "a", report, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["a"]
+
+
+# -- issue #29: no command writes over its inputs; bench's files; the user's umask ----------------------------------
+
+
+@pytest.mark.parametrize("argv", [
+    ["analyze", "--artifact", "{art}", "--out", "{art}", "--overwrite"],  # deleted the artifact it was analysing
+    ["analyze", "--artifact", "{art}", "--out", "{art}"],  # told the user to pass --overwrite
+    ["analyze", "--artifact", "{art}", "--out", "{parent}", "--overwrite"],  # a folder holding the input
+    ["bench", "--artifact", "{art}", "--out", "{art}"],
+    ["eval", "--methods", "full,echokv", "--artifacts", "{art}", "--out", "{art}", "--overwrite"],
+    ["train", "--text", "{text}", "--out", "{parent}", "--overwrite"],
+    ["analyze", "--model", "{art}", "--out", "{art}", "--overwrite"],
+])
+def test_no_command_writes_over_its_inputs(saved, tmp_path, monkeypatch, capsys, argv):
+    import shutil
+
+    _no_model_load(monkeypatch)
+    parent = tmp_path / "work"
+    art = parent / "art"
+    shutil.copytree(saved[3], art)
+    (parent / "notes.txt").write_text("my text " * 50)
+    before = {p.name: p.read_bytes() for p in art.iterdir()}
+    argv = [a.format(art=art, parent=parent, text=parent / "notes.txt") for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "an input of this command" in err and "--overwrite" not in err.split(":")[-1]
+    assert {p.name: p.read_bytes() for p in art.iterdir()} == before
+
+
+def test_bench_refuses_to_replace_an_earlier_bench_json_without_overwrite(saved, tmp_path, monkeypatch, capsys):
+    from echokv.config import ModelConfig
+
+    def load(config, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(ModelConfig, "load", load)
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "bench.json").write_text('{"mine": 1}')
+    base = ["bench", "--artifact", str(saved[3]), "--out", str(out), "--contexts", "16"]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "already holds bench.json" in err and "--overwrite" in err
+    assert (out / "bench.json").read_text() == '{"mine": 1}'
+    (out / "decode_speed.png").write_text("a user's picture")  # not echokv's: refused even with --overwrite
+    assert main([*base, "--overwrite"]) == 2
+    assert "decode_speed.png" in capsys.readouterr().err
+    (out / "decode_speed.png").unlink()
+    with pytest.raises(AssertionError, match="the model was loaded"):  # with --overwrite the run goes on
+        main([*base, "--overwrite"])
+
+
+def test_outputs_are_written_with_the_users_umask(saved, tmp_path):
+    model, recon, report, _ = saved
+    old = os.umask(0o027)
+    try:
+        path = artifact.save(recon, model, tmp_path / "art", report)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in path.iterdir()}
+    assert modes[artifact.WEIGHTS] == 0o640 and set(modes.values()) == {0o640}, modes
+
+
+def test_the_serving_export_advises_only_its_own_flags(saved, tmp_path, capsys):
+    from echokv.serving.export import main as export
+
+    out = tmp_path / "served"
+    out.mkdir()
+    assert export([str(out)]) == 1  # an existing folder: export never replaces
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" not in err
+    assert export([str(tmp_path / "new"), "--model", str(saved[3])]) == 1  # an artifact as the model
+    err = capsys.readouterr().err
+    assert "is an echokv artifact" in err and "--artifact" not in err and not (tmp_path / "new").exists()
+
+
+def test_a_served_folder_without_weights_is_one_line(tmp_path):
+    from echokv.serving.check import ServeError, _checkpoint_kv
+
+    with pytest.raises(ServeError, match="has no weights"):
+        list(_checkpoint_kv(tmp_path, 2))

@@ -40,14 +40,15 @@ HYBRID_KEY_SHARE = 0.6
 
 
 def option(default=MISSING, help: str = "", *, aliases: tuple[str, ...] = (), check: str | None = None,
-           choices: tuple | None = None, one_of: str | None = None):
+           choices: tuple | None = None, one_of: str | None = None, role: str | None = None):
     """A dataclass field with its command-line description.
 
     ``aliases``: extra flags (``--steps`` for ``stage2_steps``); ``check``: a value check of the command line
     (``"ratio"``, ``"positive"``, ``"non_negative"``); ``one_of``: fields sharing this tag form a required
-    group of which exactly one is given. A field without a default is a required flag.
+    group of which exactly one is given; ``role``: ``"input"`` (a path the command reads) or ``"output"`` (the
+    folder it writes: never one of its inputs, nor holding one). A field without a default is a required flag.
     """
-    meta = {"help": help, "aliases": aliases, "check": check, "choices": choices, "one_of": one_of}
+    meta = {"help": help, "aliases": aliases, "check": check, "choices": choices, "one_of": one_of, "role": role}
     return field(default=default, metadata=meta)
 
 
@@ -55,13 +56,13 @@ def option(default=MISSING, help: str = "", *, aliases: tuple[str, ...] = (), ch
 class ModelConfig:
     """Which model every command loads."""
 
-    model: str = option(DEFAULT_MODEL, "embedded name, Hub id, folder or .gguf")
+    model: str = option(DEFAULT_MODEL, "embedded name, Hub id, folder or .gguf", role="input")
     dtype: str = option("bfloat16", "dtype the model and its KV cache run in (bfloat16: what users serve; "
                         "float32 for reference numbers)", choices=tuple(DTYPES))
     device: str = option("cpu", "torch device")
     device_map: str | None = option(None, "split the model across devices with accelerate: auto (or balanced, "
                                     "sequential; within --max-memory), or a JSON object or .json file of module -> "
-                                    "device (GPU index, cpu, disk)")
+                                    "device (GPU index, cpu, disk)", role="input")
     max_memory: str | None = option(None, "with --device-map auto: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
     offload_folder: str | None = option(None, "empty or new folder for the weights a device map puts on disk "
                                         "(default: a temporary folder)")
@@ -134,7 +135,7 @@ class TrainConfig:
     bias: bool = option(True, "value maps with a bias")
     seed: int = option(0, "seed of stage 2")
     text_paths: list[str] | None = option(None, "your own text files/folders instead of the bundled text",
-                                          aliases=("--text",))
+                                          aliases=("--text",), role="input")
     progress: bool = option(True, "progress bars")
 
     def record(self) -> dict:
@@ -221,7 +222,7 @@ DEFAULT_VARIANT = TrainConfig.variant
 class TrainOutput:
     """Where ``echokv train`` writes its artifact."""
 
-    out: str = option(help="artifact folder to create")
+    out: str = option(help="artifact folder to create", role="output")
     overwrite: bool = option(False, "replace --out if it exists")
 
 
@@ -234,9 +235,9 @@ class InfoConfig(ModelConfig):
 class GenerateConfig(ModelConfig):
     """``echokv generate``; the sampling defaults are also :func:`echokv.generation.generate`'s."""
 
-    artifact: str | None = option(None, "trained artifact folder (needed for compressed/auto)")
+    artifact: str | None = option(None, "trained artifact folder (needed for compressed/auto)", role="input")
     prompt: str | None = option(None, "the prompt", one_of="prompt")
-    prompt_file: str | None = option(None, "a file holding the prompt", one_of="prompt")
+    prompt_file: str | None = option(None, "a file holding the prompt", one_of="prompt", role="input")
     mode: str | None = option(None, "cache mode (default: auto with --switch-at or --memory-budget, else full)",
                               choices=CACHE_MODES)
     switch_at: int | None = option(None, "auto mode: compress from this many tokens", check="positive")
@@ -257,10 +258,11 @@ class AnalyzeConfig(ModelConfig):
     seq_len: int = option(CALIBRATION_SEQ_LEN, "tokens per calibration sequence", check="positive")
     layers: str | None = option(None, "range of layers to compare, e.g. 0-7 (default: all)")
     text: list[str] | None = option(None, "your own text files/folders instead of the bundled text (with "
-                                    "--artifact: one more text to measure on)")
+                                    "--artifact: one more text to measure on)", role="input")
     artifact: str | None = option(None, "a trained artifact (mix or pre-RoPE heads): instead of head similarity, "
-                                  "where its rebuilt cache errs: per layer and head, across texts, by token position")
-    out: str = option(help="output folder to create")
+                                  "where its rebuilt cache errs: per layer and head, across texts, by token position",
+                                  role="input")
+    out: str = option(help="output folder to create", role="output")
     overwrite: bool = option(False, "replace --out if it exists")
 
 
@@ -271,28 +273,29 @@ class EvalConfig(ModelConfig):
     suite: str = option("quick", "evaluation suite", choices=SUITES)
     methods: str = option("full,echokv", "comma-separated list, or 'all'")
     compression_ratios: str = option(f"{TrainConfig.compression_ratio:g}", "comma-separated, e.g. 0.5,0.7")
-    artifacts: list[str] | None = option(None, "echokv artifacts (matched by ratio and variant)")
-    data: str | None = option(None, "LongBench folder of <task>.jsonl files")
+    artifacts: list[str] | None = option(None, "echokv artifacts (matched by ratio and variant)", role="input")
+    data: str | None = option(None, "LongBench folder of <task>.jsonl files", role="input")
     tasks: str | None = option(None, "comma-separated task names (default: the suite's)")
     context_lengths: str | None = option(None, "comma-separated token counts")
     samples: int | None = option(None, "samples per task and length", check="positive")
     seed: int = option(0, "seed of the RULER samples")
     split: str = option("test", "haystacks and needle phrasings: test (for reports) or dev (for choosing "
                         "defaults)", choices=("test", "dev"))
-    text: list[str] | None = option(None, "your own text files/folders: one more haystack source")
-    out: str = option("runs/eval", "output folder")
+    text: list[str] | None = option(None, "your own text files/folders: one more haystack source", role="input")
+    out: str = option("runs/eval", "output folder", role="output")
     overwrite: bool = option(False, "replace the results in --out if it exists")
     resume: bool = option(False, "keep the results already in --out and run only the missing cells")
     train_missing: bool = option(False, "train an EchoKV artifact on the fly (minutes) for a ratio no "
                                  "--artifacts folder has (otherwise that method is skipped with a message)")
     peers: str = option("auto", "kvpress presses from the main environment: auto (run them in the peers "
                         "environment, .venv-peers or $ECHOKV_PEERS_PYTHON), off", choices=("auto", "off"))
-    inputs: str | None = option(None, "internal: the prompts file a parent echokv eval wrote (the peers run)")
+    inputs: str | None = option(None, "internal: the prompts file a parent echokv eval wrote (the peers run)",
+                                role="input")
 
 
 @dataclass(kw_only=True)
 class BenchConfig(ModelConfig):
-    artifact: str = option(help="trained artifact folder")
+    artifact: str = option(help="trained artifact folder", role="input")
     contexts: str = option("512,2048,4096", "comma-separated context lengths ('none': only --kv-budget)")
     kv_budget: str | None = option(None, "comma-separated KV-cache budgets: bytes (190000000), sizes (190MB, "
                                    "1.5GiB) or full-mode sequences (4x); each variant decodes the largest batch that "
@@ -304,14 +307,15 @@ class BenchConfig(ModelConfig):
                                 "against --dtype ('none': skip)", choices=(*DTYPES, "none"))
     codec_ratios: str = option("0.5,0.75", "compression ratios of the fast codec EchoKV-Q timed beside the artifact "
                                "(fitted on the calibration text first, seconds; 'none': skip)")
+    overwrite: bool = option(False, "replace the bench.json and figures of an earlier run in --out")
     kernel: str = option("auto", "the fast codec's attention kernel: auto (C++ on CPU, Triton on a GPU, else "
                          "PyTorch), or one forced (an error if it cannot run)", choices=("auto", "cpp", "triton", "torch"))
-    out: str = option("runs/bench", "output folder")
+    out: str = option("runs/bench", "output folder", role="output")
 
 
 @dataclass(kw_only=True)
 class DemoConfig(ModelConfig):
     compression_ratio: float = option(TrainConfig.compression_ratio, "fraction of the KV cache removed",
                                       check="ratio")
-    out: str = option("runs/demo", "output folder (the artifact is kept there for later runs)")
+    out: str = option("runs/demo", "output folder (the artifact is kept there for later runs)", role="output")
     steps: int = option(TrainConfig.stage2_steps, "stage-2 steps")

@@ -199,15 +199,18 @@ def _listing(names: list[str], limit: int = 8) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def check_output_dir(out, overwrite: bool, replace: bool = True, tidy: bool = True) -> None:
+def check_output_dir(out, overwrite: bool, replace: bool = True, tidy: bool = True, files: tuple[str, ...] = (),
+                     flag: str | None = "--overwrite") -> None:
     """Refuse, before any work, an output folder that could not or must not be written.
 
     ``replace=True`` (an artifact, ``analyze``): the folder is written whole. Refused: the current folder, a
     parent of it, the home or root folder (always); a path that is a file or a symbolic link; an existing
     folder holding anything echokv did not write (always, naming it); an existing folder of echokv's
     without ``overwrite``. ``replace=False`` (files written into a folder, other files staying, as ``bench``
-    does): only a path that is not a folder is refused. Both probe that the folder can be written
+    does): only a path that is not a folder is refused, and, of the ``files`` it writes, one that exists without
+    ``overwrite`` (the user's own file of that name always). Both probe that the folder can be written
     (:func:`check_writable`). Raises :class:`OutputFolderError` (a ``FileExistsError``) or ``PermissionError``.
+    ``flag``: the option that allows replacing, as the caller spells it (None: it has none).
     With ``tidy``, what a killed run left next to ``out`` is tidied first (:func:`clean_stale`), so the check
     sees what the write will find.
     """
@@ -234,7 +237,19 @@ def check_output_dir(out, overwrite: bool, replace: bool = True, tidy: bool = Tr
                 "deletes them: pass a new folder, or move them away first"
             )
         if not overwrite:
-            raise OutputFolderError(f"output folder {out} already exists; pass --overwrite to replace it")
+            raise OutputFolderError(f"output folder {out} already exists; "
+                                    + (f"pass {flag} to replace it" if flag else "pass a new folder"))
+    there = [name for name in files if (out / name).exists() or (out / name).is_symlink()]
+    if there and not replace:
+        foreign = [name for name in there if not is_own_file(out / name)]
+        if foreign:
+            raise OutputFolderError(f"{out} holds files of the same names that echokv did not write "
+                                    f"({_listing(foreign)}); echokv never replaces them: move them away or pass "
+                                    "another output folder")
+        if not overwrite:
+            raise OutputFolderError(f"{out} already holds {_listing(there)}; "
+                                    + (f"pass {flag} to replace" if flag else "pass a new folder, or move")
+                                    + (" them" if len(there) > 1 else " it"))
     check_writable(out)
 
 
@@ -352,8 +367,29 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def _umask() -> int:
+    """The process's umask (read without changing it where Linux says it)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _user_modes(folder: Path) -> None:
+    """Give the files written in ``folder`` the permissions of the user's umask: some writers (safetensors) make
+    their files 0600, beside a config.json of 0644."""
+    mode = 0o666 & ~_umask()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) != mode:
+            with contextlib.suppress(OSError):
+                path.chmod(mode)
+
+
 @contextlib.contextmanager
-def atomic_dir(out, overwrite: bool = False, replace: bool = True):
+def atomic_dir(out, overwrite: bool = False, replace: bool = True, flag: str | None = "--overwrite"):
     """Write the output folder ``out`` so that nothing a user wrote is lost and an interrupted run never leaves
     a folder that looks complete.
 
@@ -361,18 +397,20 @@ def atomic_dir(out, overwrite: bool = False, replace: bool = True):
     into. When the block ends without an error: ``replace=True``: that folder becomes ``out`` in one atomic
     exchange (Linux; elsewhere two renames, undone by :func:`clean_stale` if killed in between), and the
     previous ``out``, echokv's own, is removed; ``replace=False``: its files are moved into ``out`` one by one,
-    replacing only files of the same name that are echokv's (other files stay). On an error the hidden folder
+    replacing only files of the same name that are echokv's (other files stay). Its files get the modes of the
+    user's umask. ``flag``: the caller's option that allows replacing (None: it has none). On an error the hidden folder
     is removed; a run killed outright leaves only the hidden folder, which the next write to ``out`` removes.
     """
     out = Path(out).expanduser()
-    check_output_dir(out, overwrite, replace)
+    check_output_dir(out, overwrite, replace, flag=flag)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(out, "partial")
     tmp.mkdir()  # plain mkdir, not mkdtemp: the result gets the user's usual permissions, not 0700
     old = None
     try:
         yield tmp
-        check_output_dir(out, overwrite, replace, tidy=False)  # someone may have created or changed it meanwhile
+        _user_modes(tmp)
+        check_output_dir(out, overwrite, replace, tidy=False, flag=flag)  # someone may have changed it meanwhile
         if not replace:
             _move_into(tmp, out)
             return

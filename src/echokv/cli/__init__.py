@@ -9,7 +9,9 @@ Library messages (``logging.getLogger("echokv")``) are shown on stderr.
 A user's mistake (any of :data:`USER_ERRORS`: the library's own error classes, a bad value, a file that is
 missing, exists, cannot be written or is not UTF-8) is one line on stderr, ``echokv: error: ...``, and exit
 code 2; ``--debug`` shows the traceback instead. Another ``OSError`` (a full disk, ...) is one line and exit
-code 1. Anything else is a bug of echokv and keeps its traceback.
+code 1. Ctrl-C is one line too (exit code 130): what the run kept, or "interrupted; nothing written". An output
+folder that is, or holds, one of the command's inputs is refused before any work. Anything else is a bug of
+echokv and keeps its traceback.
 
 Under ``torchrun`` (:mod:`echokv.distributed`) ``train`` and ``eval`` run data-parallel: each process joins the
 group, only rank 0 prints and writes, and an error line names the rank it came from. A rank that exits with an
@@ -19,13 +21,16 @@ error makes torchrun stop the others.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import time
+from pathlib import Path
 
 from .. import distributed
 from . import analyze, bench, demo, eval, generate, info, train
-from ._args import UsageError, add_options
+from ._args import UsageError, add_options, check_outputs_are_not_inputs
 
 #: what a user's mistake raises: one line and exit code 2 (``ValueError`` covers ``ArtifactError``,
 #: ``ModelLoadError``, ``UsageError``, ``TextTooShortError`` and ``UnicodeDecodeError``)
@@ -94,12 +99,36 @@ def _run_data_parallel(args) -> int:
         distributed.shutdown()
 
 
+def _interrupted(args, started: float) -> str:
+    """The line Ctrl-C ends with: what the run kept (an output written whole before it, ``eval``'s finished rows,
+    which ``--resume`` keeps), or that nothing was written (unfinished outputs are removed on the way out)."""
+    out = getattr(args, "out", None)
+    folder = None if out is None else Path(str(out)).expanduser()
+    kept = []
+    if folder is not None and folder.is_dir():
+        with contextlib.suppress(OSError):
+            kept = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                          if p.is_file() and p.stat().st_mtime >= started)
+    if not kept:
+        return "interrupted; nothing written"
+    shown = ", ".join(kept[:4]) + (f" and {len(kept) - 4} more" if len(kept) > 4 else "")
+    again = " (run it again with --resume to finish it)" if args.command == "eval" else ""
+    return f"interrupted; kept what was finished in {folder}: {shown}{again}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _show_library_messages()
     where = f"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}: " if distributed.launched() else ""
+    started = time.time() - 1  # file times are coarser than the clock on some filesystems
     try:
+        check_outputs_are_not_inputs(args, COMMANDS[args.command].CONFIGS)
         return _run_data_parallel(args) if distributed.launched() else args.run(args) or 0
+    except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever the run was
+        if args.debug:
+            raise
+        print(f"echokv: {where}{_interrupted(args, started)}", file=sys.stderr)
+        return 130
     except USER_ERRORS as exc:
         if args.debug:
             raise

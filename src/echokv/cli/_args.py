@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from pathlib import Path
 
 
 class UsageError(ValueError):
@@ -104,3 +105,31 @@ def add_options(parser: argparse.ArgumentParser, *classes) -> None:
 def from_args(args: argparse.Namespace, cls):
     """The dataclass ``cls`` built from parsed flags."""
     return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
+
+
+def _paths(args: argparse.Namespace, classes, role: str) -> list[tuple[str, Path]]:
+    """(flag, path) of every value of the fields tagged ``role`` (:func:`echokv.config.option`)."""
+    found = []
+    for cls in classes:
+        for field in dataclasses.fields(cls):
+            value = getattr(args, field.name, None)
+            if field.metadata.get("role") != role or value is None:
+                continue
+            for v in value if isinstance(value, list) else [value]:
+                found.append((flags(field)[0], Path(str(v)).expanduser()))
+    return found
+
+
+def check_outputs_are_not_inputs(args: argparse.Namespace, classes) -> None:
+    """Refuse an output folder that is, or holds, one of the command's inputs (``analyze --artifact A --out A
+    --overwrite`` would replace the artifact it reads): every command, before any work."""
+    for out_flag, out in _paths(args, classes, "output"):
+        target = out.resolve()
+        for in_flag, src in _paths(args, classes, "input"):
+            if not (src.exists() or src.is_symlink()):
+                continue  # a model name, or a path that a later check reports
+            read = src.resolve()
+            if read == target or read.is_relative_to(target):
+                what = "is" if read == target else "holds"
+                raise UsageError(f"{out_flag} {out} {what} an input of this command ({in_flag} {src}): echokv never "
+                                 f"writes over what it reads; pass another {out_flag}")

@@ -51,7 +51,10 @@ def run(args) -> int:
         raise ValueError("nothing to measure: --contexts none needs --kv-budget (e.g. --kv-budget 1x,2x,4x)")
     if budgets and cfg.budget_context < 2:
         raise ValueError(f"--budget-context needs at least 2 tokens, got {cfg.budget_context}")
-    check_output_dir(cfg.out, overwrite=True, replace=False)  # writable, before minutes of timing
+    # writable, and no earlier bench.json or figure replaced without --overwrite, before minutes of timing
+    files = ("bench.json",) + (("decode_speed.png",) if contexts else ()) + (("throughput_vs_budget.png",) if budgets
+                                                                           else ())
+    check_output_dir(cfg.out, overwrite=cfg.overwrite, replace=False, files=files)
     model, tokenizer = cfg.load(groups=read_config(cfg.artifact)["layout"]["groups"])
     geo = kv_geometry(model)
     longest = max(contexts + ([cfg.budget_context] if budgets else []))

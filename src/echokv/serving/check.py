@@ -25,6 +25,9 @@ def _checkpoint_kv(folder: Path, num_layers: int):
     from safetensors import safe_open
 
     index = folder / "model.safetensors.index.json"
+    if not index.is_file() and not (folder / "model.safetensors").is_file():
+        raise ServeError(f"the served model {folder} has no weights (model.safetensors or "
+                         "model.safetensors.index.json): serve a folder python -m echokv.serving.export wrote")
     if index.is_file():
         where = json.loads(index.read_text())["weight_map"]
     else:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ..models import DEFAULT_MODEL, load_model, resolve_dtype
-from ..util import atomic_dir
+from ..util import atomic_dir, is_own_file
 
 
 def _for_transformers4(folder: Path) -> None:
@@ -44,7 +44,11 @@ def export(out, model: str = DEFAULT_MODEL, dtype: str = "float32") -> Path:
     from transformers import AutoModelForCausalLM
 
     out = Path(out).expanduser()
-    with atomic_dir(out) as tmp:  # checks ``out`` before the model is loaded
+    source = Path(str(model)).expanduser()
+    if is_own_file(source / "config.json"):  # load_model's own advice (--artifact) names flags export has not
+        raise ValueError(f"{source} is an echokv artifact, not a model: export the model it was trained for "
+                         "(--model); the engine takes the artifact as echokv_artifact in --hf-overrides")
+    with atomic_dir(out, flag=None) as tmp:  # checks ``out`` before the model is loaded (export never replaces)
         loaded, tokenizer = load_model(model, dtype=dtype)
         config = loaded.config
         if hasattr(config, "quantization_config"):
