@@ -22,7 +22,8 @@ def smollm2_shape():
 
 
 @pytest.mark.parametrize(("settings", "match"), [
-    ({"variant": "hybrid", "layout": "paper"}, r"\(K 0.000, V 1.000\), nothing of the keys to rebuild from"),
+    # (the paper layout of the hybrid reaches 0.5 since its S follows the values; with S = 1 it keeps every value)
+    ({"variant": "hybrid", "layout": "paper", "group_size": 1}, r"V 1.000\), nothing of the keys to rebuild from"),
     ({"variant": "heads", "keys": "rope-commuting", "layout": "paper", "group_size": 1},
      r"would keep 1.000 of the cache"),
     ({"variant": "hybrid", "compression_ratio": 0.999}, r"V 0.000\), nothing of the values .* nearest reachable ratios: 0.97, 0.98"),
@@ -53,3 +54,66 @@ def test_one_kind_ratio_leaves_the_other_the_rest_of_the_budget():
     assert TrainConfig(v_ratio=0.6, compression_ratio=0.5).ratios() == (0.4, 0.6)
     with pytest.raises(ValueError, match="leave the other kind a ratio of -0.35"):
         TrainConfig(k_ratio=0.95, compression_ratio=0.3).ratios()
+
+
+# -- one plan for every (variant, layout) pair the configuration accepts (issue #29) -------------------------------
+OPTIONS = {
+    "variant": ["mix", "heads", "hybrid"],
+    "layout": ["data", "paper"],
+    "keys": ["pre-rope", "rope-commuting"],
+    "compression_ratio": [0.0, 0.3, 0.5, 0.7, 0.9],
+    "group_size": [None, 2],
+}
+
+
+def _product():
+    import itertools
+
+    for values in itertools.product(*OPTIONS.values()):
+        yield dict(zip(OPTIONS, values))
+
+
+@pytest.mark.parametrize("settings", list(_product()), ids=lambda s: "-".join(str(v) for v in s.values()))
+def test_every_accepted_request_keeps_what_it_asks_and_every_refusal_names_reachable_ratios(smollm2_shape, settings):
+    # `--variant heads --layout paper` passed with the data layout's budgets, then kept another fraction
+    import re
+
+    cfg = TrainConfig(**settings)
+    try:
+        cfg.validate(smollm2_shape)
+    except ValueError as exc:
+        message = str(exc)
+        assert "\n" not in message
+        found = re.search(r"nearest reachable ratios: ([0-9., ]+)", message)
+        if found is None:  # a setting that is refused whatever the ratio
+            assert "not to mix" in message or "no ratio is reachable" in message, message
+            return
+        near = [float(x) for x in found.group(1).split(", ")]
+        assert near and all(r != cfg.compression_ratio for r in near)
+        for r in near:  # each ratio it names passes, and keeps what it says
+            ok = TrainConfig(**{**settings, "compression_ratio": r})
+            ok.validate(smollm2_shape)
+            assert abs(sum(planned_kept(ok, smollm2_shape)) / 2 - (1 - r)) <= 0.02
+        return
+    kk, kv = planned_kept(cfg, smollm2_shape)
+    assert abs((kk + kv) / 2 - (1 - cfg.compression_ratio)) <= 0.02 and min(kk, kv) > 0
+
+
+@pytest.mark.parametrize("settings", [
+    {"variant": "heads", "layout": "paper", "compression_ratio": 0.75},
+    {"variant": "heads", "layout": "paper", "keys": "rope-commuting", "compression_ratio": 0.5},
+    {"variant": "hybrid", "layout": "paper", "compression_ratio": 0.5},
+    {"variant": "heads", "compression_ratio": 0.5},
+    {"variant": "mix", "compression_ratio": 0.75},
+])
+def test_the_plan_is_what_training_stores(settings):
+    from echokv.tiny import tiny_model
+    from echokv.training import train
+
+    model = tiny_model("llama", num_hidden_layers=8)
+    cfg = TrainConfig(stage2_steps=0, progress=False, **settings)
+    kk, kv = planned_kept(cfg, model)
+    g = torch.Generator().manual_seed(0)
+    calib, held = torch.randint(3, 250, (8, 64), generator=g), torch.randint(3, 250, (4, 64), generator=g)
+    _, report = train(model, None, cfg, calib=calib, held=held)
+    assert abs(report["kept_fraction"] - (kk + kv) / 2) <= 0.01, (report["kept_fraction"], kk, kv)

@@ -204,14 +204,13 @@ class TrainConfig:
             raise ValueError("--layout, --m and --inputs choose retained heads: they apply to the heads and hybrid "
                              "variants, not to mix (pass --variant heads or --variant hybrid)")
         if self.retains_components:
-            from .mix_training import check_reachable, check_widths
+            from .mix_training import check_widths
 
             check_widths(self)
-            check_reachable(model, self)
-        elif reachable:
+        if reachable or self.retains_components:
             from .training import check_reachable
 
-            check_reachable(model, self)
+            check_reachable(model, self)  # one plan for every variant and layout (training.planned_kept)
 
 
 #: the variant ``echokv train`` makes, and so the one method ``echokv`` evaluates

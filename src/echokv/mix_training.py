@@ -279,10 +279,7 @@ def stage1(model, cfg: TrainConfig, moments: dict, samples: Features, groups: li
         elif cfg.layout == "data":
             heads = data_layout(geo.full_attention_layers, h, len(groups[0]), rk, rv, stats)
         else:
-            lk = nearest_paper_layout(geo.full_attention_layers, h, rk, len(groups[0]), cfg.m, "all")
-            lv = nearest_paper_layout(geo.full_attention_layers, h, rv, len(groups[0]), cfg.m, "all")
-            heads = lk
-            heads.retained_v = lv.retained_v
+            heads = paper_heads(geo.full_attention_layers, h, rk, rv, len(groups[0]), cfg.m)
     for gi, group in enumerate(groups):
         for kind in KINDS:
             mom = moments["k_pre" if kind == "k" else "v"][gi]
@@ -496,32 +493,31 @@ def check_data_parallel(cfg: TrainConfig, calibration: int | None = None, heldou
             "--stage2-sequences")
 
 
-def check_reachable(model, cfg: TrainConfig) -> None:
-    """Refuse, before calibration, a ratio the variant cannot meet within 0.02 of the kept fraction, naming the
-    nearest reachable ratios."""
+def paper_heads(layers, num_kv_heads: int, head_ratio_k: float, head_ratio_v: float, group_size: int, m):
+    """The retained heads of the paper layout for pre-RoPE heads: keys' and values' nearest layouts at one S."""
+    heads = nearest_paper_layout(layers, num_kv_heads, head_ratio_k, group_size, m, "all")
+    heads.retained_v = nearest_paper_layout(layers, num_kv_heads, head_ratio_v, group_size, m, "all").retained_v
+    return heads
+
+
+def planned_kept(model, cfg: TrainConfig) -> tuple[float, float]:
+    """The kept fractions (K, V) :func:`stage1` will store for ``cfg`` (mix or pre-RoPE heads), from the geometry
+    alone: the mix keeps what its byte budget asks, up to every component at its width; the heads variant keeps
+    whole heads at their width, as many as its layout (data budgets, or the nearest paper layout) retains."""
     geo = kv_geometry(model)
+    layers, h = geo.full_attention_layers, geo.num_kv_heads
     element_bits = max(16, 8 * next(model.parameters()).dtype.itemsize)
-    groups = make_groups(geo.full_attention_layers, cfg.group_size or min(4, len(geo.full_attention_layers)))
     width = _fixed_width(cfg)
-    if cfg.variant == "mix":
-        most = cost_bits(width or 16, cfg.quant_group) / element_bits  # every component kept
-        if 1.0 - cfg.compression_ratio > most + 0.02:
-            raise ValueError(
-                f"compression ratio {cfg.compression_ratio:g} keeps more than the mix variant can store for a "
-                f"{8 * next(model.parameters()).dtype.itemsize}-bit cache (every component at "
-                f"{width or 16} bits keeps {most:.3f}); nearest reachable ratio: {1 - most:.3f}"
-            )
-        return
-    total = len(geo.full_attention_layers) * geo.num_kv_heads
+    if cfg.variant == "mix":  # one byte budget over both kinds
+        kept = min(1.0 - cfg.compression_ratio, cost_bits(width or 16, cfg.quant_group) / element_bits)
+        return kept, kept
+    groups = make_groups(layers, cfg.group_size or min(4, len(layers)))
     width = width or element_bits
-    for kind, ratio in zip(KINDS, cfg.ratios()):
-        per_head = cost_bits(width, cfg.quant_group) / element_bits / total  # kept fraction of one head
-        heads = sum(_budgets(groups, geo.num_kv_heads, head_ratio(ratio, width, element_bits, cfg.quant_group)))
-        if abs(heads * per_head - (1 - ratio)) > 0.02:
-            near = sorted({round(1 - n * per_head, 4) for n in range(total + 1) if n * per_head <= 1},
-                          key=lambda r: abs(r - ratio))[:3]
-            raise ValueError(
-                f"the heads variant keeps whole heads at {width} bits: {'key' if kind == 'k' else 'value'} ratio "
-                f"{ratio:g} cannot be met within 0.02 of the kept fraction; nearest reachable ratios: "
-                f"{', '.join(f'{r:g}' for r in near)}"
-            )
+    rk, rv = (head_ratio(r, width, element_bits, cfg.quant_group) for r in cfg.ratios())
+    if cfg.layout == "data":
+        heads = [sum(_budgets(groups, h, r)) for r in (rk, rv)]
+    else:
+        lay = paper_heads(layers, h, rk, rv, len(groups[0]), cfg.m)
+        heads = [len(lay.retained_k), len(lay.retained_v)]
+    per_head = cost_bits(width, cfg.quant_group) / element_bits / (len(layers) * h)  # one head's share
+    return heads[0] * per_head, heads[1] * per_head

@@ -35,8 +35,10 @@ def build_layout(cfg: TrainConfig, model, moments=None) -> HeadLayout:
     geo = kv_geometry(model)
     rk, rv = cfg.ratios()
     if cfg.variant == "hybrid":  # values choose their heads; keys become the latent
-        heads = build_layout(TrainConfig(**{**asdict(cfg), "variant": "heads", "k_ratio": 0.0, "v_ratio": rv}), model,
-                             moments)
+        # (the paper layout's S follows the keys' ratio: the values' then, not 0, which would keep every head)
+        rk_heads = rv if cfg.layout == "paper" else 0.0
+        heads = build_layout(TrainConfig(**{**asdict(cfg), "variant": "heads", "k_ratio": rk_heads, "v_ratio": rv}),
+                             model, moments)
         return heads.with_key_latent(hybrid_key_ratio(cfg, heads.kept_fraction("v")), geo.head_dim)
     layers, h = geo.full_attention_layers, geo.num_kv_heads
     if cfg.layout == "data":
@@ -60,10 +62,16 @@ def hybrid_key_ratio(cfg: TrainConfig, kept_v: float) -> float:
 
 
 def planned_kept(cfg: TrainConfig, model) -> tuple[float, float]:
-    """The kept fractions (K, V) the layout will have, from the geometry alone (before calibration)."""
+    """The kept fractions (K, V) training will store, from the geometry alone (before calibration), for every
+    variant and layout the configuration accepts, computed as training builds them: the one plan every
+    reachability check (:func:`check_reachable`) asks."""
     from .key_latent import latent_dims
     from .selection import _budgets
 
+    if cfg.retains_components:  # mix and pre-RoPE heads: their own trainer (mix_training.stage1)
+        from .mix_training import planned_kept as components_kept
+
+        return components_kept(model, cfg)
     geo = kv_geometry(model)
     layers, h = geo.full_attention_layers, geo.num_kv_heads
     rk, rv = cfg.ratios()
@@ -96,9 +104,11 @@ def check_reachable(model, cfg: TrainConfig) -> None:
     near = [r / 100 for r in range(1, 100) if not misses(replace(cfg, compression_ratio=r / 100, k_ratio=None,
                                                                    v_ratio=None))]
     near = sorted(near, key=lambda r: abs(r - cfg.compression_ratio))[:3]
+    what = "mix variant" if cfg.variant == "mix" else f"{cfg.layout} layout of the {cfg.variant} variant"
     raise ValueError(
-        f"the {cfg.layout} layout of the {cfg.variant} variant cannot compress by {cfg.compression_ratio:g} on this "
-        f"model: it would keep {(kk + kv) / 2:.3f} of the cache (K {kk:.3f}, V {kv:.3f})"
+        f"the {what} cannot compress by {cfg.compression_ratio:g} on this model"
+        + (f" (a {8 * next(model.parameters()).dtype.itemsize}-bit cache)" if cfg.variant == "mix" else "")
+        + f": it would keep {(kk + kv) / 2:.3f} of the cache (K {kk:.3f}, V {kv:.3f})"
         + ("" if min(kk, kv) else f", nothing of the {'keys' if kk == 0 else 'values'} to rebuild from") + "; "
         + (f"nearest reachable ratios: {', '.join(f'{r:g}' for r in sorted(near))}" if near else
            "no ratio is reachable with these settings")
