@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from echokv.bench import EXPLICIT, FAST, FULL, STOCK, VARIANTS, bench_context
@@ -116,3 +117,32 @@ def test_bench_refuses_a_bad_budget_before_loading_the_model(monkeypatch, capsys
     assert "--kv-budget entry 'lots' is not a positive size" in capsys.readouterr().err
     assert main([*base, "--contexts", "none"]) == 2
     assert "--contexts none needs --kv-budget" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("budget", "message"), [
+    ("1e99", "more than this machine's memory"),
+    ("1000000GB", "more than this machine's memory"),
+    ("1e30x", "more than this machine's memory"),
+    ("10", "less than one sequence of 2080 tokens holds in full mode"),
+    ("1KB", "full mode, the reference, would hold nothing"),
+])
+def test_budgets_that_parse_but_cannot_run_are_refused_before_the_model_loads(monkeypatch, capsys, tmp_path, budget,
+                                                                              message):
+    # issue #29: a huge budget failed with a traceback after the prefills, a tiny one wrote an empty plot
+    from echokv import artifact
+    from echokv.cli import main
+    from echokv.config import ModelConfig
+
+    model = tiny_model()
+    recon, report = train_tiny(model, steps=0)
+    art = artifact.save(recon, model, tmp_path / "art", report)
+
+    def boom(config, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(ModelConfig, "load", boom)
+    argv = ["bench", "--artifact", str(art), "--out", str(tmp_path / "out"), "--contexts", "none",
+            "--kv-budget", f"2x,{budget}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err and budget in err

@@ -357,3 +357,21 @@ def test_a_served_folder_without_weights_is_one_line(tmp_path):
 
     with pytest.raises(ServeError, match="has no weights"):
         list(_checkpoint_kv(tmp_path, 2))
+
+
+def test_an_output_the_filesystem_refuses_names_the_users_path(tmp_path, monkeypatch):
+    # issue #29: under /proc the probe's own hidden path was named
+    real = Path.mkdir
+
+    def refuse(self, *args, **kwargs):
+        if ".probe-" in self.name:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(FileNotFoundError) as err:
+        check_output_dir(tmp_path / "out", overwrite=False)
+    from echokv.cli import error_line
+
+    line = error_line(err.value)
+    assert line.startswith(f"cannot write the output {tmp_path / 'out'}") and ".probe-" not in line

@@ -182,3 +182,14 @@ def test_the_embedded_gguf_model_with_half_its_layers_on_disk_answers_as_in_memo
     answers = [generate(m, ids, EchoKVCache(m, str(smollm2_artifact), mode="compressed"), max_new_tokens=12)
                for m in (ref, off)]
     assert torch.equal(answers[0], answers[1])
+
+
+def test_a_device_map_that_is_a_folder_says_so(tmp_path):
+    # issue #29: a folder was "device map file not found"
+    from echokv.placement import PlacementError, parse_device_map
+
+    with pytest.raises(PlacementError, match=f"device map {tmp_path} is a folder: pass a .json file"):
+        parse_device_map(str(tmp_path))
+    (tmp_path / "map.json").mkdir()
+    with pytest.raises(PlacementError, match="is a folder"):
+        parse_device_map(str(tmp_path / "map.json"))

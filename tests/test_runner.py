@@ -398,3 +398,15 @@ def test_the_default_artifact_is_what_the_default_eval_runs(tiny, tmp_path):
     job = runner.make_job(cfg.suite, cfg.methods, cfg.compression_ratios, [path])
     assert [name for name, _ in job.runs] == ["full", "echokv"] and not job.notes
     assert methods.make_method("echokv", TrainConfig().compression_ratio, [path]).artifact == path
+
+
+def test_two_artifacts_of_one_ratio_and_variant_are_refused(tiny_artifact, tmp_path):
+    # issue #29: the second was silently unused
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_artifact, copy)
+    with pytest.raises(ValueError, match=f"{tiny_artifact} and {copy} are both heads artifacts .* ratio 0.5"):
+        runner.make_job("quick", "echokv-heads", "0.5", artifacts=[tiny_artifact, copy])
+    with pytest.raises(ValueError, match="is passed twice"):
+        runner.make_job("quick", "echokv-heads", "0.5", artifacts=[tiny_artifact, tiny_artifact])

@@ -57,8 +57,11 @@ def parse_device_map(value) -> str | dict | None:
         return text
     if text.startswith("{"):
         source = "inline JSON"
-    elif text.endswith(".json") or Path(text).expanduser().is_file():
+    elif text.endswith(".json") or Path(text).expanduser().is_file() or Path(text).expanduser().is_dir():
         path = Path(text).expanduser()
+        if path.is_dir():
+            raise PlacementError(f"device map {path} is a folder: pass a .json file of module -> device, a JSON "
+                                 f"object or a strategy ({', '.join(STRATEGIES)})")
         if not path.is_file():
             raise PlacementError(f"device map file not found: {path}")
         source, text = str(path), path.read_text(encoding="utf-8")

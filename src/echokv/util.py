@@ -280,7 +280,9 @@ def check_writable(out) -> None:
             if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise PermissionError(exc.errno, f"cannot write the output {out}: {place} is not writable "
                                       f"({exc.strerror}); choose another --out") from None
-            raise
+            # anything else the probe met (/proc refuses folders with ENOENT): the user's path, not the probe's
+            raise type(exc)(exc.errno, f"cannot write the output {out}: {place} does not take new folders "
+                            f"({exc.strerror}); choose another --out") from None
 
 
 # -- writing a folder atomically ----------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..config import BenchConfig
@@ -24,6 +26,36 @@ def _fast_codecs(model, tokenizer, ratios: list[float], kernel: str) -> dict:
     return {f"echokv-q@{r:g}": fit(model, blocks, r, kernel=kernel) for r in ratios}
 
 
+def _memory_bytes() -> int:
+    """All the memory a cache could live in here: RAM and every visible GPU's."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if torch.cuda.is_available():
+        total += sum(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+    return total
+
+
+def _check_budgets(cfg: BenchConfig, texts: list[str], budgets: list, geometry: dict) -> None:
+    """Budgets that parse but cannot run, refused before the model loads (the artifact records the model's
+    geometry): one below a full-mode sequence (full mode, the reference, would hold nothing), or over the memory
+    of this machine (the batches would never be allocated)."""
+    from ..models import resolve_dtype
+
+    tokens = cfg.budget_context + cfg.decode_tokens
+    one = 2 * geometry["num_layers"] * geometry["num_kv_heads"] * geometry["head_dim"] * tokens * \
+        resolve_dtype(cfg.dtype).itemsize
+    memory = _memory_bytes()
+    for text, (kind, value) in zip(texts, budgets, strict=True):
+        size = value * one if kind == "full" else value
+        if size > memory:
+            raise ValueError(f"--kv-budget {text.strip()} is {size:.3g} bytes of KV cache, more than this machine's "
+                             f"memory ({memory / 2**30:.1f} GiB); pass a budget that fits, e.g. 4x or 190MB")
+        if size < one:
+            raise ValueError(f"--kv-budget {text.strip()} is {size:.0f} bytes, less than one sequence of "
+                             f"{tokens} tokens holds in full mode ({one} bytes in {cfg.dtype}; --budget-context "
+                             f"{cfg.budget_context} + --decode-tokens {cfg.decode_tokens}): full mode, the reference, "
+                             f"would hold nothing; pass at least 1x or {one} bytes")
+
+
 def run(args) -> int:
     from .. import bench, kernels
     from ..artifact import load, read_config
@@ -44,7 +76,8 @@ def run(args) -> int:
     contexts = [] if skip else sorted(set(parse_csv(cfg.contexts, int, "context length", "--contexts 512,2048")))
     if not skip and (not contexts or contexts[0] < 2):
         raise ValueError(f"--contexts needs lengths of at least 2 tokens, got {cfg.contexts!r}")
-    budgets = [] if cfg.kv_budget is None else [bench.parse_budget(b) for b in parse_csv(cfg.kv_budget)]
+    texts = [] if cfg.kv_budget is None else parse_csv(cfg.kv_budget)
+    budgets = [bench.parse_budget(b) for b in texts]
     if cfg.kv_budget is not None and not budgets:
         raise ValueError("--kv-budget is empty: pass e.g. --kv-budget 1x,2x,4x or --kv-budget 190MB")
     if not contexts and not budgets:
@@ -55,7 +88,10 @@ def run(args) -> int:
     files = ("bench.json",) + (("decode_speed.png",) if contexts else ()) + (("throughput_vs_budget.png",) if budgets
                                                                            else ())
     check_output_dir(cfg.out, overwrite=cfg.overwrite, replace=False, files=files)
-    model, tokenizer = cfg.load(groups=read_config(cfg.artifact)["layout"]["groups"])
+    config = read_config(cfg.artifact)
+    if budgets:
+        _check_budgets(cfg, texts, budgets, config["model"]["geometry"])
+    model, tokenizer = cfg.load(groups=config["layout"]["groups"])
     geo = kv_geometry(model)
     longest = max(contexts + ([cfg.budget_context] if budgets else []))
     if geo.max_context and longest + cfg.decode_tokens > geo.max_context:

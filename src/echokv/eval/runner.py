@@ -206,6 +206,7 @@ def make_job(suite: str, methods, ratios, artifacts=None, data=None, tasks=None,
 
     artifacts = [str(a) for a in artifacts or []]
     configs = {a: read_config(a) for a in artifacts}
+    _refuse_duplicate_artifacts(artifacts, configs)
     job = EvalJob(resolved, runs, artifacts, configs, None if data is None else str(data), seed,
                   None if out is None else Path(out), overwrite, split=split,
                   text=None if text is None else [str(t) for t in ([text] if isinstance(text, (str, Path)) else text)],
@@ -245,6 +246,23 @@ def make_job(suite: str, methods, ratios, artifacts=None, data=None, tasks=None,
         else:
             check_output_dir(job.out, overwrite)
     return job
+
+
+def _refuse_duplicate_artifacts(artifacts: list[str], configs: dict) -> None:
+    """Two artifacts of one variant, key form and ratio: only the first would run, silently."""
+    from echokv import artifact as art
+
+    seen: dict[tuple, str] = {}
+    for a in artifacts:
+        c = configs[a]
+        kind = (art.config_variant(c), art.config_keys(c), round(art.config_ratio(c), 9))
+        if kind in seen and Path(seen[kind]).resolve() == Path(a).resolve():
+            raise ValueError(f"--artifacts: {a} is passed twice; pass each artifact once")
+        if kind in seen:
+            raise ValueError(f"--artifacts: {seen[kind]} and {a} are both {kind[0]} artifacts ({kind[1]} keys) for "
+                             f"compression ratio {kind[2]:g}, and only one would run: pass one artifact per ratio and "
+                             "variant")
+        seen[kind] = a
 
 
 def _check_resume(job: EvalJob) -> None:
