@@ -208,7 +208,9 @@ def rewrite_config(path: str | Path, config: dict) -> None:
 
 
 def _folder(path) -> Path:
-    if not isinstance(path, (str, Path)) or (isinstance(path, str) and not path.strip()):
+    if isinstance(path, str) and not path.strip():  # a command line's --artifact '': the user's input
+        raise ArtifactError("the artifact path is empty: pass the folder `echokv train` wrote")
+    if not isinstance(path, (str, Path)):
         raise TypeError(f"an artifact is a folder path (str or pathlib.Path), got {path!r}")
     folder = Path(path).expanduser()
     if folder.is_file():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -79,6 +80,9 @@ def error_line(exc: BaseException) -> str:
     """The one line a user sees for ``exc``."""
     if isinstance(exc, UnicodeDecodeError):
         return f"a file is not UTF-8 text ({exc}); save it as UTF-8"
+    if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+        name = str(exc.filename or "")
+        return f"{name[:40]}... ({len(name)} characters): the name is too long for the filesystem; pass a shorter path"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror if exc.filename is None else f"{exc.filename}: {exc.strerror}"
     text = str(exc).strip() or type(exc).__name__
@@ -138,4 +142,4 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"echokv: error: {where}{error_line(exc)}", file=sys.stderr)
-        return 1
+        return 2 if getattr(exc, "errno", None) == errno.ENAMETOOLONG else 1  # (but a path too long is the input's)
