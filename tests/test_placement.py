@@ -141,6 +141,8 @@ def test_cli_refuses_bad_placement_before_loading(tmp_path, capsys):
         (["--device-map", '{"": "cuda:3"}'], "cannot be used"),
         (["--max-memory", "cpu=1GiB"], "apply to a model split by --device-map"),
         (["--device-map", "auto", "--max-memory", "cpu=lots"], "'lots' is not a size"),
+        # issue #29: a GPU this machine has not was accelerate's traceback
+        (["--device-map", "auto", "--max-memory", f"{torch.cuda.device_count()}=70GiB"], "names GPU"),
     ]
     for extra, message in cases:
         rc = main(["generate", "--model", "tiny-llama", "--prompt", "hi", *extra])

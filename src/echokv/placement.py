@@ -117,6 +117,9 @@ def parse_max_memory(value) -> dict | None:
             key = int(key)
         if not (isinstance(key, int) and key >= 0) and key not in ("cpu", "mps", "disk"):
             raise PlacementError(f"max memory {value!r}: {key!r} is not a device; write e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+        if isinstance(key, int) and key >= torch.cuda.device_count():  # accelerate fails deep inside otherwise
+            raise PlacementError(f"max memory {value!r} names GPU {key}, but torch sees {torch.cuda.device_count()} "
+                                 "GPU(s) here; give memory only to devices this machine has (e.g. cpu=20GiB)")
         try:
             out[key] = convert_file_size_to_int(size.strip() if isinstance(size, str) else size)
         except (ValueError, AttributeError, TypeError):
