@@ -191,7 +191,9 @@ class CompressedCache(DynamicCache):
         elif heads != g.num_kv_heads or dim != g.head_dim:
             theirs = f"{heads} KV heads x {dim}"
         elif held and self.layers[-1].get_seq_length() < held:
-            theirs = f"fewer than {g.num_layers} layers"
+            raise ValueError(f"the last forward call through this cache stopped before its last layer: a model with "
+                             f"fewer than {g.num_layers} layers ({self.made_for} is the cache's), or an interrupted "
+                             "call; make the cache with the model it runs with, or call cache.reset()")
         else:
             return
         raise ValueError(f"this cache was made for another model ({self.made_for}) than the one it is used with "
