@@ -369,3 +369,39 @@ def test_group_moments_share_one_capture(llama):
         for a, b in zip(sliced[kind], ref[kind]):
             assert a.count == b.count
             assert torch.allclose(a.total, b.total) and torch.allclose(a.outer, b.outer, atol=1e-9)
+
+
+# -- two bugs found by reading (issue #25) -------------------------------------------------------------
+@pytest.mark.parametrize("which", ["lowrank", "xlayer-svd"])
+def test_a_reset_cache_encodes_a_new_prompt_as_a_fresh_one_does(which, llama, calib):
+    """A projection of pre-RoPE keys un-rotates each block at its slots: after ``reset`` the slots start at 0 again
+    (the codec kept an offset per group that a reset left behind)."""
+    meth = _prepared(FACTORIES[which], 0.5, llama, calib)
+    ids = _ids(48, seed=7)
+    fresh, _ = _run(meth, llama, ids)
+    cache = meth.new_cache(llama)
+    with torch.no_grad():
+        prefill(llama, cache, _ids(40, seed=8), chunk_size=16)
+        cache.compress()
+        cache.reset()
+        prefill(llama, cache, ids[:, :40], chunk_size=16)
+        cache.compress()
+        again = prefill(llama, cache, ids[:, 40:], chunk_size=7)[0]
+    torch.testing.assert_close(again, fresh, rtol=1e-5, atol=1e-5)
+
+
+def test_headdrop_reads_the_retained_heads_of_a_heads_artifact(llama, calib, tmp_path):
+    from echokv.artifact import save
+    from helpers import train_tiny
+
+    net, _ = train_tiny(llama, steps=1, compression_ratio=0.5, variant="heads", keys="pre-rope")
+    save(net, llama, tmp_path / "H")
+    meth = HeadDropMethod(0.5, artifact=str(tmp_path / "H"))
+    meth.prepare(llama, None, calib)
+    for part in net.layout.parts:  # the same heads as the artifact's selection
+        h = net.layout.num_kv_heads
+        want = sorted((part.layers[i // h], i % h) for i in part.selection)
+        got = sorted(head for head in meth.layout.retained(part.kind) if head[0] in part.layers)
+        assert got == want
+    logits, report = _run(meth, llama, _ids(48))
+    assert torch.isfinite(logits).all() and 0.45 < report["kept_fraction"] < 0.6

@@ -3,6 +3,7 @@ tokens, a small codec protocol, and byte accounting for any cache.
 
 * :mod:`~echokv.cache.compressed`: ``CompressedCache`` (full mode, then compressed by a codec), ``FullCache``,
   ``EchoKVCache``;
+* :mod:`~echokv.cache.tiers`: ``TieredCache`` (full, then each codec of a ladder in turn on memory pressure);
 * :mod:`~echokv.cache.layers`: ``GrowingLayer`` (appends in place), ``CompressedLayer`` (recent tokens + its
   group's store);
 * :mod:`~echokv.cache.store`: ``GroupStore``, ``Appender``;
@@ -17,6 +18,7 @@ from .codec import KVCodec
 from .compressed import CompressedCache, EchoKVCache, FullCache
 from .layers import CompressedLayer, GrowingLayer
 from .store import Appender, GroupStore
+from .tiers import TieredCache
 
 __all__ = ["Appender", "CompressedCache", "CompressedLayer", "EchoKVCache", "FullCache", "GroupStore",
-           "GrowingLayer", "KVCodec", "echokv_attention"]
+           "GrowingLayer", "KVCodec", "TieredCache", "echokv_attention"]

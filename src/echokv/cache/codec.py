@@ -28,6 +28,9 @@ class KVCodec(ABC):
     groups: list[list[int]]
     #: whether :meth:`encode` needs the tokens' positions (``positions=`` [B, T]), e.g. to undo RoPE
     needs_positions: bool = False
+    #: whether :meth:`encode` needs ``start``, the slot of the block's first token in the sequence (the cache
+    #: knows it, so a codec keeps no per-sequence state that a reset or a batch edit could leave behind)
+    needs_start: bool = False
     #: tokens are handed to :meth:`encode` in multiples of this; the rest stays exact in the cache until a block is
     #: complete (a codec whose encoding is costly per call encodes once per block)
     token_block: int = 1

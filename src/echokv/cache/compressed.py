@@ -323,7 +323,7 @@ class CompressedCache(DynamicCache):
             values = [store.move(lay.values[:, :, :n], store.device) if lay.away else lay.values[:, :, :n]
                       for lay in layers]
             extra = {}
-            if getattr(self.codec, "sink_tokens", 0):  # where the block starts: its first slots may be sinks
+            if self.codec.needs_start:
                 extra["start"] = store.n_tokens
             if positions is not None and self.codec.needs_positions:
                 extra["positions"] = store.move(positions, store.device) if store.device != here else positions

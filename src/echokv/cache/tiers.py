@@ -122,7 +122,7 @@ class TieredCache(CompressedCache):
             extra = {}
             if codec.needs_positions:
                 extra["positions"] = self.stored_positions.to(keys[0].device)
-            if getattr(codec, "sink_tokens", 0):
+            if codec.needs_start:
                 extra["start"] = 0
             if n:
                 store.append(codec.encode(gi, keys, values, **extra), n)

@@ -53,9 +53,9 @@ class HeadQuantCodec(KVCodec):
     "v_basis"}`` (float32); ``widths``: per layer, ``{"k": ((16, n16), (8, n8), (4, n4)), "v": ...}``."""
 
     token_block = TOKEN_BLOCK
-    #: the first token slots kept exact (:data:`SINK_TOKENS`); the cache passes ``start``, the slot of a block's
-    #: first token, to :meth:`encode`
+    #: the first token slots kept exact (:data:`SINK_TOKENS`): :meth:`encode` is told where a block starts
     sink_tokens = SINK_TOKENS
+    needs_start = True
 
     def __init__(self, params: dict[int, dict[str, torch.Tensor]], widths: dict[int, dict[str, tuple]],
                  dtype: torch.dtype, kernel: str = "auto"):

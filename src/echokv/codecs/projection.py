@@ -41,7 +41,10 @@ class Basis:
 
 class ProjectionCodec(KVCodec):
     """Stores, per :class:`Basis`, the latent ``[B, 1, T, r]`` of its features, named after the basis, in the
-    store of its group of layers. ``keys="pre_rope"`` projects keys with RoPE undone."""
+    store of its group of layers. ``keys="pre_rope"`` projects keys with RoPE undone (at the slots from ``start``,
+    which the cache passes)."""
+
+    needs_start = True
 
     def __init__(self, model, bases: list[Basis], keys: str):
         geo = kv_geometry(model)
@@ -50,7 +53,6 @@ class ProjectionCodec(KVCodec):
         self.groups = [list(g) for g in dict.fromkeys(tuple(b.layers) for b in bases)]
         self.pre_rope = keys == "pre_rope"
         self.ropes = {lay: Rope(model, lay) for lay in self.layers} if self.pre_rope else {}
-        self.offset = [0] * len(self.groups)  # per group: position of the next token to encode
         devices = layer_devices(model)
         for b in bases:  # on the device of the basis's layers
             dev = group_device(b.layers, devices)
@@ -70,9 +72,8 @@ class ProjectionCodec(KVCodec):
             x = unrotate(x, cos, sin)
         return x.float().transpose(1, 2)
 
-    def encode(self, group, keys, values):
+    def encode(self, group, keys, values, start: int = 0):
         layers = self.groups[group]
-        start = self.offset[group]
         feats = {}
         out = {}
         for b in self.bases:
@@ -87,7 +88,6 @@ class ProjectionCodec(KVCodec):
             x = torch.cat(parts, dim=-1)  # [B, T, D]
             z = (x - b.mean) @ b.basis  # [B, T, r]
             out[b.name] = z.to(src[0].dtype).unsqueeze(1).contiguous()
-        self.offset[group] = start + keys[0].shape[2]
         return out
 
     def decode(self, layer, stored):

@@ -37,6 +37,20 @@ from .echokv import artifacts_at
 FILLS = ("mean", "zero")
 
 
+def head_layout(layout) -> HeadLayout:
+    """The retained heads of an artifact's layout: a heads-variant :class:`~echokv.mixes.MixLayout` stores them
+    as each part's ``selection`` (layer-major head indices of the group); a legacy artifact has a HeadLayout."""
+    if isinstance(layout, HeadLayout):
+        return layout
+    if any(part.selection is None for part in layout.parts):
+        raise ValueError("head-drop needs retained heads; this artifact keeps learned components "
+                         "(retrain with echokv train --variant heads)")
+    h = layout.num_kv_heads
+    kept = {kind: [(part.layers[i // h], i % h) for part in layout.parts if part.kind == kind
+                   for i in part.selection] for kind in ("k", "v")}
+    return HeadLayout(layout.layers, h, layout.groups, kept["k"], kept["v"], head_dim=layout.head_dim)
+
+
 @dataclass
 class HeadDropMethod(Method):
     """EchoKV's retained heads, discarded heads filled with the calibration mean or zeros."""
@@ -67,7 +81,7 @@ class HeadDropMethod(Method):
         geo = kv_geometry(model)
         layers = geo.full_attention_layers
         if self.artifact is not None:
-            self.layout = load(self.artifact, model).layout  # refuses an artifact of another model
+            self.layout = head_layout(load(self.artifact, model).layout)  # refuses an artifact of another model
         else:
             self.layout = nearest_paper_layout(layers, geo.num_kv_heads, self.compression_ratio,
                                                group_size=self.group_size, m=self.m)
