@@ -21,7 +21,7 @@ def test_allocation_meets_the_byte_budget_and_spends_it():
     for ratio in (0.5, 0.75, 0.875):
         codec = fit(model, torch.randint(3, 250, (4, 64)), ratio)
         w = codec.widths
-        stored = sum(token_bytes(w[layer][kind]) for layer in w for kind in ("k", "v"))
+        stored = sum(token_bytes(w[layer][kind], kind) for layer in w for kind in ("k", "v"))
         full = 2 * len(w) * 32 * 2  # K and V per token and head, bfloat16
         assert stored <= (1 - ratio) * full + 1e-9
         assert stored >= (1 - ratio) * full * 0.8  # the budget is spent, not left over
@@ -41,7 +41,7 @@ def test_stored_bytes_are_the_counted_bytes(llama):
     with torch.no_grad():
         llama(torch.randint(3, 250, (2, n)), past_key_values=cache)
     heads, d, layers = 2, 32, 4
-    stored = sum(token_bytes(codec.widths[layer][kind]) for layer in codec.widths for kind in ("k", "v"))
+    stored = sum(token_bytes(codec.widths[layer][kind], kind) for layer in codec.widths for kind in ("k", "v"))
     # batch 2; 5 recent tokens exact, and the SINK_TOKENS first ones kept exact beside their codes
     expect = 2 * (2 * TOKEN_BLOCK * heads * stored + (5 + SINK_TOKENS) * heads * layers * 2 * d * 4)
     assert cache.nbytes() == expect
@@ -85,3 +85,26 @@ def test_encode_decode_error_is_what_the_allocation_measured(llama):
     codec.widths[layer] = {"k": ((16, 32), (8, 0), (4, 0)), "v": ((16, 32), (8, 0), (4, 0))}
     k, _ = codec.decode(layer, codec.encode(0, [x], [x], start=SINK_TOKENS))
     torch.testing.assert_close(k.float(), x, rtol=1e-2, atol=2e-3)
+
+
+def test_calibration_blocks_are_spread_over_the_context_where_rope_changes_only_the_rotation():
+    from echokv.codecs.headq import _offsets
+    from echokv.stats.capture import capture
+
+    llama = tiny_model("llama")
+    blocks = torch.randint(3, 250, (6, 16), generator=torch.Generator().manual_seed(0))
+    offsets = _offsets(llama, blocks)
+    top = llama.config.max_position_embeddings - 16
+    assert offsets.shape == (6,) and (offsets >= 0).all() and (offsets <= top).all() and offsets.unique().numel() > 1
+    assert torch.equal(offsets, _offsets(llama, blocks))  # deterministic
+    seen = {}
+    for name, off in (("at 0", None), ("spread", offsets)):
+        got = []
+        capture(llama, blocks, lambda layer, m, q, k, v, got=got: got.append((q, k)), layers=[1], progress=False,
+                offsets=off)
+        seen[name] = got
+    for (q0, k0), (q1, k1) in zip(seen["at 0"], seen["spread"]):
+        assert not torch.allclose(k0, k1)  # the keys are rotated elsewhere ...
+        s0 = q0[:, :1] @ k0[:, :1].transpose(-1, -2)  # ... and score the same (query head 0 reads KV head 0)
+        s1 = q1[:, :1] @ k1[:, :1].transpose(-1, -2)
+        torch.testing.assert_close(s0, s1, rtol=1e-4, atol=1e-4)

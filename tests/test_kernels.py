@@ -15,8 +15,9 @@ if cpu.compiler() is None:
     pytest.skip("no C++ compiler: the C++ kernel cannot be built", allow_module_level=True)
 
 
-def _store(B, H, T, widths, dtype16=torch.bfloat16, seed=0):
-    """Random stored tensors for ``widths``, each a view into a larger buffer (more sequences, heads and tokens)."""
+def _store(B, H, T, widths, dtype16=torch.bfloat16, seed=0, chan=False):
+    """Random stored tensors for ``widths``, each a view into a larger buffer (more sequences, heads and tokens);
+    ``chan``: scales and zeros per channel and block of tokens (keys), not per token."""
     g = torch.Generator().manual_seed(seed)
     store = {}
     for width, n in widths:
@@ -28,18 +29,25 @@ def _store(B, H, T, widths, dtype16=torch.bfloat16, seed=0):
             buf = torch.randn(B + 2, H + 1, T + 37, last, generator=g).to(dtype16)
         else:
             buf = torch.randint(0, 2**width, (B + 2, H + 1, T + 37, last), generator=g, dtype=torch.uint8)
-            s = (torch.rand(B + 2, H + 1, T + 37, generator=g) * 0.04 + 0.005).half()
-            z = (torch.randn(B + 2, H + 1, T + 37, generator=g) * 0.5).half()
-            store[key + ".s"] = s[1 : B + 1, 1:, 5 : T + 5]
-            store[key + ".z"] = z[1 : B + 1, 1:, 5 : T + 5]
+            if chan:
+                rows = -(-T // reference.BLOCK)
+                s = (torch.rand(B + 2, H + 1, rows + 3, n + 5, generator=g) * 0.04 + 0.005).half()
+                z = (torch.randn(B + 2, H + 1, rows + 3, n + 5, generator=g) * 0.5).half()
+                store[key + ".s"] = s[1 : B + 1, 1:, 2 : rows + 2, 3 : n + 3]
+                store[key + ".z"] = z[1 : B + 1, 1:, 1 : rows + 1, 2 : n + 2]
+            else:
+                s = (torch.rand(B + 2, H + 1, T + 37, generator=g) * 0.04 + 0.005).half()
+                z = (torch.randn(B + 2, H + 1, T + 37, generator=g) * 0.5).half()
+                store[key + ".s"] = s[1 : B + 1, 1:, 5 : T + 5]
+                store[key + ".z"] = z[1 : B + 1, 1:, 5 : T + 5]
         store[key] = buf[1 : B + 1, 1:, 5 : T + 5]
     return store
 
 
 def _check(B=3, H=2, T=200, R=3, k_widths=((8, 64),), v_widths=None, dtype16=torch.bfloat16, mask="ragged",
-           dq=64, seed=0, **kw):
+           dq=64, seed=0, chan=False, **kw):
     v_widths = k_widths if v_widths is None else v_widths
-    k = _store(B, H, T, k_widths, dtype16, seed)
+    k = _store(B, H, T, k_widths, dtype16, seed, chan)
     v = _store(B, H, T, v_widths, dtype16, seed + 1)
     q = torch.randn(B, H, R, dq, generator=torch.Generator().manual_seed(seed + 2))
     m = None
@@ -180,9 +188,9 @@ def _exact(B, H, Te, d, dtype, seed):
 
 def _check_merged(B=2, H=2, T=200, R=3, Te=5, d=64, k_widths=((8, 40), (4, 24)), v_widths=((8, 64),),
                   mask="ragged", exact_mask="ragged", exact_dtype=torch.bfloat16, dtype16=torch.bfloat16, seed=0,
-                  peaked=1.0):
+                  peaked=1.0, chan=False):
     v_widths = k_widths if v_widths is None else v_widths
-    k = _store(B, H, T, k_widths, dtype16, seed)
+    k = _store(B, H, T, k_widths, dtype16, seed, chan)
     v = _store(B, H, T, v_widths, dtype16, seed + 1)
     g = torch.Generator().manual_seed(seed + 2)
     nk, nv = reference.kept(k_widths), reference.kept(v_widths)
@@ -292,3 +300,36 @@ def test_merged_torch_path_and_bad_shapes():
         kernels.attend_merged(q, q, q[..., 0], k, v, kw, kw, None, ek, ev, None, vd[:, :10], vm, kernel="cpp")
     with pytest.raises(RuntimeError, match="exact_k"):
         kernels.attend_merged(q, q, q[..., 0], k, v, kw, kw, None, ek[..., :32], ev, None, vd, vm, kernel="cpp")
+
+
+# -- keys with a scale and zero per channel and block of 64 tokens (KIVI's layout) ------------------------------
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_per_channel_key_scales_match_reference(mix):
+    k_widths, v_widths = MIXES[mix]
+    _check(k_widths=k_widths, v_widths=v_widths, dq=max(64, reference.kept(k_widths)), chan=True)
+    _check_merged(k_widths=k_widths, v_widths=v_widths, d=64, chan=True)
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 200, 300])
+@pytest.mark.parametrize("splits", [None, 3, 7])
+def test_per_channel_key_scales_lengths_and_splits(T, splits):
+    kw = {} if splits is None else {"splits": splits}
+    _check(B=2, H=3, T=T, k_widths=((16, 8), (8, 24), (4, 32)), v_widths=((8, 64),), chan=True, seed=T, **kw)
+
+
+def test_per_channel_scales_are_refused_for_values():
+    v = _store(1, 1, 70, ((8, 64),), chan=True)
+    k = _store(1, 1, 70, ((8, 64),))
+    with pytest.raises(RuntimeError, match="per channel only for keys"):
+        kernels.attend(torch.randn(1, 1, 2, 64), k, v, ((8, 64),), ((8, 64),), kernel="cpp")
+
+
+def test_quantize_channels_round_trips_within_half_a_step_and_skips_sinks():
+    x = torch.randn(2, 3, 150, 16, generator=torch.Generator().manual_seed(0))
+    x[..., :2, :] *= 50  # sinks: far out of range, not counted in block 0's range
+    st = reference.quantize_channels(x, 4, skip=2)
+    assert st["4.s"].shape == (2, 3, 3, 16) and st["4"].shape == (2, 3, 150, 8)
+    back = reference.dequantize(st, ((4, 16),))
+    step = st["4.s"].float().repeat_interleave(64, dim=-2)[..., :150, :]
+    assert ((back - x)[..., 2:, :].abs() <= step[..., 2:, :] / 2 + 1e-3).all()
+    assert st["4.s"][..., 0, :].float().max() < 5  # the sinks did not widen block 0

@@ -74,8 +74,9 @@ def _view(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return view
 
 
-def make_store(batch, heads, tokens, widths, gen, dtype=torch.bfloat16) -> dict:
-    """A store of random channels coded by ``widths``, every tensor a strided view."""
+def make_store(batch, heads, tokens, widths, gen, dtype=torch.bfloat16, chan=False) -> dict:
+    """A store of random channels coded by ``widths``, every tensor a strided view; ``chan``: quantized classes with a
+    scale and zero per channel and block of tokens (keys)."""
     x = torch.randn(batch, heads, tokens, ref.kept(widths), generator=gen) * 2 + 0.5
     store, first = {}, 0
     for width, n in widths:
@@ -83,15 +84,16 @@ def make_store(batch, heads, tokens, widths, gen, dtype=torch.bfloat16) -> dict:
             continue
         part = x[..., first:first + n]
         first += n
-        store.update({"16": part.to(dtype)} if width == 16 else ref.quantize_class(part, width))
+        quantize = ref.quantize_channels if chan else ref.quantize_class
+        store.update({"16": part.to(dtype)} if width == 16 else quantize(part, width))
     return {name: _view(t, gen) for name, t in store.items()}
 
 
 def check(td, batch=2, heads=2, rows=3, tokens=40, k_widths=MIX, v_widths=MIX, mask=None, dtype=torch.bfloat16,
-          seed=0, atol=2e-5, **kwargs):
+          seed=0, atol=2e-5, chan=False, **kwargs):
     """Run both on the same inputs and compare (q has more channels than the keys keep, and is a strided view)."""
     gen = torch.Generator().manual_seed(seed)
-    k_store = make_store(batch, heads, tokens, k_widths, gen, dtype)
+    k_store = make_store(batch, heads, tokens, k_widths, gen, dtype, chan)
     v_store = make_store(batch, heads, tokens, v_widths, gen, dtype)
     q = torch.randn(batch, rows, heads, ref.kept(k_widths) + 5, generator=gen).transpose(1, 2) * 0.3
     out, lse = td.attend(q, k_store, v_store, k_widths, v_widths, mask, **kwargs)
@@ -232,3 +234,20 @@ def test_compiles_for_sm90():
     if run.stdout.startswith("SKIP"):
         pytest.skip(f"cannot compile without a GPU on this triton: {run.stdout.strip()}")
     assert "COMPILED" in run.stdout
+
+
+@pytest.mark.parametrize("k_widths", [MIX, ((8, 16),), ((4, 24),), ((16, 8), (4, 6))])
+def test_per_channel_key_scales(td, k_widths):
+    mask = torch.arange(130)[None, :] >= torch.tensor([0, 50])[:, None]  # left padding into the second block
+    check(td, tokens=130, k_widths=k_widths, chan=True, num_splits=2, mask=mask)
+    check(td, batch=1, tokens=64, k_widths=k_widths, chan=True, num_splits=3)  # one block, empty splits
+
+
+def test_per_channel_scales_need_64_token_blocks_and_keys(td):
+    gen = torch.Generator().manual_seed(0)
+    k, v = make_store(1, 1, 70, MIX, gen, chan=True), make_store(1, 1, 70, MIX, gen)
+    q = torch.randn(1, 1, 2, ref.kept(MIX))
+    with pytest.raises(ValueError, match="block_n must be 64"):
+        td.attend(q, k, v, MIX, MIX, block_n=16)
+    with pytest.raises(ValueError, match="only for keys"):
+        td.attend(q, v, k, MIX, MIX)

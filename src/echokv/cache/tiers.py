@@ -103,7 +103,8 @@ class TieredCache(CompressedCache):
     def _descend(self) -> None:
         """Re-encode every stored token with the next tier's codec; the old stores are freed group by group."""
         old_codec, old_stores = self.codec, self.stores
-        n = old_stores[0].n_tokens
+        held = old_stores[0].n_tokens
+        n = held - held % self.tiers[self.tier + 1][1].token_block  # the rest goes back to the exact recent tokens
         owner = {i: store for store in old_stores for i in store.layers}
         unread = {id(store): len(store.layers) for store in old_stores}
         self._use(self.tier + 1)
@@ -112,6 +113,11 @@ class TieredCache(CompressedCache):
             keys, values = [], []
             for i in store.layers:
                 k, v = old_codec.decode(i, owner[i].tensors)
+                if n < held:
+                    lay = self.layers[i]
+                    back = [x[..., n:, :].to(lay.keys.device, lay.keys.dtype) for x in (k, v)]
+                    lay.keys, lay.values = torch.cat([back[0], lay.keys], -2), torch.cat([back[1], lay.values], -2)
+                    k, v = k[..., :n, :], v[..., :n, :]
                 if store.device is not None and k.device != store.device:
                     k, v = owner[i].move(k, store.device), owner[i].move(v, store.device)
                 keys.append(k)
@@ -121,11 +127,14 @@ class TieredCache(CompressedCache):
                     owner[i].reset()  # every layer of that old group is decoded: its memory goes now
             extra = {}
             if codec.needs_positions:
-                extra["positions"] = self.stored_positions.to(keys[0].device)
+                extra["positions"] = self.stored_positions[:, :n].to(keys[0].device)
             if codec.needs_start:
                 extra["start"] = 0
             if n:
                 store.append(codec.encode(gi, keys, values, **extra), n)
+        if n < held and self.stored_positions is not None:  # the tokens put back keep their positions
+            self.positions = torch.cat([self.stored_positions[:, n:], self.positions], dim=1)
+            self.stored_positions = self.stored_positions[:, :n]
         self.tier_changes.append((self.tiers[self.tier][0], self.seen_tokens()))
         self._flush()  # the new codec's block: recent tokens the old one kept exact may be due now
 

@@ -8,8 +8,10 @@ channels, in the codec's basis, are cut into contiguous *classes* of one width e
 
 * w = 16: ``store["16"]`` [B, H, T, n16], bfloat16 or float16 values;
 * w = 8 or 4: ``store[f"{w}"]`` [B, H, T, n * w / 8] uint8 codes (4-bit: two per byte, the even channel in the low
-  nibble; n even), and ``store[f"{w}.s"]``, ``store[f"{w}.z"]`` [B, H, T] float16 scale and zero point of the class
-  (one per token and head): the channel value is ``code * s + z``.
+  nibble; n even), and ``store[f"{w}.s"]``, ``store[f"{w}.z"]`` float16 scale and zero point, either per token
+  ([B, H, T]: one per token and head, the channel value is ``code * s[t] + z[t]``) or per channel and block of
+  :data:`BLOCK` tokens ([B, H, ceil(T / BLOCK), n]: row j holds tokens ``j * BLOCK`` to ``(j + 1) * BLOCK - 1``, the
+  value is ``code * s[j, c] + z[j, c]``; KIVI's layout for keys, whose channels differ in range).
 
 Tensors may be views into larger buffers (strided on every axis but the last, which is contiguous).
 
@@ -29,6 +31,8 @@ from __future__ import annotations
 import torch
 
 WIDTHS = (16, 8, 4)
+#: tokens per row of a per-channel scale (the kernels' token block)
+BLOCK = 64
 
 
 def kept(widths) -> int:
@@ -52,7 +56,13 @@ def dequantize(store: dict, widths) -> torch.Tensor:
             parts.append(store[key].float())
             continue
         codes = store[key] if width == 8 else unpack4(store[key])
-        parts.append(codes[..., :n].float() * store[key + ".s"].float()[..., None] + store[key + ".z"].float()[..., None])
+        s, z = store[key + ".s"].float(), store[key + ".z"].float()
+        if s.dim() == codes.dim():  # per channel and block: each row serves BLOCK tokens
+            t = codes.shape[-2]
+            s, z = (x.repeat_interleave(BLOCK, dim=-2)[..., :t, :] for x in (s, z))
+        else:
+            s, z = s[..., None], z[..., None]
+        parts.append(codes[..., :n].float() * s + z)
     return torch.cat(parts, dim=-1)
 
 
@@ -87,6 +97,38 @@ def quantize_class(x: torch.Tensor, width: int) -> dict[str, torch.Tensor]:
         codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
     key = str(width)
     return {key: codes.contiguous(), key + ".s": scale, key + ".z": zero}
+
+
+def quantize_channels(x: torch.Tensor, width: int, skip: int = 0) -> dict[str, torch.Tensor]:
+    """x [..., T, n] float -> the stored tensors of one class of ``width`` 8 or 4 with a scale and zero per channel and
+    block of :data:`BLOCK` tokens ([..., ceil(T / BLOCK), n]). ``skip``: the first tokens do not count in their block's
+    range (attention sinks kept exact: their codes are never read, and their outliers would coarsen the block)."""
+    from ..codecs.quant import _round_fp16
+
+    levels = 2**width - 1
+    xf = x.float()
+    t = xf.shape[-2]
+    pad = -t % BLOCK
+    span = torch.nn.functional.pad(xf, (0, 0, 0, pad)).unflatten(-2, (-1, BLOCK))  # [..., blocks, BLOCK, n]
+    seen = torch.ones(span.shape[-3:-1], dtype=torch.bool, device=x.device)
+    seen.view(-1)[t:] = False  # the padding of a last, partial block
+    seen.view(-1)[: min(skip, t)] = False
+    seen = seen[..., None]
+    lo = torch.where(seen, span, float("inf")).amin(-2)
+    hi = torch.where(seen, span, float("-inf")).amax(-2)
+    empty = ~seen.any(-2)  # a block of skipped tokens only
+    lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+    zero = _round_fp16(lo, up=False)
+    scale = _round_fp16((hi - zero.float()) / levels, up=True)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    rows = lambda u: u.float().repeat_interleave(BLOCK, dim=-2)[..., :t, :]
+    codes = ((xf - rows(zero)) / rows(scale)).round_().clamp_(0, levels).to(torch.uint8)
+    if width == 4:
+        if codes.shape[-1] % 2:
+            raise ValueError(f"a 4-bit class needs an even number of channels, got {codes.shape[-1]}")
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    key = str(width)
+    return {key: codes.contiguous(), key + ".s": scale.contiguous(), key + ".z": zero.contiguous()}
 
 
 def attend_merged(q_basis: torch.Tensor, q_exact: torch.Tensor, mean_score: torch.Tensor, k_store: dict,

@@ -35,7 +35,7 @@ except ImportError as error:  # the dispatcher imports lazily and falls back to 
         "use echokv.kernels.reference.attend without it"
     ) from error
 
-from .reference import WIDTHS
+from .reference import BLOCK, WIDTHS
 
 BLOCK_N = 64  # tokens per block: 64 codes per channel row keeps a d=128 block in registers
 MIN_DOT = 16  # tl.dot needs every dimension >= 16
@@ -99,14 +99,15 @@ def _split_kernel(
     NV16: tl.constexpr, NV8: tl.constexpr, NV4: tl.constexpr,
     OV16: tl.constexpr, OV8: tl.constexpr, OV4: tl.constexpr,
     PV16: tl.constexpr, PV8: tl.constexpr, PV4: tl.constexpr,
-    TC: tl.constexpr,
+    TC: tl.constexpr, KC8: tl.constexpr, KC4: tl.constexpr,
     HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One (split, KV head, sequence): the normalized partial output and log-sum-exp of its token range.
 
     NK*/NV*: channels of the key/value classes of width 16, 8, 4 (0: absent); OK*/OV*: their first channel in q / out;
     PK*/PV*: their padded register width (for width 4, of one nibble half); TC: the terms each fp32 factor is cut
-    into (2 precise, 1 fast)."""
+    into (2 precise, 1 fast); KC8/KC4: the key class has a scale and zero per channel and block (row ``start //
+    BLOCK_N``), not per token: they multiply the query instead of the dot."""
     split = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)  # 64-bit offsets: a cache buffer may pass 2^31 elements
     b = tl.program_id(2).to(tl.int64)
@@ -169,18 +170,41 @@ def _split_kernel(
         if NK8 > 0:
             k = tl.load(K8 + b * sk8_b + h * sk8_h + tok[:, None] * sk8_t + c8[None, :],
                         mask=ok[:, None] & (c8[None, :] < NK8), other=0).to(tl.float16)
-            ks = tl.load(K8S + b * sk8s_b + h * sk8s_h + tok * sk8s_t, mask=ok, other=0.0).to(tl.float32)
-            kz = tl.load(K8Z + b * sk8z_b + h * sk8z_h + tok * sk8z_t, mask=ok, other=0.0).to(tl.float32)
-            s += (_dotn(q8, tl.trans(k), TC) * u8[:, None]) * ks[None, :] + sum8[:, None] * kz[None, :]
+            if KC8:
+                row = start // BLOCK_N
+                ks = tl.load(K8S + b * sk8s_b + h * sk8s_h + row * sk8s_t + c8, mask=c8 < NK8, other=0.0)
+                kz = tl.load(K8Z + b * sk8z_b + h * sk8z_h + row * sk8z_t + c8, mask=c8 < NK8, other=0.0)
+                qs = q8 * u8[:, None] * ks.to(tl.float32)[None, :]
+                us = _unit(qs, 1)
+                s += _dotn(qs / us[:, None], tl.trans(k), TC) * us[:, None] + tl.sum(
+                    q8 * u8[:, None] * kz.to(tl.float32)[None, :], axis=1)[:, None]
+            else:
+                ks = tl.load(K8S + b * sk8s_b + h * sk8s_h + tok * sk8s_t, mask=ok, other=0.0).to(tl.float32)
+                kz = tl.load(K8Z + b * sk8z_b + h * sk8z_h + tok * sk8z_t, mask=ok, other=0.0).to(tl.float32)
+                s += (_dotn(q8, tl.trans(k), TC) * u8[:, None]) * ks[None, :] + sum8[:, None] * kz[None, :]
         if NK4 > 0:
             k = tl.load(K4 + b * sk4_b + h * sk4_h + tok[:, None] * sk4_t + c4[None, :],
                         mask=ok[:, None] & (2 * c4[None, :] < NK4), other=0)
             lo = (k & 15).to(tl.float16)
             hi = (k >> 4).to(tl.float16)
-            ks = tl.load(K4S + b * sk4s_b + h * sk4s_h + tok * sk4s_t, mask=ok, other=0.0).to(tl.float32)
-            kz = tl.load(K4Z + b * sk4z_b + h * sk4z_h + tok * sk4z_t, mask=ok, other=0.0).to(tl.float32)
-            dots = _dotn(q4e, tl.trans(lo), TC) + _dotn(q4o, tl.trans(hi), TC)
-            s += (dots * u4[:, None]) * ks[None, :] + sum4[:, None] * kz[None, :]
+            if KC4:
+                row = start // BLOCK_N
+                ce, co = 2 * c4, 2 * c4 + 1
+                kse = tl.load(K4S + b * sk4s_b + h * sk4s_h + row * sk4s_t + ce, mask=ce < NK4, other=0.0)
+                kso = tl.load(K4S + b * sk4s_b + h * sk4s_h + row * sk4s_t + co, mask=co < NK4, other=0.0)
+                kze = tl.load(K4Z + b * sk4z_b + h * sk4z_h + row * sk4z_t + ce, mask=ce < NK4, other=0.0)
+                kzo = tl.load(K4Z + b * sk4z_b + h * sk4z_h + row * sk4z_t + co, mask=co < NK4, other=0.0)
+                qe = q4e * u4[:, None] * kse.to(tl.float32)[None, :]
+                qo = q4o * u4[:, None] * kso.to(tl.float32)[None, :]
+                us = tl.maximum(_unit(qe, 1), _unit(qo, 1))
+                dots = _dotn(qe / us[:, None], tl.trans(lo), TC) + _dotn(qo / us[:, None], tl.trans(hi), TC)
+                zs = tl.sum(q4e * kze.to(tl.float32)[None, :] + q4o * kzo.to(tl.float32)[None, :], axis=1) * u4
+                s += dots * us[:, None] + zs[:, None]
+            else:
+                ks = tl.load(K4S + b * sk4s_b + h * sk4s_h + tok * sk4s_t, mask=ok, other=0.0).to(tl.float32)
+                kz = tl.load(K4Z + b * sk4z_b + h * sk4z_h + tok * sk4z_t, mask=ok, other=0.0).to(tl.float32)
+                dots = _dotn(q4e, tl.trans(lo), TC) + _dotn(q4o, tl.trans(hi), TC)
+                s += (dots * u4[:, None]) * ks[None, :] + sum4[:, None] * kz[None, :]
         s = tl.where(ok[None, :], s, float("-inf"))
 
         # online softmax; a row that has seen no visible token keeps m = -inf, so shift by 0 there (no NaN)
@@ -282,17 +306,19 @@ def _layout(store: dict, widths, q: torch.Tensor) -> tuple[list, dict, int | Non
     for width in WIDTHS:
         n, first = classes.get(width, (0, 0))
         names = [str(width)] if width == 16 else [str(width), f"{width}.s", f"{width}.z"]
+        chan = bool(n) and width != 16 and store[f"{width}.s"].dim() == 4  # per channel and block of tokens
         for name in names:
             if n:
                 t = store[name]
-                if name == str(width) and t.stride(-1) != 1:
+                if (name == str(width) or chan) and t.stride(-1) != 1:
                     raise ValueError(f"store[{name!r}] must be contiguous in its last dimension")
-                tokens = t.shape[2]
+                if name == str(width):
+                    tokens = t.shape[2]
                 args += [t, t.stride(0), t.stride(1), t.stride(2)]
             else:
                 args += [q, 0, 0, 0]  # never read (the class's constexpr count is 0)
         half = (n + 1) // 2 if width == 4 else n  # a 4-bit class is read as its two nibble halves
-        meta[width] = (n, first, _pad(half))
+        meta[width] = (n, first, _pad(half), chan)
     return args, meta, tokens
 
 
@@ -322,7 +348,11 @@ def attend(q: torch.Tensor, k_store: dict, v_store: dict, k_widths, v_widths,
     tokens = k_tokens if k_tokens is not None else v_tokens
     if tokens is None:
         tokens = mask.shape[1] if mask is not None else 0
-    n_v = sum(n for n, _, _ in v_meta.values())
+    n_v = sum(m[0] for m in v_meta.values())
+    if any(m[3] for m in v_meta.values()):
+        raise ValueError("value classes have a scale per token (per channel and block only for keys)")
+    if any(m[3] for m in k_meta.values()) and block_n != BLOCK:
+        raise ValueError(f"per-channel key scales serve blocks of {BLOCK} tokens: block_n must be {BLOCK}")
     out = torch.zeros(batch, heads, rows, n_v, dtype=torch.float32, device=q.device)
     lse = torch.full((batch, heads, rows), float("-inf"), dtype=torch.float32, device=q.device)
     if tokens == 0 or batch * heads * rows == 0:
@@ -342,9 +372,11 @@ def attend(q: torch.Tensor, k_store: dict, v_store: dict, k_widths, v_widths,
     constexprs = {}
     for kind, meta in (("K", k_meta), ("V", v_meta)):
         for width in WIDTHS:
-            n, first, padded = meta[width]
+            n, first, padded, chan = meta[width]
             constexprs[f"N{kind}{width}"], constexprs[f"O{kind}{width}"] = n, first
             constexprs[f"P{kind}{width}"] = padded
+            if kind == "K" and width != 16:
+                constexprs[f"KC{width}"] = chan
     _split_kernel[(splits, heads, batch)](
         q, *q.stride(), *mask_args, *k_args, *v_args,
         part_out, *part_out.stride()[:4], part_lse, *part_lse.stride()[:3],

@@ -48,7 +48,7 @@ class EchoKVQMethod(Method):
         if self._codec is None:
             return 1.0 if self.compression_ratio == 0 else None
         w = self._codec.widths
-        return sum(token_bytes(w[layer][kind]) for layer in w for kind in w[layer]) / (self._full_bytes * len(w))
+        return sum(token_bytes(w[layer][kind], kind) for layer in w for kind in w[layer]) / (self._full_bytes * len(w))
 
     def parameter_bytes(self) -> int:
         return 0 if self._codec is None else self._codec.parameter_bytes()

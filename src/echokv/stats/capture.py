@@ -27,8 +27,11 @@ def capture(
     batch_size: int = 1,
     desc: str = "capture",
     progress: bool = True,
+    offsets: torch.Tensor | None = None,
 ) -> None:
-    """Forward every row of ``blocks`` [N, T] (token ids) and call ``on_layer`` for each layer."""
+    """Forward every row of ``blocks`` [N, T] (token ids) and call ``on_layer`` for each layer. ``offsets`` [N]: row i
+    sits at positions ``offsets[i]`` to ``offsets[i] + T - 1`` (RoPE attention is the same at any shift, so what
+    changes is only where the post-RoPE keys and queries are rotated to)."""
     wanted = None if layers is None else set(layers)
 
     def hook(module, q, k, v, mask, scaling):
@@ -39,7 +42,12 @@ def capture(
     device = input_device(model)
     with attention.echokv_attention(model), attention.hooked(hook):
         for i in tqdm(range(0, len(blocks), batch_size), desc=desc, disable=not progress, leave=False):
-            model(input_ids=blocks[i : i + batch_size].to(device), use_cache=False)
+            ids = blocks[i : i + batch_size].to(device)
+            extra = {}
+            if offsets is not None:
+                pos = torch.arange(ids.shape[1], device=device)
+                extra["position_ids"] = offsets[i : i + batch_size].to(device)[:, None] + pos[None, :]
+            model(input_ids=ids, use_cache=False, **extra)
 
 
 def attention_modules(model) -> dict[int, torch.nn.Module]:

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -45,7 +46,8 @@ struct Cls {
   int64_t db = 0, dh = 0, dt = 0;  // byte strides
   const at::Half* s = nullptr;
   const at::Half* z = nullptr;
-  int64_t sb = 0, sh = 0, st = 0, zb = 0, zh = 0, zt = 0;  // element strides
+  int64_t sb = 0, sh = 0, st = 0, zb = 0, zh = 0, zt = 0;  // element strides (per channel: st, zt step a block)
+  bool chan = false;  // keys: one scale and zero per channel and block of BT tokens (KIVI), not per token
 
   const uint8_t* tok(int64_t b, int64_t h, int64_t t) const { return data + b * db + h * dh + t * dt; }
 };
@@ -155,6 +157,7 @@ inline __m512 hsum16(const __m512* v) {
 
 // Dequantized channels (code * s_t + z_t, or the 16-bit values) of nt tokens into kbuf rows of kstride floats, in
 // the compact layout (masked stores: only the class's own channels are written).
+// Per channel (c.chan), sv and zv hold the block's scales and zeros in the class's compact layout instead.
 template <int W, bool BF16>
 void widen_block_avx(const Cls& c, const uint8_t* p0, int64_t dt, int nt, const float* sv, const float* zv,
                      float* kbuf, int kstride) {
@@ -162,7 +165,7 @@ void widen_block_avx(const Cls& c, const uint8_t* p0, int64_t dt, int nt, const 
   for (int t = 0; t < nt; ++t) {
     const uint8_t* p = p0 + t * dt;
     float* o = kbuf + t * kstride;
-    const __m512 s = _mm512_set1_ps(quant ? sv[t] : 1.0f), z = _mm512_set1_ps(quant ? zv[t] : 0.0f);
+    const __m512 s = _mm512_set1_ps(quant && !c.chan ? sv[t] : 1.0f), z = _mm512_set1_ps(quant && !c.chan ? zv[t] : 0.0f);
     if constexpr (W == 4) {
       const int nb = c.n / 2;
       for (int k = 0; 16 * k < nb; ++k) {
@@ -170,13 +173,26 @@ void widen_block_avx(const Cls& c, const uint8_t* p0, int64_t dt, int nt, const 
         const __m512i w = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes(m), p + 16 * k));
         const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(w, _mm512_set1_epi32(15)));
         const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(w, 4));
-        _mm512_mask_storeu_ps(o + 32 * k, lanes(m), _mm512_fmadd_ps(lo, s, z));
-        _mm512_mask_storeu_ps(o + 32 * k + m, lanes(m), _mm512_fmadd_ps(hi, s, z));
+        if (c.chan) {
+          const int a = 32 * k, e = 32 * k + m;
+          _mm512_mask_storeu_ps(o + a, lanes(m), _mm512_fmadd_ps(lo, _mm512_maskz_loadu_ps(lanes(m), sv + a),
+                                                                   _mm512_maskz_loadu_ps(lanes(m), zv + a)));
+          _mm512_mask_storeu_ps(o + e, lanes(m), _mm512_fmadd_ps(hi, _mm512_maskz_loadu_ps(lanes(m), sv + e),
+                                                                   _mm512_maskz_loadu_ps(lanes(m), zv + e)));
+        } else {
+          _mm512_mask_storeu_ps(o + 32 * k, lanes(m), _mm512_fmadd_ps(lo, s, z));
+          _mm512_mask_storeu_ps(o + 32 * k + m, lanes(m), _mm512_fmadd_ps(hi, s, z));
+        }
       }
     } else {
       for (int j = 0; 16 * j < c.n; ++j) {
         const __m512 x = load_chunk<W, BF16>(p, j, c.n);
-        _mm512_mask_storeu_ps(o + 16 * j, lanes(c.n - 16 * j), quant ? _mm512_fmadd_ps(x, s, z) : x);
+        const __mmask16 k = lanes(c.n - 16 * j);
+        if (quant && c.chan)
+          _mm512_mask_storeu_ps(o + 16 * j, k, _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(k, sv + 16 * j),
+                                                               _mm512_maskz_loadu_ps(k, zv + 16 * j)));
+        else
+          _mm512_mask_storeu_ps(o + 16 * j, k, quant ? _mm512_fmadd_ps(x, s, z) : x);
       }
     }
   }
@@ -291,8 +307,9 @@ void widen_block(const Cls& c, const uint8_t* p0, int64_t dt, int nt, const floa
   for (int t = 0; t < nt; ++t) {
     const uint8_t* p = p0 + t * dt;
     float* row = o + t * kstride;
-    const float s = c.width == 16 ? 1.0f : sv[t], z = c.width == 16 ? 0.0f : zv[t];
     for (int ch = 0; ch < c.n; ++ch) {
+      const int at = compact_index(c, ch);
+      const float s = c.width == 16 ? 1.0f : c.chan ? sv[at] : sv[t], z = c.width == 16 ? 0.0f : c.chan ? zv[at] : zv[t];
       float x;
       if (c.width == 16)
         x = c.bf16 ? static_cast<float>(reinterpret_cast<const c10::BFloat16*>(p)[ch])
@@ -301,7 +318,7 @@ void widen_block(const Cls& c, const uint8_t* p0, int64_t dt, int nt, const floa
         x = p[ch];
       else
         x = (ch % 2) ? (p[ch / 2] >> 4) : (p[ch / 2] & 15);
-      row[compact_index(c, ch)] = x * s + z;
+      row[at] = x * s + z;
     }
   }
 #endif
@@ -322,6 +339,17 @@ void load_sz(const Cls& c, int64_t b, int64_t h, int64_t t0, int nt, float* sv, 
   }
 #endif
   for (int i = 0; i < nt; ++i) sv[i] = static_cast<float>(s[i * c.st]), zv[i] = static_cast<float>(z[i * c.zt]);
+}
+
+// Scale and zero of a per-channel class for the block of tokens from t0, in the class's compact layout.
+void load_sz_chan(const Cls& c, int64_t b, int64_t h, int64_t t0, float* sv, float* zv) {
+  const int64_t row = t0 / BT;
+  const at::Half* s = c.s + b * c.sb + h * c.sh + row * c.st;
+  const at::Half* z = c.z + b * c.zb + h * c.zh + row * c.zt;
+  for (int ch = 0; ch < c.n; ++ch) {
+    const int at = compact_index(c, ch);
+    sv[at] = static_cast<float>(s[ch]), zv[at] = static_cast<float>(z[ch]);
+  }
 }
 
 // max of x[0 .. n).
@@ -444,11 +472,16 @@ std::vector<Cls> parse_classes(const std::vector<at::Tensor>& tensors, const std
       TORCH_CHECK(d.scalar_type() == at::kByte, "echokv attend: codes must be uint8, got ", d.scalar_type());
       const at::Tensor& s = tensors[3 * i + 1];
       const at::Tensor& z = tensors[3 * i + 2];
+      c.chan = s.dim() == 4;
+      TORCH_CHECK(!c.chan || std::string(what) == "key", "echokv attend: ", what,
+                  " classes have a scale per token (per channel only for keys)");
+      const int64_t rows = (T + BT - 1) / BT;
       for (const at::Tensor* x : {&s, &z}) {
-        TORCH_CHECK(x->dim() == 3 && x->size(0) == B && x->size(1) == H && x->size(2) == T &&
-                        x->scalar_type() == at::kHalf,
-                    "echokv attend: scale and zero must be float16 [B, H, T], got ", x->sizes(), " ",
-                    x->scalar_type());
+        const bool ok = c.chan ? x->dim() == 4 && x->size(2) == rows && x->size(3) == c.n && x->stride(3) == 1
+                               : x->dim() == 3 && x->size(2) == T;
+        TORCH_CHECK(ok && x->size(0) == B && x->size(1) == H && x->scalar_type() == at::kHalf,
+                    "echokv attend: scale and zero must be float16 [B, H, T] (per token) or [B, H, ceil(T / ", BT,
+                    "), n] (per channel and block), got ", x->sizes(), " ", x->scalar_type());
       }
       c.s = s.data_ptr<at::Half>();
       c.z = z.data_ptr<at::Half>();
@@ -531,7 +564,7 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
     for (const Cls& c : vc) maxv = std::max(maxv, c.npad);
     std::vector<float> kbuf(BT * std::max(kpad, 16), 0.0f), vbuf(BT * maxv, 0.0f), sc(R * BT), p(R * BT),
         w(R * BT);
-    std::vector<float> sbuf(BT), zbuf(BT), acc(R * std::max(vpad, 1)), zacc(R * std::max<size_t>(vc.size(), 1));
+    std::vector<float> sbuf(std::max(BT, kpad + 32)), zbuf(std::max(BT, kpad + 32)), acc(R * std::max(vpad, 1)), zacc(R * std::max<size_t>(vc.size(), 1));
     std::vector<float> m(R), l(R);
     std::vector<uint8_t> vis(BT);
     for (int64_t item = begin; item < end; ++item) {
@@ -565,7 +598,8 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
         }
         // Scores: all key classes dequantized into one scratch row per token, then one dot per row.
         for (const Cls& c : kc) {
-          if (c.width != 16) load_sz(c, b, h, t0, nt, sbuf.data(), zbuf.data());
+          if (c.chan) load_sz_chan(c, b, h, t0, sbuf.data(), zbuf.data());
+          else if (c.width != 16) load_sz(c, b, h, t0, nt, sbuf.data(), zbuf.data());
           widen_block(c, c.tok(b, h, t0), c.dt, nt, sbuf.data(), zbuf.data(), kbuf.data(), kpad);
         }
         for (int64_t r = 0; r < R; ++r)
