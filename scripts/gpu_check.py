@@ -41,6 +41,7 @@ def codecs(dim: int) -> dict:
         "int8": ((8, dim),),
         "int4": ((4, dim),),
         "mix": ((16, dim // 8), (8, 3 * dim // 8), (4, dim // 2)),
+        "mix-chan": ((16, dim // 8), (8, 3 * dim // 8), (4, dim // 2)),  # keys per channel and block (EchoKV-Q)
     }
 
 
@@ -79,6 +80,17 @@ def make_store(batch: int, heads: int, tokens: int, widths, device, real: bool) 
     return store
 
 
+def make_chan_store(batch: int, heads: int, tokens: int, widths, device, ref) -> dict:
+    """Keys as EchoKV-Q stores them: quantized classes with a scale and zero per channel and block of 64 tokens."""
+    import torch
+
+    store = {}
+    for width, n in widths:
+        x = torch.randn(batch, heads, tokens, n, device=device) * 2
+        store.update({"16": x.to(torch.bfloat16)} if width == 16 else ref.quantize_channels(x, width))
+    return store
+
+
 def ragged_mask(batch: int, tokens: int, device):
     """Left padding: sequence i keeps its last tokens - i * tokens / (batch + 1); the last sequence sees nothing."""
     import torch
@@ -98,7 +110,9 @@ def correctness(td, ref, device, smoke: bool) -> list[dict]:
     for geo, g in GEOMETRIES.items():
         for name, widths in codecs(g["dim"]).items():
             torch.manual_seed(0)
-            k = make_store(batch, g["heads"], tokens, widths, device, real=True)
+            chan = name.endswith("-chan")
+            k = (make_chan_store(batch, g["heads"], tokens, widths, device, ref) if chan else
+                 make_store(batch, g["heads"], tokens, widths, device, real=True))
             v = make_store(batch, g["heads"], tokens, widths, device, real=True)
             q = torch.randn(batch, g["heads"], g["rows"], g["dim"], device=device) * g["dim"] ** -0.5
             mask = ragged_mask(batch, tokens, device)
@@ -147,24 +161,28 @@ def timer(device, smoke: bool):
     return time_it
 
 
-def inputs(batch, tokens, g, widths, device, smoke):
-    """(q fp32, coded K, coded V, q/k/v bf16 for SDPA) of one timing shape."""
+def inputs(batch, tokens, g, widths, device, smoke, chan=False, ref=None):
+    """(q fp32, coded K, coded V, q/k/v bf16 for SDPA) of one timing shape; ``chan``: keys per channel and block."""
     import torch
 
-    k = make_store(batch, g["heads"], tokens, widths, device, real=smoke)
+    k = (make_chan_store(batch, g["heads"], tokens, widths, device, ref) if chan else
+         make_store(batch, g["heads"], tokens, widths, device, real=smoke))
     v = make_store(batch, g["heads"], tokens, widths, device, real=smoke)
     q = torch.randn(batch, g["heads"], g["rows"], g["dim"], device=device) * g["dim"] ** -0.5
     return q, k, v
 
 
-def sweep(td, device, smoke, time_it, started) -> tuple[list[dict], dict]:
+def sweep(td, ref, device, smoke, time_it, started) -> tuple[list[dict], dict]:
     """Kernel time per (block_n, num_warps) at the largest shape; the best config per (geometry, codec)."""
     rows, best = [], {}
     batch, tokens = (2, 40) if smoke else SHAPES[-1]
     for geo, g in GEOMETRIES.items():
         for name, widths in codecs(g["dim"]).items():
-            q, k, v = inputs(batch, tokens, g, widths, device, smoke)
+            chan = name.endswith("-chan")
+            q, k, v = inputs(batch, tokens, g, widths, device, smoke, chan, ref)
             for block_n, warps in CONFIGS:
+                if chan and block_n != td.BLOCK_N:  # per-channel key scales serve 64-token blocks
+                    continue
                 if time.time() - started > BUDGET_S / 2:
                     print("sweep: out of time, keeping the defaults for the rest", flush=True)
                     return rows, best
@@ -179,7 +197,7 @@ def sweep(td, device, smoke, time_it, started) -> tuple[list[dict], dict]:
     return rows, best
 
 
-def timing(td, device, smoke, time_it, started, best) -> list[dict]:
+def timing(td, ref, device, smoke, time_it, started, best) -> list[dict]:
     """Kernel and bf16 SDPA (packed GQA) times per geometry, shape, codec and mode."""
     import torch
     import torch.nn.functional as F
@@ -197,7 +215,7 @@ def timing(td, device, smoke, time_it, started, best) -> list[dict]:
             sdpa = time_it(partial(F.scaled_dot_product_attention, qh, kh, vh))
             del qh, kh, vh
             for name, widths in codecs(g["dim"]).items():
-                q, k, v = inputs(batch, tokens, g, widths, device, smoke)
+                q, k, v = inputs(batch, tokens, g, widths, device, smoke, name.endswith("-chan"), ref)
                 (block_n, warps), _ = best.get((geo, name), ((td.BLOCK_N, 4), 0.0))
                 for precise in (True, False):
                     ms = time_it(partial(td.attend, q, k, v, widths, widths, precise=precise, block_n=block_n,
@@ -260,10 +278,10 @@ def main(argv=None) -> int:
         result["correctness"] = correctness(td, ref, device, args.smoke)
         save()
         time_it = timer(device, args.smoke)
-        result["sweep"], best = sweep(td, device, args.smoke, time_it, started)
+        result["sweep"], best = sweep(td, ref, device, args.smoke, time_it, started)
         result["best_config"] = {f"{g}/{c}": {"block_n": b, "num_warps": w} for (g, c), ((b, w), _) in best.items()}
         save()
-        result["timing"] = timing(td, device, args.smoke, time_it, started, best)
+        result["timing"] = timing(td, ref, device, args.smoke, time_it, started, best)
     except Exception as error:  # keep what was measured, and say what broke
         result["error"] = f"{type(error).__name__}: {error}"
         save()
