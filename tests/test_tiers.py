@@ -33,6 +33,16 @@ def _full_bytes_per_token(model, ids):
     return cache.nbytes() // ids.shape[1]
 
 
+def _compressed_to_q(model, q, mix, batch: int, tokens: int, seed: int) -> TieredCache:
+    """A ladder cache that took ``tokens`` random tokens and was switched to its first tier by a call."""
+    ids = torch.randint(3, 250, (batch, tokens), generator=torch.Generator().manual_seed(seed))
+    cache = TieredCache(model, {"q": q, "mix": mix}, memory_budget_bytes=10**9)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    cache.compress()
+    return cache
+
+
 def test_each_tier_is_taken_when_the_budget_requires_it_and_the_ranges_say_where_tokens_are(ladder):
     model, q, mix = ladder
     ids = torch.randint(3, 250, (1, 400), generator=torch.Generator().manual_seed(1))
@@ -60,11 +70,7 @@ def test_each_tier_is_taken_when_the_budget_requires_it_and_the_ranges_say_where
 
 def test_a_tier_change_stores_what_the_next_codec_makes_of_the_tier_above(ladder):
     model, q, mix = ladder
-    ids = torch.randint(3, 250, (1, 192), generator=torch.Generator().manual_seed(2))
-    cache = TieredCache(model, {"q": q, "mix": mix}, memory_budget_bytes=10**9)
-    with torch.no_grad():
-        model(ids, past_key_values=cache)
-    cache.compress()
+    cache = _compressed_to_q(model, q, mix, 1, 192, seed=2)
     assert cache.tier_now == "q" and cache.stores[0].n_tokens == 192
     expect = {}
     for store_q in cache.stores:
@@ -109,11 +115,7 @@ def test_decoding_on_the_last_tier_fast_equals_explicit_and_reset_starts_full_ag
 
 def test_a_batch_selection_keeps_the_stored_positions_in_step(ladder):
     model, q, mix = ladder
-    ids = torch.randint(3, 250, (3, 130), generator=torch.Generator().manual_seed(4))
-    cache = TieredCache(model, {"q": q, "mix": mix}, memory_budget_bytes=10**9)
-    with torch.no_grad():
-        model(ids, past_key_values=cache)
-    cache.compress()
+    cache = _compressed_to_q(model, q, mix, 3, 130, seed=4)
     assert cache.stored_positions.shape == (3, 128)
     cache.batch_select_indices(torch.tensor([0, 2]))
     assert cache.stored_positions.shape == (2, 128)
