@@ -220,13 +220,13 @@ def test_cli_analyze_rejects_before_capture(cli_env, capsys, monkeypatch, extra,
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_interrupted_run_leaves_nothing(cli_env, monkeypatch):
+def test_cli_interrupted_run_leaves_nothing(cli_env, monkeypatch, capsys):
     tmp_path, base = cli_env
 
     def boom(result, out_dir):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(similarity, "plot_heatmaps", boom)
-    with pytest.raises(KeyboardInterrupt):
-        cli.main([*base, "--out", str(tmp_path / "out")])
+    assert cli.main([*base, "--out", str(tmp_path / "out")]) == 130  # Ctrl-C: one line (issue #29)
+    assert capsys.readouterr().err.strip().endswith("echokv: interrupted; nothing written")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt"]
