@@ -139,3 +139,13 @@ def test_bad_tiers_are_refused_in_one_line(ladder):
         TieredCache(model, [q, other], memory_budget_bytes=1000)
     with pytest.raises(ValueError, match="memory_budget_bytes"):
         TieredCache(model, [q, mix], memory_budget_bytes=0)
+
+
+def test_a_full_cache_reports_the_tokens_it_holds(ladder):
+    from echokv.cache import FullCache
+
+    model = ladder[0]
+    cache = FullCache(model)
+    with torch.no_grad():
+        model(torch.randint(3, 250, (1, 37)), past_key_values=cache)
+    assert cache.memory_report()["tokens"] == 37  # was 0: it counted compressible layers only
