@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from echokv import kernels
 from echokv.kernels import cpu
-from echokv.kernels.reference import quantize_class
+from echokv.kernels.reference import quantize_channels, quantize_class
 
 MIXES = {
     "int8": ((8, 64),),
@@ -32,20 +32,24 @@ MIXES = {
     "mix 16:4,8:40,4:16": ((16, 4), (8, 40), (4, 16)),
     "bf16 (kernel)": ((16, 64),),
 }
+#: the same classes with keys scaled per channel and 64-token block (EchoKV-Q's keys)
+CHAN = ("int8", "int4", "mix 16:4,8:40,4:16")
 
 
-def coded(x: torch.Tensor, widths, room: int) -> dict[str, torch.Tensor]:
-    """x [B, H, T, d] float -> the stored tensors of ``widths``, as views into buffers of T + room tokens."""
+def coded(x: torch.Tensor, widths, room: int, chan: bool = False) -> dict[str, torch.Tensor]:
+    """x [B, H, T, d] float -> the stored tensors of ``widths``, as views into buffers of T + room tokens (rows);
+    ``chan``: scales per channel and block of tokens."""
     store, off = {}, 0
-    T = x.shape[2]
     for width, n in widths:
         part = x[..., off : off + n]
         off += n
-        parts = {"16": part.bfloat16()} if width == 16 else quantize_class(part, width)
+        quantize = quantize_channels if chan else quantize_class
+        parts = {"16": part.bfloat16()} if width == 16 else quantize(part, width)
         for key, val in parts.items():
-            buf = val.new_zeros(*val.shape[:2], T + room, *val.shape[3:])
-            buf[:, :, :T] = val
-            store[key] = buf[:, :, :T]
+            rows = val.shape[2]
+            buf = val.new_zeros(*val.shape[:2], rows + room, *val.shape[3:])
+            buf[:, :, :rows] = val
+            store[key] = buf[:, :, :rows]
     return store
 
 
@@ -74,6 +78,10 @@ def bench(B: int, T: int, H: int, R: int, d: int, rounds: int, budget: float) ->
     for name, widths in MIXES.items():
         ks, vs = coded(k, widths, 256), coded(v, widths, 256)
         fns[name] = lambda ks=ks, vs=vs, w=widths: kernels.attend(q, ks, vs, w, w, kernel="cpp")
+        if name in CHAN:
+            kc = coded(k, widths, 256, chan=True)
+            fns[name + ", keys per channel"] = lambda kc=kc, vs=vs, w=widths: kernels.attend(q, kc, vs, w, w,
+                                                                                             kernel="cpp")
     calls = {}
     for name, fn in fns.items():  # warm up, then size each variant's loop to ~budget seconds
         fn()

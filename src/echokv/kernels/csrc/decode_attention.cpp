@@ -352,6 +352,24 @@ void load_sz_chan(const Cls& c, int64_t b, int64_t h, int64_t t0, float* sv, flo
   }
 }
 
+// q[i] *= s[i] for i < n; returns the sum of q[i] * z[i] (before the scaling).
+float scale_query(float* q, const float* s, const float* z, int n) {
+#ifdef ECHOKV_AVX512
+  __m512 a = _mm512_setzero_ps();
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 k = lanes(n - i);
+    const __m512 x = _mm512_maskz_loadu_ps(k, q + i);
+    a = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(k, z + i), a);
+    _mm512_mask_storeu_ps(q + i, k, _mm512_mul_ps(x, _mm512_maskz_loadu_ps(k, s + i)));
+  }
+  return _mm512_reduce_add_ps(a);
+#else
+  float acc = 0.0f;
+  for (int i = 0; i < n; ++i) acc += q[i] * z[i], q[i] *= s[i];
+  return acc;
+#endif
+}
+
 // max of x[0 .. n).
 float block_max(const float* x, int n) {
 #ifdef ECHOKV_AVX512
@@ -559,7 +577,10 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
   const float* qp = q.data_ptr<float>();
 
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qperm(R * std::max(kpad, 1), 0.0f);
+    std::vector<float> qperm(R * std::max(kpad, 1), 0.0f), qblk(R * std::max(kpad, 1), 0.0f), bias(R);
+    const std::vector<float> ones(BT, 1.0f), zeros(BT, 0.0f);
+    bool chan = false;  // per-channel key classes: their scales fold into a per-block query, their zeros into a bias
+    for (const Cls& c : kc) chan |= c.chan;
     int maxv = 16;
     for (const Cls& c : vc) maxv = std::max(maxv, c.npad);
     std::vector<float> kbuf(BT * std::max(kpad, 16), 0.0f), vbuf(BT * maxv, 0.0f), sc(R * BT), p(R * BT),
@@ -596,15 +617,35 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
           }
           if (!any) continue;  // left padding: the whole block is skipped
         }
-        // Scores: all key classes dequantized into one scratch row per token, then one dot per row.
+        // Scores: all key classes dequantized into one scratch row per token, then one dot per row. A per-channel
+        // class is widened as bare codes; q . (code * s + z) = (q * s) . code + q . z, with q * s and q . z taken once
+        // per block (R * n products for 64 tokens) instead of a scale per channel in every token's widening.
+        if (chan) {
+          std::copy(qperm.begin(), qperm.end(), qblk.begin());
+          std::fill(bias.begin(), bias.end(), 0.0f);
+        }
         for (const Cls& c : kc) {
-          if (c.chan) load_sz_chan(c, b, h, t0, sbuf.data(), zbuf.data());
-          else if (c.width != 16) load_sz(c, b, h, t0, nt, sbuf.data(), zbuf.data());
+          if (c.chan) {
+            load_sz_chan(c, b, h, t0, sbuf.data(), zbuf.data());
+            for (int64_t r = 0; r < R; ++r) {
+              float* qb = qblk.data() + r * kpad + c.off;
+              bias[r] += scale_query(qb, sbuf.data(), zbuf.data(), c.n);
+            }
+            Cls bare = c;
+            bare.chan = false;
+            widen_block(bare, c.tok(b, h, t0), c.dt, nt, ones.data(), zeros.data(), kbuf.data(), kpad);
+            continue;
+          }
+          if (c.width != 16) load_sz(c, b, h, t0, nt, sbuf.data(), zbuf.data());
           widen_block(c, c.tok(b, h, t0), c.dt, nt, sbuf.data(), zbuf.data(), kbuf.data(), kpad);
         }
-        for (int64_t r = 0; r < R; ++r)
-          if (kpad) dots(kbuf.data(), kpad, qperm.data() + r * kpad, nt, sc.data() + r * BT);
-          else std::fill(sc.data() + r * BT, sc.data() + r * BT + nt, 0.0f);
+        for (int64_t r = 0; r < R; ++r) {
+          float* sr = sc.data() + r * BT;
+          if (kpad) dots(kbuf.data(), kpad, (chan ? qblk : qperm).data() + r * kpad, nt, sr);
+          else std::fill(sr, sr + nt, 0.0f);
+          if (chan)
+            for (int t = 0; t < nt; ++t) sr[t] += bias[r];
+        }
         if (!all)
           for (int64_t r = 0; r < R; ++r)
             for (int t = 0; t < nt; ++t)
