@@ -1,5 +1,6 @@
 """Padded batches through echokv.generate / prefill: each row answers as its prompt alone (left and right padding,
-full and compressed caches, every codec), and a padded batch without a mask is refused."""
+full and compressed caches: the mix, EchoKV-Q and every baseline codec), and a padded batch without a mask is
+refused."""
 
 from __future__ import annotations
 
@@ -31,6 +32,24 @@ CACHES = {
     # the fast codec stores blocks of 64 tokens: the long prompt below fills one
     "echokv-q": lambda model, net, codec: CompressedCache(model, codec, mode="compressed", fast=True),
 }
+
+
+def _baseline(name):
+    """A baseline method's cache (per-token quantization, KIVI, projections, head drop), compressed from token 0."""
+    from echokv.methods import make_method
+    from echokv.stats.collect import Calibration
+
+    def make(model, net, codec):
+        meth = make_method(name, 0.5)
+        meth.prepare(model, None, Calibration(blocks=torch.randint(3, 250, (4, 48),
+                                                                   generator=torch.Generator().manual_seed(3))))
+        cache = meth.new_cache(model)
+        cache.compress()
+        return cache
+    return make
+
+
+CACHES.update({name: _baseline(name) for name in ("quant", "kivi", "lowrank", "xlayer-svd", "headdrop")})
 
 
 def _prompts():
