@@ -60,8 +60,7 @@ class TieredCache(CompressedCache):
         self._devices = placement.layer_devices(model)
         #: RoPE positions [B, n] of the stored tokens, where a tier undoes RoPE (kept for a later tier change)
         self.stored_positions: torch.Tensor | None = None
-        #: (tier name, tokens the cache held) at every switch, full -> the first tier included
-        self.tier_changes: list[tuple[str, int]] = []
+        self._descents: list[tuple[str, int]] = []  # (tier name, tokens held) at each step below the first tier
 
     # -- positions: every tier's needs ---------------------------------------------------------------------
     def _records_positions(self) -> bool:
@@ -75,21 +74,18 @@ class TieredCache(CompressedCache):
     def _over(self) -> bool:
         return self.nbytes() > self.memory_budget_bytes
 
+    @property
+    def tier_changes(self) -> list[tuple[str, int]]:
+        """(tier name, tokens the cache held) at every switch, full -> the first tier included."""
+        first = [(self.tiers[0][0], self.switched_at)] if self.is_compressed else []
+        return first + self._descents
+
     def _after_forward(self) -> None:
-        was = self.is_compressed
         super()._after_forward()
         if self._deferred or not self.is_compressed:
             return
-        if not was:
-            self.tier_changes.append((self.tiers[0][0], self.switched_at))
         while self.tier + 1 < len(self.tiers) and self._over():
             self._descend()
-
-    def compress(self) -> None:
-        was = self.is_compressed
-        super().compress()
-        if not was:
-            self.tier_changes.append((self.tiers[self.tier][0], self.switched_at))
 
     def _use(self, tier: int) -> None:
         """Store with ``tiers[tier]`` from now on: new, empty stores, the layers pointed at them."""
@@ -135,7 +131,7 @@ class TieredCache(CompressedCache):
         if n < held and self.stored_positions is not None:  # the tokens put back keep their positions
             self.positions = torch.cat([self.stored_positions[:, n:], self.positions], dim=1)
             self.stored_positions = self.stored_positions[:, :n]
-        self.tier_changes.append((self.tiers[self.tier][0], self.seen_tokens()))
+        self._descents.append((self.tiers[self.tier][0], self.seen_tokens()))
         self._flush()  # the new codec's block: recent tokens the old one kept exact may be due now
 
     # -- the cache protocol ----------------------------------------------------------------------------------
@@ -144,7 +140,7 @@ class TieredCache(CompressedCache):
             self._use(0)
         super().reset()
         self.stored_positions = None
-        self.tier_changes = []
+        self._descents = []
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
