@@ -270,8 +270,8 @@ class CompressedCache(DynamicCache):
     # -- switching ------------------------------------------------------------------------------------------
     def seen_tokens(self) -> int:
         # FullCache has no compressible layer: its first full-attention layer counts (a sliding one holds its window)
-        full = [i for i, lay in enumerate(self.layers) if not getattr(lay, "is_sliding", False)]
-        first = self.compressible[0] if self.compressible else (full[0] if full else 0)
+        first = self.compressible[0] if self.compressible else next(
+            (i for i, lay in enumerate(self.layers) if not getattr(lay, "is_sliding", False)), 0)
         return self.layers[first].get_seq_length()
 
     def _should_switch(self) -> bool:

@@ -90,7 +90,7 @@ class HeadQuantCodec(KVCodec):
                     out[f"{kind}16"] = part.clamp(-65504, 65504).to(torch.float16)
                 elif kind == "k":  # a block's sinks do not widen its scales (their exact copies are read)
                     out.update({kind + name: t for name, t in
-                                quantize_channels(part, width, skip=max(n_sink, 0)).items()})
+                                quantize_channels(part, width, skip=n_sink).items()})
                 else:  # scales and zeros [B, H, T, 1]: the store grows every tensor along dim -2
                     out.update({kind + name: t if name == str(width) else t[..., None]
                                 for name, t in quantize_class(part, width).items()})
