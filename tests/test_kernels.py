@@ -13,6 +13,8 @@ from echokv.kernels import cpu, reference
 
 if cpu.compiler() is None:
     pytest.skip("no C++ compiler: the C++ kernel cannot be built", allow_module_level=True)
+#: the kernel's fixed-point query and weights on quantized classes (16 where the CPU has AVX512-VNNI, else 0: float)
+FIXED_POINT = cpu.load().fixed_point()
 
 
 def _store(B, H, T, widths, dtype16=torch.bfloat16, seed=0, chan=False):
@@ -55,7 +57,7 @@ def _check(B=3, H=2, T=200, R=3, k_widths=((8, 64),), v_widths=None, dtype16=tor
         m = torch.arange(T)[None, :] >= (torch.arange(B) * T // (B + 1))[:, None]
     elif mask is not None:
         m = mask
-    want_out, want_lse = reference.attend(q, k, v, k_widths, v_widths, m)
+    want_out, want_lse = reference.attend(q, k, v, k_widths, v_widths, m, fixed_point=FIXED_POINT)
     if "splits" in kw:
         kt, km = kernels._classes(k, k_widths)
         vt, vm = kernels._classes(v, v_widths)
@@ -211,7 +213,7 @@ def _check_merged(B=2, H=2, T=200, R=3, Te=5, d=64, k_widths=((8, 40), (4, 24)),
     elif exact_mask is not None:
         em = exact_mask
     want = reference.attend_merged(q_basis, q_exact, mean_score, k, v, k_widths, v_widths, m, ek, ev, em, v_dec,
-                                   v_mean)
+                                   v_mean, fixed_point=FIXED_POINT)
     got = kernels.attend_merged(q_basis, q_exact, mean_score, k, v, k_widths, v_widths, m, ek, ev, em, v_dec, v_mean,
                                 kernel="cpp")
     args = kernels.prepared(k, v, k_widths, v_widths)

@@ -66,17 +66,90 @@ def dequantize(store: dict, widths) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def scores_on_codes(q: torch.Tensor, k_store: dict, k_widths, bits: int) -> torch.Tensor:
+    """The scores [B, H, R, T] with the query rounded to ``bits``-bit fixed point on the quantized classes, as
+    a kernel that takes integer dot products computes them. ``q' = q * s`` on the classes with a scale per channel and
+    block (one integer dot over all of them: ``q'`` rounded per block of :data:`BLOCK` tokens to multiples of
+    ``max |q'| / (2^(bits-1) - 1)``, the max over all their channels) and ``q' = q`` on a class with a scale per token
+    (rounded on its own, once); the score is ``q'' . code + q . z`` per channel, ``s[t] q'' . code + z[t] sum(q)`` per
+    token. 16-bit classes are scored in float."""
+    top = 2 ** (bits - 1) - 1
+
+    def rounded(x, peak):
+        step = peak / top
+        return torch.where(step > 0, (x / step.clamp_min(torch.finfo(torch.float32).tiny)).round() * step, 0.0)
+
+    total, off, per_channel = 0.0, 0, []
+    for width, n in k_widths:
+        if not n:
+            continue
+        qc = q[..., off : off + n].float()  # [B, H, R, n]
+        off += n
+        key = str(width)
+        if width == 16:
+            total = total + qc @ k_store[key].float().transpose(-1, -2)
+            continue
+        codes = (k_store[key] if width == 8 else unpack4(k_store[key]))[..., :n].float()  # [B, H, T, n]
+        s, z = k_store[key + ".s"].float(), k_store[key + ".z"].float()
+        if s.dim() == codes.dim():  # per channel and block [B, H, nb, n]: rounded jointly, below
+            per_channel.append((qc, codes, s, z))
+        else:  # per token [B, H, T]
+            dot = rounded(qc, qc.abs().amax(-1, keepdim=True)) @ codes.transpose(-1, -2)
+            total = total + dot * s[:, :, None, :] + qc.sum(-1, keepdim=True) * z[:, :, None, :]
+    if per_channel:
+        qs = [qc[:, :, :, None, :] * s[:, :, None] for qc, _, s, _ in per_channel]  # [B, H, R, nb, n]
+        peak = torch.cat(qs, dim=-1).abs().amax(-1, keepdim=True)
+        for x, (qc, codes, s, z) in zip(qs, per_channel):
+            t, nb = codes.shape[-2], s.shape[-2]
+            blocks = torch.nn.functional.pad(codes, (0, 0, 0, nb * BLOCK - t)).unflatten(-2, (nb, BLOCK))
+            dot = torch.einsum("bhrjn,bhjtn->bhrjt", rounded(x, peak), blocks).flatten(-2)[..., :t]
+            bias = torch.einsum("bhrn,bhjn->bhrj", qc, z).repeat_interleave(BLOCK, dim=-1)[..., :t]
+            total = total + dot + bias
+    return total
+
+
+def _weighted_values(p: torch.Tensor, v_store: dict, v_widths, bits: int) -> torch.Tensor:
+    """``p @ values`` [B, H, R, n_v] with the weights of each quantized class, ``w = p * s[t]``, rounded to multiples of
+    ``max w / (2^(bits-1) - 1)`` per block of :data:`BLOCK` tokens (the max over the block), as a kernel summing
+    integer codes with fixed-point weights computes it: ``sum_t w''[t] code[t] + sum_t p[t] z[t]``."""
+    top = 2 ** (bits - 1) - 1
+    parts = []
+    for width, n in v_widths:
+        if not n:
+            continue
+        key = str(width)
+        if width == 16:
+            parts.append(p @ v_store[key].float())
+            continue
+        codes = (v_store[key] if width == 8 else unpack4(v_store[key]))[..., :n].float()  # [B, H, T, n]
+        s, z = v_store[key + ".s"].float()[:, :, None, :], v_store[key + ".z"].float()[:, :, None, :]
+        t = codes.shape[-2]
+        w = torch.nn.functional.pad(p * s, (0, -t % BLOCK)).unflatten(-1, (-1, BLOCK))  # [B, H, R, nb, BLOCK]
+        step = w.amax(-1, keepdim=True) / top
+        w = torch.where(step > 0, (w / step.clamp_min(torch.finfo(torch.float32).tiny)).round() * step, 0.0)
+        parts.append(w.flatten(-2)[..., :t] @ codes + (p * z).sum(-1, keepdim=True))
+    return torch.cat(parts, dim=-1)
+
+
 def attend(q: torch.Tensor, k_store: dict, v_store: dict, k_widths, v_widths,
-           mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, H, R, n_v], lse [B, H, R]) over the stored tokens (see the module docstring)."""
-    keys, values = dequantize(k_store, k_widths), dequantize(v_store, v_widths)
-    scores = q[..., : keys.shape[-1]].float() @ keys.transpose(-1, -2)  # [B, H, R, T]
+           mask: torch.Tensor | None = None, fixed_point: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, H, R, n_v], lse [B, H, R]) over the stored tokens (see the module docstring). ``fixed_point`` > 0:
+    the quantized classes read as integers, as a kernel with integer dot products does (the C++ kernel on a CPU with
+    AVX512-VNNI: ``cpu.load().fixed_point()``): the query rounded to that many bits on the keys
+    (:func:`scores_on_codes`), the softmax weights on the values (:func:`_weighted_values`)."""
+    if fixed_point:
+        scores = scores_on_codes(q, k_store, k_widths, fixed_point)
+    else:
+        keys = dequantize(k_store, k_widths)
+        scores = q[..., : keys.shape[-1]].float() @ keys.transpose(-1, -2)  # [B, H, R, T]
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     p = torch.exp(scores - lse[..., None].clamp_min(torch.finfo(torch.float32).min))
     p = torch.nan_to_num(p, nan=0.0)
-    return p @ values, lse
+    if fixed_point:
+        return _weighted_values(p, v_store, v_widths, fixed_point), lse
+    return p @ dequantize(v_store, v_widths), lse
 
 
 def quantize_class(x: torch.Tensor, width: int) -> dict[str, torch.Tensor]:
@@ -134,7 +207,8 @@ def quantize_channels(x: torch.Tensor, width: int, skip: int = 0) -> dict[str, t
 def attend_merged(q_basis: torch.Tensor, q_exact: torch.Tensor, mean_score: torch.Tensor, k_store: dict,
                   v_store: dict, k_widths, v_widths, mask: torch.Tensor | None, exact_k: torch.Tensor,
                   exact_v: torch.Tensor, exact_mask: torch.Tensor | None, v_dec: torch.Tensor,
-                  v_mean: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  v_mean: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  fixed_point: int = 0) -> torch.Tensor:
     """out [B, H, R, d] float32: one softmax over the stored tokens and ``Te`` exact ones, in the head's space.
 
     Stored token t: score ``q_basis[b, h, r] . key[b, h, t] + mean_score[b, h, r]``, visible where ``mask[b, t]``
@@ -142,8 +216,9 @@ def attend_merged(q_basis: torch.Tensor, q_exact: torch.Tensor, mean_score: torc
     Exact token e: score ``q_exact[b, h, r] . exact_k[b, h, e]``, visible where ``exact_mask[b, e]`` ([B, Te], or per
     row [B, R, Te]; None: all), value ``exact_v[b, h, e]`` (``exact_k``/``exact_v`` [B, H, Te, d], any float dtype).
     A row that sees nothing gets 0. ``parts``: the stored part's ``(out, lse)`` when already computed (by another
-    kernel); otherwise :func:`attend` computes it. ``mean_score`` may also be [B, H, R, 1]."""
-    out, lse = parts if parts is not None else attend(q_basis, k_store, v_store, k_widths, v_widths, mask)
+    kernel); otherwise :func:`attend` computes it (with ``fixed_point``). ``mean_score`` may also be [B, H, R, 1]."""
+    out, lse = parts if parts is not None else attend(q_basis, k_store, v_store, k_widths, v_widths, mask,
+                                                      fixed_point)
     B, H, R = lse.shape
     stored = lse.float() + mean_score.float().reshape(B, H, R)  # [B, H, R]
     exact = q_exact.float() @ exact_k.float().transpose(-1, -2)  # [B, H, R, Te]

@@ -28,6 +28,11 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define ECHOKV_AVX512 1
 #include <immintrin.h>
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+// Quantized classes are read as integers: keys scored with the query in 16-bit fixed point, values summed with the
+// weights in 16-bit fixed point, vpdpwssd products (vpermt2b pairs the tokens of the values).
+#define ECHOKV_VNNI 1
+#endif
 #endif
 
 namespace {
@@ -48,6 +53,10 @@ struct Cls {
   const at::Half* z = nullptr;
   int64_t sb = 0, sh = 0, st = 0, zb = 0, zh = 0, zt = 0;  // element strides (per channel: st, zt step a block)
   bool chan = false;  // keys: one scale and zero per channel and block of BT tokens (KIVI), not per token
+  int foff = 0;       // keys: offset in the float scratch layout (the classes not scored on their codes)
+  bool ints = false;  // read as integers (VNNI): keys scored on their codes, values summed in channel order
+  int nvec = 0;       // ints: 32-lane int16 vectors of the class alone (its n lanes, zero padded)
+  int loff = 0;       // ints, per channel: first of its n lanes in the row shared by the per-channel classes
 
   const uint8_t* tok(int64_t b, int64_t h, int64_t t) const { return data + b * db + h * dh + t * dt; }
 };
@@ -288,6 +297,237 @@ void vacc_avx(const Cls& c, const uint8_t* p0, int64_t dt, int nt, int R, const 
     }
   }
 }
+#ifdef ECHOKV_VNNI
+// ---------------------------------------------------------------------------------------------------------------
+// Integer key scores (AVX512-VNNI): codes widened to int16, the query rounded to 16-bit fixed point per row (and per
+// block, for per-channel scales), 32 products per vpdpwssd, exact int32 per lane. The rounding is part of the
+// specification (reference.attend(fixed_point=16)): a relative step of 2^-15 of the row's largest |q * s|, far finer
+// than a bfloat16 query (2^-8 per element) and than the keys' own quantization.
+// ---------------------------------------------------------------------------------------------------------------
+
+inline __mmask32 lanes32(int k) {
+  return k >= 32 ? __mmask32(0xFFFFFFFFu) : k <= 0 ? __mmask32(0) : __mmask32((1u << k) - 1);
+}
+
+// The codes of nt tokens widened to int16, at lanes [0, n) of rows of `stride` lanes (the other lanes untouched):
+// 8 bit in channel order; 4 bit the low nibbles (even channels) at [0, n/2), the high ones (odd channels) at [n/2, n).
+template <int W>
+void widen16_block(const Cls& c, const uint8_t* p0, int64_t dt, int nt, int16_t* out, int stride) {
+  for (int t = 0; t < nt; ++t) {
+    const uint8_t* p = p0 + t * dt;
+    int16_t* o = out + t * stride;
+    if constexpr (W == 8) {
+      for (int v = 0; 32 * v < c.n; ++v) {
+        const __mmask32 k = lanes32(c.n - 32 * v);
+        _mm512_mask_storeu_epi16(o + 32 * v, k, _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(k, p + 32 * v)));
+      }
+    } else {
+      const int nb = c.n / 2;
+      for (int u = 0; 32 * u < nb; ++u) {
+        const __mmask32 k = lanes32(nb - 32 * u);
+        const __m512i w = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(k, p + 32 * u));
+        _mm512_mask_storeu_epi16(o + 32 * u, k, _mm512_and_si512(w, _mm512_set1_epi16(15)));
+        _mm512_mask_storeu_epi16(o + nb + 32 * u, k, _mm512_srli_epi16(w, 4));
+      }
+    }
+  }
+}
+
+// max |q * s| over the class's channels (s per channel; null: 1), both in the class's channel order.
+float query_max(const Cls& c, const float* q, const float* s) {
+  __m512 mx = _mm512_setzero_ps();
+  for (int i = 0; i < c.n; i += 16) {
+    const __mmask16 k = lanes(c.n - i);
+    __m512 x = _mm512_maskz_loadu_ps(k, q + i);
+    if (s) x = _mm512_mul_ps(x, _mm512_maskz_loadu_ps(k, s + i));
+    mx = _mm512_max_ps(mx, _mm512_abs_ps(x));
+  }
+  return _mm512_reduce_max_ps(mx);
+}
+
+// q16[0, n) = round(q * s / scale) in the widened codes' lane order (0 where scale is 0); nat: n + 64 scratch.
+void query16(const Cls& c, const float* q, const float* s, float scale, int16_t* nat, int16_t* q16) {
+  if (!(scale > 0.0f)) {
+    std::fill(q16, q16 + c.n, int16_t(0));
+    return;
+  }
+  const __m512 sv = _mm512_set1_ps(scale);
+  int16_t* dst = c.width == 8 ? q16 : nat;
+  for (int i = 0; i < c.n; i += 16) {
+    const __mmask16 k = lanes(c.n - i);
+    __m512 x = _mm512_maskz_loadu_ps(k, q + i);
+    if (s) x = _mm512_mul_ps(x, _mm512_maskz_loadu_ps(k, s + i));
+    _mm512_mask_cvtepi32_storeu_epi16(dst + i, k, _mm512_cvt_roundps_epi32(_mm512_div_ps(x, sv),
+                                                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  if (c.width == 4) {  // natural order -> the even channels, then the odd ones
+    alignas(64) static const int16_t ie[32] = {0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+                                               32, 34, 36, 38, 40, 42, 44, 46, 48, 50, 52, 54, 56, 58, 60, 62};
+    alignas(64) static const int16_t io[32] = {1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
+                                               33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
+    const __m512i even = _mm512_load_si512(ie), odd = _mm512_load_si512(io);
+    const int nb = c.n / 2;
+    for (int u = 0; 32 * u < nb; ++u) {
+      const int m = nb - 32 * u;  // bytes (channel pairs) in this chunk
+      const __m512i a = _mm512_maskz_loadu_epi16(lanes32(2 * m), nat + 64 * u);
+      const __m512i b = _mm512_maskz_loadu_epi16(lanes32(2 * m - 32), nat + 64 * u + 32);
+      _mm512_mask_storeu_epi16(q16 + 32 * u, lanes32(m), _mm512_permutex2var_epi16(a, even, b));
+      _mm512_mask_storeu_epi16(q16 + nb + 32 * u, lanes32(m), _mm512_permutex2var_epi16(a, odd, b));
+    }
+  }
+}
+
+// dots[t] = kb[t] . q16 for t < nt, kb rows of 32 * nv lanes (exact int32 per lane, then summed in float; rows past
+// nt are read, dropped).
+template <int NV>
+void dots16_n(const int16_t* kb, const int16_t* q16, int nv, int nt, float* dots) {
+  constexpr int CAP = NV > 0 ? NV : 8;
+  __m512i qv[CAP];
+  const int n = NV > 0 ? NV : nv;
+  for (int v = 0; v < n && v < CAP; ++v) qv[v] = _mm512_loadu_si512(q16 + 32 * v);
+  for (int t0 = 0; t0 < nt; t0 += 16) {
+    __m512 acc[16];
+    for (int i = 0; i < 16; ++i) {
+      const int16_t* k = kb + (t0 + i) * 32 * n;
+      __m512i a = _mm512_setzero_si512();
+      for (int v = 0; v < n; ++v)
+        a = _mm512_dpwssd_epi32(a, _mm512_loadu_si512(k + 32 * v), v < CAP ? qv[v] : _mm512_loadu_si512(q16 + 32 * v));
+      acc[i] = _mm512_cvtepi32_ps(a);
+    }
+    _mm512_mask_storeu_ps(dots + t0, lanes(nt - t0), hsum16(acc));
+  }
+}
+
+void dots16(const int16_t* kb, const int16_t* q16, int nv, int nt, float* dots) {
+  switch (nv) {
+    case 1: return dots16_n<1>(kb, q16, nv, nt, dots);
+    case 2: return dots16_n<2>(kb, q16, nv, nt, dots);
+    case 4: return dots16_n<4>(kb, q16, nv, nt, dots);
+    default: return dots16_n<0>(kb, q16, nv, nt, dots);
+  }
+}
+
+void widen16(const Cls& c, const uint8_t* p0, int64_t dt, int nt, int16_t* out, int stride) {
+  if (c.width == 8) widen16_block<8>(c, p0, dt, nt, out, stride);
+  else widen16_block<4>(c, p0, dt, nt, out, stride);
+}
+// acc[r][0, n) += step[r] * sum_t w16[r][t] * codes_t for the rows r0 .. r0 + NR of a quantized value class, channel
+// order; w16: [R][BT] int16 weights (zero past nt, nt rounded up to even), read as pairs of tokens. Per pair of tokens
+// and 16 channels, one vpermt2b lays out (code_t, code_t+1) as int16 pairs, one vpdpwssd per row adds
+// w_t code_t + w_t+1 code_t+1 (exact int32: 64 tokens * 255 * 32767 < 2^31).
+template <int W, int NR, int NV>
+void vacc16_chunk(const uint8_t* p0, int64_t dt, int nt, int c0, int nch, const int16_t* w16, const float* step,
+                  float* acc, int accstride, int r0) {
+  struct Pick {
+    alignas(64) uint8_t v[4][64];  // vector v, byte 4j: token t's channel 16v + j; byte 4j + 2: token t + 1's
+  };
+  static const Pick pick = [] {
+    Pick p{};
+    for (int v = 0; v < 4; ++v)
+      for (int j = 0; j < 16; ++j) p.v[v][4 * j] = uint8_t(16 * v + j), p.v[v][4 * j + 2] = uint8_t(64 + 16 * v + j);
+    return p;
+  }();
+  struct Interleave {
+    alignas(64) uint8_t v[2][64];  // token u's channels: byte 2i from lo[32u + i], 2i + 1 from hi[32u + i]
+  };
+  static const Interleave il = [] {
+    Interleave p{};
+    for (int u = 0; u < 2; ++u)
+      for (int i = 0; i < 32; ++i) p.v[u][2 * i] = uint8_t(32 * u + i), p.v[u][2 * i + 1] = uint8_t(64 + 32 * u + i);
+    return p;
+  }();
+  const __m512i il0 = _mm512_load_si512(il.v[0]), il1 = _mm512_load_si512(il.v[1]);
+  const __mmask64 even_bytes = 0x5555555555555555ULL;
+  const int32_t* wp = reinterpret_cast<const int32_t*>(w16);
+  {
+    __m512i a[NR][NV];
+    for (int r = 0; r < NR; ++r)
+      for (int v = 0; v < NV; ++v) a[r][v] = _mm512_setzero_si512();
+    __m512i idx[NV];
+    for (int v = 0; v < NV; ++v) idx[v] = _mm512_load_si512(pick.v[v]);
+    for (int t = 0; t < nt; t += 2) {
+      const bool two = t + 1 < nt;
+      __m512i x, y;  // the two tokens' codes of the chunk, one byte per channel (x: token t, y: token t + 1)
+      if constexpr (W == 8) {
+        const __mmask64 k = nch >= 64 ? ~__mmask64(0) : ((__mmask64(1) << nch) - 1);
+        x = _mm512_maskz_loadu_epi8(k, p0 + t * dt + c0);
+        y = two ? _mm512_maskz_loadu_epi8(k, p0 + (t + 1) * dt + c0) : _mm512_setzero_si512();
+      } else {
+        // 4 bit: both tokens' bytes in one register (t: bytes 0-31, t + 1: 32-63), nibbles split, then interleaved
+        // back to channel order per token (channel 2i: low nibble of byte i).
+        const __mmask32 k = lanes32(nch / 2);
+        const __m256i bt = _mm256_maskz_loadu_epi8(k, p0 + t * dt + c0 / 2);
+        const __m256i bu = two ? _mm256_maskz_loadu_epi8(k, p0 + (t + 1) * dt + c0 / 2) : _mm256_setzero_si256();
+        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(bt), bu, 1);
+        const __m512i m15 = _mm512_set1_epi8(15);
+        const __m512i lo = _mm512_and_si512(both, m15), hi = _mm512_and_si512(_mm512_srli_epi16(both, 4), m15);
+        x = _mm512_permutex2var_epi8(lo, il0, hi);
+        y = _mm512_permutex2var_epi8(lo, il1, hi);
+      }
+      __m512i pr[NV];
+      for (int v = 0; v < NV; ++v) pr[v] = _mm512_maskz_permutex2var_epi8(even_bytes, x, idx[v], y);
+      for (int r = 0; r < NR; ++r) {
+        const __m512i wr = _mm512_set1_epi32(wp[(r0 + r) * (BT / 2) + t / 2]);
+        for (int v = 0; v < NV; ++v) a[r][v] = _mm512_dpwssd_epi32(a[r][v], pr[v], wr);
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      const __m512 sv = _mm512_set1_ps(step[r0 + r]);
+      float* o = acc + (r0 + r) * accstride + c0;
+      for (int v = 0; v < NV; ++v)
+        _mm512_storeu_ps(o + 16 * v, _mm512_fmadd_ps(sv, _mm512_cvtepi32_ps(a[r][v]), _mm512_loadu_ps(o + 16 * v)));
+    }
+  }
+}
+
+template <int W, int NR>
+void vacc16_rows(const Cls& c, const uint8_t* p0, int64_t dt, int nt, const int16_t* w16, const float* step,
+                 float* acc, int accstride, int r0) {
+  for (int c0 = 0; c0 < c.n; c0 += 64) {
+    const int nch = std::min(64, c.n - c0);
+    switch ((nch + 15) / 16) {
+      case 1: vacc16_chunk<W, NR, 1>(p0, dt, nt, c0, nch, w16, step, acc, accstride, r0); break;
+      case 2: vacc16_chunk<W, NR, 2>(p0, dt, nt, c0, nch, w16, step, acc, accstride, r0); break;
+      case 3: vacc16_chunk<W, NR, 3>(p0, dt, nt, c0, nch, w16, step, acc, accstride, r0); break;
+      default: vacc16_chunk<W, NR, 4>(p0, dt, nt, c0, nch, w16, step, acc, accstride, r0); break;
+    }
+  }
+}
+
+template <int W>
+void vacc16(const Cls& c, const uint8_t* p0, int64_t dt, int nt, int R, const int16_t* w16, const float* step,
+            float* acc, int accstride) {
+  for (int r0 = 0; r0 < R; r0 += 4) {
+    switch (std::min(4, R - r0)) {
+      case 1: vacc16_rows<W, 1>(c, p0, dt, nt, w16, step, acc, accstride, r0); break;
+      case 2: vacc16_rows<W, 2>(c, p0, dt, nt, w16, step, acc, accstride, r0); break;
+      case 3: vacc16_rows<W, 3>(c, p0, dt, nt, w16, step, acc, accstride, r0); break;
+      default: vacc16_rows<W, 4>(c, p0, dt, nt, w16, step, acc, accstride, r0); break;
+    }
+  }
+}
+
+float block_max(const float* x, int n);
+
+// w16[0, nt) = round(w / step), step = max w / 32767 (returned; 0 and w16 0 when every w is 0), zero up to even nt.
+float weights16(const float* w, int nt, int16_t* w16) {
+  const float mx = block_max(w, nt);
+  const int ne = (nt + 1) / 2 * 2;
+  if (!(mx > 0.0f)) {
+    std::fill(w16, w16 + ne, int16_t(0));
+    return 0.0f;
+  }
+  const float step = mx / 32767.0f;
+  const __m512 sv = _mm512_set1_ps(step);
+  for (int i = 0; i < nt; i += 16) {
+    const __mmask16 k = lanes(nt - i);
+    _mm512_mask_cvtepi32_storeu_epi16(w16 + i, k, _mm512_cvt_roundps_epi32(_mm512_div_ps(_mm512_maskz_loadu_ps(k, w + i), sv),
+                                                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  if (ne > nt) w16[nt] = 0;
+  return step;
+}
+#endif  // ECHOKV_VNNI
 #endif  // ECHOKV_AVX512
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -297,7 +537,7 @@ void vacc_avx(const Cls& c, const uint8_t* p0, int64_t dt, int nt, int R, const 
 // Dequantized keys of nt tokens of class c into kbuf (rows of kstride floats, the class at its padded offset).
 void widen_block(const Cls& c, const uint8_t* p0, int64_t dt, int nt, const float* sv, const float* zv, float* kbuf,
                  int kstride) {
-  float* o = kbuf + c.off;
+  float* o = kbuf + c.foff;
 #ifdef ECHOKV_AVX512
   if (c.width == 16) return c.bf16 ? widen_block_avx<16, true>(c, p0, dt, nt, sv, zv, o, kstride)
                                    : widen_block_avx<16, false>(c, p0, dt, nt, sv, zv, o, kstride);
@@ -350,6 +590,30 @@ void load_sz_chan(const Cls& c, int64_t b, int64_t h, int64_t t0, float* sv, flo
     const int at = compact_index(c, ch);
     sv[at] = static_cast<float>(s[ch]), zv[at] = static_cast<float>(z[ch]);
   }
+}
+
+// Scale and zero of a per-channel class for the block of tokens from t0, in channel order.
+void load_sz_nat(const Cls& c, int64_t b, int64_t h, int64_t t0, float* sv, float* zv) {
+  const int64_t row = t0 / BT;
+  const at::Half* s = c.s + b * c.sb + h * c.sh + row * c.st;
+  const at::Half* z = c.z + b * c.zb + h * c.zh + row * c.zt;
+  for (int ch = 0; ch < c.n; ++ch) sv[ch] = static_cast<float>(s[ch]), zv[ch] = static_cast<float>(z[ch]);
+}
+
+// sum of a[i] * b[i] for i < n.
+float dotf(const float* a, const float* b, int n) {
+#ifdef ECHOKV_AVX512
+  __m512 acc = _mm512_setzero_ps();
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 k = lanes(n - i);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+#else
+  float acc = 0.0f;
+  for (int i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+#endif
 }
 
 // q[i] *= s[i] for i < n; returns the sum of q[i] * z[i] (before the scaling).
@@ -543,11 +807,38 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
   const int64_t B = q.size(0), H = q.size(1), R = q.size(2), dq = q.size(3);
   const int64_t T = infer_t(k_tensors, k_meta, infer_t(v_tensors, v_meta, -1));
   TORCH_CHECK(T >= 0, "echokv attend: no stored class to attend over");
-  const std::vector<Cls> kc = parse_classes(k_tensors, k_meta, B, H, T, "key");
-  const std::vector<Cls> vc = parse_classes(v_tensors, v_meta, B, H, T, "value");
+  std::vector<Cls> vc = parse_classes(v_tensors, v_meta, B, H, T, "value");
+#ifdef ECHOKV_VNNI
+  for (Cls& c : vc) c.ints = c.width != 16;  // summed with 16-bit fixed-point weights, in channel order
+#endif
+  std::vector<Cls> kc = parse_classes(k_tensors, k_meta, B, H, T, "key");
   const int kept_k = kc.empty() ? 0 : kc.back().off + kc.back().n;
   const int nv = vc.empty() ? 0 : vc.back().off + vc.back().n;
-  const int kpad = (kept_k + 15) / 16 * 16;  // the compact key layout, zero past kept_k
+  // Key classes scored on their integer codes (VNNI) leave the float scratch layout; the others are packed in it.
+  // Per-channel ones share one widened row and one rounded query (one dot per token); per-token ones dot alone.
+  int kflt = 0, tlanes = 32, glanes = 0;
+  std::vector<int> ik, gk;  // integer classes: per token, per channel
+  for (size_t ci = 0; ci < kc.size(); ++ci) {
+    Cls& c = kc[ci];
+#ifdef ECHOKV_VNNI
+    if (c.width != 16) {
+      c.ints = true;
+      c.nvec = (c.n + 31) / 32;
+      if (c.chan) {
+        c.loff = glanes;
+        glanes += c.n;
+        gk.push_back(static_cast<int>(ci));
+      } else {
+        tlanes = std::max(tlanes, 32 * c.nvec);
+        ik.push_back(static_cast<int>(ci));
+      }
+      continue;
+    }
+#endif
+    c.foff = kflt;
+    kflt += c.n;
+  }
+  const int kpad = (kflt + 15) / 16 * 16;  // the compact float key layout, zero past kflt
   const int vpad = vc.empty() ? 0 : vc.back().poff + vc.back().npad;
   TORCH_CHECK(dq >= kept_k, "echokv attend: q has ", dq, " channels, the keys keep ", kept_k);
   const uint8_t* mp = nullptr;
@@ -580,7 +871,16 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
     std::vector<float> qperm(R * std::max(kpad, 1), 0.0f), qblk(R * std::max(kpad, 1), 0.0f), bias(R);
     const std::vector<float> ones(BT, 1.0f), zeros(BT, 0.0f);
     bool chan = false;  // per-channel key classes: their scales fold into a per-block query, their zeros into a bias
-    for (const Cls& c : kc) chan |= c.chan;
+    for (const Cls& c : kc) chan |= c.chan && !c.ints;
+#ifdef ECHOKV_VNNI
+    // integer classes: widened codes, the rounded queries (per token: once per item), scales in channel order
+    const int gvec = (glanes + 31) / 32, lmax = std::max(32 * gvec, tlanes);
+    std::vector<int16_t> kb16(BT * lmax), q16(R * ik.size() * tlanes), qg(std::max(32 * gvec, 32)), nat(lmax + 64);
+    std::vector<int16_t> w16(R * BT);
+    std::vector<float> wstep(R);
+    std::vector<float> iscale(R * ik.size()), isum(R * ik.size()), idots(BT), isb(std::max<int64_t>(BT, dq) + 16),
+        izb(std::max<int64_t>(BT, dq) + 16);
+#endif
     int maxv = 16;
     for (const Cls& c : vc) maxv = std::max(maxv, c.npad);
     std::vector<float> kbuf(BT * std::max(kpad, 16), 0.0f), vbuf(BT * maxv, 0.0f), sc(R * BT), p(R * BT),
@@ -596,9 +896,21 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
         const float* qr = qp + ((b * H + h) * R + r) * dq;
         for (size_t ci = 0; ci < kc.size(); ++ci) {
           const Cls& c = kc[ci];
-          float* dst = qperm.data() + r * kpad + c.off;
+          if (c.ints) continue;
+          float* dst = qperm.data() + r * kpad + c.foff;
           for (int i = 0; i < c.n; ++i) dst[compact_index(c, i)] = qr[c.off + i];
         }
+#ifdef ECHOKV_VNNI
+        for (size_t j = 0; j < ik.size(); ++j) {
+          const Cls& c = kc[ik[j]];
+          const size_t at = r * ik.size() + j;
+          iscale[at] = query_max(c, qr + c.off, nullptr) / 32767.0f;
+          query16(c, qr + c.off, nullptr, iscale[at], nat.data(), q16.data() + at * tlanes);
+          float sum = 0.0f;
+          for (int i = 0; i < c.n; ++i) sum += qr[c.off + i];
+          isum[at] = sum;
+        }
+#endif
       }
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(zacc.begin(), zacc.end(), 0.0f);
@@ -625,10 +937,11 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
           std::fill(bias.begin(), bias.end(), 0.0f);
         }
         for (const Cls& c : kc) {
+          if (c.ints) continue;
           if (c.chan) {
             load_sz_chan(c, b, h, t0, sbuf.data(), zbuf.data());
             for (int64_t r = 0; r < R; ++r) {
-              float* qb = qblk.data() + r * kpad + c.off;
+              float* qb = qblk.data() + r * kpad + c.foff;
               bias[r] += scale_query(qb, sbuf.data(), zbuf.data(), c.n);
             }
             Cls bare = c;
@@ -646,6 +959,41 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
           if (chan)
             for (int t = 0; t < nt; ++t) sr[t] += bias[r];
         }
+#ifdef ECHOKV_VNNI
+        if (!gk.empty()) {
+          for (int ci : gk) {
+            const Cls& c = kc[ci];
+            widen16(c, c.tok(b, h, t0), c.dt, nt, kb16.data() + c.loff, 32 * gvec);
+            load_sz_nat(c, b, h, t0, isb.data() + c.off, izb.data() + c.off);
+          }
+          for (int64_t r = 0; r < R; ++r) {
+            const float* qr = qp + ((b * H + h) * R + r) * dq;
+            float mx = 0.0f, bias_r = 0.0f;
+            for (int ci : gk) mx = std::max(mx, query_max(kc[ci], qr + kc[ci].off, isb.data() + kc[ci].off));
+            const float scale = mx / 32767.0f;
+            for (int ci : gk) {
+              const Cls& c = kc[ci];
+              query16(c, qr + c.off, isb.data() + c.off, scale, nat.data(), qg.data() + c.loff);
+              bias_r += dotf(qr + c.off, izb.data() + c.off, c.n);
+            }
+            dots16(kb16.data(), qg.data(), gvec, nt, idots.data());
+            float* sr = sc.data() + r * BT;
+            for (int t = 0; t < nt; ++t) sr[t] += scale * idots[t] + bias_r;
+          }
+        }
+        for (size_t j = 0; j < ik.size(); ++j) {
+          const Cls& c = kc[ik[j]];
+          widen16(c, c.tok(b, h, t0), c.dt, nt, kb16.data(), 32 * c.nvec);
+          load_sz(c, b, h, t0, nt, isb.data(), izb.data());
+          for (int64_t r = 0; r < R; ++r) {
+            const size_t at = r * ik.size() + j;
+            dots16(kb16.data(), q16.data() + at * tlanes, c.nvec, nt, idots.data());
+            const float scale = iscale[at], sum = isum[at];
+            float* sr = sc.data() + r * BT;
+            for (int t = 0; t < nt; ++t) sr[t] += scale * isb[t] * idots[t] + izb[t] * sum;
+          }
+        }
+#endif
         if (!all)
           for (int64_t r = 0; r < R; ++r)
             for (int t = 0; t < nt; ++t)
@@ -677,6 +1025,18 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
             for (int64_t r = 0; r < R; ++r)
               zacc[r * vc.size() + ci] += value_weights(p.data() + r * BT, sbuf.data(), zbuf.data(), nt,
                                                         w.data() + r * BT);
+#ifdef ECHOKV_VNNI
+            if (c.ints) {
+              for (int64_t r = 0; r < R; ++r) wstep[r] = weights16(w.data() + r * BT, nt, w16.data() + r * BT);
+              if (c.width == 8)
+                vacc16<8>(c, c.tok(b, h, t0), c.dt, nt, static_cast<int>(R), w16.data(), wstep.data(),
+                          acc.data() + c.poff, vpad);
+              else
+                vacc16<4>(c, c.tok(b, h, t0), c.dt, nt, static_cast<int>(R), w16.data(), wstep.data(),
+                          acc.data() + c.poff, vpad);
+              continue;
+            }
+#endif
             wp = w.data();
           }
           vacc(c, c.tok(b, h, t0), c.dt, nt, static_cast<int>(R), wp, acc.data() + c.poff, vpad, vbuf.data());
@@ -691,7 +1051,7 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
           const Cls& c = vc[ci];
           const float za = zacc[r * vc.size() + ci];
           const float* src = acc.data() + r * vpad + c.poff;
-          for (int i = 0; i < c.n; ++i) dst[c.off + i] = src[padded_index(c, i)] + za;
+          for (int i = 0; i < c.n; ++i) dst[c.off + i] = src[c.ints ? i : padded_index(c, i)] + za;
         }
       }
     }
@@ -961,8 +1321,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q_basis"), py::arg("q_exact"), py::arg("mean_score"), py::arg("k_tensors"), py::arg("k_meta"),
         py::arg("v_tensors"), py::arg("v_meta"), py::arg("mask"), py::arg("exact_k"), py::arg("exact_v"),
         py::arg("exact_mask"), py::arg("v_dec"), py::arg("v_mean"), py::arg("splits") = 0);
+  m.def("fixed_point", []() {  // bits of the query and weights on quantized classes (0: float; reference.attend)
+#ifdef ECHOKV_VNNI
+    return 16;
+#else
+    return 0;
+#endif
+  });
   m.def("simd", []() {
-#ifdef ECHOKV_AVX512
+#if defined(ECHOKV_VNNI)
+    return std::string("avx512-vnni");
+#elif defined(ECHOKV_AVX512)
     return std::string("avx512");
 #else
     return std::string("portable");
