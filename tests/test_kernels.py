@@ -335,3 +335,9 @@ def test_quantize_channels_round_trips_within_half_a_step_and_skips_sinks():
     step = st["4.s"].float().repeat_interleave(64, dim=-2)[..., :150, :]
     assert ((back - x)[..., 2:, :].abs() <= step[..., 2:, :] / 2 + 1e-3).all()
     assert st["4.s"][..., 0, :].float().max() < 5  # the sinks did not widen block 0
+
+
+def test_instructions_name_what_the_cpp_kernel_runs():
+    assert kernels.instructions("torch") is None
+    assert kernels.instructions("cpp") in ("avx512-vnni", "avx512", "portable")
+    assert (kernels.instructions("cpp") == "avx512-vnni") == (FIXED_POINT == 16)

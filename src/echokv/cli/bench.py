@@ -149,7 +149,8 @@ def run(args) -> int:
             "repeats": cfg.repeats, "threads": torch.get_num_threads(), "dtype": cfg.dtype,
             "compare_dtype": cfg.compare_dtype, "kv_budget": cfg.kv_budget, "budget_context": cfg.budget_context,
             "codec_ratios": ratios, "kernel": cfg.kernel,
-            "kernel_path": kernels.path(cfg.kernel, cfg.device) if codecs else None}
+            "kernel_path": kernels.path(cfg.kernel, cfg.device) if codecs else None,
+            "kernel_instructions": kernels.instructions(cfg.kernel, cfg.device) if codecs else None}
     written = bench.write(results, meta, cfg.out, budget)
     print("written " + ", ".join(str(p) for p in written))
     return 0

@@ -114,6 +114,16 @@ def path(kernel: str = "auto", device: str | torch.device = "cpu") -> str:
     return _resolve(kernel, torch.device(device))
 
 
+def instructions(kernel: str = "auto", device: str | torch.device = "cpu") -> str | None:
+    """What the C++ kernel was compiled to use ("avx512-vnni": integer dot products, 16-bit fixed-point query and
+    weights; "avx512"; "portable"), or None when another path runs."""
+    if path(kernel, device) != "cpp":
+        return None
+    from . import cpu
+
+    return cpu.load().simd()
+
+
 def _classes(store: dict, widths) -> tuple[list[torch.Tensor], list[int]]:
     """The C++ kernel's per-class arguments: (codes, scale, zero) triples and (width, n) pairs."""
     tensors, meta = [], []

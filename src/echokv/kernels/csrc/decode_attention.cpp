@@ -2,17 +2,20 @@
 //
 // Work items are (sequence, KV head, token split), run by at::parallel_for; each item walks its tokens in blocks
 // of 64 with an online softmax, and the splits are merged by log-sum-exp at the end. Per block:
-//   keys:   every class is dequantized (code * s_t + z_t, or the 16-bit value) into one L1 scratch row per token,
-//           the classes packed at their natural offsets; then each query row's dots are taken over 16 tokens at
-//           a time and reduced by one transpose-add tree (no per-token horizontal sum);
-//   values: per class, acc += (p_t * s_t) * codes_t and zacc += p_t * z_t, the codes widened in registers and
-//           the accumulators blocked over (up to 4 rows) x (up to 64 channels).
-// 4-bit codes are used in the order they unpack (per 16 stored bytes: the even channels, then the odd ones), with
-// the query permuted to match and the output permuted back, so no shuffles run in the inner loops.
-// Everything accumulates in float32 (the 1e-4 agreement with the reference): an int16/VNNI key path with a
-// rounded query was measured ~12% faster but off by ~1e-3 on peaked scores, so it is not used.
-// The AVX-512 path is compiled where the target has it (-march=native); otherwise a plain C++ path runs the same
-// driver (x86 without AVX-512, ARM).
+//   keys:   16-bit classes (and, without VNNI, every class) are widened to float into one L1 scratch row per token,
+//           each query row's dots taken over 16 tokens at a time and reduced by one transpose-add tree; with
+//           AVX512-VNNI, the quantized classes are widened to int16 into a second row (all per-channel classes side
+//           by side) and scored with the query rounded to 16-bit fixed point, 32 products per vpdpwssd;
+//   values: quantized classes (VNNI): the weights p_t * s_t rounded to 16-bit fixed point per block and row, token
+//           pairs laid out as int16 pairs by vpermt2b, one vpdpwssd per row and 16 channels, exact int32 per block;
+//           otherwise acc += (p_t * s_t) * codes_t in float, the codes widened in registers, the accumulators blocked
+//           over (up to 4 rows) x (up to 64 channels); zero points: zacc += p_t * z_t.
+// The fixed-point rounding (a step of 2^-15 of the row's largest |q * s| or weight of the block) is part of the
+// specification: reference.attend(fixed_point=16) computes it, and the kernel agrees with it to 1e-4; the float
+// paths agree with reference.attend() to 1e-4. The AVX-512 paths are compiled where the target has them
+// (-march=native); otherwise a plain C++ path runs the same driver (x86 without AVX-512, ARM), in float.
+// 4-bit codes of the float value path are used in the order they unpack (per 16 stored bytes: the even channels,
+// then the odd ones), with the query permuted to match and the output permuted back.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
