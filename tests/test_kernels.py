@@ -341,3 +341,63 @@ def test_instructions_name_what_the_cpp_kernel_runs():
     assert kernels.instructions("torch") is None
     assert kernels.instructions("cpp") in ("avx512-vnni", "avx512", "portable")
     assert (kernels.instructions("cpp") == "avx512-vnni") == (FIXED_POINT == 16)
+
+
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("Ts,Tr,masked", [(4, 5, False), (4, 5, True), (0, 7, True), (3, 0, False)])
+def test_step_equals_merged_on_the_folded_query(q_dtype, Ts, Tr, masked):
+    """attend_step folds q into the key basis and mean and reads the sinks as a segment of their own: the same as
+    attend_merged on those tensors built in PyTorch, with the sinks concatenated before the recent tokens."""
+    B, H, R, d, T = 2, 3, 3, 64, 150
+    k_widths, v_widths = ((8, 40), (4, 16)), ((8, 64),)
+    k = _store(B, H, T, k_widths, chan=True)
+    v = _store(B, H, T, v_widths, seed=1)
+    g = torch.Generator().manual_seed(5)
+    nk = reference.kept(k_widths)
+    q = (torch.randn(B, H * R, 1, d, generator=g) * 2).to(q_dtype).transpose(1, 2)  # the model's [B, 1, Hq, d] view
+    q = q.reshape(B, H, R, d)
+    scaling = d**-0.5
+    k_basis = torch.randn(H, d, nk, generator=g) * 0.3
+    k_mean = torch.randn(H, d, generator=g) * 0.1
+    v_dec, v_mean = torch.randn(H, 64, d, generator=g) * 0.3, torch.randn(H, d, generator=g)
+    sk, sv = _exact(B, H, Ts, d, torch.bfloat16, 7)
+    rk, rv = _exact(B, H, Tr, d, torch.bfloat16, 8)
+    mask = torch.arange(T)[None, :] >= torch.tensor([0, 40])[:, None] if masked else None
+    exact_mask = torch.rand(B, Ts + Tr, generator=g) > 0.3 if masked else None
+    args = kernels.prepared(k, v, k_widths, v_widths)
+    got = kernels.attend_step(q, scaling, k_basis, k_mean, args, mask, sk if Ts else None, sv if Ts else None, rk,
+                              rv, exact_mask, v_dec, v_mean)
+    qs = q.float() * scaling
+    want = kernels.attend_merged_prepared(qs @ k_basis, qs, (qs * k_mean[:, None]).sum(-1), args, mask,
+                                          torch.cat([sk, rk], dim=-2), torch.cat([sv, rv], dim=-2), exact_mask,
+                                          v_dec, v_mean)
+    assert got.dtype == q_dtype and got.shape == (B, H, R, d)
+    tol = 1e-4 if q_dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want.to(q_dtype).float(), rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_step_refuses_bad_bases():
+    B, H, R, d = 1, 2, 3, 64
+    k = _store(B, H, 64, ((8, 64),), chan=True)
+    args = kernels.prepared(k, k, ((8, 64),), ((8, 64),))
+    q = torch.randn(B, H, R, d)
+    ek, ev = _exact(B, H, 2, d, torch.bfloat16, 1)
+    with pytest.raises(RuntimeError, match="k_basis must be"):
+        kernels.attend_step(q, 0.125, torch.randn(H + 1, d, 64), torch.randn(H, d), args, None, None, None, ek, ev,
+                            None, torch.randn(H, 64, d), torch.randn(H, d))
+    with pytest.raises(RuntimeError, match="sink_k and sink_v must be"):
+        kernels.attend_step(q, 0.125, torch.randn(H, d, 64), torch.randn(H, d), args, None, ek[:, :, :1, :32],
+                            ev[:, :, :1, :32], ek, ev, None, torch.randn(H, 64, d), torch.randn(H, d))
+
+
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+def test_full_step_equals_one_16bit_class(q_dtype):
+    B, H, R, d, T = 2, 3, 3, 64, 130
+    kv = _store(B, H, T, ((16, 64),))
+    vv = _store(B, H, T, ((16, 64),), seed=1)
+    q = torch.randn(B, H, R, d, generator=torch.Generator().manual_seed(3)).to(q_dtype)
+    mask = torch.arange(T)[None, :] >= torch.tensor([0, 17])[:, None]
+    got = cpu.load().attend_full(q, 0.125, kv["16"], vv["16"], mask)
+    want, _ = kernels.attend(q.float() * 0.125, kv, vv, ((16, 64),), ((16, 64),), mask, kernel="cpp")
+    assert got.dtype == q_dtype
+    torch.testing.assert_close(got, want.to(q_dtype), rtol=0, atol=0)

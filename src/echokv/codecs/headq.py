@@ -136,6 +136,14 @@ class HeadQuantCodec(KVCodec):
                 p["v_mean"][:, None]))
         return self._reads[key]
 
+    def _step_read(self, layer: int, device) -> tuple:
+        """Key and value means as [H, d] (the one-call decode step's forms of :meth:`_read`'s)."""
+        key = (layer, device, "step")
+        if key not in self._reads:
+            _, km, _, vm = self._read(layer, device)
+            self._reads[key] = (km[..., 0], vm[:, 0])
+        return self._reads[key]
+
     # -- reading ---------------------------------------------------------------------------------------------
     def decode(self, layer, stored):
         p = self.params[layer]
@@ -161,7 +169,6 @@ class HeadQuantCodec(KVCodec):
         b, hq, tq, d = q.shape
         h = recent_k.shape[1]
         rows = hq // h * tq
-        qs = q.reshape(b, h, rows, d).float() * scaling
         ku, km, vu, vm = self._read(layer, q.device)
         tc = next(t for n, t in stored.items() if not n.startswith("sink")).shape[-2]
         sink_k, sink_v = stored.get("sink.k"), stored.get("sink.v")
@@ -175,18 +182,22 @@ class HeadQuantCodec(KVCodec):
         if ns:  # the sinks' codes are not read: their exact copies are
             codes = self._sink_mask(b, tc, ns, q.device)
             past_mask = codes if past_mask is None else past_mask & codes
-            recent_k, recent_v = torch.cat([sink_k, recent_k], dim=-2), torch.cat([sink_v, recent_v], dim=-2)
-            if mask is not None:  # the mask's columns in the same order: sinks, then the recent tokens
+            if mask is not None:  # the mask's columns in the order of the exact tokens: sinks, then the recent ones
                 mask = torch.cat([mask[..., :tc], mask[..., :ns], mask[..., tc:]], dim=-1)
-        # the stored tokens: the query in the key basis, scores on the codes, the weighted sum in the value basis
         if self._path is None:
             self._path = kernels.path(self.kernel, q.device)
         if self._path == "cpp" and tq == 1 and (mask is None or mask.dtype == torch.bool):
-            # one call: the stored tokens, the exact ones (sinks, recent) and the value basis, merged in C++
+            # one call: the query folded into the bases, the stored tokens, the exact ones (sinks, then recent) and
+            # the value basis, merged in C++ (a decode step's few PyTorch calls per layer cost as much as its reads)
             exact_mask = None if mask is None else mask[:, 0, -1, tc:]
-            res = kernels.attend_merged_prepared(qs @ ku, qs, qs @ km, self._prepared(layer, stored), past_mask,
-                                                 recent_k, recent_v, exact_mask, vu, vm)
-            return res.to(q.dtype).reshape(b, hq, tq, d).transpose(1, 2).contiguous()
+            k_mean, v_mean = self._step_read(layer, q.device)
+            res = kernels.attend_step(q.reshape(b, h, rows, d), scaling, ku, k_mean, self._prepared(layer, stored),
+                                      past_mask, sink_k, sink_v, recent_k, recent_v, exact_mask, vu, v_mean)
+            return res.reshape(b, hq, tq, d).transpose(1, 2)
+        qs = q.reshape(b, h, rows, d).float() * scaling
+        if ns:
+            recent_k, recent_v = torch.cat([sink_k, recent_k], dim=-2), torch.cat([sink_v, recent_v], dim=-2)
+        # the stored tokens: the query in the key basis, scores on the codes, the weighted sum in the value basis
         if self._path == "cpp":
             out, lse = kernels.attend_prepared(qs @ ku, self._prepared(layer, stored), past_mask)
         else:

@@ -1184,10 +1184,15 @@ void row_axpy(float w, const void* x, Row t, int d, float* acc) {
 // q_exact [B, H, R, d] and mean_score [B, H, R] float32 contiguous; exact_k/v [B, H, Te, d] bfloat16, float16 or
 // float32, any strides but the last; v_dec [H, n_v, d], v_mean [H, d] float32 contiguous. Returns out [B, H, R, d]
 // float32.
-at::Tensor attend_merged(const at::Tensor& q_basis, const at::Tensor& q_exact, const at::Tensor& mean_score,
+namespace {
+
+// attend_merged over two segments of exact tokens, (sink_k, sink_v) then (exact_k, exact_v), in that order for
+// exact_mask (sink_k undefined: none).
+at::Tensor merged_impl(const at::Tensor& q_basis, const at::Tensor& q_exact, const at::Tensor& mean_score,
                          const std::vector<at::Tensor>& k_tensors, const std::vector<int64_t>& k_meta,
                          const std::vector<at::Tensor>& v_tensors, const std::vector<int64_t>& v_meta,
-                         const std::optional<at::Tensor>& mask, const at::Tensor& exact_k, const at::Tensor& exact_v,
+                         const std::optional<at::Tensor>& mask, const at::Tensor& sink_k, const at::Tensor& sink_v,
+                         const at::Tensor& exact_k, const at::Tensor& exact_v,
                          const std::optional<at::Tensor>& exact_mask, const at::Tensor& v_dec,
                          const at::Tensor& v_mean, int64_t splits) {
   TORCH_CHECK(q_basis.dim() == 4, "echokv attend_merged: q_basis must be [B, H, R, n]");
@@ -1205,9 +1210,20 @@ at::Tensor attend_merged(const at::Tensor& q_basis, const at::Tensor& q_exact, c
                   exact_k.size(0) == B && exact_k.size(1) == H && exact_k.size(3) == d,
               "echokv attend_merged: exact_k and exact_v must be [B, H, Te, d] = [", B, ", ", H, ", Te, ", d,
               "], got ", exact_k.sizes(), " and ", exact_v.sizes());
-  const int64_t Te = exact_k.size(2);
-  TORCH_CHECK(d <= 1 || Te == 0 || (exact_k.stride(3) == 1 && exact_v.stride(3) == 1),
+  const int64_t Tr = exact_k.size(2);
+  TORCH_CHECK(d <= 1 || Tr == 0 || (exact_k.stride(3) == 1 && exact_v.stride(3) == 1),
               "echokv attend_merged: the last dimension of exact_k and exact_v must be contiguous");
+  const bool sinks = sink_k.defined() && sink_k.numel() > 0;
+  if (sinks) {
+    TORCH_CHECK(sink_k.dim() == 4 && sink_v.dim() == 4 && sink_k.sizes() == sink_v.sizes() && sink_k.size(0) == B &&
+                    sink_k.size(1) == H && sink_k.size(3) == d && sink_k.scalar_type() == exact_k.scalar_type() &&
+                    sink_v.scalar_type() == exact_v.scalar_type() && sink_k.stride(3) == 1 && sink_v.stride(3) == 1 &&
+                    sink_k.device().is_cpu() && sink_v.device().is_cpu(),
+                "echokv attend_merged: sink_k and sink_v must be [B, H, Ts, d] = [", B, ", ", H, ", Ts, ", d,
+                "] CPU tensors of exact_k's and exact_v's dtypes, contiguous in the last dimension, got ",
+                sink_k.sizes(), " and ", sink_v.sizes());
+  }
+  const int64_t Ts = sinks ? sink_k.size(2) : 0, Te = Ts + Tr;
   TORCH_CHECK(exact_k.device().is_cpu() && exact_v.device().is_cpu() && v_dec.device().is_cpu() &&
                   v_mean.device().is_cpu(), "echokv attend_merged: the C++ kernel runs on CPU tensors");
   const Row kt = row_type(exact_k, "exact_k"), vt = row_type(exact_v, "exact_v");
@@ -1249,6 +1265,19 @@ at::Tensor attend_merged(const at::Tensor& q_basis, const at::Tensor& q_exact, c
   const int64_t kes = exact_k.element_size(), ves = exact_v.element_size();
   const int64_t kb = exact_k.stride(0) * kes, kh = exact_k.stride(1) * kes, ke = exact_k.stride(2) * kes;
   const int64_t vb = exact_v.stride(0) * ves, vh = exact_v.stride(1) * ves, ve = exact_v.stride(2) * ves;
+  const uint8_t* skp = sinks ? static_cast<const uint8_t*>(sink_k.data_ptr()) : nullptr;
+  const uint8_t* svp = sinks ? static_cast<const uint8_t*>(sink_v.data_ptr()) : nullptr;
+  const int64_t skb = sinks ? sink_k.stride(0) * kes : 0, skh = sinks ? sink_k.stride(1) * kes : 0,
+                ske = sinks ? sink_k.stride(2) * kes : 0;
+  const int64_t svb = sinks ? sink_v.stride(0) * ves : 0, svh = sinks ? sink_v.stride(1) * ves : 0,
+                sve = sinks ? sink_v.stride(2) * ves : 0;
+  // exact token t of (b, h): a sink for t < Ts, else recent token t - Ts
+  auto key_at = [&](int64_t b, int64_t h, int64_t t) -> const void* {
+    return t < Ts ? skp + b * skb + h * skh + t * ske : kp + b * kb + h * kh + (t - Ts) * ke;
+  };
+  auto value_at = [&](int64_t b, int64_t h, int64_t t) -> const void* {
+    return t < Ts ? svp + b * svb + h * svh + t * sve : vp + b * vb + h * vh + (t - Ts) * ve;
+  };
   const int di = static_cast<int>(d);
 
   // Per row: merge the splits, then the exact tokens; map the stored part to the head (one [n_v] x [n_v, d]
@@ -1285,7 +1314,7 @@ at::Tensor attend_merged(const at::Tensor& q_basis, const at::Tensor& q_exact, c
           e[t] = NEG_INF;
           continue;
         }
-        e[t] = row_dot(qr, kp + b * kb + h * kh + t * ke, kt, di);
+        e[t] = row_dot(qr, key_at(b, h, t), kt, di);
         Mx = std::max(Mx, e[t]);
       }
       float* orow = op + i * d;
@@ -1306,13 +1335,98 @@ at::Tensor attend_merged(const at::Tensor& q_basis, const at::Tensor& q_exact, c
         if (e[t] == NEG_INF) continue;
         const float w = std::exp(e[t] - Mx);
         L += w;
-        row_axpy(w, vp + b * vb + h * vh + t * ve, vt, di, acc.data());
+        row_axpy(w, value_at(b, h, t), vt, di, acc.data());
       }
       const float inv = 1.0f / L;
       for (int64_t c = 0; c < d; ++c) orow[c] = acc[c] * inv;
     }
   });
   return out;
+}
+
+}  // namespace
+
+at::Tensor attend_merged(const at::Tensor& q_basis, const at::Tensor& q_exact, const at::Tensor& mean_score,
+                         const std::vector<at::Tensor>& k_tensors, const std::vector<int64_t>& k_meta,
+                         const std::vector<at::Tensor>& v_tensors, const std::vector<int64_t>& v_meta,
+                         const std::optional<at::Tensor>& mask, const at::Tensor& exact_k, const at::Tensor& exact_v,
+                         const std::optional<at::Tensor>& exact_mask, const at::Tensor& v_dec,
+                         const at::Tensor& v_mean, int64_t splits) {
+  return merged_impl(q_basis, q_exact, mean_score, k_tensors, k_meta, v_tensors, v_meta, mask, at::Tensor(),
+                     at::Tensor(), exact_k, exact_v, exact_mask, v_dec, v_mean, splits);
+}
+
+// A decode step of EchoKV-Q's read path in one call: q [B, H, R, d] (the model's query, its query heads grouped by
+// KV head; bfloat16, float16 or float32, any strides but the last) times `scaling`, folded into the key basis
+// (k_basis [H, d, n_k]) and the key mean's score (k_mean [H, d]), then attend_merged over the stored classes and
+// the exact tokens (sink_k/sink_v [B, H, Ts, d], possibly empty, then exact_k/exact_v, in that order for
+// exact_mask). Returns out [B, H, R, d] in q's dtype.
+at::Tensor attend_step(const at::Tensor& q, double scaling, const at::Tensor& k_basis, const at::Tensor& k_mean,
+                       const std::vector<at::Tensor>& k_tensors, const std::vector<int64_t>& k_meta,
+                       const std::vector<at::Tensor>& v_tensors, const std::vector<int64_t>& v_meta,
+                       const std::optional<at::Tensor>& mask, const at::Tensor& sink_k, const at::Tensor& sink_v,
+                       const at::Tensor& exact_k, const at::Tensor& exact_v,
+                       const std::optional<at::Tensor>& exact_mask, const at::Tensor& v_dec,
+                       const at::Tensor& v_mean, int64_t splits) {
+  TORCH_CHECK(q.dim() == 4 && q.device().is_cpu() && (q.size(3) <= 1 || q.stride(3) == 1),
+              "echokv attend_step: q must be a CPU [B, H, R, d] tensor, contiguous in the last dimension, got ",
+              q.sizes());
+  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), d = q.size(3);
+  TORCH_CHECK(k_basis.dim() == 3 && k_basis.size(0) == H && k_basis.size(1) == d &&
+                  k_basis.scalar_type() == at::kFloat && k_basis.is_contiguous(),
+              "echokv attend_step: k_basis must be a contiguous float32 [H, d, n_k] = [", H, ", ", d,
+              ", n_k] tensor, got ", k_basis.sizes());
+  TORCH_CHECK(k_mean.dim() == 2 && k_mean.size(0) == H && k_mean.size(1) == d &&
+                  k_mean.scalar_type() == at::kFloat && k_mean.is_contiguous(),
+              "echokv attend_step: k_mean must be a contiguous float32 [H, d] tensor, got ", k_mean.sizes());
+  const int64_t nk = k_basis.size(2);
+  auto fopt = q.options().dtype(at::kFloat);
+  at::Tensor qe = at::empty({B, H, R, d}, fopt), qb = at::empty({B, H, R, nk}, fopt), ms = at::empty({B, H, R}, fopt);
+  const at::Tensor qf = q.to(at::kFloat);  // a no-op for float32
+  const float s = static_cast<float>(scaling);
+  const float* kbp = k_basis.data_ptr<float>();
+  const float* kmp = k_mean.data_ptr<float>();
+  float* qep = qe.data_ptr<float>();
+  float* qbp = qb.data_ptr<float>();
+  float* msp = ms.data_ptr<float>();
+  const float* qp = qf.data_ptr<float>();
+  const int64_t sb = qf.stride(0), sh = qf.stride(1), sr = qf.stride(2);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t i = (b * H + h) * R + r;
+        float* e = qep + i * d;
+        const float* src = qp + b * sb + h * sh + r * sr;
+        for (int64_t c = 0; c < d; ++c) e[c] = src[c] * s;
+        float* o = qbp + i * nk;
+        std::fill(o, o + nk, 0.0f);
+        float m = 0.0f;
+        const float* basis = kbp + h * d * nk;
+        for (int64_t c = 0; c < d; ++c) {
+          const float x = e[c];
+          const float* row = basis + c * nk;
+          for (int64_t j = 0; j < nk; ++j) o[j] += x * row[j];
+          m += x * kmp[h * d + c];
+        }
+        msp[i] = m;
+      }
+  at::Tensor out = merged_impl(qb, qe, ms, k_tensors, k_meta, v_tensors, v_meta, mask, sink_k, sink_v, exact_k,
+                               exact_v, exact_mask, v_dec, v_mean, splits);
+  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+}
+
+// A full-mode decode step in one call: q [B, H, R, d] (any float dtype and strides) times `scaling` over the 16-bit
+// key and value [B, H, T, d] (contiguous in the last dimension), mask bool [B, T] or None. Out [B, H, R, d] in
+// q's dtype (attend with one 16-bit class, without the PyTorch calls around it).
+at::Tensor attend_full(const at::Tensor& q, double scaling, const at::Tensor& key, const at::Tensor& value,
+                       const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(q.dim() == 4 && key.dim() == 4, "echokv attend_full: q and key must be [B, H, R, d] and [B, H, T, d]");
+  const at::Tensor qf = (q.to(at::kFloat) * scaling).contiguous();
+  const at::Tensor none = at::empty({0}, key.options().dtype(at::kHalf));
+  const std::vector<int64_t> meta = {16, key.size(3)};
+  const auto res = attend(qf, {key, none, none}, meta, {value, none, none}, {16, value.size(3)}, mask, 0);
+  const at::Tensor& out = std::get<0>(res);
+  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1324,6 +1438,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q_basis"), py::arg("q_exact"), py::arg("mean_score"), py::arg("k_tensors"), py::arg("k_meta"),
         py::arg("v_tensors"), py::arg("v_meta"), py::arg("mask"), py::arg("exact_k"), py::arg("exact_v"),
         py::arg("exact_mask"), py::arg("v_dec"), py::arg("v_mean"), py::arg("splits") = 0);
+  m.def("attend_step", &attend_step,
+        "echokv decode attention of one step: the query folded into the key basis, the stored tokens and the exact "
+        "ones (sinks, then recent) merged, out in q's dtype",
+        py::arg("q"), py::arg("scaling"), py::arg("k_basis"), py::arg("k_mean"), py::arg("k_tensors"),
+        py::arg("k_meta"), py::arg("v_tensors"), py::arg("v_meta"), py::arg("mask"), py::arg("sink_k"),
+        py::arg("sink_v"), py::arg("exact_k"), py::arg("exact_v"), py::arg("exact_mask"), py::arg("v_dec"),
+        py::arg("v_mean"), py::arg("splits") = 0);
+  m.def("attend_full", &attend_full, "echokv full-mode decode attention over 16-bit K/V, out in q's dtype",
+        py::arg("q"), py::arg("scaling"), py::arg("key"), py::arg("value"), py::arg("mask") = py::none());
   m.def("fixed_point", []() {  // bits of the query and weights on quantized classes (0: float; reference.attend)
 #ifdef ECHOKV_VNNI
     return 16;
