@@ -108,3 +108,54 @@ def test_calibration_blocks_are_spread_over_the_context_where_rope_changes_only_
         s0 = q0[:, :1] @ k0[:, :1].transpose(-1, -2)  # ... and score the same (query head 0 reads KV head 0)
         s1 = q1[:, :1] @ k1[:, :1].transpose(-1, -2)
         torch.testing.assert_close(s0, s1, rtol=1e-4, atol=1e-4)
+
+
+def test_candidates_cover_every_width_subset_in_storage_order():
+    from echokv.codecs.headq import CLASS_WIDTHS, N16, STEP, _candidates
+
+    d = 32
+    full = _candidates(d)
+    assert all(tuple(w for w, _ in c) == CLASS_WIDTHS for c in full)
+    assert all(0 < sum(n for _, n in c) <= d and c[0][1] in N16 for c in full)
+    assert all(n % STEP == 0 for c in full for w, n in c if w != 16)
+    assert len(full) == len(set(full))
+    three = _candidates(d, (16, 8, 4))
+    assert ((16, 0), (8, 0), (4, 32)) in three and all(len(c) == 3 for c in three)
+    assert ((16, 0), (8, 8), (4, 8), (2, 16)) in full  # a 2-bit tail keeps channels the others would drop
+
+
+def test_two_bit_classes_are_read_by_the_fast_path(llama):
+    """A codec with int2 classes: the fast path (C++ kernel here) answers as attention over its decoded K/V."""
+    from echokv import kernels
+
+    codec = fit(llama, torch.randint(3, 250, (4, 64), generator=torch.Generator().manual_seed(0)), 0.875)
+    layer = codec.groups[0][0]
+    codec.widths[layer] = {"k": ((16, 0), (8, 8), (4, 8), (2, 16)), "v": ((16, 0), (8, 0), (4, 8), (2, 24))}
+    x = torch.randn(1, 2, 70, 32, generator=torch.Generator().manual_seed(3))
+    stored = codec.encode(0, [x], [x], start=SINK_TOKENS)
+    assert stored["k2"].shape[-1] == 16 * 2 // 8 and stored["v2"].shape[-1] == 24 * 2 // 8
+    k, v = codec.decode(layer, stored)
+    assert 0 < float((k.float() - x).pow(2).mean()) < float(x.pow(2).mean())
+    q = torch.randn(1, 6, 1, 32, generator=torch.Generator().manual_seed(4))
+    recent = torch.randn(1, 2, 3, 32, generator=torch.Generator().manual_seed(5))
+    fast = codec.fast_attention(layer, stored)(q, recent, recent, None, 32**-0.5)
+    keys, values = torch.cat([k.float(), recent], -2), torch.cat([v.float(), recent], -2)
+    want = torch.nn.functional.scaled_dot_product_attention(q, keys.repeat_interleave(3, 1),
+                                                            values.repeat_interleave(3, 1)).transpose(1, 2)
+    torch.testing.assert_close(fast.float(), want, rtol=1e-3, atol=1e-3)
+    widths = codec.widths[layer]["k"]
+    assert kernels.path("torch", "cpu", widths) == "torch"
+
+
+def test_two_bit_classes_leave_the_triton_kernel(monkeypatch, caplog):
+    from echokv import kernels
+
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    monkeypatch.setattr(kernels, "_resolve_device", lambda kernel, device: "triton")  # as on a GPU
+    two, four = ((8, 8), (4, 8), (2, 16)), ((8, 8), (4, 24))
+    assert kernels.path("auto", "cpu", four) == "triton"
+    with caplog.at_level("WARNING", logger="echokv"):
+        assert kernels.path("auto", "cpu", two) == "torch"
+    assert "does not read 2-bit classes; using the PyTorch path" in caplog.text
+    with pytest.raises(RuntimeError, match="does not read 2-bit classes; use kernel='torch'"):
+        kernels.path("triton", "cpu", two)

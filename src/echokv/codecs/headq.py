@@ -1,5 +1,5 @@
 """EchoKV-Q, the fast codec: per layer and KV head, post-RoPE K and V in a data-driven basis, each basis channel kept
-at 16, 8 or 4 bits or dropped under one byte budget allocated over the whole model, read in place by a fused kernel
+at 16, 8, 4 or 2 bits or dropped under one byte budget allocated over the whole model, read in place by a fused kernel
 (:mod:`echokv.kernels`).
 
 Per (layer, kind, head): a mean ``m`` and a basis (PCA of calibration V, channels by falling variance, scaled to
@@ -7,9 +7,10 @@ unit variance: ``z = (x - m) U diag(1/s)``, read back as ``x = z diag(s) U^T + m
 the head's queries, ``A A = E[q q^T]``: ``z = (k - m) A U diag(1/s)``, ``k = z diag(s) U^T A^-1 + m``, so that the
 error the allocation counts is the scores' and a direction the queries read is kept even where keys vary little;
 plain PCA dropped such directions). Per (layer, kind), the classes: the first ``n16`` channels as float16, the next
-``n8`` as int8 codes, the next ``n4`` as int4, the rest dropped; a quantized class of values has one float16 scale
-and zero per token and head, one of keys a scale and zero per channel and block of 64 tokens (KIVI's layout: measured
-on SmolLM2 at 0.75, every key channel at int4, next-token KL 0.0144 per token, 0.0049 per channel);
+``n8`` as int8 codes, the next ``n4`` as int4, the next ``n2`` as int2, the rest dropped; a quantized class of values
+has one float16 scale and zero per token and head, one of keys a scale and zero per channel and block of 64 tokens
+(KIVI's layout: measured on SmolLM2 at 0.75, every key channel at int4, next-token KL 0.0144 per token, 0.0049 per
+channel);
 :mod:`echokv.kernels.reference` is the stored layout.
 
 Reading (decode steps): keys fold into the query, ``q.k = (q U).z + q.m``, so the kernel scores with ``q U`` on the
@@ -36,7 +37,11 @@ KINDS = ("k", "v")
 TOKEN_BLOCK = BLOCK
 #: the first token slots of a sequence kept exact beside their codes (attention sinks: StreamingLLM, KVTC)
 SINK_TOKENS = 4
-#: the class sizes the allocator tries per (layer, kind): float16 channels, then int8, then int4 (steps of 8)
+#: the class widths the allocator may use, in the order classes are stored (falling variance): float16, int8, int4,
+#: int2. Measured on SmolLM2 (fidelity suite, next-token KL): 2-bit classes take 0.75 from 0.0162 to 0.0116 and 0.875
+#: from 0.58 to 0.285 (keys, where the allocator had dropped channels, keep them at 2 bits)
+CLASS_WIDTHS = (16, 8, 4, 2)
+#: the class sizes the allocator tries per (layer, kind): float16 channels, then the others in steps of 8
 N16 = (0, 8)
 STEP = 8
 #: calibration tokens per (layer, head) the allocation measures its errors on
@@ -54,7 +59,7 @@ def token_bytes(widths, kind: str = "v") -> float:
 class HeadQuantCodec(KVCodec):
     """Per-head coded K/V (the module docstring). ``params``: per layer, ``{"k_mean" [H, d], "k_encode" [H, d, d]
     (``U diag(1/s)``), "k_basis" [H, d, d] (``U diag(s)``: channels back to the head), "v_mean", "v_encode",
-    "v_basis"}`` (float32); ``widths``: per layer, ``{"k": ((16, n16), (8, n8), (4, n4)), "v": ...}``."""
+    "v_basis"}`` (float32); ``widths``: per layer, ``{"k": ((16, n16), (8, n8), (4, n4), (2, n2)), "v": ...}``."""
 
     token_block = TOKEN_BLOCK
     #: the first token slots kept exact (:data:`SINK_TOKENS`): :meth:`encode` is told where a block starts
@@ -185,7 +190,8 @@ class HeadQuantCodec(KVCodec):
             if mask is not None:  # the mask's columns in the order of the exact tokens: sinks, then the recent ones
                 mask = torch.cat([mask[..., :tc], mask[..., :ns], mask[..., tc:]], dim=-1)
         if self._path is None:
-            self._path = kernels.path(self.kernel, q.device)
+            classes = [c for w in self.widths.values() for kind in KINDS for c in w[kind]]
+            self._path = kernels.path(self.kernel, q.device, classes)
         if self._path == "cpp" and tq == 1 and (mask is None or mask.dtype == torch.bool):
             # one call: the query folded into the bases, the stored tokens, the exact ones (sinks, then recent) and
             # the value basis, merged in C++ (a decode step's few PyTorch calls per layer cost as much as its reads)
@@ -234,31 +240,46 @@ class HeadQuantCodec(KVCodec):
 
 
 # -- fitting ---------------------------------------------------------------------------------------------------------
-def _candidates(d: int) -> list[tuple]:
+def _candidates(d: int, widths=CLASS_WIDTHS) -> list[tuple]:
+    """Every layout the allocator weighs for a head of ``d`` channels: per width of ``widths`` (in falling order) a
+    class of a multiple of :data:`STEP` channels (16 bit: :data:`N16`), at least one channel kept."""
+    sizes = [N16 if w == 16 else range(0, d + 1, STEP) for w in widths]
     out = []
-    for n16 in N16:
-        for n8 in range(0, d - n16 + 1, STEP):
-            for n4 in range(0, d - n16 - n8 + 1, STEP):
-                if n16 + n8 + n4:  # at least one class: the reading path needs stored tensors of each kind
-                    out.append(((16, n16), (8, n8), (4, n4)))
+
+    def grow(i, left, acc):
+        if i == len(widths):
+            if any(n for _, n in acc):  # the reading path needs stored tensors of each kind
+                out.append(tuple(acc))
+            return
+        for n in sizes[i]:
+            if n <= left:
+                grow(i + 1, left - n, acc + [(widths[i], n)])
+
+    grow(0, d, [])
     return out
 
 
-def _error(z: torch.Tensor, widths, scale: torch.Tensor, kind: str = "v") -> float:
+def _error(z: torch.Tensor, widths, scale: torch.Tensor, kind: str = "v", memo: dict | None = None) -> float:
     """Squared error, in the head's space, of storing ``z`` [H, N, d] (unit-variance channels; ``scale`` [H, d]: their
-    standard deviations; keys: N in whole blocks of consecutive tokens) with the classes ``widths``."""
+    standard deviations; keys: N in whole blocks of consecutive tokens) with the classes ``widths``. ``memo``: the
+    errors of classes already measured on the same ``z``, by (width, first channel, channels)."""
     w2 = scale.pow(2)[:, None]
     s, err = 0, 0.0
     for width, n in widths:
         if not n:
             continue
-        part = z[..., s : s + n]
-        if width == 16:
-            back = part.to(torch.float16).float()
-        else:
-            quantize = quantize_channels if kind == "k" else quantize_class
-            back = dequantize_classes(quantize(part, width), ((width, n),))
-        err += float(((back - part).pow(2) * w2[..., s : s + n]).sum())
+        e = None if memo is None else memo.get((width, s, n))
+        if e is None:
+            part = z[..., s : s + n]
+            if width == 16:
+                back = part.to(torch.float16).float()
+            else:
+                quantize = quantize_channels if kind == "k" else quantize_class
+                back = dequantize_classes(quantize(part, width), ((width, n),))
+            e = float(((back - part).pow(2) * w2[..., s : s + n]).sum())
+            if memo is not None:
+                memo[(width, s, n)] = e
+        err += e
         s += n
     return err + float((z[..., s:].pow(2) * w2[..., s:]).sum())
 
@@ -316,9 +337,10 @@ def _query_metric(q2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def fit(model, blocks: torch.Tensor, compression_ratio: float, kernel: str = "auto",
-        progress: bool = False) -> HeadQuantCodec:
+        progress: bool = False, widths: tuple = CLASS_WIDTHS) -> HeadQuantCodec:
     """Fit the bases and the allocation on calibration ``blocks`` [N, T] (token ids) for a cache keeping
-    ``1 - compression_ratio`` of the full cache's bytes (stored codes, scales and zero points)."""
+    ``1 - compression_ratio`` of the full cache's bytes (stored codes, scales and zero points), with classes of
+    ``widths`` (a subset of :data:`CLASS_WIDTHS`)."""
     from ..attention import serves
     from ..models import kv_geometry
     from ..stats.capture import capture
@@ -329,6 +351,8 @@ def fit(model, blocks: torch.Tensor, compression_ratio: float, kernel: str = "au
     if not 0 < compression_ratio < 1:
         raise ValueError(f"compression_ratio must be between 0 and 1 (the fraction of the cache removed), got "
                          f"{compression_ratio!r}")
+    if not widths or set(widths) - set(CLASS_WIDTHS):
+        raise ValueError(f"widths must be some of {CLASS_WIDTHS}, got {widths!r}")
     geo = kv_geometry(model)
     layers = list(geo.full_attention_layers)
     samples: dict[tuple[int, str], list[torch.Tensor]] = {(layer, kind): [] for layer in layers for kind in KINDS}
@@ -345,7 +369,7 @@ def fit(model, blocks: torch.Tensor, compression_ratio: float, kernel: str = "au
             offsets=_offsets(model, blocks))
     params: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in layers}
     errors: dict = {}
-    cands = _candidates(geo.head_dim)
+    cands = _candidates(geo.head_dim, tuple(w for w in CLASS_WIDTHS if w in widths))
     for (layer, kind), xs in samples.items():
         x = torch.cat(xs, dim=1)  # [H, N, d]
         m = x.mean(1)
@@ -369,7 +393,8 @@ def fit(model, blocks: torch.Tensor, compression_ratio: float, kernel: str = "au
         picked = _samples(c.shape[1], blocks.shape[1])
         z = c[:, picked] @ params[layer][f"{kind}_encode"]
         energy = float(ct[:, picked].pow(2).sum()) or 1.0
-        errors[(layer, kind)] = [(w, token_bytes(w, kind), _error(z, w, std, kind) / energy) for w in cands]
+        memo: dict = {}  # a class's error depends on its width and channels only: measured once
+        errors[(layer, kind)] = [(w, token_bytes(w, kind), _error(z, w, std, kind, memo) / energy) for w in cands]
     full = 2 * geo.head_dim * geo.bytes_per_element  # K and V bytes per token and head
     chosen = allocate(errors, (1 - compression_ratio) * full / 2 * len(errors))
     widths = {layer: {kind: chosen[(layer, kind)] for kind in KINDS} for layer in layers}

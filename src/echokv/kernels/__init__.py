@@ -68,8 +68,26 @@ def _cpp_reason() -> str | None:
     return None if ok else why
 
 
-def _resolve(kernel: str, device: torch.device) -> str:
-    """The path taken for ``kernel`` on ``device``: "cpp", "triton" or "torch" (warns on an auto fallback)."""
+#: class widths the Triton kernel reads (2-bit classes run the C++ kernel or the PyTorch path)
+TRITON_WIDTHS = (16, 8, 4)
+
+
+def _resolve(kernel: str, device: torch.device, widths=()) -> str:
+    """The path taken for ``kernel`` on ``device`` and stored classes of ``widths`` (any of them; (width, n) pairs):
+    "cpp", "triton" or "torch" (warns on an auto fallback)."""
+    which = _resolve_device(kernel, device)
+    if which == "triton":
+        odd = sorted({w for w, n in widths if n and w not in TRITON_WIDTHS})
+        if odd:
+            why = f"the Triton kernel does not read {'/'.join(map(str, odd))}-bit classes"
+            if _choice(kernel) == "triton":
+                raise RuntimeError(f"echokv kernels: {why}; use kernel='torch' (or auto)")
+            _warn_once(f"echokv kernels: {why}; using the PyTorch path (slower)")
+            return "torch"
+    return which
+
+
+def _resolve_device(kernel: str, device: torch.device) -> str:
     want = _choice(kernel)
     dev = device.type
     if want == "torch":
@@ -109,9 +127,10 @@ def _warn_once(message: str) -> None:
         log.warning(message)
 
 
-def path(kernel: str = "auto", device: str | torch.device = "cpu") -> str:
-    """The implementation :func:`attend` takes for ``kernel`` on ``device``: "cpp", "triton" or "torch"."""
-    return _resolve(kernel, torch.device(device))
+def path(kernel: str = "auto", device: str | torch.device = "cpu", widths=()) -> str:
+    """The implementation :func:`attend` takes for ``kernel`` on ``device`` over classes of ``widths`` ((width, n)
+    pairs): "cpp", "triton" or "torch"."""
+    return _resolve(kernel, torch.device(device), widths)
 
 
 def instructions(kernel: str = "auto", device: str | torch.device = "cpu") -> str | None:
@@ -160,7 +179,7 @@ def attend(q: torch.Tensor, k_store: dict, v_store: dict, k_widths, v_widths, ma
 
     q [B, H, R, d >= kept keys] (already in the key basis and scaled); ``mask`` bool [B, T] or None; ``kernel``:
     "auto", "cpp", "triton" or "torch"."""
-    which = _resolve(kernel, q.device)
+    which = _resolve(kernel, q.device, (*k_widths, *v_widths))
     if which == "torch":
         return reference.attend(q, k_store, v_store, k_widths, v_widths, mask)
     if which == "triton":
@@ -224,7 +243,7 @@ def attend_merged(q_basis: torch.Tensor, q_exact: torch.Tensor, mean_score: torc
     mean_score [B, H, R] (or [B, H, R, 1]): the key mean's score; ``mask`` bool [B, T] or None; exact_k/exact_v
     [B, H, Te, d]; ``exact_mask`` bool [B, Te] (or [B, R, Te]) or None; v_dec [H, n_v, d]; v_mean [H, d] (or
     [H, 1, d]); ``kernel``: "auto", "cpp", "triton" or "torch"."""
-    which = _resolve(kernel, q_basis.device)
+    which = _resolve(kernel, q_basis.device, (*k_widths, *v_widths))
     if which == "torch":
         return reference.attend_merged(q_basis, q_exact, mean_score, k_store, v_store, k_widths, v_widths, mask,
                                        exact_k, exact_v, exact_mask, v_dec, v_mean)

@@ -3,12 +3,13 @@ and the path taken where no compiled kernel runs.
 
 Stored layout, per layer and kind (keys or values), for B sequences, H KV heads and T stored tokens: the head's
 channels, in the codec's basis, are cut into contiguous *classes* of one width each, in the order of ``widths``
-(``((16, n16), (8, n8), (4, n4))``, any of them absent or 0); channels past the last class are dropped (zero).
+(``((16, n16), (8, n8), (4, n4), (2, n2))``, any of them absent or 0); channels past the last class are dropped (zero).
 ``store`` holds, for a class of width w:
 
 * w = 16: ``store["16"]`` [B, H, T, n16], bfloat16 or float16 values;
-* w = 8 or 4: ``store[f"{w}"]`` [B, H, T, n * w / 8] uint8 codes (4-bit: two per byte, the even channel in the low
-  nibble; n even), and ``store[f"{w}.s"]``, ``store[f"{w}.z"]`` float16 scale and zero point, either per token
+* w = 8, 4 or 2: ``store[f"{w}"]`` [B, H, T, n * w / 8] uint8 codes (4-bit: two per byte, the even channel in the
+  low nibble, n even; 2-bit: four per byte, channel 4i + j in bits 2j and 2j + 1, n a multiple of 4), and
+  ``store[f"{w}.s"]``, ``store[f"{w}.z"]`` float16 scale and zero point, either per token
   ([B, H, T]: one per token and head, the channel value is ``code * s[t] + z[t]``) or per channel and block of
   :data:`BLOCK` tokens ([B, H, ceil(T / BLOCK), n]: row j holds tokens ``j * BLOCK`` to ``(j + 1) * BLOCK - 1``, the
   value is ``code * s[j, c] + z[j, c]``; KIVI's layout for keys, whose channels differ in range).
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-WIDTHS = (16, 8, 4)
+WIDTHS = (16, 8, 4, 2)
 #: tokens per row of a per-channel scale (the kernels' token block)
 BLOCK = 64
 
@@ -45,6 +46,27 @@ def unpack4(codes: torch.Tensor) -> torch.Tensor:
     return torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2)
 
 
+def unpack(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """[..., n * width / 8] uint8 -> [..., n] uint8: 8 bit as they are; 4 bit :func:`unpack4`; 2 bit four channels per
+    byte, channel 4i + j in bits 2j, 2j + 1 of byte i."""
+    if width == 8:
+        return codes
+    if width == 4:
+        return unpack4(codes)
+    return torch.stack([(codes >> (2 * j)) & 3 for j in range(4)], dim=-1).flatten(-2)
+
+
+def pack(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """The inverse of :func:`unpack`: [..., n] codes below 2^width -> [..., n * width / 8] uint8."""
+    per = 8 // width
+    if codes.shape[-1] % per:
+        raise ValueError(f"a {width}-bit class needs a multiple of {per} channels, got {codes.shape[-1]}")
+    out = codes[..., 0::per].clone()
+    for j in range(1, per):
+        out |= codes[..., j::per] << (width * j)
+    return out
+
+
 def dequantize(store: dict, widths) -> torch.Tensor:
     """The stored channels [B, H, T, kept(widths)] in float32."""
     parts = []
@@ -55,7 +77,7 @@ def dequantize(store: dict, widths) -> torch.Tensor:
         if width == 16:
             parts.append(store[key].float())
             continue
-        codes = store[key] if width == 8 else unpack4(store[key])
+        codes = unpack(store[key], width)
         s, z = store[key + ".s"].float(), store[key + ".z"].float()
         if s.dim() == codes.dim():  # per channel and block: each row serves BLOCK tokens
             t = codes.shape[-2]
@@ -89,7 +111,7 @@ def scores_on_codes(q: torch.Tensor, k_store: dict, k_widths, bits: int) -> torc
         if width == 16:
             total = total + qc @ k_store[key].float().transpose(-1, -2)
             continue
-        codes = (k_store[key] if width == 8 else unpack4(k_store[key]))[..., :n].float()  # [B, H, T, n]
+        codes = unpack(k_store[key], width)[..., :n].float()  # [B, H, T, n]
         s, z = k_store[key + ".s"].float(), k_store[key + ".z"].float()
         if s.dim() == codes.dim():  # per channel and block [B, H, nb, n]: rounded jointly, below
             per_channel.append((qc, codes, s, z))
@@ -121,7 +143,7 @@ def _weighted_values(p: torch.Tensor, v_store: dict, v_widths, bits: int) -> tor
         if width == 16:
             parts.append(p @ v_store[key].float())
             continue
-        codes = (v_store[key] if width == 8 else unpack4(v_store[key]))[..., :n].float()  # [B, H, T, n]
+        codes = unpack(v_store[key], width)[..., :n].float()  # [B, H, T, n]
         s, z = v_store[key + ".s"].float()[:, :, None, :], v_store[key + ".z"].float()[:, :, None, :]
         t = codes.shape[-2]
         w = torch.nn.functional.pad(p * s, (0, -t % BLOCK)).unflatten(-1, (-1, BLOCK))  # [B, H, R, nb, BLOCK]
@@ -164,10 +186,8 @@ def quantize_class(x: torch.Tensor, width: int) -> dict[str, torch.Tensor]:
     scale = _round_fp16((xf.amax(-1) - zero.float()) / levels, up=True)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     codes = ((xf - zero.float()[..., None]) / scale.float()[..., None]).round_().clamp_(0, levels).to(torch.uint8)
-    if width == 4:
-        if codes.shape[-1] % 2:
-            raise ValueError(f"a 4-bit class needs an even number of channels, got {codes.shape[-1]}")
-        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    if width < 8:
+        codes = pack(codes, width)
     key = str(width)
     return {key: codes.contiguous(), key + ".s": scale, key + ".z": zero}
 
@@ -196,10 +216,8 @@ def quantize_channels(x: torch.Tensor, width: int, skip: int = 0) -> dict[str, t
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     rows = lambda u: u.float().repeat_interleave(BLOCK, dim=-2)[..., :t, :]
     codes = ((xf - rows(zero)) / rows(scale)).round_().clamp_(0, levels).to(torch.uint8)
-    if width == 4:
-        if codes.shape[-1] % 2:
-            raise ValueError(f"a 4-bit class needs an even number of channels, got {codes.shape[-1]}")
-        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    if width < 8:
+        codes = pack(codes, width)
     key = str(width)
     return {key: codes.contiguous(), key + ".s": scale.contiguous(), key + ".z": zero.contiguous()}
 

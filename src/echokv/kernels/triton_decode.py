@@ -35,7 +35,10 @@ except ImportError as error:  # the dispatcher imports lazily and falls back to 
         "use echokv.kernels.reference.attend without it"
     ) from error
 
-from .reference import BLOCK, WIDTHS
+from .reference import BLOCK
+
+#: the class widths this kernel reads (2-bit classes: the C++ kernel and the PyTorch path)
+WIDTHS = (16, 8, 4)
 
 BLOCK_N = 64  # tokens per block: 64 codes per channel row keeps a d=128 block in registers
 MIN_DOT = 16  # tl.dot needs every dimension >= 16
@@ -296,7 +299,8 @@ def _layout(store: dict, widths, q: torch.Tensor) -> tuple[list, dict, int | Non
     classes, offset = {}, 0
     for width, n in widths:
         if width not in WIDTHS:
-            raise ValueError(f"class width {width} is not one of {WIDTHS}")
+            raise ValueError(f"class width {width} is not one the Triton kernel reads ({WIDTHS}); run the PyTorch "
+                             f"path (kernel='torch')")
         if width in classes:
             raise ValueError(f"class width {width} appears twice in {widths}")
         if n:

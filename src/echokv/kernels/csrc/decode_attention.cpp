@@ -96,6 +96,8 @@ inline void widen_token_scalar(const Cls& c, const uint8_t* p, float* out) {
     }
   } else if (c.width == 8) {
     for (int i = 0; i < c.n; ++i) out[i] = static_cast<float>(p[i]);
+  } else if (c.width == 2) {
+    for (int i = 0; i < c.n; ++i) out[i] = static_cast<float>((p[i / 4] >> (2 * (i % 4))) & 3);
   } else {
     for (int i = 0; i < c.n / 2; ++i) {
       const int base = (i / 16) * 32 + i % 16;
@@ -324,13 +326,22 @@ void widen16_block(const Cls& c, const uint8_t* p0, int64_t dt, int nt, int16_t*
         const __mmask32 k = lanes32(c.n - 32 * v);
         _mm512_mask_storeu_epi16(o + 32 * v, k, _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(k, p + 32 * v)));
       }
-    } else {
+    } else if constexpr (W == 4) {
       const int nb = c.n / 2;
       for (int u = 0; 32 * u < nb; ++u) {
         const __mmask32 k = lanes32(nb - 32 * u);
         const __m512i w = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(k, p + 32 * u));
         _mm512_mask_storeu_epi16(o + 32 * u, k, _mm512_and_si512(w, _mm512_set1_epi16(15)));
         _mm512_mask_storeu_epi16(o + nb + 32 * u, k, _mm512_srli_epi16(w, 4));
+      }
+    } else {  // 2 bit: channel 4i + j at lane j * n/4 + i
+      const int nb = c.n / 4;
+      const __m512i three = _mm512_set1_epi16(3);
+      for (int u = 0; 32 * u < nb; ++u) {
+        const __mmask32 k = lanes32(nb - 32 * u);
+        const __m512i w = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(k, p + 32 * u));
+        for (int j = 0; j < 4; ++j)
+          _mm512_mask_storeu_epi16(o + j * nb + 32 * u, k, _mm512_and_si512(_mm512_srli_epi16(w, 2 * j), three));
       }
     }
   }
@@ -362,6 +373,11 @@ void query16(const Cls& c, const float* q, const float* s, float scale, int16_t*
     if (s) x = _mm512_mul_ps(x, _mm512_maskz_loadu_ps(k, s + i));
     _mm512_mask_cvtepi32_storeu_epi16(dst + i, k, _mm512_cvt_roundps_epi32(_mm512_div_ps(x, sv),
                                                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  if (c.width == 2) {  // natural order -> lane j * n/4 + i holds channel 4i + j
+    const int nb = c.n / 4;
+    for (int j = 0; j < 4; ++j)
+      for (int i = 0; i < nb; ++i) q16[j * nb + i] = nat[4 * i + j];
   }
   if (c.width == 4) {  // natural order -> the even channels, then the odd ones
     alignas(64) static const int16_t ie[32] = {0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
@@ -412,7 +428,8 @@ void dots16(const int16_t* kb, const int16_t* q16, int nv, int nt, float* dots) 
 
 void widen16(const Cls& c, const uint8_t* p0, int64_t dt, int nt, int16_t* out, int stride) {
   if (c.width == 8) widen16_block<8>(c, p0, dt, nt, out, stride);
-  else widen16_block<4>(c, p0, dt, nt, out, stride);
+  else if (c.width == 4) widen16_block<4>(c, p0, dt, nt, out, stride);
+  else widen16_block<2>(c, p0, dt, nt, out, stride);
 }
 // acc[r][0, n) += step[r] * sum_t w16[r][t] * codes_t for the rows r0 .. r0 + NR of a quantized value class, channel
 // order; w16: [R][BT] int16 weights (zero past nt, nt rounded up to even), read as pairs of tokens. Per pair of tokens
@@ -440,6 +457,17 @@ void vacc16_chunk(const uint8_t* p0, int64_t dt, int nt, int c0, int nch, const 
     return p;
   }();
   const __m512i il0 = _mm512_load_si512(il.v[0]), il1 = _mm512_load_si512(il.v[1]);
+  struct Two {
+    alignas(64) uint8_t rep[64];    // channel c's byte: c / 4
+    alignas(64) uint8_t shift[64];  // bit offset of channel c in its qword after rep: 8 (c % 8) + 2 (c % 4)
+  };
+  static const Two two_bit = [] {
+    Two p{};
+    for (int c = 0; c < 64; ++c) p.rep[c] = uint8_t(c / 4), p.shift[c] = uint8_t(8 * (c % 8) + 2 * (c % 4));
+    return p;
+  }();
+  const __m512i rep2 = _mm512_load_si512(two_bit.rep), shift2 = _mm512_load_si512(two_bit.shift);
+  const __m512i three = _mm512_set1_epi8(3);
   const __mmask64 even_bytes = 0x5555555555555555ULL;
   const int32_t* wp = reinterpret_cast<const int32_t*>(w16);
   {
@@ -455,6 +483,14 @@ void vacc16_chunk(const uint8_t* p0, int64_t dt, int nt, int c0, int nch, const 
         const __mmask64 k = nch >= 64 ? ~__mmask64(0) : ((__mmask64(1) << nch) - 1);
         x = _mm512_maskz_loadu_epi8(k, p0 + t * dt + c0);
         y = two ? _mm512_maskz_loadu_epi8(k, p0 + (t + 1) * dt + c0) : _mm512_setzero_si512();
+      } else if constexpr (W == 2) {
+        // 2 bit: each byte copied to its 4 channels' places (vpermb), each copy shifted to its 2 bits (vpmultishiftqb)
+        const __mmask16 k = lanes(nch / 4);
+        x = _mm512_and_si512(_mm512_multishift_epi64_epi8(shift2, _mm512_permutexvar_epi8(
+                                 rep2, _mm512_castsi128_si512(_mm_maskz_loadu_epi8(k, p0 + t * dt + c0 / 4)))), three);
+        y = two ? _mm512_and_si512(_mm512_multishift_epi64_epi8(shift2, _mm512_permutexvar_epi8(
+                      rep2, _mm512_castsi128_si512(_mm_maskz_loadu_epi8(k, p0 + (t + 1) * dt + c0 / 4)))), three)
+                : _mm512_setzero_si512();
       } else {
         // 4 bit: both tokens' bytes in one register (t: bytes 0-31, t + 1: 32-63), nibbles split, then interleaved
         // back to channel order per token (channel 2i: low nibble of byte i).
@@ -545,8 +581,9 @@ void widen_block(const Cls& c, const uint8_t* p0, int64_t dt, int nt, const floa
   if (c.width == 16) return c.bf16 ? widen_block_avx<16, true>(c, p0, dt, nt, sv, zv, o, kstride)
                                    : widen_block_avx<16, false>(c, p0, dt, nt, sv, zv, o, kstride);
   if (c.width == 8) return widen_block_avx<8, true>(c, p0, dt, nt, sv, zv, o, kstride);
-  return widen_block_avx<4, true>(c, p0, dt, nt, sv, zv, o, kstride);
-#else
+  if (c.width == 4) return widen_block_avx<4, true>(c, p0, dt, nt, sv, zv, o, kstride);
+#endif
+  {  // portable, and 2-bit classes without VNNI
   for (int t = 0; t < nt; ++t) {
     const uint8_t* p = p0 + t * dt;
     float* row = o + t * kstride;
@@ -559,12 +596,14 @@ void widen_block(const Cls& c, const uint8_t* p0, int64_t dt, int nt, const floa
                    : static_cast<float>(reinterpret_cast<const at::Half*>(p)[ch]);
       else if (c.width == 8)
         x = p[ch];
+      else if (c.width == 2)
+        x = (p[ch / 4] >> (2 * (ch % 4))) & 3;
       else
         x = (ch % 2) ? (p[ch / 2] >> 4) : (p[ch / 2] & 15);
       row[at] = x * s + z;
     }
   }
-#endif
+  }
 }
 
 // Scale and zero of nt tokens from t0 (float16, any stride) as float.
@@ -686,12 +725,12 @@ void dots(const float* kbuf, int npad, const float* q, int nt, float* out) {
 void vacc(const Cls& c, const uint8_t* p0, int64_t dt, int nt, int R, const float* w, float* acc, int accstride,
           float* vbuf) {
 #ifdef ECHOKV_AVX512
-  (void)vbuf;
   if (c.width == 16) return c.bf16 ? vacc_avx<16, true>(c, p0, dt, nt, R, w, acc, accstride)
                                    : vacc_avx<16, false>(c, p0, dt, nt, R, w, acc, accstride);
   if (c.width == 8) return vacc_avx<8, true>(c, p0, dt, nt, R, w, acc, accstride);
-  return vacc_avx<4, true>(c, p0, dt, nt, R, w, acc, accstride);
-#else
+  if (c.width == 4) return vacc_avx<4, true>(c, p0, dt, nt, R, w, acc, accstride);
+#endif
+  // portable, and 2-bit classes without VNNI
   for (int t = 0; t < nt; ++t) widen_token_scalar(c, p0 + t * dt, vbuf + t * c.npad);
   for (int r = 0; r < R; ++r) {
     float* a = acc + r * accstride;
@@ -701,7 +740,6 @@ void vacc(const Cls& c, const uint8_t* p0, int64_t dt, int nt, int R, const floa
       for (int i = 0; i < c.npad; ++i) a[i] += wt * v[i];
     }
   }
-#endif
 }
 
 // p[i] = exp(x[i] - m) for i < n, returns their sum.
@@ -738,7 +776,8 @@ std::vector<Cls> parse_classes(const std::vector<at::Tensor>& tensors, const std
     Cls c;
     c.width = static_cast<int>(meta[2 * i]);
     c.n = static_cast<int>(meta[2 * i + 1]);
-    TORCH_CHECK(c.width == 16 || c.width == 8 || c.width == 4, "echokv attend: width ", c.width, " not in 16/8/4");
+    TORCH_CHECK(c.width == 16 || c.width == 8 || c.width == 4 || c.width == 2, "echokv attend: width ", c.width,
+                " not in 16/8/4/2");
     TORCH_CHECK(c.n >= 0, "echokv attend: negative class size");
     if (c.n == 0) continue;
     const at::Tensor& d = tensors[3 * i];
@@ -746,6 +785,7 @@ std::vector<Cls> parse_classes(const std::vector<at::Tensor>& tensors, const std
                 " class ", c.width, " codes must be [B, H, T, *] = [", B, ", ", H, ", ", T, ", *], got ", d.sizes());
     TORCH_CHECK(d.size(3) <= 1 || d.stride(3) == 1, "echokv attend: the last dimension must be contiguous");
     TORCH_CHECK(c.width != 4 || c.n % 2 == 0, "echokv attend: a 4-bit class needs an even channel count");
+    TORCH_CHECK(c.width != 2 || c.n % 4 == 0, "echokv attend: a 2-bit class needs a multiple of 4 channels");
     const int64_t need = c.width == 16 ? c.n : c.n * c.width / 8;
     TORCH_CHECK(d.size(3) >= need, "echokv attend: ", what, " class ", c.width, " holds ", d.size(3),
                 " entries per token, needs ", need);
@@ -1034,8 +1074,11 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
               if (c.width == 8)
                 vacc16<8>(c, c.tok(b, h, t0), c.dt, nt, static_cast<int>(R), w16.data(), wstep.data(),
                           acc.data() + c.poff, vpad);
-              else
+              else if (c.width == 4)
                 vacc16<4>(c, c.tok(b, h, t0), c.dt, nt, static_cast<int>(R), w16.data(), wstep.data(),
+                          acc.data() + c.poff, vpad);
+              else
+                vacc16<2>(c, c.tok(b, h, t0), c.dt, nt, static_cast<int>(R), w16.data(), wstep.data(),
                           acc.data() + c.poff, vpad);
               continue;
             }
