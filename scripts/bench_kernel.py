@@ -4,8 +4,8 @@ coded K/V against bfloat16 full attention, interleaved, as medians of per-round 
     flock /tmp/echokv-timing.lock .venv/bin/python scripts/bench_kernel.py [--threads 2] [--rounds 15]
 
 Baselines: (a) packed-GQA bf16 SDPA, q viewed as [B, H, R, d] (no enable_gqa), K/V bf16 [B, H, T, d]; (b) explicit
-bf16 ``q @ k^T`` -> float softmax -> ``p @ v``. Kernel variants: int8 (all channels at 8 bit), int4, a mixed class
-set, and bf16 codes (the kernel at 16 bit). The kernel reads views into buffers with room for more tokens, as a
+bf16 ``q @ k^T`` -> float softmax -> ``p @ v``. Kernel variants: int8 (all channels at 8 bit), int4, int2, mixed class
+sets (int2 classes included), and bf16 codes (the kernel at 16 bit). The kernel reads views into buffers with room for more tokens, as a
 growing cache does. Speed = t(packed bf16 SDPA) / t(x): above 1 is faster than the packed baseline.
 """
 
@@ -29,11 +29,13 @@ from echokv.kernels.reference import quantize_channels, quantize_class
 MIXES = {
     "int8": ((8, 64),),
     "int4": ((4, 64),),
+    "int2": ((2, 64),),
     "mix 16:4,8:40,4:16": ((16, 4), (8, 40), (4, 16)),
+    "mix 8:8,4:24,2:24": ((8, 8), (4, 24), (2, 24)),
     "bf16 (kernel)": ((16, 64),),
 }
 #: the same classes with keys scaled per channel and 64-token block (EchoKV-Q's keys)
-CHAN = ("int8", "int4", "mix 16:4,8:40,4:16")
+CHAN = ("int8", "int4", "int2", "mix 16:4,8:40,4:16", "mix 8:8,4:24,2:24")
 
 
 def coded(x: torch.Tensor, widths, room: int, chan: bool = False) -> dict[str, torch.Tensor]:

@@ -36,6 +36,21 @@ def test_bench_context_reports_every_variant_and_the_real_cache_bytes():
     assert r["kv_reserved_bytes_ratio"] >= r["kv_bytes_ratio"] - 1e-12
 
 
+def test_bench_context_times_each_fast_codec_decode_and_prefill():
+    from echokv.codecs.headq import fit
+
+    model = tiny_model("llama", seed=0, num_hidden_layers=2)
+    recon, _ = train_tiny(model, steps=1, compression_ratio=0.5)
+    ids = torch.randint(3, model.config.vocab_size, (1, 80), generator=torch.Generator().manual_seed(0))
+    codec = fit(model, torch.randint(3, 250, (2, 64), generator=torch.Generator().manual_seed(1)), 0.75)
+    r = bench_context(model, recon, ids, decode_tokens=2, repeats=1, chunk=32, codecs={"echokv-q@0.75": codec})
+    c = r["codecs"]["echokv-q@0.75"]
+    assert c["q_vs_full_decode_ratio"] > 0 and c["q_vs_stock_decode_ratio"] > 0 and c["q_vs_stock_prefill_ratio"] > 0
+    assert c["kernel_path"] in ("cpp", "torch") and 0 < c["kv_bytes_ratio"] < 1
+    assert c["q_exact_prompt_vs_stock_prefill_ratio"] > 0
+    assert set(r["prefill_seconds"]) == {"stock", "chunks", "exact", "echokv-q@0.75", "echokv-q@0.75 exact"}
+
+
 def test_dtype_context_times_the_default_cache_in_two_dtypes():
     from echokv.bench import dtype_context
 

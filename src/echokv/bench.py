@@ -10,7 +10,9 @@ run, and cache bytes, for four variants (the keys of ``bench.json``):
 - ``echokv-fast``: compressed, reconstruction folded into the query / applied after the weighted sum
 - ``echokv-q@R`` (one per ``codecs`` ratio R): the fast codec EchoKV-Q (:mod:`echokv.codecs.headq`), per-head codes
   read in place by the fused kernel; ``q_vs_full_decode_ratio`` / ``q_vs_stock_decode_ratio`` per ratio, and the
-  kernel path that ran (``kernel_path``: cpp, triton or torch)
+  kernel path that ran (``kernel_path``: cpp, triton or torch), ``q_vs_stock_prefill_ratio`` and
+  ``q_exact_prompt_vs_stock_prefill_ratio`` (prefill over the default cache's, compressing between chunks or once after
+  the prompt)
 
 Prefill is timed again, alternating the default cache and the compressed one fed both ways
 (``fast_vs_stock_prefill_ratio``: compressing between chunks; ``fast_exact_prompt_vs_stock_prefill_ratio``:
@@ -173,7 +175,8 @@ def bench_context(model, recon, ids: torch.Tensor, decode_tokens: int, repeats: 
         """Decode speed of a relative to b: median over steps of b's seconds / a's seconds."""
         return statistics.median(sb / sa for sa, sb in zip(steps[a], steps[b]))
 
-    prefill_ratios = _prefill_ratios(model, recon, ids, min(repeats, 2), chunk)
+    prefill_ratios = _prefill_ratios(model, recon, ids, min(repeats, 2), chunk, codecs)
+    q_prefill = prefill_ratios.pop("q_vs_stock_prefill")
     return {
         "context": int(ids.shape[1]),
         "variants": out,
@@ -188,26 +191,36 @@ def bench_context(model, recon, ids: torch.Tensor, decode_tokens: int, repeats: 
         "kept_fraction": recon.layout.kept_fraction(),
         **({"codecs": {v: {"q_vs_full_decode_ratio": speedup(v, FULL), "q_vs_stock_decode_ratio": speedup(v, STOCK),
                            "kv_bytes_ratio": out[v]["cache_bytes"] / out[FULL]["cache_bytes"],
+                           "q_vs_stock_prefill_ratio": q_prefill[v][0],
+                           "q_exact_prompt_vs_stock_prefill_ratio": q_prefill[v][1],
                            "kernel_path": kernels.path(codecs[v].kernel, ids.device)} for v in codecs}} if codecs else {}),
     }
 
 
 @torch.no_grad()
-def _prefill_ratios(model, recon, ids: torch.Tensor, repeats: int, chunk: int) -> dict:
+def _prefill_ratios(model, recon, ids: torch.Tensor, repeats: int, chunk: int, codecs: dict | None = None) -> dict:
     """Prefill speed of the compressed cache relative to the default cache, both ways of feeding a prompt:
     compressing between chunks (each chunk rebuilds the compressed past) and with ``exact_prompt`` (compressing
-    once, after the prompt). Prefills alternate, and a ratio is the median of those of the same round."""
-    runs: dict[str, list[float]] = {"stock": [], "chunks": [], "exact": []}
+    once, after the prompt); and of each codec of ``codecs`` (compressing between chunks: ``q_vs_stock_prefill``).
+    Prefills alternate, and a ratio is the median of those of the same round."""
+    codecs = codecs or {}
+    runs: dict[str, list[float]] = {"stock": [], "chunks": [], "exact": [],
+                                    **{name: [] for v in codecs for name in (v, f"{v} exact")}}
     for _ in range(repeats):
         for name, secs in runs.items():
-            variant = STOCK if name == "stock" else FAST
+            variant = {"stock": STOCK, "chunks": FAST, "exact": FAST}.get(name, name.removesuffix(" exact"))
             with _attention_for(model, variant):
-                cache = _new_cache(model, variant, recon)
+                cache = _new_cache(model, variant, recon, codecs)
                 t = time.perf_counter()
-                prefill(model, cache, ids, chunk_size=chunk, exact_prompt=name == "exact")
+                prefill(model, cache, ids, chunk_size=chunk, exact_prompt=name.endswith("exact"))
                 secs.append(time.perf_counter() - t)
             del cache
+
+    def over_stock(name):
+        return statistics.median(s / f for s, f in zip(runs["stock"], runs[name]))
+
     return {
+        "q_vs_stock_prefill": {v: (over_stock(v), over_stock(f"{v} exact")) for v in codecs},
         "fast_vs_stock_prefill_ratio": statistics.median(s / f for s, f in zip(runs["stock"], runs["chunks"])),
         "fast_exact_prompt_vs_stock_prefill_ratio": statistics.median(
             s / f for s, f in zip(runs["stock"], runs["exact"])),

@@ -118,7 +118,9 @@ def run(args) -> int:
         )
         for v, c in r.get("codecs", {}).items():
             print(f"  {v} ({c['kernel_path']} kernel): q/full {c['q_vs_full_decode_ratio']:.3f}, "
-                  f"q/stock {c['q_vs_stock_decode_ratio']:.3f}, KV bytes {c['kv_bytes_ratio']:.3f}", flush=True)
+                  f"q/stock {c['q_vs_stock_decode_ratio']:.3f}, KV bytes {c['kv_bytes_ratio']:.3f} | prefill vs "
+                  f"stock: compressing between chunks {c['q_vs_stock_prefill_ratio']:.2f}, exact prompt "
+                  f"{c['q_exact_prompt_vs_stock_prefill_ratio']:.2f}", flush=True)
     if cfg.compare_dtype not in ("none", cfg.dtype):
         from dataclasses import replace
 

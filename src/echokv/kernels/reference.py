@@ -203,19 +203,20 @@ def quantize_channels(x: torch.Tensor, width: int, skip: int = 0) -> dict[str, t
     t = xf.shape[-2]
     pad = -t % BLOCK
     span = torch.nn.functional.pad(xf, (0, 0, 0, pad)).unflatten(-2, (-1, BLOCK))  # [..., blocks, BLOCK, n]
-    seen = torch.ones(span.shape[-3:-1], dtype=torch.bool, device=x.device)
-    seen.view(-1)[t:] = False  # the padding of a last, partial block
-    seen.view(-1)[: min(skip, t)] = False
-    seen = seen[..., None]
-    lo = torch.where(seen, span, float("inf")).amin(-2)
-    hi = torch.where(seen, span, float("-inf")).amax(-2)
-    empty = ~seen.any(-2)  # a block of skipped tokens only
-    lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+    lo, hi = span.amin(-2), span.amax(-2)  # [..., blocks, n]
+    # the blocks with tokens that do not count (skipped sinks, the padding of a last, partial block) again, alone
+    nb = span.shape[-3]
+    for b in sorted({*range(min(nb, -(-skip // BLOCK))), *([nb - 1] if pad else [])}):
+        first, last = b * BLOCK, min((b + 1) * BLOCK, t)
+        first = max(first, min(skip, last))
+        part = xf[..., first:last, :]
+        lo[..., b, :] = part.amin(-2) if last > first else 0.0
+        hi[..., b, :] = part.amax(-2) if last > first else 0.0
     zero = _round_fp16(lo, up=False)
     scale = _round_fp16((hi - zero.float()) / levels, up=True)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    rows = lambda u: u.float().repeat_interleave(BLOCK, dim=-2)[..., :t, :]
-    codes = ((xf - rows(zero)) / rows(scale)).round_().clamp_(0, levels).to(torch.uint8)
+    codes = ((span - zero.float()[..., None, :]) / scale.float()[..., None, :]).round_().clamp_(0, levels)
+    codes = codes.flatten(-3, -2)[..., :t, :].to(torch.uint8)
     if width < 8:
         codes = pack(codes, width)
     key = str(width)
