@@ -1232,12 +1232,12 @@ namespace {
 // attend_merged over two segments of exact tokens, (sink_k, sink_v) then (exact_k, exact_v), in that order for
 // exact_mask (sink_k undefined: none).
 at::Tensor merged_impl(const at::Tensor& q_basis, const at::Tensor& q_exact, const at::Tensor& mean_score,
-                         const std::vector<at::Tensor>& k_tensors, const std::vector<int64_t>& k_meta,
-                         const std::vector<at::Tensor>& v_tensors, const std::vector<int64_t>& v_meta,
-                         const std::optional<at::Tensor>& mask, const at::Tensor& sink_k, const at::Tensor& sink_v,
-                         const at::Tensor& exact_k, const at::Tensor& exact_v,
-                         const std::optional<at::Tensor>& exact_mask, const at::Tensor& v_dec,
-                         const at::Tensor& v_mean, int64_t splits) {
+                       const std::vector<at::Tensor>& k_tensors, const std::vector<int64_t>& k_meta,
+                       const std::vector<at::Tensor>& v_tensors, const std::vector<int64_t>& v_meta,
+                       const std::optional<at::Tensor>& mask, const at::Tensor& sink_k, const at::Tensor& sink_v,
+                       const at::Tensor& exact_k, const at::Tensor& exact_v,
+                       const std::optional<at::Tensor>& exact_mask, const at::Tensor& v_dec,
+                       const at::Tensor& v_mean, int64_t splits) {
   TORCH_CHECK(q_basis.dim() == 4, "echokv attend_merged: q_basis must be [B, H, R, n]");
   const int64_t B = q_basis.size(0), H = q_basis.size(1), R = q_basis.size(2);
   TORCH_CHECK(q_exact.dim() == 4 && q_exact.size(0) == B && q_exact.size(1) == H && q_exact.size(2) == R &&
