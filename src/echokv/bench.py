@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from . import kernels, plotting
+from . import plotting
 from .attention import echokv_attention, implementation
 from .cache import EchoKVCache, accounting
 from .generation import PREFILL_CHUNK, prefill
@@ -193,7 +193,7 @@ def bench_context(model, recon, ids: torch.Tensor, decode_tokens: int, repeats: 
                            "kv_bytes_ratio": out[v]["cache_bytes"] / out[FULL]["cache_bytes"],
                            "q_vs_stock_prefill_ratio": q_prefill[v][0],
                            "q_exact_prompt_vs_stock_prefill_ratio": q_prefill[v][1],
-                           "kernel_path": kernels.path(codecs[v].kernel, ids.device)} for v in codecs}} if codecs else {}),
+                           "kernel_path": codecs[v].kernel_path(ids.device)} for v in codecs}} if codecs else {}),
     }
 
 

@@ -116,6 +116,11 @@ class HeadQuantCodec(KVCodec):
     def kernel(self, value: str) -> None:
         self._kernel, self._path = value, None
 
+    def kernel_path(self, device) -> str:
+        """The kernel that reads this codec's classes on ``device`` (:func:`echokv.kernels.path`): cpp, triton or
+        torch."""
+        return kernels.path(self.kernel, device, [c for w in self.widths.values() for kind in KINDS for c in w[kind]])
+
     def _prepared(self, layer: int, stored: dict) -> tuple:
         """The kernel's arguments for ``layer``'s stored tensors, rebuilt only when the store has grown."""
         first = next(t for n, t in stored.items() if not n.startswith("sink"))  # a tensor the store grows
@@ -190,8 +195,7 @@ class HeadQuantCodec(KVCodec):
             if mask is not None:  # the mask's columns in the order of the exact tokens: sinks, then the recent ones
                 mask = torch.cat([mask[..., :tc], mask[..., :ns], mask[..., tc:]], dim=-1)
         if self._path is None:
-            classes = [c for w in self.widths.values() for kind in KINDS for c in w[kind]]
-            self._path = kernels.path(self.kernel, q.device, classes)
+            self._path = self.kernel_path(q.device)
         if self._path == "cpp" and tq == 1 and (mask is None or mask.dtype == torch.bool):
             # one call: the query folded into the bases, the stored tokens, the exact ones (sinks, then recent) and
             # the value basis, merged in C++ (a decode step's few PyTorch calls per layer cost as much as its reads)

@@ -56,9 +56,7 @@ class EchoKVQMethod(Method):
     def info(self) -> dict:
         out = {**super().info(), "kernel": self.kernel, "token_block": HeadQuantCodec.token_block}
         if self._codec is not None:
-            from .. import kernels
-
-            out["kernel_path"] = kernels.path(self.kernel, self._device)
+            out["kernel_path"] = self._codec.kernel_path(self._device)
         return out
 
 
