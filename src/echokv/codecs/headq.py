@@ -29,7 +29,7 @@ import torch
 
 from .. import kernels
 from ..cache.codec import KVCodec
-from ..kernels.reference import BLOCK, quantize_channels, quantize_class
+from ..kernels.reference import BLOCK, WIDTHS, quantize_channels, quantize_class
 from ..kernels.reference import dequantize as dequantize_classes
 
 KINDS = ("k", "v")
@@ -40,7 +40,7 @@ SINK_TOKENS = 4
 #: the class widths the allocator may use, in the order classes are stored (falling variance): float16, int8, int4,
 #: int2. Measured on SmolLM2 (fidelity suite, next-token KL): 2-bit classes take 0.75 from 0.0162 to 0.0116 and 0.875
 #: from 0.58 to 0.285 (keys, where the allocator had dropped channels, keep them at 2 bits)
-CLASS_WIDTHS = (16, 8, 4, 2)
+CLASS_WIDTHS = WIDTHS
 #: the class sizes the allocator tries per (layer, kind): float16 channels, then the others in steps of 8
 N16 = (0, 8)
 STEP = 8

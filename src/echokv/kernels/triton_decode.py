@@ -35,10 +35,8 @@ except ImportError as error:  # the dispatcher imports lazily and falls back to 
         "use echokv.kernels.reference.attend without it"
     ) from error
 
+from . import TRITON_WIDTHS as WIDTHS  # the class widths this kernel reads (2-bit: C++ and PyTorch paths)
 from .reference import BLOCK
-
-#: the class widths this kernel reads (2-bit classes: the C++ kernel and the PyTorch path)
-WIDTHS = (16, 8, 4)
 
 BLOCK_N = 64  # tokens per block: 64 codes per channel row keeps a d=128 block in registers
 MIN_DOT = 16  # tl.dot needs every dimension >= 16
