@@ -52,11 +52,8 @@ def train_tiny(model, layout=None, steps: int = 3, seed: int = 0, **cfg):
     vocab = model.config.vocab_size
     calib = torch.randint(3, vocab, (8, 64), generator=g)
     held = torch.randint(3, vocab, (4, 64), generator=g)
-    # the product's default network (mix) unless a test names another; a test that asks for ``layout`` means the
-    # retained heads of that layout, with the RoPE-commuting keys those tests were written for
+    # the product's default network (mix) unless a test names another; ``layout`` means the retained heads of it
     if layout is not None:
         cfg.setdefault("variant", "heads")
-    if cfg.get("variant") == "heads":
-        cfg.setdefault("keys", "rope-commuting")
     config = TrainConfig(stage2_steps=steps, progress=False, seed=seed, **cfg)
     return train(model, None, config, calib=calib, held=held, layout=layout)

@@ -182,6 +182,7 @@ def test_headdrop_kept_bytes_is_the_nearest_paper_layout(ratio, llama, calib):
 def test_headdrop_keeps_the_retained_heads_of_an_echo_artifact(llama, calib, tmp_path):
     # the ablation of EchoKV: its retained heads, no network; eval hands headdrop the run's echo artifact
     from echokv import artifact
+    from echokv.methods.headdrop import head_layout
     from helpers import train_tiny
 
     echo, report = train_tiny(llama, steps=1, compression_ratio=0.5, variant="heads")  # data layout (default)
@@ -189,17 +190,18 @@ def test_headdrop_keeps_the_retained_heads_of_an_echo_artifact(llama, calib, tmp
     meth = make_method("headdrop", 0.5, [path])
     assert meth.artifact == path
     meth.prepare(llama, None, calib)
-    assert meth.layout.retained_k == echo.layout.retained_k and meth.layout.retained_v == echo.layout.retained_v
+    heads = head_layout(echo.layout)  # the artifact's selections as (layer, head) pairs
+    assert meth.layout.retained_k == heads.retained_k and meth.layout.retained_v == heads.retained_v
     _, rep = _run(meth, llama, _ids(50))
-    assert rep["kept_fraction"] == pytest.approx(echo.layout.kept_fraction(), abs=1e-12)
-    assert meth.info()["layout"] == "data"
+    assert rep["kept_fraction"] == pytest.approx(heads.kept_fraction(), abs=1e-12)
+    assert meth.info()["layout"] == "artifact"  # the heads of the run's artifact
     assert make_method("headdrop", 0.7, [path]).artifact is None  # another ratio: the paper layout
 
-    hybrid, report = train_tiny(llama, steps=1, compression_ratio=0.5, variant="hybrid")
-    hpath = str(artifact.save(hybrid, llama, tmp_path / "hybrid-0.5", report))
-    assert make_method("headdrop", 0.5, [hpath]).artifact is None
+    hybrid, report = train_tiny(llama, steps=1, compression_ratio=0.7, variant="hybrid")
+    hpath = str(artifact.save(hybrid, llama, tmp_path / "hybrid-0.7", report))
+    assert make_method("headdrop", 0.7, [hpath]).artifact is None
     with pytest.raises(ValueError, match="head-only artifact"):
-        HeadDropMethod(0.5, artifact=hpath)
+        HeadDropMethod(0.7, artifact=hpath)
 
 
 @pytest.mark.parametrize(("ratio", "dtype", "bits"), [

@@ -50,7 +50,7 @@ def test_every_field_is_a_flag_with_its_default(name):
 def test_train_flags_reach_every_training_field():
     args = _subparser("train").parse_args([
         "--compression-ratio", "0.7", "--k-ratio", "0.6", "--v-ratio", "0.8", "--layout", "paper", "--variant",
-        "heads", "--keys", "rope-commuting", "--widths", "8", "--key-weight", "2", "--quant-group", "32",
+        "heads", "--keys", "pre-rope", "--widths", "8", "--key-weight", "2", "--quant-group", "32",
         "--stage2-eval-every", "5", "-S", "2", "--m", "1", "--inputs", "all", "--calib-tokens", "1024", "--seq-len", "128",
         "--heldout-tokens", "256", "--stage2-sequences", "3", "--steps", "7", "--lr", "0.01", "--stage2-batch",
         "4", "--stage2-queries", "32", "--ridge", "0.1", "--no-bias", "--seed", "5", "--text", "a.txt", "b.txt",
@@ -58,7 +58,7 @@ def test_train_flags_reach_every_training_field():
     ])
     cfg = from_args(args, TrainConfig)
     assert cfg == TrainConfig(
-        compression_ratio=0.7, k_ratio=0.6, v_ratio=0.8, layout="paper", variant="heads", keys="rope-commuting",
+        compression_ratio=0.7, k_ratio=0.6, v_ratio=0.8, layout="paper", variant="heads", keys="pre-rope",
         widths="8", key_weight=2.0, quant_group=32, stage2_eval_every=5, group_size=2, m=1,
         inputs="all", calib_tokens=1024, seq_len=128, heldout_tokens=256, stage2_sequences=3, stage2_steps=7,
         stage2_lr=0.01, stage2_batch=4, stage2_queries=32, ridge=0.1, bias=False, seed=5,

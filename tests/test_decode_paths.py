@@ -141,12 +141,10 @@ def test_reset_then_reuse_gives_the_same_logits_and_a_new_prompt_without_reset_i
         assert torch.equal(f1, f2) and torch.equal(e1, e2)
 
 
-@pytest.mark.parametrize("variant", ["heads", "hybrid"])
-def test_legacy_fast_paths_equal_their_references(networks, variant):
-    cfg = {"variant": variant}
-    if variant == "heads":
-        cfg["keys"] = "rope-commuting"
-    model, net = networks("llama", 0.5, **cfg)
+@pytest.mark.parametrize("variant, ratio", [("heads", 0.5), ("hybrid", 0.7)])
+def test_the_other_variants_fast_paths_equal_their_references(networks, variant, ratio):
+    # (the hybrid at 0.7: on a float32 model its key components keep at most half of the cache)
+    model, net = networks("llama", ratio, variant=variant)
     _prompt_then_steps(model, EchoKVCache(model, net, mode="compressed"), torch.randint(3, 250, (1, 20)), 6)
 
 

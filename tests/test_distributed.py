@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 import echokv
 from echokv import cli, distributed
 from echokv.config import TrainConfig
-from echokv.mix_training import check_data_parallel
+from echokv.training import check_data_parallel
 
 SRC = str(Path(echokv.__file__).resolve().parents[1])
 TRAIN = ["--model", "tiny-llama", "--no-progress", "--calib-tokens", "1024", "--seq-len", "128",
@@ -105,11 +105,11 @@ def test_a_failing_rank_stops_every_rank_and_writes_nothing(tmp_path):
     script = tmp_path / "inject.py"
     script.write_text(
         "import os, sys\n"
-        "from echokv import cli, mix_training\n"
+        "from echokv import cli, training\n"
         "if os.environ['RANK'] == '1':\n"
         "    def broken(*args, **kwargs):\n"
         "        raise RuntimeError('injected failure of rank 1')\n"
-        "    mix_training.stage2 = broken\n"
+        "    training.stage2 = broken\n"
         "sys.exit(cli.main(sys.argv[1:]))\n")
     work = tmp_path / "work"
     work.mkdir()
@@ -127,11 +127,8 @@ def test_data_parallel_checks_without_processes():
     with pytest.raises(ValueError, match=r"started 4 processes.*8 calibration, 4 held-out, 3 stage-2 sequences: "
                                          r"start at most 3 \(--nproc-per-node 3\)"):
         check_data_parallel(cfg, processes=4)
-    with pytest.raises(ValueError, match="the hybrid variant does not train data-parallel: run it as one process"):
-        check_data_parallel(TrainConfig(variant="hybrid"), processes=2)
-    with pytest.raises(ValueError, match="heads variant with --keys rope-commuting does not train data-parallel"):
-        check_data_parallel(TrainConfig(variant="heads", keys="rope-commuting"), processes=2)
-    check_data_parallel(TrainConfig(variant="heads"), processes=2)  # pre-RoPE heads share the mix trainer
+    for variant in ("mix", "heads", "hybrid"):  # one trainer: every variant splits its sequences
+        check_data_parallel(TrainConfig(variant=variant), processes=2)
 
 
 def test_helpers_are_the_identity_in_one_process():

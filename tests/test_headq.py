@@ -48,6 +48,20 @@ def test_stored_bytes_are_the_counted_bytes(llama):
     assert cache.kept_fraction() == pytest.approx(expect / (2 * n * heads * layers * 2 * d * 4))
 
 
+@pytest.mark.parametrize("context", [2 * TOKEN_BLOCK + 5, 3 * TOKEN_BLOCK + 40])
+def test_with_a_context_the_whole_cache_keeps_the_ratio_there(context):
+    # the bench's budgets are measured at a context: the exact sinks and recent tokens count in what is kept there
+    model = tiny_model("llama", head_dim=32, dtype=torch.bfloat16)
+    blocks = torch.randint(3, 250, (4, 64), generator=torch.Generator().manual_seed(0))
+    kept = {}
+    for at in (None, context):
+        cache = CompressedCache(model, fit(model, blocks, 0.5, context=at), mode="compressed", fast=True)
+        with torch.no_grad():
+            model(torch.randint(3, 250, (1, context)), past_key_values=cache)
+        kept[at] = cache.kept_fraction()
+    assert kept[None] > 0.5 >= kept[context] >= 0.5 - 0.05
+
+
 def test_the_first_tokens_are_kept_exact(llama):
     codec = fit(llama, torch.randint(3, 250, (4, 64), generator=torch.Generator().manual_seed(0)), 0.875)
     x = torch.randn(1, 2, 70, 32, generator=torch.Generator().manual_seed(2))
@@ -62,6 +76,10 @@ def test_the_first_tokens_are_kept_exact(llama):
 def test_refusals(llama):
     with pytest.raises(ValueError, match="between 0 and 1"):
         fit(llama, torch.randint(3, 250, (2, 16)), 1.0)
+    with pytest.raises(ValueError, match="at least one block"):
+        fit(llama, torch.randint(3, 250, (2, 16)), 0.5, context=10)
+    with pytest.raises(ValueError, match="the exact ones .* alone take more than 0.1"):
+        fit(llama, torch.randint(3, 250, (2, 16)), 0.9, context=TOKEN_BLOCK + 60)
     capped = tiny_model("llama")
     capped.config.attn_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="soft-caps"):

@@ -1,79 +1,44 @@
-"""EchoKV-Hybrid: keys as a RoPE-commuting latent per group, values rebuilt by Echo."""
+"""EchoKV-Hybrid in the one network: keys as learned components (before RoPE), values rebuilt from retained heads."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
-from echokv import artifact, key_latent
+from echokv import artifact
 from echokv.cache import EchoKVCache, echokv_attention
+from echokv.config import TrainConfig
 from echokv.tiny import tiny_model
-from echokv.training import TrainConfig
 from helpers import train_tiny
 
-
-def _rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE of x [T, n, d] at positions pos [T]."""
-    ang = pos[:, None].float() * inv_freq[None]  # [T, F]
-    cos, sin = torch.cat([ang.cos()] * 2, -1)[:, None], torch.cat([ang.sin()] * 2, -1)[:, None]
-    half = x.shape[-1] // 2
-    rot = torch.cat([-x[..., half:], x[..., :half]], -1)
-    return x * cos + rot * sin
+RETIRED = Path(__file__).parent / "data"
 
 
-def test_key_latent_commutes_with_rope():
-    """Projecting then rotating equals rotating then projecting, at positions never calibrated."""
-    from echokv import key_latent
-
-    model = tiny_model("llama")
-    recon, _ = train_tiny(model, steps=0, variant="hybrid", compression_ratio=0.5)
-    basis = recon.groups[0].k_basis
-    assert torch.allclose(basis.T @ basis, torch.eye(basis.shape[1]), atol=1e-5)  # orthonormal
-    n, d = basis.shape[0] // model.config.head_dim, model.config.head_dim
-    x = torch.randn(50, n, d)
-    pos = torch.randint(0, 100_000, (50,))
-    inv = model.model.rotary_emb.inv_freq
-
-    def project(k):  # [T, n, d] -> the same, through the latent
-        return key_latent.decode(key_latent.encode(k.permute(1, 0, 2)[None], basis), basis, d)[0].permute(1, 0, 2)
-
-    a = project(_rope(x, pos, inv))
-    b = _rope(project(x), pos, inv)
-    assert torch.allclose(a, b, atol=1e-4)
-
-
-def test_full_rank_hybrid_equals_the_full_cache():
-    model = tiny_model("llama")
-    recon, report = train_tiny(model, steps=0, variant="hybrid", compression_ratio=0.0)
-    assert report["kept_fraction"] == 1.0
-    ids = torch.randint(3, 250, (1, 24))
-    ref = model(ids).logits
-    for fast in (False, True):
-        cache = EchoKVCache(model, recon, mode="compressed", fast=fast)
-        with echokv_attention(model):
-            out = torch.cat([model(ids[:, s : s + 5], past_key_values=cache).logits for s in range(0, 24, 5)], 1)
-        assert torch.allclose(out, ref, atol=1e-4), fast
-
-
-@pytest.mark.parametrize("ratio, k_ratio", [(0.5, None), (0.7, None), (0.5, 0.25)])
-def test_hybrid_kept_fraction_is_exact_and_measured(ratio, k_ratio):
+@pytest.mark.parametrize("ratio, k_ratio", [(0.6, None), (0.7, None), (0.625, 0.5)])
+def test_hybrid_keeps_what_it_is_asked_and_the_cache_measures_it(ratio, k_ratio):
+    # (a float32 model: components are kept at 16 bits at most, half of its cache, so keys reach at most 0.5)
     model = tiny_model("llama")
     recon, report = train_tiny(model, steps=0, variant="hybrid", compression_ratio=ratio, k_ratio=k_ratio)
     lay = recon.layout
-    step = 2 / (lay.num_kv_heads * len(lay.groups[0]) * lay.head_dim)  # one complex component per group
+    assert lay.variant == "hybrid"
+    for part in lay.parts:  # keys are components, values whole retained heads at the cache's width
+        assert (part.selection is None) == (part.kind == "k")
+        if part.kind == "v":
+            assert part.rank == len(part.selection) * lay.head_dim and set(part.widths) == {lay.element_bits}
     rk, rv = TrainConfig(compression_ratio=ratio, k_ratio=k_ratio, variant="hybrid").ratios()
-    heads = lay.total_heads
-    assert lay.hybrid and len(lay.retained_v) == round((1 - rv) * heads)  # values: whole heads
+    heads = len(lay.layers) * lay.num_kv_heads
+    assert sum(len(lay.part(g, "v").selection) for g in range(len(lay.groups))) == round((1 - rv) * heads)
     if k_ratio is None:  # the default split favours keys, and keys absorb the values' rounding: the ratio holds
         assert report["kept_fraction_k"] > report["kept_fraction_v"]
-        assert report["kept_fraction"] == pytest.approx(1 - ratio, abs=step / 2 + 1e-12)
+        assert 1 - ratio - 0.01 <= report["kept_fraction"] <= 1 - ratio
     else:
-        assert report["kept_fraction_k"] == pytest.approx(1 - rk, abs=step / 2 + 1e-12)
-        assert report["kept_fraction"] == pytest.approx(1 - ratio, abs=step / 2 + 1 / heads)
+        assert 1 - rk - 0.02 <= report["kept_fraction_k"] <= 1 - rk
     cache = EchoKVCache(model, recon, mode="compressed")
-    model(torch.randint(3, 250, (1, 40)), past_key_values=cache)
+    model(torch.randint(3, 250, (1, 70)), past_key_values=cache)
     mem = cache.memory_report()
-    assert mem["kept_fraction"] == pytest.approx(lay.kept_fraction(), abs=1e-9)
+    assert mem["kept_fraction"] == pytest.approx(lay.kept_fraction(), abs=0.02)
     held = sum(t.numel() * t.element_size() for store in cache.stores for t in store.tensors.values())
     assert mem["cache_bytes"] == held
 
@@ -81,12 +46,12 @@ def test_hybrid_kept_fraction_is_exact_and_measured(ratio, k_ratio):
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
 def hybrid(request):
     model = tiny_model(request.param)
-    recon, _ = train_tiny(model, steps=3, variant="hybrid", compression_ratio=0.5)
-    return model, recon
+    recon, report = train_tiny(model, steps=3, variant="hybrid", compression_ratio=0.7)
+    return model, recon, report
 
 
 def test_hybrid_fast_path_equals_explicit_with_padding(hybrid):
-    model, recon = hybrid
+    model, recon, _ = hybrid
     ids = torch.randint(3, 250, (2, 30))
     mask = torch.ones_like(ids)
     ids[1, :5], mask[1, :5] = 0, 0
@@ -98,30 +63,18 @@ def test_hybrid_fast_path_equals_explicit_with_padding(hybrid):
                 model(ids[:, s : s + 7], attention_mask=mask[:, : s + 7], past_key_values=cache).logits
                 for s in range(0, 30, 7)
             ], 1))
-    assert torch.allclose(outs[0][mask.bool()], outs[1][mask.bool()], atol=1e-5, rtol=1e-4)
+    assert torch.allclose(outs[0][mask.bool()], outs[1][mask.bool()], atol=1e-4, rtol=1e-4)
 
 
 def test_hybrid_artifact_round_trip(tmp_path, hybrid):
-    model, recon = hybrid
-    artifact.save(recon, model, tmp_path / "h")
+    model, recon, report = hybrid
+    artifact.save(recon, model, tmp_path / "h", report)
+    config = artifact.read_config(tmp_path / "h")
+    assert artifact.config_variant(config) == "hybrid"
     loaded = artifact.load(tmp_path / "h", model)
-    assert loaded.layout.hybrid and loaded.layout.key_latent == recon.layout.key_latent
+    assert loaded.layout.to_dict() == recon.layout.to_dict()
     for name, t in recon.state_dict().items():
         assert torch.equal(t, loaded.state_dict()[name]), name
-    # the file holds each key basis in its complex form: n*r + r/2 numbers, not n*d*r
-    from safetensors.torch import load_file
-
-    stored = load_file(str(tmp_path / "h" / artifact.WEIGHTS))
-    assert not [n for n in stored if n.endswith("k_basis")]
-    for g, mod in enumerate(recon.groups):
-        n_d, r = mod.k_basis.shape
-        axes = stored[f"groups.{g}.k_basis_axes"]
-        assert axes.shape == (r // 2, n_d // recon.head_dim, 2)
-        assert key_latent.stored_numel(mod.k_basis, recon.head_dim) == axes.numel() + r // 2 < mod.k_basis.numel() / 8
-    if getattr(recon, "stage1_state", None) is not None:
-        s1 = artifact.load(tmp_path / "h", model, stage=1)
-        for name, t in recon.stage1_state.items():
-            assert torch.equal(t, s1.state_dict()[name]), name
     ids = torch.randint(3, 250, (1, 20))
     with echokv_attention(model):
         a = model.generate(ids, max_new_tokens=8, do_sample=False,
@@ -129,6 +82,27 @@ def test_hybrid_artifact_round_trip(tmp_path, hybrid):
         b = model.generate(ids, max_new_tokens=8, do_sample=False,
                            past_key_values=EchoKVCache(model, loaded, mode="compressed"))
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("folder, variant", [("artifact-0.1.0-hybrid", "hybrid"), ("artifact-0.1.0-echo", "heads")])
+def test_an_artifact_of_a_retired_form_gets_one_line(folder, variant):
+    """The RoPE-commuting retained heads and the key latent were retired: their artifacts are refused before any
+    model is loaded, naming the command that trains the form that replaced them."""
+    with pytest.raises(artifact.ArtifactError) as info:
+        artifact.read_config(RETIRED / folder)
+    message = str(info.value)
+    assert "\n" not in message and "retired variant" in message
+    assert f"`echokv train --variant {variant}`" in message
+
+
+def test_retired_flags_are_refused_or_warned():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="--keys rope-commuting was retired"):
+        TrainConfig(variant="heads", keys="rope-commuting").validate(model)
+    with pytest.raises(ValueError, match="--inputs global was retired"):
+        TrainConfig(variant="heads", inputs="global").validate(model)
+    with pytest.warns(FutureWarning, match="--keys is deprecated"):
+        TrainConfig(variant="heads", keys="pre-rope").validate(model)
 
 
 def test_unknown_variant_is_refused():

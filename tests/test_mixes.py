@@ -1,4 +1,4 @@
-"""Retained components (echokv.mixes, codecs/mix.py, mix_training.py): pre-RoPE keys, learned mixes, precision per
+"""Retained components (echokv.mixes, codecs/mix.py, training.py): pre-RoPE keys, learned mixes, precision per
 component, the byte budget."""
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def test_decoding_holds_one_groups_dequantized_components_at_a_time():
     ({"variant": "heads", "compression_ratio": 0.62, "group_size": 4}, "nearest reachable ratios"),
 ])
 def test_bad_settings_are_refused_before_calibration(cfg, message, monkeypatch):
-    import echokv.mix_training as mt
+    import echokv.training as mt
 
     def boom(*a, **k):
         raise AssertionError("calibration started")
@@ -176,7 +176,7 @@ def test_bad_settings_are_refused_before_calibration(cfg, message, monkeypatch):
     monkeypatch.setattr(mt, "collect", boom)
     model = tiny_model("llama", num_hidden_layers=4, num_key_value_heads=1, num_attention_heads=2)
     with pytest.raises(ValueError, match=message):
-        mt.train_mixes(model, None, TrainConfig(progress=False, **cfg), torch.zeros(2, 8, dtype=torch.long),
+        mt.train(model, None, TrainConfig(progress=False, **cfg), torch.zeros(2, 8, dtype=torch.long),
                        torch.zeros(1, 8, dtype=torch.long))
 
 

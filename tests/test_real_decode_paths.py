@@ -44,7 +44,7 @@ def _trained(ratio: float) -> Path:
 
     src = Path(echokv.__file__).parent
     digest = hashlib.sha256()
-    for name in ("mixes.py", "mix_training.py", "artifact.py", "config.py", "training.py", "selection.py"):
+    for name in ("mixes.py", "artifact.py", "config.py", "training.py", "selection.py"):
         digest.update((src / name).read_bytes())
     root = Path(os.environ.get("ECHOKV_TEST_CACHE", Path.home() / ".cache" / "echokv" / "tests"))
     out = root / f"smollm2-default-{ratio:g}-{digest.hexdigest()[:12]}"

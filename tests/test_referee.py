@@ -39,12 +39,13 @@ def test_an_exact_artifact_has_no_error_and_a_lossy_one_has_some(tiny, tmp_path)
     assert "(b) Across documents" in (tmp_path / "report" / referee.MD_NAME).read_text()
 
 
-def test_an_artifact_of_the_reconstructor_is_refused_before_the_model_loads(tiny, tmp_path, capsys):
-    model, _ = tiny
-    recon, report = train_tiny(model, steps=0, variant="hybrid")
-    path = artifact.save(recon, model, tmp_path / "hybrid", report)
-    with pytest.raises(ValueError, match="retained components"):
-        referee.analyze(model, None, path)
+def test_every_variant_is_analysed_and_a_missing_artifact_is_refused(tiny, tmp_path, capsys):
+    model, tok = tiny
+    for variant, ratio in (("heads", 0.5), ("hybrid", 0.7)):  # (float32: the hybrid's keys keep at most half)
+        net, report = train_tiny(model, steps=0, variant=variant, compression_ratio=ratio)
+        path = artifact.save(net, model, tmp_path / variant, report)
+        r = referee.analyze(model, tok, path, seq_len=128, long_tokens=256, progress=False)
+        assert len(r["per_head"]["k"]) == model.config.num_hidden_layers and r["variant"] == variant
     assert main(["analyze", "--model", "tiny-llama", "--artifact", str(tmp_path / "missing"),
                  "--out", str(tmp_path / "o")]) == 2
     assert "missing" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -237,10 +237,10 @@ def test_artifact_of_the_other_variant_is_an_error_not_a_training(tiny_artifact,
     from echokv import methods
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match=r"'heads' variant \(pre-rope keys\) but echokv-hybrid needs the 'hybrid' variant"):
+    with pytest.raises(ValueError, match=r"'heads' variant but echokv-hybrid needs the 'hybrid' variant"):
         runner.make_job("quick", "full,echokv-hybrid", "0.5", artifacts=[tiny_artifact],
                         tasks="niah_single_1", context_lengths="200", samples=1)
-    with pytest.raises(ValueError, match=r"'heads' variant \(pre-rope keys\) but echokv-hybrid needs the 'hybrid' variant"):
+    with pytest.raises(ValueError, match=r"'heads' variant but echokv-hybrid needs the 'hybrid' variant"):
         methods.make_method("echokv-hybrid", 0.5, [tiny_artifact])
     job = runner.make_job("quick", "all", "0.5", artifacts=[tiny_artifact], tasks="niah_single_1",
                           context_lengths="200", samples=1, peers="off")
@@ -256,7 +256,7 @@ def test_cli_other_variant_exits_2_without_traceback(tiny_artifact, tmp_path, mo
     monkeypatch.setattr(ModelConfig, "load", lambda self: (_ for _ in ()).throw(AssertionError("loaded")))
     rc = cli.main(["eval", "--methods", "echokv", "--artifacts", tiny_artifact, "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert rc == 2 and "'heads' variant (pre-rope keys) but echokv needs the 'mix' variant" in err and "Traceback" not in err
+    assert rc == 2 and "'heads' variant but echokv needs the 'mix' variant" in err and "Traceback" not in err
 
 
 def test_missing_artifact_is_skipped_with_a_message_and_no_training(tiny, tiny_artifact, tmp_path, monkeypatch):

@@ -61,5 +61,5 @@ def test_the_reader_sees_relative_imports():
     # the checks above are only as good as this: relative imports resolve to the modules they name
     assert "echokv.cli._args" in _imported(PACKAGE / "cli" / "info.py")
     assert "echokv.eval.runner" in _imported(PACKAGE / "cli" / "eval.py")
-    assert "echokv.cache.codec" in _imported(PACKAGE / "codecs" / "echo.py")
+    assert "echokv.cache.codec" in _imported(PACKAGE / "codecs" / "mix.py")
     assert "echokv.attention" in _imported(PACKAGE / "cache" / "layers.py")

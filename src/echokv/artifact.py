@@ -23,12 +23,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from . import key_latent
 from .mixes import Mixes, MixLayout
 from .models import kv_geometry
 from .placement import onloaded
-from .reconstructor import Reconstructor
-from .selection import HeadLayout
 from .stats.capture import attention_modules
 from .util import atomic_dir, is_unfinished_output
 
@@ -40,7 +37,6 @@ STAGE1_WEIGHTS = "reconstructor_stage1.safetensors"  # the closed-form start, fo
 #: the weights file of each training stage
 STAGE_FILES = {2: WEIGHTS, 1: STAGE1_WEIGHTS}
 
-_FREQ, _AXES = "_freq", "_axes"  # the stored complex form of a hybrid key basis (:func:`_pack`)
 _ZERO_SUM = "0" * 64
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _RETRAIN = "train it again with `echokv train`, or restore the folder from a copy"
@@ -142,7 +138,7 @@ def _checksum_entry(digest: str) -> bytes:
 
 
 def save(
-    recon: Reconstructor | Mixes,
+    recon: Mixes,
     model,
     out_dir: str | Path,
     report: dict | None = None,
@@ -151,8 +147,8 @@ def save(
 ):
     """Write the artifact atomically (:func:`~echokv.util.atomic_dir`: an existing ``out_dir`` is replaced
     only with ``overwrite`` and only when it holds nothing but echokv's output)."""
-    if not isinstance(recon, (Reconstructor, Mixes)):
-        raise TypeError(f"save needs the network that train() returned (a Reconstructor or Mixes), got "
+    if not isinstance(recon, Mixes):
+        raise TypeError(f"save needs the network that train() returned (echokv.mixes.Mixes), got "
                         f"{type(recon).__name__}")
     if not isinstance(out_dir, (str, Path)) or not str(out_dir).strip():
         raise TypeError(f"save needs an output folder path (str or pathlib.Path), got {out_dir!r}")
@@ -166,15 +162,14 @@ def save(
             **fingerprints(model),
         },
         "layout": recon.layout.to_dict(),
-        "head_dim": recon.layout.head_dim if isinstance(recon, Mixes) else recon.head_dim,
-        "bias": True if isinstance(recon, Mixes) else recon.groups[0].use_bias if len(recon.groups) else True,
+        "head_dim": recon.layout.head_dim,
+        "bias": True,
         "reconstructor_parameters": recon.num_parameters(),
         "reconstructor_bytes": recon.num_bytes(),
         "training": (report or {}).get("config", {}),
         "versions": _versions(),
     }
-    head_dim = config["head_dim"]
-    tensors = _pack(recon.state_dict(), head_dim)
+    tensors = _pack(recon.state_dict())
     # one metadata key: safetensors writes its metadata in no fixed order, and the format must open the file (so
     # that a truncated artifact of echokv's is still recognised as its own, util.OWN_FILES)
     meta = {"format": FORMAT + WITH_CHECKSUMS}
@@ -182,7 +177,7 @@ def save(
         save_file(tensors, str(tmp / WEIGHTS), metadata=meta)
         stage1_state = stage1_state if stage1_state is not None else getattr(recon, "stage1_state", None)
         if stage1_state is not None:
-            save_file(_pack(stage1_state, head_dim), str(tmp / STAGE1_WEIGHTS), metadata=meta)
+            save_file(_pack(stage1_state), str(tmp / STAGE1_WEIGHTS), metadata=meta)
         config["checksums"] = {name: _sha256(tmp / name) for name in STAGE_FILES.values() if (tmp / name).is_file()}
         (tmp / CONFIG).write_bytes(_config_bytes(config))
         if report is not None:
@@ -286,8 +281,8 @@ def _is_int(x, low: int = 0) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= low
 
 
-def _check_config(folder: Path, config: dict) -> Reconstructor | Mixes:
-    """The shape of ``config.json``; returns an empty reconstructor of its layout (the tensors it needs)."""
+def _check_config(folder: Path, config: dict) -> Mixes:
+    """The shape of ``config.json``; returns an empty network of its layout (the tensors it needs)."""
     file = folder / CONFIG
     _need(config.get("format") == FORMAT, file,
           f"has format {config.get('format')!r}, expected {FORMAT!r} (not an echokv artifact, or another version)")
@@ -307,24 +302,17 @@ def _check_config(folder: Path, config: dict) -> Reconstructor | Mixes:
     _need(isinstance(config.get("bias", True), bool), file, "has a 'bias' that is not true or false")
     raw_layout = config.get("layout")
     _need(isinstance(raw_layout, dict), file, "lacks the 'layout' object (which heads are kept)")
-    if "parts" in raw_layout:
-        return _check_mix_layout(file, raw_layout, geo, head_dim)
-    try:
-        layout = HeadLayout.from_dict(raw_layout)
-    except Exception as exc:  # noqa: BLE001 - any malformed layout
-        raise _fail(file, f"has a malformed 'layout' ({type(exc).__name__}: {exc})") from None
-    _need(layout.num_kv_heads == geo["num_kv_heads"], file, f"has a layout of {layout.num_kv_heads} KV heads for a "
-          f"model of {geo['num_kv_heads']}")
-    layers = set(range(geo["num_layers"]))
-    _need(all(_is_int(i) and i in layers for i in layout.layers), file, "has layout layers outside the model")
-    for kind in ("k", "v"):
-        for head in layout.retained(kind):
-            _need(len(head) == 2 and head[0] in layout.layers and _is_int(head[1]) and head[1] < layout.num_kv_heads,
-                  file, f"has a retained {kind.upper()} head {list(head)} outside the layout")
-    try:
-        return Reconstructor(layout, head_dim, bias=config.get("bias", True))
-    except Exception as exc:  # noqa: BLE001 - a layout the network cannot be built from
-        raise _fail(file, f"has a layout the network cannot be built from ({type(exc).__name__}: {exc})") from None
+    if "parts" not in raw_layout and "retained_k" in raw_layout:
+        raise retired(file, raw_layout)
+    return _check_mix_layout(file, raw_layout, geo, head_dim)
+
+
+def retired(file: Path, layout: dict) -> ArtifactError:
+    """The one line for an artifact of a retired form: the RoPE-commuting retained heads and the hybrid's key
+    latent (artifacts without a ``parts`` layout)."""
+    variant = "hybrid" if layout.get("key_latent") is not None else "heads"
+    return ArtifactError(f"{file} was trained by a retired variant ({variant} with RoPE-commuting keys, echokv 0.1); "
+                         f"retrain with `echokv train --variant {variant}` (keys are now rebuilt before RoPE)")
 
 
 def _check_mix_layout(file: Path, raw_layout: dict, geo: dict, head_dim: int) -> Mixes:
@@ -363,43 +351,16 @@ _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", t
            torch.int64: "I64"}
 
 
-def _packed_k_basis(name: str, shape: tuple[int, ...], stored: dict, head_dim: int) -> str | None:
-    """The hybrid's key basis [n*d, r] stored in its complex form: ``_freq`` [r/2] int32, ``_axes`` [r/2, n, 2]."""
-    freq, axes = stored.get(name + _FREQ), stored.get(name + _AXES)
-    if freq is None or axes is None:
-        return f"lacks {name} (or its complex form {name}{_FREQ}, {name}{_AXES})"
-    (nd, r) = shape
-    want_freq, want_axes = (r // 2,), (r // 2, nd // head_dim, 2)
-    if r % 2 or freq != (want_freq, "I32") or axes != (want_axes, "F32"):
-        return (f"stores {name} as {name}{_FREQ} {list(freq[0])} {freq[1]} and {name}{_AXES} {list(axes[0])} "
-                f"{axes[1]}, but the layout needs I32 {list(want_freq)} and F32 {list(want_axes)}")
-    return None
-
-
-#: tensors an artifact may store in another form than the network holds them: name suffix -> (the stored
-#: names' suffixes, a check of the stored form against the shape the layout needs). A new packed form is
-#: added here and in :func:`_pack` / :func:`_unpack`.
-PACKED_FORMS = {"k_basis": ((_FREQ, _AXES), _packed_k_basis)}
-
-
-def _check_weights(file: Path, recon: Reconstructor | Mixes, head_dim: int) -> None:
+def _check_weights(file: Path, recon: Mixes, head_dim: int) -> None:
     """The tensors of a weights file against those the layout needs: names, shapes and dtypes (header only)."""
     stored, _ = _header(file)
     left = dict(stored)
     for name, tensor in recon.state_dict().items():
         want = (tuple(tensor.shape), _DTYPES.get(tensor.dtype, str(tensor.dtype)))
-        if name in stored:
-            left.pop(name)
-            _need(stored[name] == want, file, f"tensor {name} is {stored[name][1]} {list(stored[name][0])}, but "
-                  f"{CONFIG}'s layout and head_dim {head_dim} need {want[1]} {list(want[0])}")
-            continue
-        packed = next(((suffixes, check) for end, (suffixes, check) in PACKED_FORMS.items() if name.endswith(end)),
-                      None)
-        _need(packed is not None, file, f"lacks tensor {name}, which {CONFIG}'s layout needs")
-        problem = packed[1](name, want[0], stored, head_dim)
-        _need(problem is None, file, problem or "")
-        for suffix in packed[0]:
-            left.pop(name + suffix, None)
+        _need(name in stored, file, f"lacks tensor {name}, which {CONFIG}'s layout needs")
+        left.pop(name)
+        _need(stored[name] == want, file, f"tensor {name} is {stored[name][1]} {list(stored[name][0])}, but "
+              f"{CONFIG}'s layout and head_dim {head_dim} need {want[1]} {list(want[0])}")
     _need(not left, file, f"holds tensors {CONFIG}'s layout has no place for ({', '.join(sorted(left)[:4])})")
 
 
@@ -436,18 +397,8 @@ def config_ratio(config: dict) -> float:
 
 
 def config_variant(config: dict) -> str:
-    """The variant of an artifact, from its layout: ``"mix"`` or ``"heads"`` with retained components
-    (:mod:`echokv.mixes`), or the RoPE-commuting forms: ``"hybrid"`` (keys as a latent) or ``"heads"`` (which
-    artifacts written before the rename record as ``"echo"``)."""
-    layout = config["layout"]
-    if "parts" in layout:
-        return layout.get("variant", "mix")
-    return "hybrid" if layout.get("key_latent") is not None else "heads"
-
-
-def config_keys(config: dict) -> str:
-    """How an artifact rebuilds keys: ``"pre-rope"`` (retained components) or ``"rope-commuting"``."""
-    return config["layout"].get("keys", "pre-rope") if "parts" in config["layout"] else "rope-commuting"
+    """The variant of an artifact (``"mix"``, ``"heads"`` or ``"hybrid"``), from its layout."""
+    return config["layout"].get("variant", "mix")
 
 
 def check_compatible(config: dict, model, path="artifact") -> None:
@@ -478,28 +429,13 @@ def check_compatible(config: dict, model, path="artifact") -> None:
     )
 
 
-def _pack(state: dict, head_dim: int) -> dict[str, torch.Tensor]:
-    """float32 tensors to save; hybrid key bases in their complex form (64x smaller at head_dim 64)."""
-    out = {}
-    for name, t in state.items():
-        t = t.detach().contiguous().float()
-        form = key_latent.complex_form(t, head_dim) if name.endswith("k_basis") else None
-        if form is None:
-            out[name] = t
-        else:
-            out[name + _FREQ], out[name + _AXES] = form
-    return out
+def _pack(state: dict) -> dict[str, torch.Tensor]:
+    """float32 tensors to save."""
+    return {name: t.detach().contiguous().float() for name, t in state.items()}
 
 
-def _unpack(state: dict, head_dim: int) -> dict[str, torch.Tensor]:
-    for name in [n for n in state if n.endswith("k_basis" + _AXES)]:
-        base = name[: -len(_AXES)]
-        state[base] = key_latent.from_complex_form(state.pop(base + _FREQ), state.pop(name), head_dim)
-    return state
-
-
-def load(path: str | Path, model=None, stage: int = 2) -> Reconstructor | Mixes:
-    """Load the network of an artifact (a :class:`~echokv.mixes.Mixes` or a :class:`Reconstructor`); with
+def load(path: str | Path, model=None, stage: int = 2) -> Mixes:
+    """Load the network of an artifact (a :class:`~echokv.mixes.Mixes`); with
     ``model``, check it is the model the artifact was trained for.
 
     ``stage=1`` loads the stage-1 (closed-form) weights, when the artifact has them. The artifact is
@@ -511,15 +447,12 @@ def load(path: str | Path, model=None, stage: int = 2) -> Reconstructor | Mixes:
     config = read_config(path)
     if model is not None:
         check_compatible(config, model, str(path))
-    if "parts" in config["layout"]:
-        recon = Mixes(MixLayout.from_dict(config["layout"]))
-    else:
-        recon = Reconstructor(HeadLayout.from_dict(config["layout"]), config["head_dim"], bias=config.get("bias", True))
+    recon = Mixes(MixLayout.from_dict(config["layout"]))
     weights = Path(path).expanduser() / STAGE_FILES[stage]
     if not weights.is_file():
         raise ArtifactError(f"{path} has no stage-{stage} weights ({weights.name}); load stage 2 instead")
     try:
-        state = _unpack(load_file(str(weights)), config["head_dim"])
+        state = load_file(str(weights))
         recon.load_state_dict(state, strict=True)
     except (SafetensorError, OSError, RuntimeError, ValueError, IndexError, KeyError) as exc:
         raise _fail(weights, f"could not be loaded into the network ({type(exc).__name__}: {exc})") from None

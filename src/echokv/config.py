@@ -11,19 +11,20 @@ line. Measured tuning constants stay next to the code they tune, with their meas
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import MISSING, asdict, dataclass, field
 
 from .models import DEFAULT_MODEL, DTYPES, kv_geometry
 from .selection import INPUTS, check_ratio, make_groups
 from .stats.moments import RIDGE
 
-#: EchoKV's variants: ``mix`` (retained components: learned mixes of a group's heads, each kept at the precision
-#: the byte budget gives it), ``heads`` (the paper's form: discarded K and V heads rebuilt from retained ones) and
-#: ``hybrid`` (keys as a RoPE-commuting latent per group, values rebuilt from retained heads)
-VARIANTS = ("hybrid", "mix", "heads")
-#: how the ``heads`` variant rebuilds keys: with full linear maps before RoPE (the paper), or with maps that
-#: commute with RoPE, applied to the cached keys as they are (foldable into the query)
-KEY_FORMS = ("pre-rope", "rope-commuting")
+#: EchoKV's variants, one network (:mod:`echokv.mixes`) with a choice of encoder per kind: ``mix`` (learned
+#: components: mixes of a group's heads, each kept at the precision the byte budget gives it), ``heads`` (the
+#: paper's form: discarded K and V heads rebuilt from retained ones) and ``hybrid`` (the paper's Hybrid: keys as
+#: learned components, values rebuilt from retained heads). Keys are always rebuilt before RoPE.
+VARIANTS = ("mix", "heads", "hybrid")
+#: the retired RoPE-commuting key form (``--keys rope-commuting``): 4.0 retrieval at 0.5 on the quick suite
+RETIRED_KEYS = "rope-commuting"
 LAYOUTS = ("data", "paper")
 CACHE_MODES = ("full", "compressed", "auto")
 #: the evaluation suites (defined in the harness, :mod:`echokv.eval.suites`)
@@ -80,9 +81,9 @@ class ModelConfig:
                           keep_groups_on_device=self.keep_groups_on_device)
 
 
-#: stage-2 learning rates. The mixes' stage 2 trains decoders on fixed components, which 1e-3 overshoots
-#: (SmolLM2 at ratio 0.75, held-out output error: 0.0038 -> 0.0106 at 1e-3, 0.0031 -> 0.0027 at 1e-4)
-STAGE2_LR = {"components": 1e-4, "reconstructor": 1e-3}
+#: stage-2 learning rate. Stage 2 trains decoders on fixed components, which 1e-3 overshoots (SmolLM2 at ratio
+#: 0.75, held-out output error: 0.0038 -> 0.0106 at 1e-3, 0.0031 -> 0.0027 at 1e-4)
+STAGE2_LR = 1e-4
 
 
 @dataclass(kw_only=True)
@@ -99,12 +100,11 @@ class TrainConfig:
     variant: str = option("mix", "mix: per group of S layers, the principal components of pre-RoPE keys and of "
                           "values, each kept at 16 bits, int8 or int4 or dropped as the byte budget allows, rebuilt "
                           "by linear decoders. heads: the paper's form, retained heads rebuild the discarded ones "
-                          "(loses retrieval on SmolLM2 at 0.5, measured). hybrid: keys as a low-rank latent that "
-                          "commutes with RoPE, values rebuilt from retained heads (keys get 60%% of the kept budget "
-                          "unless --k-ratio/--v-ratio are given)", choices=VARIANTS)
-    keys: str = option("pre-rope", "heads variant: rebuild keys before RoPE with full linear maps (the paper) or "
-                       "with RoPE-commuting maps on the cached keys (mix: always pre-RoPE; hybrid: always "
-                       "RoPE-commuting)", choices=KEY_FORMS)
+                          "(loses retrieval on SmolLM2 at 0.5, measured). hybrid: keys as learned components, "
+                          "values rebuilt from retained heads (keys get 60%% of the kept budget unless "
+                          "--k-ratio/--v-ratio are given)", choices=VARIANTS)
+    keys: str | None = option(None, "retired: keys are always rebuilt before RoPE (accepted as pre-rope for one "
+                              "release; rope-commuting is refused)", choices=("pre-rope", RETIRED_KEYS))
     widths: str = option("auto", "precision of retained components: auto (mix: the byte budget gives each "
                          "component 16 bits, int8, int4 or drops it), or one of 16, 8, 4 for every retained "
                          "component (heads: default 16)")
@@ -114,17 +114,15 @@ class TrainConfig:
     group_size: int | None = option(None, "layers per group S (default: 4 for the data layout, searched for the "
                                     "paper layout)", aliases=("-S",), check="positive")
     m: int | None = option(None, "paper layout: heads kept in each non-first layer (default: searched)")
-    inputs: str | None = option(None, "which retained heads feed a discarded one (default: all for the data "
-                                "layout, global+local for the paper layout)", choices=INPUTS)
+    inputs: str | None = option(None, "retired: every retained head of a group feeds each discarded one (accepted "
+                                "as all for one release; the others are refused)", choices=INPUTS)
     calib_tokens: int = option(CALIBRATION_TOKENS, "calibration tokens", check="positive")
     seq_len: int = option(CALIBRATION_SEQ_LEN, "tokens per calibration sequence", check="positive")
     heldout_tokens: int = option(2048, "held-out tokens for the report", check="positive")
     stage2_sequences: int = option(16, "calibration sequences kept for stage 2 (mix/heads: also those the "
                                    "decoders are refitted on)", check="positive")
     stage2_steps: int = option(100, "stage-2 steps (0: stage 1 only)", aliases=("--steps",))
-    stage2_lr: float | None = option(None, "stage-2 learning rate (AdamW, cosine schedule; default: "
-                                     f"{STAGE2_LR['components']:g} for mix and pre-RoPE heads, "
-                                     f"{STAGE2_LR['reconstructor']:g} for hybrid and RoPE-commuting heads)",
+    stage2_lr: float | None = option(None, f"stage-2 learning rate (AdamW, cosine schedule; default {STAGE2_LR:g})",
                                      aliases=("--lr",))
     stage2_batch: int = option(2, "sequences per stage-2 step", check="positive")
     stage2_queries: int | None = option(128, "query positions scored per sequence in stage 2 (None, from "
@@ -132,7 +130,7 @@ class TrainConfig:
     stage2_eval_every: int = option(25, "mix/heads: steps between held-out checks of stage 2 (the best state is "
                                     "kept)", check="positive")
     ridge: float = option(RIDGE, "stage-1 ridge, relative to the mean diagonal of the normal equations")
-    bias: bool = option(True, "value maps with a bias")
+    bias: bool = option(True, "retired: the decoders always add the group's mean (--no-bias is refused)")
     seed: int = option(0, "seed of stage 2")
     text_paths: list[str] | None = option(None, "your own text files/folders instead of the bundled text",
                                           aliases=("--text",), role="input")
@@ -160,16 +158,8 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        """The stage-2 learning rate: ``stage2_lr``, or the default of this variant's trainer."""
-        if self.stage2_lr is not None:
-            return self.stage2_lr
-        return STAGE2_LR["components" if self.retains_components else "reconstructor"]
-
-    @property
-    def retains_components(self) -> bool:
-        """Whether this trains retained components (:mod:`echokv.mix_training`: ``mix``, pre-RoPE ``heads``)
-        rather than the RoPE-commuting reconstructor (:mod:`echokv.training`)."""
-        return self.variant == "mix" or (self.variant == "heads" and self.keys == "pre-rope")
+        """The stage-2 learning rate: ``stage2_lr``, or the default."""
+        return STAGE2_LR if self.stage2_lr is None else self.stage2_lr
 
     def validate(self, model, reachable: bool = True) -> None:
         """Raise before any work for settings that cannot fit the model (``reachable=False``: a given layout, not
@@ -203,13 +193,22 @@ class TrainConfig:
         if self.variant == "mix" and (self.layout != "data" or self.m is not None or self.inputs is not None):
             raise ValueError("--layout, --m and --inputs choose retained heads: they apply to the heads and hybrid "
                              "variants, not to mix (pass --variant heads or --variant hybrid)")
-        if self.retains_components:
-            from .mix_training import check_widths
+        if self.keys == RETIRED_KEYS:
+            raise ValueError("--keys rope-commuting was retired (RoPE-commuting key maps: 4.0 retrieval at 0.5 on the "
+                             "quick suite, against 69.0 with keys rebuilt before RoPE): drop --keys")
+        if self.inputs not in (None, "all"):
+            raise ValueError(f"--inputs {self.inputs} was retired with the RoPE-commuting forms: every retained head "
+                             "of a group feeds each discarded one; drop --inputs")
+        if not self.bias:
+            raise ValueError("--no-bias was retired with the RoPE-commuting forms: the decoders always add the "
+                             "group's mean; drop --no-bias")
+        for flag, now in (("keys", "keys are always rebuilt before RoPE"), ("inputs", "every retained head feeds")):
+            if getattr(self, flag) is not None:
+                warnings.warn(f"--{flag} is deprecated and will be removed: {now}", FutureWarning, stacklevel=2)
+        from .training import check_reachable, check_widths
 
-            check_widths(self)
-        if reachable or self.retains_components:
-            from .training import check_reachable
-
+        check_widths(self)
+        if reachable:
             check_reachable(model, self)  # one plan for every variant and layout (training.planned_kept)
 
 
@@ -305,7 +304,9 @@ class BenchConfig(ModelConfig):
     compare_dtype: str = option("float32", "also time transformers' default cache with the model in this dtype "
                                 "against --dtype ('none': skip)", choices=(*DTYPES, "none"))
     codec_ratios: str = option("0.5,0.75", "compression ratios of the fast codec EchoKV-Q timed beside the artifact "
-                               "(fitted on the calibration text first, seconds; 'none': skip)")
+                               "(fitted on the calibration text first, seconds; with --kv-budget each keeps 1 - R of "
+                               "the full cache at --budget-context + --decode-tokens tokens, its exact tokens "
+                               "included; 'none': skip)")
     overwrite: bool = option(False, "replace the bench.json and figures of an earlier run in --out")
     kernel: str = option("auto", "the fast codec's attention kernel: auto (C++ on CPU, Triton on a GPU, else "
                          "PyTorch), or one forced (an error if it cannot run)", choices=("auto", "cpp", "triton", "torch"))

@@ -11,8 +11,8 @@ The fourth analysis, how errors propagate through the model (per-layer output er
 the next-token distributions, every method at equal memory), is ``echokv eval --suite fidelity``.
 
 Every error is relative: the squared error summed over what is compared, over the sum of squares of the
-original (``1 - R^2`` about zero). The components are quantized as the cache stores them. Only artifacts of
-retained components (``mix``, pre-RoPE ``heads``: :class:`~echokv.mixes.Mixes`) can be analysed.
+original (``1 - R^2`` about zero). The components are quantized as the cache stores them. Every variant (mix, heads,
+hybrid) can be analysed.
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ def text_sources(tokenizer, training: dict, seq_len: int, paths=None) -> dict[st
     evaluation split, and the reports' haystacks (technical prose, code; with ``paths`` the user's text)."""
     from .config import TrainConfig
     from .data import haystack_sources, token_blocks
-    from .mix_training import spread_blocks
+    from .training import spread_blocks
 
     known = {f.name for f in fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in training.items() if k in known and k != "text_paths"}, progress=False)
+    cfg = TrainConfig(**{k: v for k, v in training.items() if k in known and k not in ("text_paths", "keys")}, progress=False)
     out = {"calibration text, held-out blocks (prose and docs)": spread_blocks(tokenizer, cfg)[1][:SOURCE_BLOCKS]}
     out["evaluation text (prose)"] = token_blocks(tokenizer, "evaluation", SOURCE_BLOCKS * seq_len, seq_len)
     for src in haystack_sources("test", paths):
@@ -63,10 +63,10 @@ def text_sources(tokenizer, training: dict, seq_len: int, paths=None) -> dict[st
 
 
 def measure(model, mixes, blocks: torch.Tensor, seed: int = 0, from_start: bool = False) -> dict:
-    """:meth:`echokv.mix_training.Features.details` of ``blocks`` with the artifact's network."""
-    from .mix_training import Features
+    """:meth:`echokv.training.Features.details` of ``blocks`` with the artifact's network."""
     from .stats.capture import attention_modules
     from .stats.collect import collect
+    from .training import Features
 
     groups = mixes.layout.groups
     cal = collect(model, blocks, groups, features=(), keep_samples=len(blocks), desc="capture", progress=False)
@@ -88,11 +88,7 @@ def analyze(model, tokenizer, artifact_path, seq_len: int = 512, paths=None, lon
     from .data import available_tokens, token_blocks
     from .models import kv_geometry
 
-    config = art.read_config(artifact_path)
-    if "parts" not in config["layout"]:
-        raise ValueError(f"{artifact_path} is a {art.config_variant(config)} artifact (RoPE-commuting keys); "
-                         "echokv analyze --artifact analyses artifacts of retained components (variant mix, the "
-                         "default, or heads with pre-RoPE keys)")
+    config = art.read_config(artifact_path)  # (an artifact of a retired form is refused here, in one line)
     mixes = art.load(artifact_path, model)
     t0 = time.perf_counter()
     sources = text_sources(tokenizer, config.get("training", {}), seq_len, paths)

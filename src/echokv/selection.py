@@ -12,18 +12,12 @@ Layouts
   other layer keeps its first m heads (the "local" input); a discarded head is predicted from [global, its
   own layer's local heads].
 
-EchoKV-Hybrid (``key_latent`` set): keys are not kept as heads but as a low-rank latent per group
-(:mod:`echokv.key_latent`); ``retained_k`` then lists every head (none is rebuilt head by head) and
-``key_latent[g]`` is the number of latent values stored per token for group g.
-
 The compression ratio is the fraction of the cache removed (kvpress convention): 0.5 keeps half.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
-import torch
+from dataclasses import dataclass
 
 Head = tuple[int, int]  # (layer, kv head)
 
@@ -56,8 +50,6 @@ class HeadLayout:
     retained_v: list[Head]
     inputs: str = "global+local"
     strategy: str = "paper"
-    key_latent: list[int] | None = None  # hybrid: latent values per token, per group
-    head_dim: int | None = None  # needed to count a key latent's kept fraction
 
     def __post_init__(self):
         self.groups = [list(g) for g in self.groups]
@@ -65,14 +57,6 @@ class HeadLayout:
         self.retained_v = sorted(tuple(h) for h in self.retained_v)
         if self.inputs not in INPUTS:
             raise ValueError(f"unknown inputs {self.inputs!r}; choose one of {', '.join(INPUTS)}")
-        if self.key_latent is not None:
-            self.key_latent = [int(x) for x in self.key_latent]
-            if len(self.key_latent) != len(self.groups) or not self.head_dim:
-                raise ValueError("a key latent needs one size per group and the head dimension")
-
-    @property
-    def hybrid(self) -> bool:
-        return self.key_latent is not None
 
     # -- counting -------------------------------------------------------------------------------
     @property
@@ -83,39 +67,10 @@ class HeadLayout:
         """Fraction of the compressible layers' K+V (or only ``kind`` 'k'/'v') that is kept."""
         if kind is None:
             return (self.kept_fraction("k") + self.kept_fraction("v")) / 2
-        if kind == "k" and self.hybrid:
-            return sum(self.key_latent) / (self.total_heads * self.head_dim)
         return len(self.retained(kind)) / self.total_heads
 
     def retained(self, kind: str) -> list[Head]:
         return self.retained_k if kind == "k" else self.retained_v
-
-    def group_heads(self, group: list[int]) -> list[Head]:
-        return [(layer, h) for layer in group for h in range(self.num_kv_heads)]
-
-    def sources(self, kind: str, group: list[int]) -> list[Head]:
-        kept = set(self.retained(kind))
-        return [x for x in self.group_heads(group) if x in kept]
-
-    def targets(self, kind: str, group: list[int]) -> list[Head]:
-        kept = set(self.retained(kind))
-        return [x for x in self.group_heads(group) if x not in kept]
-
-    def input_mask(self, kind: str, group: list[int]) -> torch.Tensor:
-        """Bool [n_targets, n_sources]: which retained heads feed each discarded head."""
-        src, tgt = self.sources(kind, group), self.targets(kind, group)
-        first = group[0]
-        mask = torch.zeros(len(tgt), len(src), dtype=torch.bool)
-        for i, (tl, _) in enumerate(tgt):
-            for j, (sl, _) in enumerate(src):
-                is_global, is_local = sl == first, sl == tl
-                mask[i, j] = {
-                    "all": True,
-                    "global+local": is_global or is_local,
-                    "global": is_global,
-                    "local": is_local,
-                }[self.inputs]
-        return mask
 
     def retained_in_layer(self, kind: str, layer: int) -> list[int]:
         return [h for (lay, h) in self.retained(kind) if lay == layer]
@@ -125,28 +80,6 @@ class HeadLayout:
             if layer in group:
                 return g
         raise KeyError(layer)
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["retained_k"] = [list(h) for h in self.retained_k]
-        out["retained_v"] = [list(h) for h in self.retained_v]
-        out["kept_fraction"] = self.kept_fraction()
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict) -> HeadLayout:
-        fields = ("layers", "num_kv_heads", "groups", "retained_k", "retained_v", "inputs", "strategy")
-        return cls(**{k: d[k] for k in fields}, key_latent=d.get("key_latent"), head_dim=d.get("head_dim"))
-
-    def with_key_latent(self, ratio_k: float, head_dim: int) -> HeadLayout:
-        """The hybrid of this layout: values as they are, keys as a latent at ``ratio_k``."""
-        from .key_latent import latent_dims
-
-        check_ratio(ratio_k, "K ratio")
-        dims = [latent_dims(len(g) * self.num_kv_heads, head_dim, ratio_k) for g in self.groups]
-        every = [(layer, h) for layer in self.layers for h in range(self.num_kv_heads)]
-        return HeadLayout(self.layers, self.num_kv_heads, self.groups, every, self.retained_v, self.inputs,
-                          self.strategy + "+key-latent", key_latent=dims, head_dim=head_dim)
 
 
 def paper_layout(

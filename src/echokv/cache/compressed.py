@@ -383,11 +383,11 @@ class FullCache(CompressedCache):
 
 
 class EchoKVCache(CompressedCache):
-    """EchoKV cache: ``EchoKVCache(model, artifact_dir_or_reconstructor, switch_at_tokens=4096)``.
+    """EchoKV cache: ``EchoKVCache(model, artifact_dir_or_network, switch_at_tokens=4096)``.
 
     ``fast=True`` (the default where it applies) decodes compressed layers with the fast attention of
-    :mod:`echokv.codecs.echo` inside the echokv attention scope (:func:`echokv.generate` opens it);
-    ``fast=False`` always rebuilds the discarded heads explicitly (the reference).
+    :mod:`echokv.codecs.mix` inside the echokv attention scope (:func:`echokv.generate` opens it);
+    ``fast=False`` always rebuilds K/V explicitly (the reference).
     """
 
     def __init__(self, model, artifact, mode: str | None = None, **kwargs):
@@ -396,13 +396,12 @@ class EchoKVCache(CompressedCache):
         from ..artifact import load
         from ..codecs import echokv_codec
         from ..mixes import Mixes
-        from ..reconstructor import Reconstructor
 
         _check_model(model)
-        if not isinstance(artifact, (Reconstructor, Mixes, str, os.PathLike)):
-            raise TypeError(f"EchoKVCache needs an artifact: the folder `echokv train` wrote (str or path) or a "
-                            f"Reconstructor, got {artifact!r}")
-        recon = artifact if isinstance(artifact, (Reconstructor, Mixes)) else load(artifact, model)
+        if not isinstance(artifact, (Mixes, str, os.PathLike)):
+            raise TypeError(f"EchoKVCache needs an artifact: the folder `echokv train` wrote (str or path) or the "
+                            f"network echokv.training.train returned, got {artifact!r}")
+        recon = artifact if isinstance(artifact, Mixes) else load(artifact, model)
         devices = placement.layer_devices(model)
         recon.place([placement.group_device(g, devices) for g in recon.layout.groups])
         if mode is None:  # a switch condition means auto mode

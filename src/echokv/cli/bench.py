@@ -13,8 +13,9 @@ CONFIGS = (BenchConfig,)
 HELP = "speed and memory: stock vs echokv full vs compressed"
 
 
-def _fast_codecs(model, tokenizer, ratios: list[float], kernel: str) -> dict:
-    """``{"echokv-q@R": codec}`` fitted on the calibration text (:func:`echokv.codecs.headq.fit`)."""
+def _fast_codecs(model, tokenizer, ratios: list[float], kernel: str, context: int | None) -> dict:
+    """``{"echokv-q@R": codec}`` fitted on the calibration text (:func:`echokv.codecs.headq.fit`), each keeping
+    ``1 - R`` of the full cache at ``context`` tokens, its exact ones included (None: its codes alone)."""
     from ..codecs.headq import fit
     from ..config import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS
     from ..data import token_blocks
@@ -23,7 +24,7 @@ def _fast_codecs(model, tokenizer, ratios: list[float], kernel: str) -> dict:
     if not ratios:
         return {}
     blocks = token_blocks(tokenizer, "calibration", CALIBRATION_TOKENS, CALIBRATION_SEQ_LEN).to(input_device(model))
-    return {f"echokv-q@{r:g}": fit(model, blocks, r, kernel=kernel) for r in ratios}
+    return {f"echokv-q@{r:g}": fit(model, blocks, r, kernel=kernel, context=context) for r in ratios}
 
 
 def _memory_bytes() -> int:
@@ -98,7 +99,9 @@ def run(args) -> int:
         raise ValueError(f"context {longest} + {cfg.decode_tokens} decode tokens exceeds the model's "
                          f"{geo.max_context}")
     recon = load(cfg.artifact, model)
-    codecs = _fast_codecs(model, tokenizer, ratios, cfg.kernel)
+    # at a budget, the codecs' exact tokens count in what they keep (the budget is measured at that many tokens)
+    codecs = _fast_codecs(model, tokenizer, ratios, cfg.kernel,
+                          cfg.budget_context + cfg.decode_tokens if budgets else None)
     require_tokens(tokenizer, "evaluation", longest, longest)
     text = token_blocks(tokenizer, "evaluation", longest, longest).to(input_device(model))
     results = []

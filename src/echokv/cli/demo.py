@@ -1,6 +1,6 @@
 """``echokv demo``: the main job on one screen.
 
-Train (or reuse) a reconstructor at the given ratio, answer a few chat prompts with the full cache and
+Train (or reuse) an EchoKV network at the given ratio, answer a few chat prompts with the full cache and
 with the compressed cache, measure held-out perplexity through both caches, and print a comparison.
 """
 

@@ -8,14 +8,13 @@ from ..config import ModelConfig, TrainConfig, TrainOutput
 from ._args import from_args
 
 CONFIGS = (ModelConfig, TrainConfig, TrainOutput)
-HELP = "train a reconstructor (stage 1 + stage 2) and write an artifact"
+HELP = "train an EchoKV network (stage 1 + stage 2) and write an artifact"
 
 
 def run(args) -> int:
     from .. import artifact, distributed
     from ..data import require_tokens
-    from ..mix_training import check_data_parallel
-    from ..training import train
+    from ..training import check_data_parallel, train
     from ..util import check_output_dir
 
     cfg, output = from_args(args, TrainConfig), from_args(args, TrainOutput)

@@ -4,9 +4,8 @@ A codec is a storage format: it encodes a group of layers' K/V into stored tenso
 How a codec's parameters are fitted, and how a method is run and reported, is the method's business
 (:mod:`echokv.methods`). A new codec is one file here plus the method that makes it, registered there.
 
-* :mod:`~echokv.codecs.mix`: EchoKV's retained components (learned mixes or retained heads, pre-RoPE keys, each
+* :mod:`~echokv.codecs.mix`: EchoKV's stored components (learned mixes or retained heads, pre-RoPE keys, each
   component at its precision), with its fast attention;
-* :mod:`~echokv.codecs.echo`: EchoKV's RoPE-commuting forms (retained heads / key latent), with its fast attention;
 * :mod:`~echokv.codecs.headdrop`: retained heads, the others a constant per head;
 * :mod:`~echokv.codecs.projection`: low-rank latents of fixed bases (lowrank, xlayer-svd);
 * :mod:`~echokv.codecs.quant`: group-wise integer codes.
@@ -14,15 +13,7 @@ How a codec's parameters are fitted, and how a method is run and reported, is th
 
 
 def echokv_codec(network, model):
-    """The codec of a trained EchoKV network: :class:`~echokv.codecs.mix.MixCodec` for retained components
-    (:class:`~echokv.mixes.Mixes`), :class:`~echokv.codecs.echo.EchoCodec` for a RoPE-commuting
-    :class:`~echokv.reconstructor.Reconstructor`."""
-    from ..mixes import Mixes
+    """The codec of a trained EchoKV network (:class:`~echokv.mixes.Mixes`): :class:`~echokv.codecs.mix.MixCodec`."""
+    from .mix import MixCodec
 
-    if isinstance(network, Mixes):
-        from .mix import MixCodec
-
-        return MixCodec(network, model)
-    from .echo import EchoCodec
-
-    return EchoCodec(network)
+    return MixCodec(network, model)

@@ -288,6 +288,12 @@ def _error(z: torch.Tensor, widths, scale: torch.Tensor, kind: str = "v", memo: 
     return err + float((z[..., s:].pow(2) * w2[..., s:]).sum())
 
 
+def exact_tokens(context: int) -> int:
+    """The tokens a cache of ``context`` tokens holds exact beside its codes: the recent ones short of a block,
+    and the copies of the sinks."""
+    return context % TOKEN_BLOCK + min(SINK_TOKENS, context)
+
+
 def allocate(errors: dict, budget: float) -> dict:
     """``errors``: (layer, kind) -> [(widths, bytes, error)]. The widths of each (layer, kind) that minimise the
     summed error with the summed bytes at most ``budget``: the Lagrangian ``error + lam * bytes`` per (layer, kind),
@@ -341,10 +347,12 @@ def _query_metric(q2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def fit(model, blocks: torch.Tensor, compression_ratio: float, kernel: str = "auto",
-        progress: bool = False, widths: tuple = CLASS_WIDTHS) -> HeadQuantCodec:
+        progress: bool = False, widths: tuple = CLASS_WIDTHS, context: int | None = None) -> HeadQuantCodec:
     """Fit the bases and the allocation on calibration ``blocks`` [N, T] (token ids) for a cache keeping
     ``1 - compression_ratio`` of the full cache's bytes (stored codes, scales and zero points), with classes of
-    ``widths`` (a subset of :data:`CLASS_WIDTHS`)."""
+    ``widths`` (a subset of :data:`CLASS_WIDTHS`). ``context``: the number of tokens at which the whole cache,
+    its exact tokens included (the sinks' copies and the recent tokens short of a block, :func:`exact_tokens`),
+    keeps at most that share; None: the coded tokens alone keep it (the exact ones come on top)."""
     from ..attention import serves
     from ..models import kv_geometry
     from ..stats.capture import capture
@@ -357,6 +365,16 @@ def fit(model, blocks: torch.Tensor, compression_ratio: float, kernel: str = "au
                          f"{compression_ratio!r}")
     if not widths or set(widths) - set(CLASS_WIDTHS):
         raise ValueError(f"widths must be some of {CLASS_WIDTHS}, got {widths!r}")
+    kept = 1 - compression_ratio
+    if context is not None:
+        if isinstance(context, bool) or not isinstance(context, int) or context < TOKEN_BLOCK:
+            raise ValueError(f"context must be a whole number of tokens, at least one block ({TOKEN_BLOCK}), got "
+                             f"{context!r}")
+        exact = exact_tokens(context)
+        kept = (kept * context - exact) / (context - context % TOKEN_BLOCK)  # the coded tokens' share
+        if kept <= 0:
+            raise ValueError(f"at {context} tokens the exact ones ({exact}) alone take more than "
+                             f"{1 - compression_ratio:g} of the cache: pass a longer context or a smaller ratio")
     geo = kv_geometry(model)
     layers = list(geo.full_attention_layers)
     samples: dict[tuple[int, str], list[torch.Tensor]] = {(layer, kind): [] for layer in layers for kind in KINDS}
@@ -400,6 +418,6 @@ def fit(model, blocks: torch.Tensor, compression_ratio: float, kernel: str = "au
         memo: dict = {}  # a class's error depends on its width and channels only: measured once
         errors[(layer, kind)] = [(w, token_bytes(w, kind), _error(z, w, std, kind, memo) / energy) for w in cands]
     full = 2 * geo.head_dim * geo.bytes_per_element  # K and V bytes per token and head
-    chosen = allocate(errors, (1 - compression_ratio) * full / 2 * len(errors))
+    chosen = allocate(errors, kept * full / 2 * len(errors))
     widths = {layer: {kind: chosen[(layer, kind)] for kind in KINDS} for layer in layers}
     return HeadQuantCodec(params, widths, next(model.parameters()).dtype, kernel=kernel)

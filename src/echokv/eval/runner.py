@@ -142,7 +142,7 @@ def _artifact_plan(job: EvalJob, names: list[str], ratios: list[float], explicit
     ``ValueError``, before any work); with ``all`` that method is skipped. No artifact for the ratio: skipped
     with a message naming the artifacts and their ratios, unless ``train_missing``."""
     from echokv import artifact as art
-    from echokv.methods.echokv import NAMES
+    from echokv.methods.echokv import NAMES, wrong_variant
 
     described = [f"{Path(a).name} ({art.config_variant(c)}, ratio {art.config_ratio(c):g})"
                  for a, c in job.artifact_configs.items()]
@@ -150,20 +150,14 @@ def _artifact_plan(job: EvalJob, names: list[str], ratios: list[float], explicit
     for name in names:
         if name not in NAMES:
             continue
-        variant, keys = NAMES[name][:2]
-        kind = lambda c: (art.config_variant(c), art.config_keys(c))
-        flags = f"--variant {variant}" + (" --keys rope-commuting" if variant == "heads" and keys != "pre-rope" else "")
+        variant = NAMES[name][0]
         for r in ratios:
             same = [a for a, c in job.artifact_configs.items() if abs(art.config_ratio(c) - r) < 1e-9]
-            match = [a for a in same if kind(job.artifact_configs[a]) == (variant, keys)]
+            match = [a for a in same if art.config_variant(job.artifact_configs[a]) == variant]
             if match:
                 continue
             if same:
-                other = kind(job.artifact_configs[same[0]])
-                alt = next((n for n, (v, k, st) in NAMES.items() if (v, k) == other and st == 2), None)
-                message = (f"{name}@{r:g}: artifact {same[0]} is the {other[0]!r} variant ({other[1]} keys) but {name} "
-                           f"needs the {variant!r} variant ({keys} keys); train one with `echokv train {flags} "
-                           f"--compression-ratio {r:g}` and pass it too" + (f" (or use method {alt})" if alt else ""))
+                message = wrong_variant(name, r, same[0], art.config_variant(job.artifact_configs[same[0]]), variant)
                 if explicit:
                     raise ValueError(message)
                 job.skipped[(name, r)] = f"skipped: {message}"
@@ -172,7 +166,7 @@ def _artifact_plan(job: EvalJob, names: list[str], ratios: list[float], explicit
                                  "trained on the fly (--train-missing; minutes; kept in runs/ for later runs)")
             else:
                 job.skipped[(name, r)] = (f"skipped: no {variant} artifact for ratio {r:g} (artifacts: {have}); "
-                                          f"train one (`echokv train --compression-ratio {r:g} {flags}`) and pass "
+                                          f"train one (`echokv train --compression-ratio {r:g} --variant {variant}`) and pass "
                                           "it with --artifacts, or pass --train-missing")
 
 
@@ -249,19 +243,18 @@ def make_job(suite: str, methods, ratios, artifacts=None, data=None, tasks=None,
 
 
 def _refuse_duplicate_artifacts(artifacts: list[str], configs: dict) -> None:
-    """Two artifacts of one variant, key form and ratio: only the first would run, silently."""
+    """Two artifacts of one variant and ratio: only the first would run, silently."""
     from echokv import artifact as art
 
     seen: dict[tuple, str] = {}
     for a in artifacts:
         c = configs[a]
-        kind = (art.config_variant(c), art.config_keys(c), round(art.config_ratio(c), 9))
+        kind = (art.config_variant(c), round(art.config_ratio(c), 9))
         if kind in seen and Path(seen[kind]).resolve() == Path(a).resolve():
             raise ValueError(f"--artifacts: {a} is passed twice; pass each artifact once")
         if kind in seen:
-            raise ValueError(f"--artifacts: {seen[kind]} and {a} are both {kind[0]} artifacts ({kind[1]} keys) for "
-                             f"compression ratio {kind[2]:g}, and only one would run: pass one artifact per ratio and "
-                             "variant")
+            raise ValueError(f"--artifacts: {seen[kind]} and {a} are both {kind[0]} artifacts for compression ratio "
+                             f"{kind[1]:g}, and only one would run: pass one artifact per ratio and variant")
         seen[kind] = a
 
 

@@ -1,8 +1,8 @@
 """Methods compared at equal KV memory, kvpress-style: one dataclass per file, one registry.
 
 ``make_method(name, ratio, artifacts=..., **kw)`` makes the registered method (:data:`REGISTRY`, filled by
-``register("name")`` at the end of each file): ``full``; ``echokv``, ``echokv-hybrid``, ``echokv-heads``,
-``echokv-heads-s1`` (:mod:`~echokv.methods.echokv`); the baselines ``headdrop``, ``lowrank``, ``xlayer-svd``,
+``register("name")`` at the end of each file): ``full``; ``echokv``, ``echokv-mix``, ``echokv-heads``,
+``echokv-hybrid`` (and ``-s1`` forms) (:mod:`~echokv.methods.echokv`); the baselines ``headdrop``, ``lowrank``, ``xlayer-svd``,
 ``quant``; kvpress's presses as ``kvpress:<press>`` (peers environment).
 """
 
@@ -28,7 +28,7 @@ def known_methods() -> list[str]:
 
 def available_methods() -> list[str]:
     """Every method that can run in this environment (kvpress ones need the peers extra), each once: a name
-    that stands for the same method as an earlier one (``echokv-hybrid`` while the default is the hybrid) is
+    that stands for the same method as an earlier one (``echokv-mix`` while the default is the mix) is
     left out."""
     seen, out = [], []
     for name, (cls, defaults) in REGISTRY.items():

@@ -1,8 +1,8 @@
 """EchoKV as an evaluated method: the artifact trained for the ratio (or one trained on the spot).
 
 Names (the registry): ``echokv`` is what ``echokv train`` makes by default
-(:data:`~echokv.config.DEFAULT_VARIANT`), ``echokv-hybrid`` the hybrid variant by name, ``echokv-heads`` the head-only form of the paper (stage 1 + 2),
-``echokv-heads-s1`` the same with its stage-1 (closed-form) weights.
+(:data:`~echokv.config.DEFAULT_VARIANT`), ``echokv-mix`` / ``echokv-heads`` / ``echokv-hybrid`` each variant by
+name (``-s1``: with the stage-1, closed-form weights).
 
 :meth:`EchoKVMethod.from_artifacts` picks, among the run's artifacts, the one trained for the method's ratio and
 variant; without one, :func:`train_or_reuse` trains one with default settings (minutes) into ``work_dir`` and
@@ -23,25 +23,24 @@ from .base import Method, register
 
 log = logging.getLogger(__name__)
 
-#: name -> (variant, key form, stage)
+#: name -> (variant, stage)
 NAMES = {
-    "echokv": (DEFAULT_VARIANT, "pre-rope", 2),
-    "echokv-mix": ("mix", "pre-rope", 2),
-    "echokv-mix-s1": ("mix", "pre-rope", 1),
-    "echokv-heads": ("heads", "pre-rope", 2),
-    "echokv-heads-s1": ("heads", "pre-rope", 1),
-    "echokv-heads-commuting": ("heads", "rope-commuting", 2),
-    "echokv-hybrid": ("hybrid", "rope-commuting", 2),
+    "echokv": (DEFAULT_VARIANT, 2),
+    "echokv-mix": ("mix", 2),
+    "echokv-mix-s1": ("mix", 1),
+    "echokv-heads": ("heads", 2),
+    "echokv-heads-s1": ("heads", 1),
+    "echokv-hybrid": ("hybrid", 2),
 }
 
 
 @dataclass
 class EchoKVMethod(Method):
-    """EchoKV (arXiv 2603.22910): retained heads (or the key latent) + the trained reconstructor of an artifact."""
+    """EchoKV (arXiv 2603.22910): the stored components (or retained heads) and the trained decoders of an
+    artifact."""
 
     name: str = "echokv"
     variant: str = DEFAULT_VARIANT
-    keys: str = "pre-rope"
     stage: int = 2
     artifact: str | None = None
     work_dir: str | None = None
@@ -51,29 +50,21 @@ class EchoKVMethod(Method):
         return cls.from_artifacts(artifacts, ratio, **kwargs)
 
     @classmethod
-    def from_artifacts(cls, paths: list[str] | None, ratio: float, variant: str = DEFAULT_VARIANT,
-                       keys: str = "pre-rope", **kwargs):
+    def from_artifacts(cls, paths: list[str] | None, ratio: float, variant: str = DEFAULT_VARIANT, **kwargs):
         """The method with the artifact of ``paths`` trained for ``ratio`` and ``variant`` (none: trained on the
         spot by :meth:`prepare`). An artifact for this ratio of another variant is an error: training another
         one silently would surprise the user who handed it."""
         name = kwargs.get("name", cls.name)
         same_ratio = artifacts_at(paths, ratio)
-        match = artifacts_at(same_ratio, ratio, variant, keys)
+        match = artifacts_at(same_ratio, ratio, variant)
         if same_ratio and not match:
-            config = art.read_config(same_ratio[0])
-            have = (art.config_variant(config), art.config_keys(config))
-            other = next((n for n, (v, k, stage) in NAMES.items() if (v, k) == have and stage == 2), None)
-            flags = f"--variant {variant}" + (" --keys rope-commuting" if keys == "rope-commuting" else "")
-            raise ValueError(
-                f"{name}@{ratio:g}: artifact {same_ratio[0]} is the {have[0]!r} variant ({have[1]} keys) but {name} "
-                f"needs the {variant!r} variant ({keys} keys); train one with `echokv train {flags} "
-                f"--compression-ratio {ratio:g}` and pass it too" + (f" (or use method {other})" if other else "")
-            )
-        return cls(ratio, variant=variant, keys=keys, artifact=match[0] if match else None, **kwargs)
+            raise ValueError(wrong_variant(name, ratio, same_ratio[0], art.config_variant(art.read_config(same_ratio[0])),
+                                           variant))
+        return cls(ratio, variant=variant, artifact=match[0] if match else None, **kwargs)
 
     def prepare(self, model, tokenizer, calibration) -> None:
         if self.artifact is None:
-            config = TrainConfig(compression_ratio=self.compression_ratio, variant=self.variant, keys=self.keys)
+            config = TrainConfig(compression_ratio=self.compression_ratio, variant=self.variant)
             folder = artifact_dir(self.work_dir or "runs", config)
             self.artifact, _ = train_or_reuse(model, tokenizer, folder, config)
         self._recon = art.load(self.artifact, model, stage=self.stage)
@@ -89,24 +80,27 @@ class EchoKVMethod(Method):
         return self._recon.num_bytes()
 
     def info(self) -> dict:
-        out = {**super().info(), "variant": self.variant, "keys": self.keys, "stage": self.stage,
-               "artifact": self.artifact}
-        if hasattr(self._recon.layout, "width_counts"):
-            out["width_counts"] = {str(w): n for w, n in self._recon.layout.width_counts().items()}
-        return out
+        return {**super().info(), "variant": self.variant, "stage": self.stage, "artifact": self.artifact,
+                "width_counts": {str(w): n for w, n in self._recon.layout.width_counts().items()}}
 
 
-for _name, (_variant, _keys, _stage) in NAMES.items():
-    register(_name, variant=_variant, keys=_keys, stage=_stage)(EchoKVMethod)
+for _name, (_variant, _stage) in NAMES.items():
+    register(_name, variant=_variant, stage=_stage)(EchoKVMethod)
 
 
-def artifacts_at(paths: list[str] | None, ratio: float, variant: str | None = None,
-                 keys: str | None = None) -> list[str]:
-    """The artifact folders trained for ``ratio`` (and, unless None, of ``variant`` with ``keys``)."""
+def wrong_variant(name: str, ratio: float, path: str, have: str, variant: str) -> str:
+    """The one line for an artifact of ``ratio`` that is not the variant method ``name`` needs."""
+    other = next((n for n, (v, stage) in NAMES.items() if v == have and stage == 2), None)
+    return (f"{name}@{ratio:g}: artifact {path} is the {have!r} variant but {name} needs the {variant!r} variant; "
+            f"train one with `echokv train --variant {variant} --compression-ratio {ratio:g}` and pass it too"
+            + (f" (or use method {other})" if other else ""))
+
+
+def artifacts_at(paths: list[str] | None, ratio: float, variant: str | None = None) -> list[str]:
+    """The artifact folders trained for ``ratio`` (and, unless None, of ``variant``)."""
     configs = {a: art.read_config(a) for a in paths or []}
     return [a for a, c in configs.items()
-            if abs(art.config_ratio(c) - ratio) < 1e-9 and (variant is None or art.config_variant(c) == variant)
-            and (keys is None or art.config_keys(c) == keys)]
+            if abs(art.config_ratio(c) - ratio) < 1e-9 and (variant is None or art.config_variant(c) == variant)]
 
 
 def artifact_notes(name: str, ratios: list[float], configs: list[dict]) -> list[str]:
@@ -114,10 +108,9 @@ def artifact_notes(name: str, ratios: list[float], configs: list[dict]) -> list[
     the spot, or report an error for an artifact of another variant. Nothing for other methods."""
     if name not in NAMES:
         return []
-    variant, keys = NAMES[name][:2]
+    variant = NAMES[name][0]
     trained = {round(art.config_ratio(c), 9) for c in configs}
-    have = {round(art.config_ratio(c), 9) for c in configs
-            if art.config_variant(c) == variant and art.config_keys(c) == keys}
+    have = {round(art.config_ratio(c), 9) for c in configs if art.config_variant(c) == variant}
     missing = [r for r in ratios if round(r, 9) not in trained]
     wrong = [r for r in ratios if round(r, 9) in trained - have]
     notes = []
@@ -132,8 +125,7 @@ def artifact_notes(name: str, ratios: list[float], configs: list[dict]) -> list[
 
 def artifact_dir(work_dir, config: TrainConfig) -> Path:
     """Where an artifact trained on the spot for ``config`` is kept."""
-    keys = "-commuting" if config.variant == "heads" and config.keys == "rope-commuting" else ""
-    return Path(work_dir) / f"echokv-{config.variant}{keys}-{config.compression_ratio:g}"
+    return Path(work_dir) / f"echokv-{config.variant}-{config.compression_ratio:g}"
 
 
 def train_or_reuse(model, tokenizer, folder, config: TrainConfig) -> tuple[str, dict]:

@@ -38,17 +38,15 @@ FILLS = ("mean", "zero")
 
 
 def head_layout(layout) -> HeadLayout:
-    """The retained heads of an artifact's layout: a heads-variant :class:`~echokv.mixes.MixLayout` stores them
-    as each part's ``selection`` (layer-major head indices of the group); a legacy artifact has a HeadLayout."""
-    if isinstance(layout, HeadLayout):
-        return layout
+    """The retained heads of a heads-variant :class:`~echokv.mixes.MixLayout`: each part's ``selection``
+    (layer-major head indices of the group)."""
     if any(part.selection is None for part in layout.parts):
         raise ValueError("head-drop needs retained heads; this artifact keeps learned components "
                          "(retrain with echokv train --variant heads)")
     h = layout.num_kv_heads
     kept = {kind: [(part.layers[i // h], i % h) for part in layout.parts if part.kind == kind
                    for i in part.selection] for kind in ("k", "v")}
-    return HeadLayout(layout.layers, h, layout.groups, kept["k"], kept["v"], head_dim=layout.head_dim)
+    return HeadLayout(layout.layers, h, layout.groups, kept["k"], kept["v"], "all", "artifact")
 
 
 @dataclass
@@ -68,8 +66,8 @@ class HeadDropMethod(Method):
         if self.fill not in FILLS:
             raise ValueError(f"unknown fill {self.fill!r}; choose one of {', '.join(FILLS)}")
         if self.artifact is not None and config_variant(read_config(self.artifact)) != "heads":
-            raise ValueError(f"{self.name}: artifact {self.artifact} is EchoKV-Hybrid (keys as a latent, not "
-                             "heads); head-drop needs a head-only artifact (echokv train --variant heads)")
+            raise ValueError(f"{self.name}: artifact {self.artifact} keeps learned components, not heads; "
+                             "head-drop needs a head-only artifact (echokv train --variant heads)")
 
     @classmethod
     def create(cls, ratio, artifacts=None, **kwargs):

@@ -73,10 +73,6 @@ def _load_for_engine(artifact, hf_config, model_folder) -> Mixes:
         config = read_config(path)
     except ArtifactError as exc:
         raise ServeError(str(exc)) from None
-    if "parts" not in config["layout"]:
-        raise ServeError(f"{path} is a {config.get('training', {}).get('variant') or 'hybrid'} artifact (rebuilt "
-                         "heads, not retained components): the engine keeps retained components only; train one "
-                         "with `echokv train --variant mix`")
     geo = kv_geometry(hf_config).to_dict()
     want = config["model"]["geometry"]
     for key in _GEOMETRY:

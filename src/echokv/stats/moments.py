@@ -25,19 +25,6 @@ def to_complex(k: torch.Tensor) -> torch.Tensor:
     return torch.complex(k[..., :half].double(), k[..., half:].double())
 
 
-def key_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Complex per-frequency coefficients a + jb [..., f] -> the real map [..., d_in, d_out] (rotate-half layout)
-    that the reconstructor and the fast decode path apply to post-RoPE keys."""
-    f = a.shape[-1]
-    m = a.new_zeros(*a.shape[:-1], 2 * f, 2 * f)
-    i = torch.arange(f)
-    m[..., i, i] = a
-    m[..., i + f, i] = -b
-    m[..., i, i + f] = b
-    m[..., i + f, i + f] = a
-    return m
-
-
 class ValueMoments:
     """Mean and covariance of the values of ``n`` heads, streamed over tokens."""
 
