@@ -29,6 +29,7 @@ import torch
 
 from .. import kernels
 from ..cache.codec import KVCodec
+from ..cache.store import spare_room
 from ..kernels.reference import BLOCK, WIDTHS, quantize_channels, quantize_class
 from ..kernels.reference import dequantize as dequantize_classes
 
@@ -351,8 +352,9 @@ def fit(model, blocks: torch.Tensor, compression_ratio: float, kernel: str = "au
     """Fit the bases and the allocation on calibration ``blocks`` [N, T] (token ids) for a cache keeping
     ``1 - compression_ratio`` of the full cache's bytes (stored codes, scales and zero points), with classes of
     ``widths`` (a subset of :data:`CLASS_WIDTHS`). ``context``: the number of tokens at which the whole cache,
-    its exact tokens included (the sinks' copies and the recent tokens short of a block, :func:`exact_tokens`),
-    keeps at most that share; None: the coded tokens alone keep it (the exact ones come on top)."""
+    its exact tokens included (the sinks' copies and the recent tokens short of a block, :func:`exact_tokens`) and
+    the room its buffers reserve to grow into (:func:`~echokv.cache.store.spare_room`), holds at most that share of
+    the full cache's stored bytes; None: the coded tokens alone keep it (the rest comes on top)."""
     from ..attention import serves
     from ..models import kv_geometry
     from ..stats.capture import capture
@@ -370,8 +372,8 @@ def fit(model, blocks: torch.Tensor, compression_ratio: float, kernel: str = "au
         if isinstance(context, bool) or not isinstance(context, int) or context < TOKEN_BLOCK:
             raise ValueError(f"context must be a whole number of tokens, at least one block ({TOKEN_BLOCK}), got "
                              f"{context!r}")
-        exact = exact_tokens(context)
-        kept = (kept * context - exact) / (context - context % TOKEN_BLOCK)  # the coded tokens' share
+        exact, coded = exact_tokens(context), context - context % TOKEN_BLOCK
+        kept = (kept * context - exact) / (coded + spare_room(coded))  # the coded tokens' share
         if kept <= 0:
             raise ValueError(f"at {context} tokens the exact ones ({exact}) alone take more than "
                              f"{1 - compression_ratio:g} of the cache: pass a longer context or a smaller ratio")
