@@ -305,3 +305,21 @@ def divergence(model, input_ids: torch.Tensor, reference: torch.Tensor, answer: 
         "reference_margin": margin, "answer_margin": float(ans_logits[ans_tok] - ans_logits[ref_tok]),
         "near_tie": margin <= near_tie(next(model.parameters()).dtype),
     }
+
+
+@torch.no_grad()
+def nll(model, cache, ids: torch.Tensor, chunk_size: int) -> tuple[float, int]:
+    """Summed next-token NLL of ``ids`` [1, T] and the tokens it sums, fed through ``cache`` chunk by chunk (the
+    cache compresses between chunks, as it would while streaming)."""
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    for s in range(0, ids.shape[1] - 1, chunk_size):
+        x, y = ids[:, s : s + chunk_size], ids[:, s + 1 : s + 1 + chunk_size]
+        pos = torch.arange(s, s + x.shape[1], device=ids.device)
+        logits = model(input_ids=x, use_cache=True, cache_position=pos, **cache_kwarg(model, cache)).logits
+        logits = logits[:, : y.shape[1]]
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum"))
+        count += y.numel()
+        cache.compress()
+    return total, count

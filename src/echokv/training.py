@@ -24,13 +24,16 @@ on held-out text.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import artifact as art
 from . import distributed
 from .config import TrainConfig
 from .mixes import (
@@ -570,3 +573,30 @@ def check_reachable(model, cfg: TrainConfig) -> None:
            "no ratio is reachable with these settings")
         + ("" if cfg.variant == "mix" else "; or train the mix variant (the default), which reaches any ratio")
     )
+
+
+# -- an artifact kept for a configuration (the demo, the evaluation's on-the-spot training) -------------------
+def artifact_dir(work_dir, config: TrainConfig) -> Path:
+    """Where an artifact trained on the spot for ``config`` is kept."""
+    return Path(work_dir) / f"echokv-{config.variant}-{config.compression_ratio:g}"
+
+
+def train_or_reuse(model, tokenizer, folder, config: TrainConfig) -> tuple[str, dict]:
+    """The artifact in ``folder`` when it was trained for this model with ``config``; otherwise one trained
+    now and saved there. Returns its path and its training report."""
+    folder = Path(folder)
+    wanted = config.record()
+    if folder.exists():
+        try:
+            saved = art.read_config(folder)
+            art.check_compatible(saved, model, str(folder))
+            if saved.get("training") == wanted:
+                log.info("reusing %s", folder)
+                return str(folder), json.loads((folder / art.REPORT).read_text())
+        except (art.ArtifactError, OSError, json.JSONDecodeError):
+            pass
+    log.info("training an EchoKV-%s artifact at compression ratio %g (stage 1 + %d stage-2 steps) into %s",
+             config.variant, config.compression_ratio, config.stage2_steps, folder)
+    recon, report = train(model, tokenizer, config)
+    art.save(recon, model, folder, report, overwrite=True)
+    return str(folder), report

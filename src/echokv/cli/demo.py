@@ -24,9 +24,13 @@ PROMPTS = [
 ]
 
 
-def _perplexity(model, method, ids) -> tuple[float, dict]:
-    total, count, mem = method.nll(model, ids, chunk_size=128)
-    return math.exp(total / count), mem
+def _perplexity(model, cache, ids) -> tuple[float, dict]:
+    from ..attention import echokv_attention
+    from ..generation import nll
+
+    with echokv_attention(model):
+        total, count = nll(model, cache, ids, chunk_size=128)
+    return math.exp(total / count), cache.memory_report()
 
 
 def _verdict(split: dict | None, tokenizer, tol: float) -> str:
@@ -47,8 +51,7 @@ def run(args) -> int:
     from ..cache import EchoKVCache
     from ..data import token_blocks
     from ..generation import divergence, encode_prompt, generate, near_tie
-    from ..methods import EchoKVMethod, make_method
-    from ..methods.echokv import artifact_dir, train_or_reuse
+    from ..training import artifact_dir, train_or_reuse
     from ..util import atomic_dir, check_output_dir
 
     cfg = from_args(args, DemoConfig)
@@ -78,10 +81,8 @@ def run(args) -> int:
         rows.append((prompt, answers, split))
 
     held = token_blocks(tokenizer, "evaluation", 1024, 1024)
-    full_ppl, _ = _perplexity(model, make_method("full", 0.0), held[:1])
-    echo = EchoKVMethod(cfg.compression_ratio, artifact=path)
-    echo.prepare(model, tokenizer, None)
-    echo_ppl, echo_mem = _perplexity(model, echo, held[:1])
+    full_ppl, _ = _perplexity(model, EchoKVCache(model, path, mode="full"), held[:1])
+    echo_ppl, echo_mem = _perplexity(model, EchoKVCache(model, path, mode="compressed"), held[:1])
 
     bar = "=" * 100
     print(bar)

@@ -19,12 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..attention import echokv_attention
 from ..cache import CompressedCache, FullCache, KVCodec
-from ..generation import PREFILL_CHUNK, prefill
-from ..models import cache_kwarg
+from ..generation import PREFILL_CHUNK, nll, prefill
 from ..placement import input_device
 from ..selection import check_ratio
 from ..stats.collect import Calibration
@@ -134,16 +132,6 @@ class Method:
 
     @torch.no_grad()
     def _nll(self, model, ids, chunk_size):
-        chunk = chunk_size or self.chunk_size
         cache = self.new_cache(model)
-        total, count = 0.0, 0
-        for s in range(0, ids.shape[1] - 1, chunk):
-            x = ids[:, s : s + chunk]
-            y = ids[:, s + 1 : s + 1 + chunk]
-            pos = torch.arange(s, s + x.shape[1], device=ids.device)
-            logits = model(input_ids=x, use_cache=True, cache_position=pos, **cache_kwarg(model, cache)).logits
-            logits = logits[:, : y.shape[1]]
-            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum"))
-            count += y.numel()
-            cache.compress()
+        total, count = nll(model, cache, ids, chunk_size or self.chunk_size)
         return total, count, cache.memory_report()

@@ -11,14 +11,13 @@ reuses it in later runs (``echokv demo`` goes through the same helper).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 from .. import artifact as art
 from ..codecs import echokv_codec
 from ..config import DEFAULT_VARIANT, TrainConfig
+from ..training import artifact_dir, train_or_reuse
 from .base import Method, register
 
 log = logging.getLogger(__name__)
@@ -121,31 +120,3 @@ def artifact_notes(name: str, ratios: list[float], configs: list[dict]) -> list[
         notes.append(f"{name}: the artifact for ratio(s) {', '.join(f'{r:g}' for r in wrong)} is another variant "
                      f"than {variant!r}; {name} reports an error there, the other methods run")
     return notes
-
-
-def artifact_dir(work_dir, config: TrainConfig) -> Path:
-    """Where an artifact trained on the spot for ``config`` is kept."""
-    return Path(work_dir) / f"echokv-{config.variant}-{config.compression_ratio:g}"
-
-
-def train_or_reuse(model, tokenizer, folder, config: TrainConfig) -> tuple[str, dict]:
-    """The artifact in ``folder`` when it was trained for this model with ``config``; otherwise one trained
-    now and saved there. Returns its path and its training report."""
-    from ..training import train
-
-    folder = Path(folder)
-    wanted = config.record()
-    if folder.exists():
-        try:
-            saved = art.read_config(folder)
-            art.check_compatible(saved, model, str(folder))
-            if saved.get("training") == wanted:
-                log.info("reusing %s", folder)
-                return str(folder), json.loads((folder / art.REPORT).read_text())
-        except (art.ArtifactError, OSError, json.JSONDecodeError):
-            pass
-    log.info("training an EchoKV-%s artifact at compression ratio %g (stage 1 + %d stage-2 steps) into %s",
-             config.variant, config.compression_ratio, config.stage2_steps, folder)
-    recon, report = train(model, tokenizer, config)
-    art.save(recon, model, folder, report, overwrite=True)
-    return str(folder), report
