@@ -62,7 +62,7 @@ def greedy(model, ids, max_tokens, eos, artifact=None):
 
 
 def quick_samples(tokenizer, n):
-    from echokv.eval import runner
+    from echokv_lab.eval import runner
 
     job = runner.make_job("quick", "full", "0", samples=n, tasks="niah_single_2,niah_multikey_1")
     inputs = runner.build_inputs(job, None, tokenizer, progress=False)
@@ -71,9 +71,9 @@ def quick_samples(tokenizer, n):
 
 def own_niah(model, tokenizer, samples, artifact, eos):
     """echokv's own answers (the eval runner's methods: full, and echokv with the artifact)."""
-    from echokv.eval.metrics import score
-    from echokv.methods.echokv import EchoKVMethod
-    from echokv.methods.full import FullMethod
+    from echokv_lab.eval.metrics import score
+    from echokv_lab.methods.echokv import EchoKVMethod
+    from echokv_lab.methods.full import FullMethod
 
     out = {}
     for name, method in (("full", FullMethod(0.0)), ("echokv", EchoKVMethod.create(0.5, [str(artifact)]))):
@@ -88,7 +88,7 @@ def own_niah(model, tokenizer, samples, artifact, eos):
 
 
 def served_niah(srv, samples):
-    from echokv.eval.metrics import score
+    from echokv_lab.eval.metrics import score
 
     rows = []
     for s, (ctx, q) in samples:

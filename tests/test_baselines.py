@@ -11,16 +11,16 @@ from transformers import DynamicCache
 from echokv.cache import CompressedCache
 from echokv.codecs.quant import QuantCodec, dequantize, quantize
 from echokv.generation import prefill
-from echokv.methods import make_method
-from echokv.methods.base import Method
-from echokv.methods.headdrop import HeadDropMethod
-from echokv.methods.lowrank import LowRankMethod, allocate_ranks
-from echokv.methods.quant import QuantMethod, kept_fraction
-from echokv.methods.xlayer_svd import CrossLayerSVDMethod
 from echokv.selection import paper_options
 from echokv.stats.collect import BASELINE_FEATURES, Calibration, collect
 from echokv.stats.rope import Rope, rotate, unrotate
 from echokv.tiny import tiny_model
+from echokv_lab.methods import make_method
+from echokv_lab.methods.base import Method
+from echokv_lab.methods.headdrop import HeadDropMethod
+from echokv_lab.methods.lowrank import LowRankMethod, allocate_ranks
+from echokv_lab.methods.quant import QuantMethod, kept_fraction
+from echokv_lab.methods.xlayer_svd import CrossLayerSVDMethod
 
 FACTORIES = {
     "headdrop": lambda r: HeadDropMethod(r),
@@ -182,7 +182,7 @@ def test_headdrop_kept_bytes_is_the_nearest_paper_layout(ratio, llama, calib):
 def test_headdrop_keeps_the_retained_heads_of_an_echo_artifact(llama, calib, tmp_path):
     # the ablation of EchoKV: its retained heads, no network; eval hands headdrop the run's echo artifact
     from echokv import artifact
-    from echokv.methods.headdrop import head_layout
+    from echokv_lab.methods.headdrop import head_layout
     from helpers import train_tiny
 
     echo, report = train_tiny(llama, steps=1, compression_ratio=0.5, variant="heads")  # data layout (default)
@@ -224,7 +224,7 @@ def test_quant_bits_from_the_ratio_and_measured_bytes(ratio, dtype, bits, calib)
 
 
 def test_quant_beyond_one_bit_cannot_be_reached(calib):
-    from echokv.methods import MethodUnavailable
+    from echokv_lab.methods import MethodUnavailable
 
     model = tiny_model("llama", dtype=torch.bfloat16)
     with pytest.raises(MethodUnavailable, match="cannot reach ratio 0.95"):

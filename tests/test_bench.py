@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from echokv.bench import EXPLICIT, FAST, FULL, STOCK, VARIANTS, bench_context
 from echokv.tiny import tiny_model
+from echokv_lab.bench import EXPLICIT, FAST, FULL, STOCK, VARIANTS, bench_context
 from helpers import train_tiny
 
 
@@ -52,7 +52,7 @@ def test_bench_context_times_each_fast_codec_decode_and_prefill():
 
 
 def test_dtype_context_times_the_default_cache_in_two_dtypes():
-    from echokv.bench import dtype_context
+    from echokv_lab.bench import dtype_context
 
     models = {"bfloat16": tiny_model("llama", dtype=torch.bfloat16), "float32": tiny_model("llama")}
     ids = torch.randint(3, 250, (1, 40), generator=torch.Generator().manual_seed(0))
@@ -65,7 +65,7 @@ def test_dtype_context_times_the_default_cache_in_two_dtypes():
 def test_parse_budget_reads_bytes_units_and_full_sequences():
     import pytest
 
-    from echokv.bench import parse_budget
+    from echokv_lab.bench import parse_budget
 
     assert parse_budget("190000000") == ("bytes", 190e6)
     assert parse_budget("190MB") == ("bytes", 190e6)
@@ -77,8 +77,8 @@ def test_parse_budget_reads_bytes_units_and_full_sequences():
 
 
 def test_budget_batches_are_the_largest_that_fit_the_bytes_actually_held():
-    from echokv.bench import BUDGET_VARIANTS, _batch, _decode, budget_context, parse_budget
     from echokv.cache import accounting
+    from echokv_lab.bench import BUDGET_VARIANTS, _batch, _decode, budget_context, parse_budget
 
     model = tiny_model("llama", seed=0, num_hidden_layers=4)
     recon, _ = train_tiny(model, steps=1, compression_ratio=0.5)
@@ -92,8 +92,8 @@ def test_budget_batches_are_the_largest_that_fit_the_bytes_actually_held():
     # the batch each variant got, rebuilt here: it fits after the timed tokens, one more sequence does not
     prefilled = {}
     for v in BUDGET_VARIANTS:
-        from echokv.bench import _attention_for, _new_cache
         from echokv.generation import prefill
+        from echokv_lab.bench import _attention_for, _new_cache
 
         with _attention_for(model, v):
             cache = _new_cache(model, v, recon)

@@ -225,8 +225,8 @@ def test_error_classes_map_to_one_line(monkeypatch, capsys, exc, code, line):
 
 def test_ctrl_c_is_one_line_saying_what_was_kept(monkeypatch, capsys, tmp_path):
     # issue #29: Ctrl-C printed a 30-line KeyboardInterrupt traceback
-    from echokv.cli import eval as eval_cmd
     from echokv.cli import train
+    from echokv_lab.cli import eval as eval_cmd
 
     def stopped(args):
         raise KeyboardInterrupt

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from echokv.methods import MethodUnavailable, make_method
-from echokv.methods.hf_quant import hqq_available
 from echokv.models import kv_geometry
 from echokv.stats.collect import Calibration
 from echokv.tiny import ARCHITECTURES, tiny_model
+from echokv_lab.methods import MethodUnavailable, make_method
+from echokv_lab.methods.hf_quant import hqq_available
 
 CONTEXT, QUESTION = list(range(3, 203)), [5, 6, 7]
 
@@ -97,7 +97,7 @@ def test_hf_quant_is_transformers_quantized_cache(bf16):
 
 
 def test_fidelity_is_exactly_zero_for_full_and_not_for_quant(bf16, calib, tmp_path):
-    from echokv.eval.fidelity import fidelity_row, fidelity_section
+    from echokv_lab.eval.fidelity import fidelity_row, fidelity_section
 
     blocks = torch.randint(3, 256, (2, 96), generator=torch.Generator().manual_seed(1))
     full = make_method("full", 0.0)
@@ -115,7 +115,7 @@ def test_fidelity_is_exactly_zero_for_full_and_not_for_quant(bf16, calib, tmp_pa
 
 
 def test_fidelity_suite_through_the_runner(bf16, smollm2_tokenizer, tmp_path):
-    from echokv.eval import runner
+    from echokv_lab.eval import runner
 
     model = tiny_model("llama", vocab_size=len(smollm2_tokenizer), dtype=torch.bfloat16, head_dim=64)
     rows = runner.run_eval(model, smollm2_tokenizer, "fidelity", "full,quant", "0.75", context_lengths="160",
@@ -136,7 +136,7 @@ def test_every_tiny_architecture(arch, name, calib):
 
 
 def test_unreachable_ratio_is_a_row_not_an_exception(bf16, calib, smollm2_tokenizer):
-    from echokv.eval import runner
+    from echokv_lab.eval import runner
 
     model = tiny_model("llama", vocab_size=len(smollm2_tokenizer), dtype=torch.bfloat16, head_dim=64)
     rows = runner.run_eval(model, smollm2_tokenizer, "quick", "full,quant", "0.5,0.97", tasks="niah_single_1",

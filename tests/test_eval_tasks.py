@@ -1,4 +1,4 @@
-"""RULER generators and prompt_ids (echokv.eval.ruler, echokv.eval.sample) with the real SmolLM2 tokenizer."""
+"""RULER generators and prompt_ids (echokv_lab.eval.ruler, echokv_lab.eval.sample) with the real SmolLM2 tokenizer."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections import Counter
 
 import pytest
 
-from echokv.eval.metrics import score
-from echokv.eval.ruler import RULER_TASKS, generate, insert_at_depths
-from echokv.eval.sample import Sample, encode, format_prompt, prompt_ids
+from echokv_lab.eval.metrics import score
+from echokv_lab.eval.ruler import RULER_TASKS, generate, insert_at_depths
+from echokv_lab.eval.sample import Sample, encode, format_prompt, prompt_ids
 
 # Real English prose from the standard library, standing in for echokv's default haystack text.
 PROSE = " ".join(pydoc_data.topics.topics.values())

@@ -1,4 +1,4 @@
-"""Error bars (echokv.eval.intervals) against hand-computed cases."""
+"""Error bars (echokv_lab.eval.intervals) against hand-computed cases."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from echokv.eval.intervals import (
+from echokv_lab.eval.intervals import (
     bootstrap_perplexity,
     bootstrap_ratio,
     half_width,
@@ -64,7 +64,7 @@ def test_bootstrap_constant_and_fixed_seed():
 
 
 def test_wilson_contains_the_proportion_exactly_at_the_ends():
-    from echokv.eval.intervals import wilson
+    from echokv_lab.eval.intervals import wilson
 
     for n in (1, 7, 100, 1000):
         assert wilson(0.0, n)[0] == 0.0 and wilson(1.0, n)[1] == 1.0

@@ -9,9 +9,9 @@ kvpress = pytest.importorskip("kvpress")
 
 from transformers import DynamicCache
 
-from echokv.methods import MethodUnavailable, make_method
-from echokv.methods.kvpress import PRESSES, KVPressMethod
 from echokv.tiny import tiny_model
+from echokv_lab.methods import MethodUnavailable, make_method
+from echokv_lab.methods.kvpress import PRESSES, KVPressMethod
 
 pytestmark = pytest.mark.peers
 

@@ -1,4 +1,4 @@
-"""LongBench loading (echokv.eval.longbench) from small JSONL fixtures in the official format."""
+"""LongBench loading (echokv_lab.eval.longbench) from small JSONL fixtures in the official format."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from echokv.eval.longbench import LONGBENCH_TASKS, load_longbench, split_template
-from echokv.eval.sample import SEPARATOR, prompt_ids
+from echokv_lab.eval.longbench import LONGBENCH_TASKS, load_longbench, split_template
+from echokv_lab.eval.sample import SEPARATOR, prompt_ids
 
 ENGLISH = ["narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique", "gov_report", "qmsum",
            "multi_news", "trec", "triviaqa", "samsum", "passage_count", "passage_retrieval_en", "lcc", "repobench-p"]

@@ -1,10 +1,10 @@
-"""Metrics of echokv.eval.metrics against values computed by hand."""
+"""Metrics of echokv_lab.eval.metrics against values computed by hand."""
 
 from __future__ import annotations
 
 import pytest
 
-from echokv.eval.metrics import (
+from echokv_lab.eval.metrics import (
     METRICS,
     classification_score,
     code_sim_score,
@@ -17,7 +17,7 @@ from echokv.eval.metrics import (
     string_match_all,
     string_match_part,
 )
-from echokv.eval.sample import Sample
+from echokv_lab.eval.sample import Sample
 
 
 def test_string_match():

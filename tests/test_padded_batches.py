@@ -36,8 +36,8 @@ CACHES = {
 
 def _baseline(name):
     """A baseline method's cache (per-token quantization, KIVI, projections, head drop), compressed from token 0."""
-    from echokv.methods import make_method
     from echokv.stats.collect import Calibration
+    from echokv_lab.methods import make_method
 
     def make(model, net, codec):
         meth = make_method(name, 0.5)

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from echokv import artifact, referee
+from echokv import artifact
 from echokv.cli import main
 from echokv.tiny import tiny_model
+from echokv_lab import referee
 from helpers import train_tiny
 from test_mixes import _full_rank_mixes
 

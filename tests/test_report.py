@@ -1,4 +1,4 @@
-"""results.json, report.md and figures (echokv.eval.report, echokv.eval.plots)."""
+"""results.json, report.md and figures (echokv_lab.eval.report, echokv_lab.eval.plots)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from echokv.eval.intervals import wilson
-from echokv.eval.plots import (
+from echokv_lab.eval.intervals import wilson
+from echokv_lab.eval.plots import (
     average_score,
     frontier_points,
     plot_niah_heatmap,
     plot_score_vs_kept,
     task_means,
 )
-from echokv.eval.report import write_results
+from echokv_lab.eval.report import write_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,4 @@
-"""The evaluation runner (echokv.eval.runner), its suites and perplexity rows.
+"""The evaluation runner (echokv_lab.eval.runner), its suites and perplexity rows.
 
 Tiny random Llamas with the SmolLM2 vocabulary stand in for a real model (their answers are noise:
 these tests check the plumbing, the files and the errors); one test runs a reduced quick suite on
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from echokv.eval import runner, suites
-from echokv.eval.suites import PERPLEXITY
+from echokv_lab.eval import runner, suites
+from echokv_lab.eval.suites import PERPLEXITY
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +205,8 @@ def test_two_methods_write_results(tiny, tiny_artifact, tmp_path):
 
 
 def test_failing_method_gets_error_rows(tiny, monkeypatch, tmp_path):
-    from echokv import methods
-    from echokv.methods import MethodUnavailable
+    from echokv_lab import methods
+    from echokv_lab.methods import MethodUnavailable
 
     real = methods.make_method
 
@@ -234,7 +234,7 @@ def test_failing_method_gets_error_rows(tiny, monkeypatch, tmp_path):
 def test_artifact_of_the_other_variant_is_an_error_not_a_training(tiny_artifact, tmp_path, monkeypatch):
     # the user's head-only artifact must not make echokv-hybrid train one silently on the fly: asked for by name,
     # it is the user's mistake (an error before any work); brought in by `all`, that method is skipped
-    from echokv import methods
+    from echokv_lab import methods
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=r"'heads' variant but echokv-hybrid needs the 'hybrid' variant"):
@@ -279,7 +279,7 @@ def test_missing_artifact_is_skipped_with_a_message_and_no_training(tiny, tiny_a
 
 
 def test_resume_skips_cells_already_in_results(tiny, tmp_path, monkeypatch):
-    from echokv.methods.base import Method
+    from echokv_lab.methods.base import Method
 
     model, tokenizer = tiny
     out = tmp_path / "eval"
@@ -333,7 +333,7 @@ def test_resume_refuses_a_run_that_would_change_the_rows_naming_the_setting(tiny
 
 def test_results_are_written_after_every_method(tiny, monkeypatch, tmp_path):
     # a long run stopped in its second method keeps the first method's results on disk
-    from echokv import methods
+    from echokv_lab import methods
 
     real = methods.make_method
 
@@ -385,8 +385,9 @@ def test_quick_suite_full_cache_scores_above_chance(smollm2, tmp_path):
 
 def test_the_default_artifact_is_what_the_default_eval_runs(tiny, tmp_path):
     """`echokv train --out A && echokv eval --artifacts A`: eval's default method takes train's default artifact."""
-    from echokv import artifact, methods
+    from echokv import artifact
     from echokv.config import EvalConfig, TrainConfig
+    from echokv_lab import methods
 
     model, tokenizer = tiny
     blocks = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))

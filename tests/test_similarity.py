@@ -1,4 +1,4 @@
-"""Head-similarity analysis (echokv.similarity) on tiny random models: fast, no download.
+"""Head-similarity analysis (echokv_lab.similarity) on tiny random models: fast, no download.
 
 The key checks plant an exact relation between two heads (by editing k_proj / v_proj) and expect the
 analysis to find it (R2 ~ 1), which is what makes the heatmaps trustworthy on a real model.
@@ -11,11 +11,12 @@ import json
 import pytest
 import torch
 
-from echokv import cli, similarity
+from echokv import cli
 from echokv.config import ModelConfig
 from echokv.models import kv_geometry
 from echokv.stats.moments import KeyMoments, ValueMoments
 from echokv.tiny import tiny_model
+from echokv_lab import similarity
 
 # With the relative ridge of echokv.stats.moments (1e-3 of the source's mean diagonal), a head predicted from
 # itself loses at most 1e-3 / 4 of its energy: per eigen-direction sigma * lam^2 / (sigma + lam)^2 <= lam / 4.

@@ -51,15 +51,28 @@ def test_the_library_never_imports_the_command_line(path):
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: _module(p))
-def test_the_core_never_imports_the_evaluation_harness(path):
-    if _within(_module(path), "echokv.eval") or _command_line(_module(path)):
-        return
-    assert not [m for m in _imported(path) if _within(m, "echokv.eval")]
+def test_the_library_never_imports_the_harness(path):
+    # the harness (src/echokv_lab: methods, suites, bench, analyses and their commands) is a package of its own;
+    # the command line finds its commands through an entry point, so nothing here names it
+    assert not [m for m in _imported(path) if _within(m, "echokv_lab")]
+
+
+def test_the_harness_commands_are_registered():
+    from echokv.cli import COMMANDS
+
+    assert {"eval", "bench", "analyze"} <= set(COMMANDS)
+    assert all(COMMANDS[name].__name__ == f"echokv_lab.cli.{name}" for name in ("eval", "bench", "analyze"))
+
+
+def test_the_library_stays_under_its_line_budget():
+    # (issue #25's line budget is 8k without the harness; this pins today's size so that it only shrinks)
+    lines = sum(len(p.read_text(encoding="utf-8").splitlines()) for p in SOURCES)
+    assert lines <= 10_000, lines
 
 
 def test_the_reader_sees_relative_imports():
     # the checks above are only as good as this: relative imports resolve to the modules they name
     assert "echokv.cli._args" in _imported(PACKAGE / "cli" / "info.py")
-    assert "echokv.eval.runner" in _imported(PACKAGE / "cli" / "eval.py")
+    assert "echokv.training" in _imported(PACKAGE / "cli" / "demo.py")
     assert "echokv.cache.codec" in _imported(PACKAGE / "codecs" / "mix.py")
     assert "echokv.attention" in _imported(PACKAGE / "cache" / "layers.py")

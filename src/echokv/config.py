@@ -27,7 +27,7 @@ VARIANTS = ("mix", "heads", "hybrid")
 RETIRED_KEYS = "rope-commuting"
 LAYOUTS = ("data", "paper")
 CACHE_MODES = ("full", "compressed", "auto")
-#: the evaluation suites (defined in the harness, :mod:`echokv.eval.suites`)
+#: the evaluation suites (defined in the harness, :mod:`echokv_lab.eval.suites`)
 SUITES = ("quick", "ruler", "longbench", "ppl", "long", "fidelity")
 
 #: calibration text of training and of the evaluation's baselines: tokens, in sequences of this length
@@ -266,7 +266,7 @@ class AnalyzeConfig(ModelConfig):
 
 @dataclass(kw_only=True)
 class EvalConfig(ModelConfig):
-    """``echokv eval`` (the arguments of :func:`echokv.eval.runner.make_job`)."""
+    """``echokv eval`` (the arguments of :func:`echokv_lab.eval.runner.make_job`)."""
 
     suite: str = option("quick", "evaluation suite", choices=SUITES)
     methods: str = option("full,echokv", "comma-separated list, or 'all'")

@@ -5,7 +5,7 @@ from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_
 joins one process group: NCCL when the model runs on CUDA (each rank on ``cuda:LOCAL_RANK``), gloo on the CPU.
 Training splits its calibration and held-out sequences over the ranks and sums what it learns from them
 (moments, error sums, gradients), so every rank takes the same decisions and rank 0 writes the artifact that
-one process would have; evaluation splits its result rows (see :mod:`echokv.eval.runner`).
+one process would have; evaluation splits its result rows (see :mod:`echokv_lab.eval.runner`).
 
 Outside a process group of two or more ranks every helper here hands its input back untouched, so a single
 process computes exactly what it did before this module existed.

@@ -184,7 +184,7 @@ class Features:
 
 
     def details(self, mixes: Mixes) -> dict:
-        """Where the error is (:mod:`echokv.referee`): per layer and KV head the relative error of keys (pre-RoPE)
+        """Where the error is (:mod:`echokv_lab.referee`): per layer and KV head the relative error of keys (pre-RoPE)
         and values, per layer the relative attention-output error, and per token position the relative error of
         K and V (all layers and heads) and of the output (the scored query positions)."""
         lay = mixes.layout

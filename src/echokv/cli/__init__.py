@@ -1,4 +1,5 @@
-"""The ``echokv`` command line: info, train, generate, analyze, eval, bench, demo (one module each).
+"""The ``echokv`` command line: info, train, generate, demo (one module each), and the commands other packages
+register through the ``echokv.commands`` entry point (the harness's analyze, eval, bench: :mod:`echokv_lab.cli`).
 
 Each command module has ``HELP``, ``CONFIGS`` (the dataclasses of :mod:`echokv.config` its flags are
 made from) and ``run(args)``: cheap checks (ranges, files, folders) before the model is loaded, checks
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 from .. import distributed
-from . import analyze, bench, demo, eval, generate, info, train
+from . import demo, generate, info, train
 from ._args import UsageError, add_options, check_outputs_are_not_inputs
 
 #: what a user's mistake raises: one line and exit code 2 (``ValueError`` covers ``ArtifactError``,
@@ -40,8 +41,15 @@ USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, PermissionError, 
 
 __all__ = ["COMMANDS", "USER_ERRORS", "UsageError", "build_parser", "main"]
 
-COMMANDS = {"info": info, "train": train, "generate": generate, "analyze": analyze, "eval": eval, "bench": bench,
-            "demo": demo}
+def _registered() -> dict:
+    """The commands other packages add (the harness's ``eval``, ``bench``, ``analyze``): the ``echokv.commands``
+    entry points, each a module with ``HELP``, ``CONFIGS`` and ``run``."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.load() for ep in sorted(entry_points(group="echokv.commands"), key=lambda ep: ep.name)}
+
+
+COMMANDS = {"info": info, "train": train, "generate": generate, "demo": demo, **_registered()}
 #: the commands that split their work over torchrun's processes
 DATA_PARALLEL = ("train", "eval")
 

@@ -2,7 +2,7 @@
 
 A codec is a storage format: it encodes a group of layers' K/V into stored tensors and decodes a layer back.
 How a codec's parameters are fitted, and how a method is run and reported, is the method's business
-(:mod:`echokv.methods`). A new codec is one file here plus the method that makes it, registered there.
+(:mod:`echokv_lab.methods`). A new codec is one file here plus the method that makes it, registered there.
 
 * :mod:`~echokv.codecs.mix`: EchoKV's stored components (learned mixes or retained heads, pre-RoPE keys, each
   component at its precision), with its fast attention;

@@ -98,7 +98,7 @@ class KiviCodec(QuantCodec):
     """KIVI's layout (Liu et al. 2024, arXiv 2402.02750): keys quantized *per channel* over groups of
     ``token_group`` tokens (outlier channels get their own scales), values per token over groups of ``group``
     channels. A block handed to :meth:`encode` must hold a multiple of ``token_group`` tokens
-    (:class:`~echokv.methods.quant.KiviCache` flushes whole groups; the tokens of the last, incomplete group
+    (:class:`~echokv_lab.methods.quant.KiviCache` flushes whole groups; the tokens of the last, incomplete group
     stay in full precision, KIVI's residual).
 
     Stored keys keep the token axis at dim -2 as ``[B, H, n_groups * d, ...]`` rows (one row per channel of each
