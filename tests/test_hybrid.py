@@ -11,6 +11,7 @@ from echokv import artifact
 from echokv.cache import EchoKVCache, echokv_attention
 from echokv.config import TrainConfig
 from echokv.tiny import tiny_model
+from echokv.training import validate
 from helpers import train_tiny
 
 RETIRED = Path(__file__).parent / "data"
@@ -98,13 +99,13 @@ def test_an_artifact_of_a_retired_form_gets_one_line(folder, variant):
 def test_retired_flags_are_refused_or_warned():
     model = tiny_model()
     with pytest.raises(ValueError, match="--keys rope-commuting was retired"):
-        TrainConfig(variant="heads", keys="rope-commuting").validate(model)
+        validate(TrainConfig(variant="heads", keys="rope-commuting"), model)
     with pytest.raises(ValueError, match="--inputs global was retired"):
-        TrainConfig(variant="heads", inputs="global").validate(model)
+        validate(TrainConfig(variant="heads", inputs="global"), model)
     with pytest.warns(FutureWarning, match="--keys is deprecated"):
-        TrainConfig(variant="heads", keys="pre-rope").validate(model)
+        validate(TrainConfig(variant="heads", keys="pre-rope"), model)
 
 
 def test_unknown_variant_is_refused():
     with pytest.raises(ValueError, match="unknown variant"):
-        TrainConfig(variant="nope").validate(tiny_model())
+        validate(TrainConfig(variant="nope"), tiny_model())

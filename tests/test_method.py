@@ -11,7 +11,7 @@ from echokv import artifact
 from echokv.selection import data_layout, nearest_paper_layout, paper_layout, paper_options
 from echokv.stats.moments import KeyMoments, ValueMoments
 from echokv.tiny import tiny_model
-from echokv.training import TrainConfig
+from echokv.training import TrainConfig, validate
 from helpers import exact_tiny_llama, one_head_layout, train_tiny
 
 
@@ -71,15 +71,15 @@ def test_data_layout_picks_the_explanatory_head():
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5])
 def test_ratio_out_of_range(bad):
     with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
-        TrainConfig(compression_ratio=bad).validate(tiny_model())
+        validate(TrainConfig(compression_ratio=bad), tiny_model())
 
 
 def test_group_size_and_m_that_do_not_fit():
     model = tiny_model()  # 4 layers, 2 KV heads
     with pytest.raises(ValueError, match="group size S=9 does not fit"):
-        TrainConfig(group_size=9).validate(model)
+        validate(TrainConfig(group_size=9), model)
     with pytest.raises(ValueError, match="local input size m=3 does not fit"):
-        TrainConfig(m=3).validate(model)
+        validate(TrainConfig(m=3), model)
 
 
 def test_stage2_is_deterministic_with_a_seed():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from echokv.config import TrainConfig
-from echokv.training import check_reachable, planned_kept
+from echokv.training import check_reachable, planned_kept, validate
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def smollm2_shape():
 ], ids=["hybrid-paper", "retired-keys", "hybrid-0.999", "kv-ratios-0", "mix-paper"])
 def test_unreachable_requests_are_refused(smollm2_shape, settings, match):
     with pytest.raises(ValueError, match=match):
-        TrainConfig(**settings).validate(smollm2_shape)
+        validate(TrainConfig(**settings), smollm2_shape)
 
 
 @pytest.mark.parametrize("settings", [
@@ -40,7 +40,7 @@ def test_unreachable_requests_are_refused(smollm2_shape, settings, match):
 ])
 def test_reachable_requests_pass_and_keep_what_they_say(smollm2_shape, settings):
     cfg = TrainConfig(**settings)
-    cfg.validate(smollm2_shape)
+    validate(cfg, smollm2_shape)
     check_reachable(smollm2_shape, cfg)
     kk, kv = planned_kept(smollm2_shape, cfg)
     assert abs((kk + kv) / 2 - (1 - cfg.compression_ratio)) <= 0.02
@@ -76,7 +76,7 @@ def test_every_accepted_request_keeps_what_it_asks_and_every_refusal_names_reach
 
     cfg = TrainConfig(**settings)
     try:
-        cfg.validate(smollm2_shape)
+        validate(cfg, smollm2_shape)
     except ValueError as exc:
         message = str(exc)
         assert "\n" not in message
@@ -88,7 +88,7 @@ def test_every_accepted_request_keeps_what_it_asks_and_every_refusal_names_reach
         assert near and all(r != cfg.compression_ratio for r in near)
         for r in near:  # each ratio it names passes, and keeps what it says
             ok = TrainConfig(**{**settings, "compression_ratio": r})
-            ok.validate(smollm2_shape)
+            validate(ok, smollm2_shape)
             assert abs(sum(planned_kept(smollm2_shape, ok)) / 2 - (1 - r)) <= 0.02
         return
     kk, kv = planned_kept(smollm2_shape, cfg)

@@ -11,11 +11,10 @@ line. Measured tuning constants stay next to the code they tune, with their meas
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import MISSING, asdict, dataclass, field
 
-from .models import DEFAULT_MODEL, DTYPES, kv_geometry
-from .selection import INPUTS, check_ratio, make_groups
+from .models import DEFAULT_MODEL, DTYPES
+from .selection import INPUTS, check_ratio
 from .stats.moments import RIDGE
 
 #: EchoKV's variants, one network (:mod:`echokv.mixes`) with a choice of encoder per kind: ``mix`` (learned
@@ -160,56 +159,6 @@ class TrainConfig:
     def learning_rate(self) -> float:
         """The stage-2 learning rate: ``stage2_lr``, or the default."""
         return STAGE2_LR if self.stage2_lr is None else self.stage2_lr
-
-    def validate(self, model, reachable: bool = True) -> None:
-        """Raise before any work for settings that cannot fit the model (``reachable=False``: a given layout, not
-        the ratio, decides what is kept)."""
-        self.ratios()
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {self.layout!r}; choose 'paper' or 'data'")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
-        geo = kv_geometry(model)
-        layers = geo.full_attention_layers
-        if self.group_size is not None:
-            make_groups(layers, self.group_size)
-        if self.m is not None and not (isinstance(self.m, int) and 0 <= self.m <= geo.num_kv_heads):
-            raise ValueError(
-                f"local input size m={self.m!r} does not fit this model: it must be in [0, {geo.num_kv_heads}]"
-            )
-        for name in ("calib_tokens", "seq_len", "stage2_batch", "heldout_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.stage2_steps < 0:
-            raise ValueError(f"stage2_steps must be >= 0, got {self.stage2_steps}")
-        if geo.max_context and self.seq_len > geo.max_context:
-            raise ValueError(f"seq_len {self.seq_len} exceeds the model's context of {geo.max_context} tokens")
-        if self.k_ratio is not None and self.v_ratio is not None and \
-                abs((self.k_ratio + self.v_ratio) / 2 - self.compression_ratio) > 0.02:
-            raise ValueError(
-                f"--k-ratio {self.k_ratio:g} and --v-ratio {self.v_ratio:g} compress the cache by "
-                f"{(self.k_ratio + self.v_ratio) / 2:g}, not by --compression-ratio {self.compression_ratio:g} "
-                "(the ratio the artifact is recorded and matched by): pass a --compression-ratio equal to their mean")
-        if self.variant == "mix" and (self.layout != "data" or self.m is not None or self.inputs is not None):
-            raise ValueError("--layout, --m and --inputs choose retained heads: they apply to the heads and hybrid "
-                             "variants, not to mix (pass --variant heads or --variant hybrid)")
-        if self.keys == RETIRED_KEYS:
-            raise ValueError("--keys rope-commuting was retired (RoPE-commuting key maps: 4.0 retrieval at 0.5 on the "
-                             "quick suite, against 69.0 with keys rebuilt before RoPE): drop --keys")
-        if self.inputs not in (None, "all"):
-            raise ValueError(f"--inputs {self.inputs} was retired with the RoPE-commuting forms: every retained head "
-                             "of a group feeds each discarded one; drop --inputs")
-        if not self.bias:
-            raise ValueError("--no-bias was retired with the RoPE-commuting forms: the decoders always add the "
-                             "group's mean; drop --no-bias")
-        for flag, now in (("keys", "keys are always rebuilt before RoPE"), ("inputs", "every retained head feeds")):
-            if getattr(self, flag) is not None:
-                warnings.warn(f"--{flag} is deprecated and will be removed: {now}", FutureWarning, stacklevel=2)
-        from .training import check_reachable, check_widths
-
-        check_widths(self)
-        if reachable:
-            check_reachable(model, self)  # one plan for every variant and layout (training.planned_kept)
 
 
 #: the variant ``echokv train`` makes, and so the one method ``echokv`` evaluates

@@ -12,7 +12,7 @@ from echokv.selection import check_ratio
 
 # isort: off
 # importing a method file registers its names; this order is the order methods are listed and run in
-from echokv_lab.methods import full, echokv, echokv_q, headdrop, lowrank, xlayer_svd, quant, kvpress  # noqa: F401
+from echokv_lab.methods import full, echokv, echokv_q, headdrop, lowrank, xlayer_svd, quant, hf_quant, kvpress  # noqa: F401
 # isort: on
 from echokv_lab.methods.base import REGISTRY, Method, MethodUnavailable, register
 from echokv_lab.methods.echokv import EchoKVMethod

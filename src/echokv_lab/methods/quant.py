@@ -197,6 +197,3 @@ class KiviMethod(QuantMethod):
 
 register("quant")(QuantMethod)
 register("kivi")(KiviMethod)
-
-# transformers' QuantizedCache (registered here, beside the other quantizers: method ``hf-quant``)
-from echokv_lab.methods import hf_quant  # noqa: F401
