@@ -92,10 +92,10 @@ def test_stage2_is_deterministic_with_a_seed():
     assert r1["stage2"]["train_losses"] == r2["stage2"]["train_losses"]
 
 
-def test_reconstructor_reports_its_size():
+def test_the_network_reports_its_size():
     recon, report = train_tiny(tiny_model(), steps=0)
     n = recon.num_parameters()
-    assert n > 0 and report["reconstructor_bytes"] == 4 * n
+    assert n > 0 and report["network_bytes"] == 4 * n
 
 
 def test_artifact_round_trip_gives_identical_tensors(tmp_path):

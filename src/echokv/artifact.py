@@ -138,7 +138,7 @@ def _checksum_entry(digest: str) -> bytes:
 
 
 def save(
-    recon: Mixes,
+    network: Mixes,
     model,
     out_dir: str | Path,
     report: dict | None = None,
@@ -147,9 +147,9 @@ def save(
 ):
     """Write the artifact atomically (:func:`~echokv.util.atomic_dir`: an existing ``out_dir`` is replaced
     only with ``overwrite`` and only when it holds nothing but echokv's output)."""
-    if not isinstance(recon, Mixes):
+    if not isinstance(network, Mixes):
         raise TypeError(f"save needs the network that train() returned (echokv.mixes.Mixes), got "
-                        f"{type(recon).__name__}")
+                        f"{type(network).__name__}")
     if not isinstance(out_dir, (str, Path)) or not str(out_dir).strip():
         raise TypeError(f"save needs an output folder path (str or pathlib.Path), got {out_dir!r}")
     geo = kv_geometry(model)
@@ -161,21 +161,21 @@ def save(
             "geometry": geo.to_dict(),
             **fingerprints(model),
         },
-        "layout": recon.layout.to_dict(),
-        "head_dim": recon.layout.head_dim,
+        "layout": network.layout.to_dict(),
+        "head_dim": network.layout.head_dim,
         "bias": True,
-        "reconstructor_parameters": recon.num_parameters(),
-        "reconstructor_bytes": recon.num_bytes(),
+        "network_parameters": network.num_parameters(),
+        "network_bytes": network.num_bytes(),
         "training": (report or {}).get("config", {}),
         "versions": _versions(),
     }
-    tensors = _pack(recon.state_dict())
+    tensors = _pack(network.state_dict())
     # one metadata key: safetensors writes its metadata in no fixed order, and the format must open the file (so
     # that a truncated artifact of echokv's is still recognised as its own, util.OWN_FILES)
     meta = {"format": FORMAT + WITH_CHECKSUMS}
     with atomic_dir(out_dir, overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata=meta)
-        stage1_state = stage1_state if stage1_state is not None else getattr(recon, "stage1_state", None)
+        stage1_state = stage1_state if stage1_state is not None else getattr(network, "stage1_state", None)
         if stage1_state is not None:
             save_file(_pack(stage1_state), str(tmp / STAGE1_WEIGHTS), metadata=meta)
         config["checksums"] = {name: _sha256(tmp / name) for name in STAGE_FILES.values() if (tmp / name).is_file()}
@@ -351,11 +351,11 @@ _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", t
            torch.int64: "I64"}
 
 
-def _check_weights(file: Path, recon: Mixes, head_dim: int) -> None:
+def _check_weights(file: Path, network: Mixes, head_dim: int) -> None:
     """The tensors of a weights file against those the layout needs: names, shapes and dtypes (header only)."""
     stored, _ = _header(file)
     left = dict(stored)
-    for name, tensor in recon.state_dict().items():
+    for name, tensor in network.state_dict().items():
         want = (tuple(tensor.shape), _DTYPES.get(tensor.dtype, str(tensor.dtype)))
         _need(name in stored, file, f"lacks tensor {name}, which {CONFIG}'s layout needs")
         left.pop(name)
@@ -378,10 +378,10 @@ def validate_artifact(path: str | Path) -> dict:
             raise ArtifactError(f"{folder} is not a complete echokv artifact: {name} is missing; {_RETRAIN}")
     config, raw = _read_json(folder / CONFIG)
     _check_checksums(folder, config, raw)
-    recon = _check_config(folder, config)
+    network = _check_config(folder, config)
     for name in STAGE_FILES.values():
         if (folder / name).is_file():
-            _check_weights(folder / name, recon, config["head_dim"])
+            _check_weights(folder / name, network, config["head_dim"])
     return config
 
 
@@ -447,17 +447,17 @@ def load(path: str | Path, model=None, stage: int = 2) -> Mixes:
     config = read_config(path)
     if model is not None:
         check_compatible(config, model, str(path))
-    recon = Mixes(MixLayout.from_dict(config["layout"]))
+    network = Mixes(MixLayout.from_dict(config["layout"]))
     weights = Path(path).expanduser() / STAGE_FILES[stage]
     if not weights.is_file():
         raise ArtifactError(f"{path} has no stage-{stage} weights ({weights.name}); load stage 2 instead")
     try:
         state = load_file(str(weights))
-        recon.load_state_dict(state, strict=True)
+        network.load_state_dict(state, strict=True)
     except (SafetensorError, OSError, RuntimeError, ValueError, IndexError, KeyError) as exc:
         raise _fail(weights, f"could not be loaded into the network ({type(exc).__name__}: {exc})") from None
-    bad = [name for name, t in recon.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = [name for name, t in network.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise _fail(weights, f"holds NaN or infinite values ({', '.join(bad[:3])}): the file is corrupt")
-    recon.requires_grad_(False)
-    return recon
+    network.requires_grad_(False)
+    return network

@@ -520,8 +520,8 @@ def train(model, tokenizer, cfg: TrainConfig, calib=None, held=None, layout=None
         "width_counts": {str(w): n for w, n in lay.width_counts().items()},
         "layout": {"variant": cfg.variant, "group_size": len(groups[0]), "keys": lay.keys,
                    "quant_group": lay.quant_group},
-        "reconstructor_parameters": mixes.num_parameters(),
-        "reconstructor_bytes": mixes.num_bytes(),
+        "network_parameters": mixes.num_parameters(),
+        "network_bytes": mixes.num_bytes(),
         "calibration_tokens": cal.tokens,
         "heldout_tokens": ho.tokens,
         "stage1": {"seconds": stage1_seconds, "heldout_rel_error": kv1, "final_loss": (kv1["k"] + kv1["v"]) / 2,
@@ -649,6 +649,6 @@ def train_or_reuse(model, tokenizer, folder, config: TrainConfig) -> tuple[str, 
             pass
     log.info("training an EchoKV-%s artifact at compression ratio %g (stage 1 + %d stage-2 steps) into %s",
              config.variant, config.compression_ratio, config.stage2_steps, folder)
-    recon, report = train(model, tokenizer, config)
-    art.save(recon, model, folder, report, overwrite=True)
+    network, report = train(model, tokenizer, config)
+    art.save(network, model, folder, report, overwrite=True)
     return str(folder), report

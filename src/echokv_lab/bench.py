@@ -86,7 +86,7 @@ class PeakRSS:
         return self.peak - self.base
 
 
-def _new_cache(model, variant: str, recon, codecs: dict | None = None):
+def _new_cache(model, variant: str, network, codecs: dict | None = None):
     from transformers import DynamicCache
 
     from echokv.cache import CompressedCache
@@ -96,7 +96,7 @@ def _new_cache(model, variant: str, recon, codecs: dict | None = None):
     if codecs and variant in codecs:
         return CompressedCache(model, codecs[variant], mode="compressed", fast=True)
     mode = "full" if variant == FULL else "compressed"
-    return EchoKVCache(model, recon, mode=mode, fast=variant == FAST)
+    return EchoKVCache(model, network, mode=mode, fast=variant == FAST)
 
 
 @torch.no_grad()
@@ -137,7 +137,7 @@ def _step_as(model):
 
 
 @torch.no_grad()
-def bench_context(model, recon, ids: torch.Tensor, decode_tokens: int, repeats: int,
+def bench_context(model, network, ids: torch.Tensor, decode_tokens: int, repeats: int,
                   chunk: int = PREFILL_CHUNK, codecs: dict | None = None) -> dict:
     """Prefill each variant once, then time decoding interleaved step by step.
 
@@ -150,7 +150,7 @@ def bench_context(model, recon, ids: torch.Tensor, decode_tokens: int, repeats: 
     codecs = codecs or {}
     for variant in (*VARIANTS, *codecs):
         with _attention_for(model, variant):
-            cache = _new_cache(model, variant, recon, codecs)
+            cache = _new_cache(model, variant, network, codecs)
             with PeakRSS() as mem:
                 t = time.perf_counter()
                 logits = prefill(model, cache, ids, chunk_size=chunk)
@@ -175,7 +175,7 @@ def bench_context(model, recon, ids: torch.Tensor, decode_tokens: int, repeats: 
         """Decode speed of a relative to b: median over steps of b's seconds / a's seconds."""
         return statistics.median(sb / sa for sa, sb in zip(steps[a], steps[b]))
 
-    prefill_ratios = _prefill_ratios(model, recon, ids, min(repeats, 2), chunk, codecs)
+    prefill_ratios = _prefill_ratios(model, network, ids, min(repeats, 2), chunk, codecs)
     q_prefill = prefill_ratios.pop("q_vs_stock_prefill")
     return {
         "context": int(ids.shape[1]),
@@ -188,7 +188,7 @@ def bench_context(model, recon, ids: torch.Tensor, decode_tokens: int, repeats: 
         "fast_vs_explicit_decode_ratio": speedup(FAST, EXPLICIT),
         "kv_bytes_ratio": out[FAST]["cache_bytes"] / out[FULL]["cache_bytes"],
         "kv_reserved_bytes_ratio": out[FAST]["reserved_cache_bytes"] / out[STOCK]["cache_bytes"],
-        "kept_fraction": recon.layout.kept_fraction(),
+        "kept_fraction": network.layout.kept_fraction(),
         **({"codecs": {v: {"q_vs_full_decode_ratio": speedup(v, FULL), "q_vs_stock_decode_ratio": speedup(v, STOCK),
                            "kv_bytes_ratio": out[v]["cache_bytes"] / out[FULL]["cache_bytes"],
                            "q_vs_stock_prefill_ratio": q_prefill[v][0],
@@ -198,7 +198,7 @@ def bench_context(model, recon, ids: torch.Tensor, decode_tokens: int, repeats: 
 
 
 @torch.no_grad()
-def _prefill_ratios(model, recon, ids: torch.Tensor, repeats: int, chunk: int, codecs: dict | None = None) -> dict:
+def _prefill_ratios(model, network, ids: torch.Tensor, repeats: int, chunk: int, codecs: dict | None = None) -> dict:
     """Prefill speed of the compressed cache relative to the default cache, both ways of feeding a prompt:
     compressing between chunks (each chunk rebuilds the compressed past) and with ``exact_prompt`` (compressing
     once, after the prompt); and of each codec of ``codecs`` (compressing between chunks: ``q_vs_stock_prefill``).
@@ -210,7 +210,7 @@ def _prefill_ratios(model, recon, ids: torch.Tensor, repeats: int, chunk: int, c
         for name, secs in runs.items():
             variant = {"stock": STOCK, "chunks": FAST, "exact": FAST}.get(name, name.removesuffix(" exact"))
             with _attention_for(model, variant):
-                cache = _new_cache(model, variant, recon, codecs)
+                cache = _new_cache(model, variant, network, codecs)
                 t = time.perf_counter()
                 prefill(model, cache, ids, chunk_size=chunk, exact_prompt=name.endswith("exact"))
                 secs.append(time.perf_counter() - t)
@@ -266,7 +266,7 @@ def _batch(prefilled, batch: int):
 
 
 @torch.no_grad()
-def budget_context(model, recon, ids: torch.Tensor, budgets: list, decode_tokens: int, repeats: int,
+def budget_context(model, network, ids: torch.Tensor, budgets: list, decode_tokens: int, repeats: int,
                    chunk: int = PREFILL_CHUNK, codecs: dict | None = None) -> dict:
     """Throughput at fixed KV-memory budgets, for one prompt length.
 
@@ -282,7 +282,7 @@ def budget_context(model, recon, ids: torch.Tensor, budgets: list, decode_tokens
     variants = (*BUDGET_VARIANTS, *codecs)
     for v in variants:
         with _attention_for(model, v):
-            cache = _new_cache(model, v, recon, codecs)
+            cache = _new_cache(model, v, network, codecs)
             logits = prefill(model, cache, ids, chunk_size=chunk)
         prefilled[v] = (cache, logits[:, None].argmax(-1))
         work, tok = _batch(prefilled[v], 1)

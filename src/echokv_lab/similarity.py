@@ -7,10 +7,10 @@ over a range of full-attention layers this module measures
 
     R2[i, j] = 1 - residual([i], [j]) / energy([j])
 
-the fraction of head j's energy that a ridge regression on head i alone explains, using the same
-regression the reconstructor uses (:mod:`echokv.stats.moments`): for keys the RoPE-commuting per-frequency
-complex map on post-RoPE keys (energy = second moment, no bias), for values a full linear map with bias
-(energy = variance). Rows of the matrix are sources (predictors), columns targets. With the ridge both
+the fraction of head j's energy that a ridge regression on head i alone explains (:mod:`echokv.stats.moments`):
+for keys a RoPE-commuting per-frequency complex map on post-RoPE keys (energy = second moment, no bias: the
+similarity the paper pictures; EchoKV itself rebuilds keys before RoPE with full maps), for values a full linear
+map with bias (energy = variance). Rows of the matrix are sources (predictors), columns targets. With the ridge both
 bounds hold exactly: 0 <= R2 <= 1, and the diagonal is 1 up to ridge shrinkage (at most 2.5e-4 below).
 
 Sliding-window layers are left out: the cache keeps only a window of them and EchoKV never compresses

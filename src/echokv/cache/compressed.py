@@ -401,11 +401,11 @@ class EchoKVCache(CompressedCache):
         if not isinstance(artifact, (Mixes, str, os.PathLike)):
             raise TypeError(f"EchoKVCache needs an artifact: the folder `echokv train` wrote (str or path) or the "
                             f"network echokv.training.train returned, got {artifact!r}")
-        recon = artifact if isinstance(artifact, Mixes) else load(artifact, model)
+        network = artifact if isinstance(artifact, Mixes) else load(artifact, model)
         devices = placement.layer_devices(model)
-        recon.place([placement.group_device(g, devices) for g in recon.layout.groups])
+        network.place([placement.group_device(g, devices) for g in network.layout.groups])
         if mode is None:  # a switch condition means auto mode
             auto = kwargs.get("switch_at_tokens") is not None or kwargs.get("memory_budget_bytes") is not None
             mode = "auto" if auto else "full"
         kwargs.setdefault("fast", attention.serves(model))
-        super().__init__(model, echokv_codec(recon, model), mode=mode, **kwargs)
+        super().__init__(model, echokv_codec(network, model), mode=mode, **kwargs)

@@ -29,15 +29,15 @@ def run(args) -> int:
     validate(cfg, model)
     require_tokens(tokenizer, "calibration", cfg.calib_tokens, cfg.seq_len, cfg.text_paths)
     require_tokens(tokenizer, "evaluation", cfg.heldout_tokens, cfg.seq_len, cfg.text_paths)
-    recon, report = train(model, tokenizer, cfg)
+    network, report = train(model, tokenizer, cfg)
     distributed.barrier()  # every rank finished: only then does rank 0 write
     if not distributed.is_main():
         return 0
-    artifact.save(recon, model, out, report, overwrite=output.overwrite)
+    artifact.save(network, model, out, report, overwrite=output.overwrite)
     s1, s2 = report["stage1"], report["stage2"]
     print(
         f"wrote {out}: kept fraction {report['kept_fraction']:.3f} (K {report['kept_fraction_k']:.3f}, "
-        f"V {report['kept_fraction_v']:.3f}), network {report['reconstructor_bytes'] / 1e6:.2f} MB"
+        f"V {report['kept_fraction_v']:.3f}), network {report['network_bytes'] / 1e6:.2f} MB"
     )
     print(f"stage 1: {s1['seconds']:.1f} s, calibration rel. error {s1['final_loss']:.4f}")
     print(

@@ -99,7 +99,7 @@ def run(args) -> int:
     if geo.max_context and longest + cfg.decode_tokens > geo.max_context:
         raise ValueError(f"context {longest} + {cfg.decode_tokens} decode tokens exceeds the model's "
                          f"{geo.max_context}")
-    recon = load(cfg.artifact, model)
+    network = load(cfg.artifact, model)
     # at a budget, the codecs' exact tokens count in what they keep (the budget is measured at that many tokens)
     codecs = _fast_codecs(model, tokenizer, ratios, cfg.kernel,
                           cfg.budget_context + cfg.decode_tokens if budgets else None)
@@ -108,7 +108,7 @@ def run(args) -> int:
     results = []
     for n in contexts:
         print(f"context {n} ...", flush=True)
-        r = bench.bench_context(model, recon, text[:, :n], cfg.decode_tokens, cfg.repeats, codecs=codecs)
+        r = bench.bench_context(model, network, text[:, :n], cfg.decode_tokens, cfg.repeats, codecs=codecs)
         results.append(r)
         speed = {v: r["variants"][v]["decode_tokens_per_second"] for v in bench.VARIANTS}
         print(
@@ -141,7 +141,7 @@ def run(args) -> int:
     budget = None
     if budgets:
         print(f"KV budgets at {cfg.budget_context} tokens ...", flush=True)
-        budget = bench.budget_context(model, recon, text[:, : cfg.budget_context], budgets, cfg.decode_tokens,
+        budget = bench.budget_context(model, network, text[:, : cfg.budget_context], budgets, cfg.decode_tokens,
                                       cfg.repeats, codecs=codecs)
         for r in budget["budgets"]:
             rows = r["variants"]

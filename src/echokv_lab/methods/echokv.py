@@ -66,21 +66,21 @@ class EchoKVMethod(Method):
             config = TrainConfig(compression_ratio=self.compression_ratio, variant=self.variant)
             folder = artifact_dir(self.work_dir or "runs", config)
             self.artifact, _ = train_or_reuse(model, tokenizer, folder, config)
-        self._recon = art.load(self.artifact, model, stage=self.stage)
+        self._network = art.load(self.artifact, model, stage=self.stage)
 
     def make_codec(self, model):
-        return echokv_codec(self._recon, model)
+        return echokv_codec(self._network, model)
 
     @property
     def achieved_kept_fraction(self) -> float:
-        return self._recon.layout.kept_fraction()
+        return self._network.layout.kept_fraction()
 
     def parameter_bytes(self) -> int:
-        return self._recon.num_bytes()
+        return self._network.num_bytes()
 
     def info(self) -> dict:
         return {**super().info(), "variant": self.variant, "stage": self.stage, "artifact": self.artifact,
-                "width_counts": {str(w): n for w, n in self._recon.layout.width_counts().items()}}
+                "width_counts": {str(w): n for w, n in self._network.layout.width_counts().items()}}
 
 
 for _name, (_variant, _stage) in NAMES.items():
