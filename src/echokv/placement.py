@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from .geometry import ModelLoadError, attention_modules, check_device, kv_geometry
+
 log = logging.getLogger(__name__)
 
 #: accelerate's placement strategies (``auto`` = ``balanced``: layers spread evenly over the accelerators)
@@ -79,7 +81,6 @@ def parse_device_map(value) -> str | dict | None:
 def _device_value(value, module: str):
     """A device map value as accelerate takes it: an int (GPU index), ``"cpu"``, ``"disk"`` or a torch device
     string this torch can use."""
-    from .models import ModelLoadError, check_device
 
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise PlacementError(f"device map: module {module or '(whole model)'!r} -> {value!r} is not a device; use a "
@@ -185,7 +186,6 @@ def _torch_device(value) -> torch.device:
 
 def execution_devices(model, mapping: dict) -> dict[int, torch.device]:
     """layer -> the device its attention runs on under ``mapping`` (before or after dispatch)."""
-    from .stats.capture import attention_modules
 
     names = {id(m): n for n, m in model.named_modules()}
     main = main_device(mapping)
@@ -199,7 +199,6 @@ def execution_devices(model, mapping: dict) -> dict[int, torch.device]:
 def layer_devices(model) -> dict[int, torch.device]:
     """layer -> the device its K/V are computed on: for a dispatched model, the execution device of accelerate's
     hook on the layer's attention (or on a module holding it), else where the layer's weights are."""
-    from .stats.capture import attention_modules
 
     mods = dict(model.named_modules())
     names = {id(m): n for n, m in mods.items()}
@@ -272,7 +271,6 @@ def align(model, mapping: dict, groups: list[list[int]]) -> dict:
     """``mapping`` (a strategy's) with every group that runs on two devices moved whole to its group device: the
     map a strategy gives with ``keep_groups_on_device``. That device then holds up to S/2 layers more than the
     strategy planned for it (logged)."""
-    from .stats.capture import attention_modules
 
     devices = execution_devices(model, mapping)
     names = {id(m): n for n, m in model.named_modules()}
@@ -298,7 +296,6 @@ def align(model, mapping: dict, groups: list[list[int]]) -> dict:
 
 def check_groups(model, groups: list[list[int]], devices: dict[int, torch.device], keep_on_device: bool) -> None:
     """Refuse (``keep_on_device``) or report a placement that runs a group's layers on two devices."""
-    from .models import kv_geometry
 
     split = split_groups(groups, devices)
     if not split:

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import attention
+from ..geometry import attention_modules  # noqa: F401 - re-exported: read beside capture
 from ..placement import input_device
 
 # callback(layer_idx, module, q [B, Hq, T, d], k [B, H, T, d], v [B, H, T, d])
@@ -48,12 +49,3 @@ def capture(
                 pos = torch.arange(ids.shape[1], device=device)
                 extra["position_ids"] = offsets[i : i + batch_size].to(device)[:, None] + pos[None, :]
             model(input_ids=ids, use_cache=False, **extra)
-
-
-def attention_modules(model) -> dict[int, torch.nn.Module]:
-    """layer index -> the attention module of that decoder layer."""
-    out = {}
-    for mod in model.modules():
-        if hasattr(mod, "o_proj") and hasattr(mod, "layer_idx") and (hasattr(mod, "k_proj") or hasattr(mod, "qkv_proj")):
-            out[mod.layer_idx] = mod
-    return out
