@@ -7,9 +7,9 @@ a disjoint set of blocks of the same text is held out: stage 2 stops on it, and 
 on it. The evaluation text is never used, so no default is tuned on what reports it.
 
 Stage 1 (closed form, from streamed moments of the group's pre-RoPE keys and values):
-* ``mix``: PCA of each group and kind; every component gets a precision (16 bits, int8, int4, or dropped) under
-  the byte budget by :func:`~echokv.mixes.allocate`, from the error each choice leaves on calibration samples
-  (relative to the group's energy; keys weighted by ``key_weight``);
+* learned components (``mix``; the keys of ``hybrid``): PCA of each group and kind; every component gets a
+  precision (16 bits, int8, int4, or dropped) under the byte budget by :func:`~echokv.mixes.allocate`, from the
+  error each choice leaves on calibration samples (relative to the group's energy; keys weighted by ``key_weight``);
 * retained heads (``heads``; the values of ``hybrid``): the data-driven (or paper) choice of retained heads, then
   ridge regression of the discarded heads on the retained ones of the group.
 
