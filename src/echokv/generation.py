@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
 from .config import GenerateConfig
 from .models import cache_kwarg
@@ -311,8 +312,6 @@ def divergence(model, input_ids: torch.Tensor, reference: torch.Tensor, answer: 
 def nll(model, cache, ids: torch.Tensor, chunk_size: int) -> tuple[float, int]:
     """Summed next-token NLL of ``ids`` [1, T] and the tokens it sums, fed through ``cache`` chunk by chunk (the
     cache compresses between chunks, as it would while streaming)."""
-    import torch.nn.functional as F
-
     total, count = 0.0, 0
     for s in range(0, ids.shape[1] - 1, chunk_size):
         x, y = ids[:, s : s + chunk_size], ids[:, s + 1 : s + 1 + chunk_size]

@@ -320,6 +320,13 @@ def head_ratio(ratio: float, width: int, element_bits: int, group: int) -> float
 HEAD_KINDS = {"mix": (), "heads": KINDS, "hybrid": ("v",)}
 
 
+def head_ratios(cfg: TrainConfig, width: int, element_bits: int) -> tuple[float, float]:
+    """The shares of K and V heads to discard (:func:`head_ratio`) for ``cfg``'s kinds kept as retained heads; a
+    kind kept as components (the hybrid's keys) gets the values' share, so that its unused head layout is valid."""
+    rk, rv = (head_ratio(r, width, element_bits, cfg.quant_group) for r in cfg.ratios())
+    return (rk if "k" in HEAD_KINDS[cfg.variant] else rv), rv
+
+
 def stage1(model, cfg: TrainConfig, moments: dict, samples: Features, groups: list[list[int]],
            heads=None) -> Mixes:
     """The closed-form pairs and the precision of every learned component under the byte budget. ``heads``: the
@@ -332,8 +339,7 @@ def stage1(model, cfg: TrainConfig, moments: dict, samples: Features, groups: li
     head_kinds = HEAD_KINDS[cfg.variant]
     head_width = width or element_bits
     if head_kinds and heads is None:
-        rk, rv = (head_ratio(r, head_width, element_bits, cfg.quant_group) for r in cfg.ratios())
-        rk = rk if "k" in head_kinds else rv  # (the hybrid's keys are components: its key heads are unused)
+        rk, rv = head_ratios(cfg, head_width, element_bits)
         stats = {"k": moments["k_pre"], "v": moments["v"]}
         if cfg.layout == "data":
             heads = data_layout(geo.full_attention_layers, h, len(groups[0]), rk, rv, stats)
@@ -582,9 +588,7 @@ def planned_kept(model, cfg: TrainConfig) -> tuple[float, float]:
         return kept, kept
     groups = make_groups(layers, cfg.group_size or min(4, len(layers)))
     head_width = width or element_bits
-    rk, rv = (head_ratio(r, head_width, element_bits, cfg.quant_group) for r in cfg.ratios())
-    if cfg.variant == "hybrid":
-        rk = rv
+    rk, rv = head_ratios(cfg, head_width, element_bits)
     if cfg.layout == "data":
         heads = [sum(_budgets(groups, h, r)) for r in (rk, rv)]
     else:
