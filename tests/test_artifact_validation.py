@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -70,9 +71,9 @@ def _refused(path, model, match: str) -> None:
 @pytest.mark.parametrize(
     ("content", "match"),
     [
-        (b"", r"reconstructor.safetensors: .*(not a readable safetensors|does not match the checksum)"),
-        (b"\x80\x03}q\x00.", r"reconstructor.safetensors: .*(not a readable safetensors|does not match the checksum)"),
-        (bytes(range(256)) * 8, r"reconstructor.safetensors: .*(not a readable safetensors|does not match)"),
+        (b"", r"network.safetensors: .*(not a readable safetensors|does not match the checksum)"),
+        (b"\x80\x03}q\x00.", r"network.safetensors: .*(not a readable safetensors|does not match the checksum)"),
+        (bytes(range(256)) * 8, r"network.safetensors: .*(not a readable safetensors|does not match)"),
     ],
     ids=["empty", "pickle", "random-bytes"],
 )
@@ -86,7 +87,7 @@ def test_truncated_weights(saved, model, tmp_path):
     path = _copy(saved, tmp_path)
     data = (path / artifact.WEIGHTS).read_bytes()
     (path / artifact.WEIGHTS).write_bytes(data[: len(data) // 2])
-    _refused(path, model, "reconstructor.safetensors: .*(truncated or corrupt)")
+    _refused(path, model, "network.safetensors: .*(truncated or corrupt)")
 
 
 @pytest.mark.parametrize(
@@ -97,7 +98,7 @@ def test_truncated_weights(saved, model, tmp_path):
         (lambda c: {**c, "layout": {"layers": [0]}}, r"config.json: has a malformed 'layout' \(KeyError"),
         (lambda c: {**c, "head_dim": 32}, r"config.json: says head_dim 32, but its model geometry has head_dim 16"),
         (lambda c: {**c, "head_dim": 32, "model": {**c["model"], "geometry": {**c["model"]["geometry"], "head_dim": 32}}},
-         (r"(reconstructor.safetensors: tensor groups.0.\w+ is F32 \[.*\], but config.json's layout and head_dim 32 "
+         (r"(network.safetensors: tensor groups.0.\w+ is F32 \[.*\], but config.json's layout and head_dim 32 "
          r"need|config.json: has a layout of 2 KV heads of 16 for a model of 2 of 32)")),  # heads: a mixes layout
         (lambda c: {**c, "format": "something/2"}, r"config.json: has format 'something/2'"),
         (lambda c: {**c, "model": "smollm2"}, r"config.json: lacks the 'model' object"),
@@ -134,7 +135,7 @@ def test_the_folder_itself(saved, tmp_path):
         validate_artifact(tmp_path / "missing")
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / artifact.CONFIG).write_text("{}")
-    with pytest.raises(ArtifactError, match="reconstructor.safetensors is missing"):
+    with pytest.raises(ArtifactError, match="network.safetensors is missing"):
         validate_artifact(tmp_path / "a")
     with pytest.raises(TypeError, match="an artifact is a folder path"):
         validate_artifact(None)
@@ -148,7 +149,7 @@ def test_stage_must_be_one_or_two(saved, model, tmp_path):
     assert artifact.load(saved, model, stage=1) is not None
     path = _copy(saved, tmp_path)
     (path / artifact.STAGE1_WEIGHTS).unlink()
-    with pytest.raises(ArtifactError, match="reconstructor_stage1.safetensors: is missing, but the artifact was"):
+    with pytest.raises(ArtifactError, match="network_stage1.safetensors: is missing, but the artifact was"):
         artifact.load(path, model, stage=1)
 
 
@@ -165,6 +166,33 @@ def test_artifacts_without_checksums_still_load_and_are_shape_checked(saved, mod
     save_file(state, str(path / artifact.WEIGHTS), metadata={"format": artifact.FORMAT})
     with pytest.raises(ArtifactError, match=rf"tensor {name} is F32 .* need F32"):
         validate_artifact(path)
+
+
+def _old_names(src: Path, dst: Path) -> Path:
+    """``src`` as artifacts were named before the network's files were: ``reconstructor*.safetensors``, its
+    checksums recorded under those names."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / artifact.CONFIG).read_text())
+    for new, old in artifact.OLD_NAMES.items():
+        if (dst / new).is_file():
+            (dst / new).rename(dst / old)
+            if "checksums" in config:
+                config["checksums"][old] = config["checksums"].pop(new)
+    artifact.rewrite_config(dst, config)
+    return dst
+
+
+def test_artifacts_with_the_old_file_names_still_load_and_are_checked(saved, model, tmp_path):
+    old = _old_names(saved, tmp_path / "named")
+    assert not (old / artifact.WEIGHTS).exists() and (old / artifact.OLD_NAMES[artifact.WEIGHTS]).is_file()
+    fresh = artifact.load(saved, model).state_dict()
+    loaded = artifact.load(old, model).state_dict()
+    assert all(torch.equal(fresh[k], loaded[k]) for k in fresh)
+    assert artifact.weights_checksum(old, validate_artifact(old)) == artifact.weights_checksum(saved)
+    data = bytearray((old / artifact.OLD_NAMES[artifact.WEIGHTS]).read_bytes())
+    data[-1] ^= 1
+    (old / artifact.OLD_NAMES[artifact.WEIGHTS]).write_bytes(bytes(data))
+    _refused(old, model, r"reconstructor.safetensors: does not match the checksum")
 
 
 def test_float16_load_of_the_same_model_matches(model, saved, tmp_path):
@@ -265,5 +293,5 @@ def test_checksums_removed_from_config_are_seen_in_the_weights(saved, tmp_path):
     config = json.loads((path / artifact.CONFIG).read_text())
     del config["checksums"]
     (path / artifact.CONFIG).write_text(json.dumps(config))
-    with pytest.raises(ArtifactError, match="has no 'checksums', yet reconstructor.safetensors was written with them"):
+    with pytest.raises(ArtifactError, match="has no 'checksums', yet network.safetensors was written with them"):
         validate_artifact(path)

@@ -68,7 +68,7 @@ def test_incomplete_artifact_is_refused_before_the_model_loads(monkeypatch, caps
     _no_model_load(monkeypatch)
     (tmp_path / "config.json").write_text("{}")
     assert main(["generate", "--prompt", "hi", "--mode", "compressed", "--artifact", str(tmp_path)]) == 2
-    assert "reconstructor.safetensors is missing" in _err(capsys)
+    assert "network.safetensors is missing" in _err(capsys)
 
 
 @pytest.mark.real_model
@@ -171,9 +171,9 @@ def test_artifact_problems_before_the_model_loads(monkeypatch, capsys, tmp_path,
     err = _err(capsys)
     assert f"{bad / 'config.json'}: holds a JSON list" in err and "Traceback" not in err
     (bad / "config.json").write_bytes((tiny_artifact / "config.json").read_bytes())
-    (bad / "reconstructor.safetensors").write_bytes(b"\x80\x04K\x01.")  # a pickle
+    (bad / "network.safetensors").write_bytes(b"\x80\x04K\x01.")  # a pickle
     assert main([*base, str(bad)]) == 2
-    assert f"{bad / 'reconstructor.safetensors'}: " in _err(capsys)
+    assert f"{bad / 'network.safetensors'}: " in _err(capsys)
 
 
 @pytest.mark.parametrize(

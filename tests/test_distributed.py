@@ -50,7 +50,7 @@ def test_two_ranks_train_what_one_process_trains(tmp_path, variant):
     proc = torchrun("-m", "echokv", "train", *args, "--out", str(two))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("wrote ") == 1  # rank 0 alone reports
-    for name in ("reconstructor.safetensors", "reconstructor_stage1.safetensors"):
+    for name in ("network.safetensors", "network_stage1.safetensors"):
         a, b = load_file(one / name), load_file(two / name)
         assert a.keys() == b.keys()
         for key in a:

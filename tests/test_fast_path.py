@@ -76,13 +76,13 @@ def _attention_settings(model) -> list:
 
 def _fast_calls(monkeypatch) -> list[int]:
     """Record the layers whose attention the fast path computed."""
-    calls, real = [], attention.defer
+    calls, real = [], attention.hand_off
 
     def spy(layer_idx, fn):
         calls.append(layer_idx)
         real(layer_idx, fn)
 
-    monkeypatch.setattr(attention, "defer", spy)
+    monkeypatch.setattr(attention, "hand_off", spy)
     return calls
 
 

@@ -151,7 +151,7 @@ def test_interrupted_save_leaves_no_complete_looking_artifact(tmp_path, monkeypa
 def test_incomplete_artifact_folder_is_refused(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "config.json").write_text("{}")
-    with pytest.raises(artifact.ArtifactError, match="reconstructor.safetensors is missing"):
+    with pytest.raises(artifact.ArtifactError, match="network.safetensors is missing"):
         artifact.load(tmp_path / "a")
 
 

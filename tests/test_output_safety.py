@@ -103,7 +103,7 @@ def test_overwrite_replaces_echokv_output_and_only_it(saved, tmp_path):
         artifact.save(recon, model, out, report)
     recon.stage1_state = None
     artifact.save(recon, model, out, report, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "reconstructor.safetensors", "train_report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "network.safetensors", "train_report.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["a"]  # the previous version is gone, nothing hidden left
 
 

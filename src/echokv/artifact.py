@@ -1,4 +1,4 @@
-"""The trained artifact: a folder with ``config.json`` and ``reconstructor.safetensors``.
+"""The trained artifact: a folder with ``config.json`` and ``network.safetensors``.
 
 Loading reads JSON and tensors only (never pickle, never code from the artifact), and refuses a
 model whose KV geometry or K/V projection weights differ from the ones it was trained on.
@@ -32,10 +32,19 @@ from .util import atomic_dir, is_unfinished_output
 FORMAT = "echokv-artifact/1"
 #: what a weights file's format says when its artifact records checksums
 WITH_CHECKSUMS = "; checksums=sha256"
-CONFIG, WEIGHTS, REPORT = "config.json", "reconstructor.safetensors", "train_report.json"
-STAGE1_WEIGHTS = "reconstructor_stage1.safetensors"  # the closed-form start, for ablations
+CONFIG, WEIGHTS, REPORT = "config.json", "network.safetensors", "train_report.json"
+STAGE1_WEIGHTS = "network_stage1.safetensors"  # the closed-form start, for ablations
 #: the weights file of each training stage
 STAGE_FILES = {2: WEIGHTS, 1: STAGE1_WEIGHTS}
+#: the names older artifacts gave the weights files (read, never written)
+OLD_NAMES = {WEIGHTS: "reconstructor.safetensors", STAGE1_WEIGHTS: "reconstructor_stage1.safetensors"}
+
+
+def stage_file(folder: Path, stage: int) -> Path:
+    """The weights file of a training stage in an artifact folder: its name, or the one an older artifact gave it."""
+    name = STAGE_FILES[stage]
+    old = folder / OLD_NAMES[name]
+    return old if not (folder / name).exists() and old.exists() else folder / name
 
 _ZERO_SUM = "0" * 64
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -119,7 +128,7 @@ def sha256_file(path) -> str:
 def weights_checksum(path, config: dict | None = None) -> str:
     """sha256 of an artifact's weights: what its ``config.json`` records, else read from the file."""
     sums = (config or {}).get("checksums") or {}
-    return sums.get(WEIGHTS) or _sha256(Path(path) / WEIGHTS)
+    return sums.get(WEIGHTS) or sums.get(OLD_NAMES[WEIGHTS]) or _sha256(stage_file(Path(path), 2))
 
 
 def _config_bytes(config: dict) -> bytes:
@@ -163,7 +172,6 @@ def save(
         },
         "layout": network.layout.to_dict(),
         "head_dim": network.layout.head_dim,
-        "bias": True,
         "network_parameters": network.num_parameters(),
         "network_bytes": network.num_bytes(),
         "training": (report or {}).get("config", {}),
@@ -209,8 +217,8 @@ def _folder(path) -> Path:
         raise TypeError(f"an artifact is a folder path (str or pathlib.Path), got {path!r}")
     folder = Path(path).expanduser()
     if folder.is_file():
-        hint = (f"; pass the folder that holds it, {folder.parent}" if folder.name in (CONFIG, *STAGE_FILES.values())
-                else "")
+        hint = (f"; pass the folder that holds it, {folder.parent}"
+                if folder.name in (CONFIG, *STAGE_FILES.values(), *OLD_NAMES.values()) else "")
         raise ArtifactError(f"{folder} is a file, not an artifact folder (an artifact is a folder with {CONFIG} and "
                             f"{WEIGHTS}){hint}")
     if not folder.is_dir():
@@ -246,11 +254,12 @@ def _check_checksums(folder: Path, config: dict, raw: bytes) -> None:
     zeroed). One that records none: its weights must not say they had some."""
     file = folder / CONFIG
     sums = config.get("checksums")
+    files = [stage_file(folder, stage) for stage in STAGE_FILES]
     if sums is None:
-        for name in STAGE_FILES.values():
-            meta = _header(folder / name)[1] if (folder / name).is_file() else {}
+        for path in files:
+            meta = _header(path)[1] if path.is_file() else {}
             if meta.get("checksums") or meta.get("format", "").endswith(WITH_CHECKSUMS):
-                raise _fail(file, f"has no 'checksums', yet {name} was written with them: the file is corrupt")
+                raise _fail(file, f"has no 'checksums', yet {path.name} was written with them: the file is corrupt")
         return
     if not isinstance(sums, dict) or not all(isinstance(v, str) and _HEX64.match(v) for v in sums.values()):
         raise _fail(file, "has malformed 'checksums': the file is corrupt")
@@ -260,15 +269,15 @@ def _check_checksums(folder: Path, config: dict, raw: bytes) -> None:
             raw.replace(entry, _checksum_entry(_ZERO_SUM))).hexdigest() != own:
         raise _fail(file, "does not match the checksum recorded when it was written: it was changed or is corrupt",
                     _RETRAIN + " (a deliberate edit: write it with echokv.artifact.rewrite_config)")
-    for name in STAGE_FILES.values():
-        present = (folder / name).is_file()
-        if name in sums and not present and name != WEIGHTS:
-            raise _fail(folder / name, "is missing, but the artifact was written with it")
+    for path in files:
+        name, present = path.name, path.is_file()
+        if not present and path.name != WEIGHTS and (name in sums or OLD_NAMES[name] in sums):
+            raise _fail(path, "is missing, but the artifact was written with it")
         if present and name not in sums:
             raise _fail(file, f"records no checksum of {name}, which was written with the artifact: the file is "
                         "corrupt")
-        if present and _sha256(folder / name) != sums[name]:
-            raise _fail(folder / name, "does not match the checksum recorded when the artifact was written: the "
+        if present and _sha256(path) != sums[name]:
+            raise _fail(path, "does not match the checksum recorded when the artifact was written: the "
                         "file is truncated or corrupt")
 
 
@@ -373,15 +382,15 @@ def validate_artifact(path: str | Path) -> dict:
     safetensors file or its tensors' names, shapes or dtypes are not those the layout and ``head_dim`` need.
     """
     folder = _folder(path)
-    for name in (CONFIG, WEIGHTS):
-        if not (folder / name).is_file():
-            raise ArtifactError(f"{folder} is not a complete echokv artifact: {name} is missing; {_RETRAIN}")
+    for file in (folder / CONFIG, stage_file(folder, 2)):
+        if not file.is_file():
+            raise ArtifactError(f"{folder} is not a complete echokv artifact: {file.name} is missing; {_RETRAIN}")
     config, raw = _read_json(folder / CONFIG)
     _check_checksums(folder, config, raw)
     network = _check_config(folder, config)
-    for name in STAGE_FILES.values():
-        if (folder / name).is_file():
-            _check_weights(folder / name, network, config["head_dim"])
+    for stage in STAGE_FILES:
+        if stage_file(folder, stage).is_file():
+            _check_weights(stage_file(folder, stage), network, config["head_dim"])
     return config
 
 
@@ -448,7 +457,7 @@ def load(path: str | Path, model=None, stage: int = 2) -> Mixes:
     if model is not None:
         check_compatible(config, model, str(path))
     network = Mixes(MixLayout.from_dict(config["layout"]))
-    weights = Path(path).expanduser() / STAGE_FILES[stage]
+    weights = stage_file(Path(path).expanduser(), stage)
     if not weights.is_file():
         raise ArtifactError(f"{path} has no stage-{stage} weights ({weights.name}); load stage 2 instead")
     try:

@@ -6,7 +6,7 @@ the query heads of each KV head packed as the rows of one matrix (:func:`packed_
 mask; outputs equal to the stock call's up to rounding). It has two hooks:
 
 * calibration capture (:func:`hooked`): a callback sees each layer's post-RoPE queries, keys and values;
-* the compressed cache's fast decode path (:func:`defer`): a cache layer's ``update`` hands the attention
+* the compressed cache's fast decode path (:func:`hand_off`): a cache layer's ``update`` hands the attention
   call that immediately follows it in the same layer a function computing that layer's attention over the
   compressed past (:meth:`~echokv.cache.codec.KVCodec.fast_attention`), through a context variable.
 
@@ -31,7 +31,7 @@ NAME = "echokv"
 _HOOK: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("echokv_attention_hook", default=None)
 # (layer_idx, fn(query, key, value, attention_mask, scaling)): set by a cache layer's update() for the
 # attention call that immediately follows it in the same layer
-_DEFERRED: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("echokv_deferred", default=None)
+_HANDED: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("echokv_handed", default=None)
 # ids of the model configs that run the echokv attention in the current scope
 _SCOPE: contextvars.ContextVar[frozenset] = contextvars.ContextVar("echokv_scope", default=frozenset())
 # whether decode steps run packed GQA (:func:`packed_decode`); off only to time or test the stock SDPA call
@@ -103,11 +103,11 @@ def _fused(key) -> bool:
 
 
 def echokv_attention_forward(module, query, key, value, attention_mask, **kwargs):
-    deferred = _DEFERRED.get()
-    if deferred is not None and deferred[0] == module.layer_idx:
-        _DEFERRED.set(None)
+    handed = _HANDED.get()
+    if handed is not None and handed[0] == module.layer_idx:
+        _HANDED.set(None)
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        return deferred[1](query, key, value, attention_mask, scaling), None
+        return handed[1](query, key, value, attention_mask, scaling), None
     hook = _HOOK.get()
     if hook is not None:
         out = hook(module, query, key, value, attention_mask, kwargs.get("scaling"))
@@ -118,9 +118,9 @@ def echokv_attention_forward(module, query, key, value, attention_mask, **kwargs
     return _sdpa()(module, query, key, value, attention_mask, **kwargs)
 
 
-def defer(layer_idx: int, fn: Callable) -> None:
+def hand_off(layer_idx: int, fn: Callable) -> None:
     """Have the next echokv attention call of layer ``layer_idx`` computed by ``fn`` instead."""
-    _DEFERRED.set((layer_idx, fn))
+    _HANDED.set((layer_idx, fn))
 
 
 def serves(model) -> bool:

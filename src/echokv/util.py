@@ -116,7 +116,9 @@ _ARTIFACT_FORMAT = "echokv-artifact/"
 #: adds it here; anything else in a folder makes it foreign (never replaced).
 OWN_FILES: dict[str, Callable[[Path], bool]] = {
     "config.json": _names_format(_ARTIFACT_FORMAT, 4096),
-    "reconstructor.safetensors": _names_format(_ARTIFACT_FORMAT, 1 << 20),
+    "network.safetensors": _names_format(_ARTIFACT_FORMAT, 1 << 20),
+    "network_stage1.safetensors": _names_format(_ARTIFACT_FORMAT, 1 << 20),
+    "reconstructor.safetensors": _names_format(_ARTIFACT_FORMAT, 1 << 20),  # older artifacts' names
     "reconstructor_stage1.safetensors": _names_format(_ARTIFACT_FORMAT, 1 << 20),
     "train_report.json": _json_file,
     "similarity.json": _json_file,

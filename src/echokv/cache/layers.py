@@ -96,7 +96,7 @@ class CompressedLayer(GrowingLayer):
         if fast and attention.in_scope(self.fast_for):
             fn = self.codec.fast_attention(self.layer_idx, self.store.tensors)
             if fn is not None:
-                attention.defer(self.layer_idx, self.store.bridge(fn, self.runs_on) if self.away else fn)
+                attention.hand_off(self.layer_idx, self.store.bridge(fn, self.runs_on) if self.away else fn)
                 return keys, values
         past_k, past_v = self.codec.decode(self.layer_idx, self.store.tensors)
         if self.away:  # decoded on the group's device
