@@ -146,6 +146,38 @@ def test_switch_settings_that_would_be_ignored(monkeypatch, capsys, extra, messa
     assert message in _err(capsys)
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--mode", "compressed"], "--mode compressed needs --artifact DIR (train one with `echokv train`) or --echokv-q"),
+        (["--echokv-q", "0"], "--echokv-q 0 removes nothing"),
+        (["--echokv-q", "0.5", "--artifact", "A"], "which switch on memory: pass --memory-budget BYTES"),
+        (["--echokv-q", "0.5", "--artifact", "A", "--switch-at", "9"], "--memory-budget BYTES instead of --switch-at"),
+    ],
+)
+def test_fast_codec_flags_refused_before_the_model_loads(monkeypatch, capsys, extra, message):
+    _no_model_load(monkeypatch)
+    assert main(["generate", "--prompt", "hi", *extra]) == 2
+    assert message in _err(capsys)
+
+
+def test_generate_with_the_fast_codec_and_with_tiers(capsys, tmp_path, tiny_artifact):
+    """--echokv-q alone compresses from the start; with an artifact and a budget, the ladder full -> EchoKV-Q ->
+    the mix, each step when the budget is passed (tiny-llama: its byte tokenizer makes ~200 tokens of this)."""
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("the quick brown fox jumps over the lazy dog; " * 5)
+    base = ["generate", "--model", "tiny-llama", "--prompt-file", str(prompt), "--max-new-tokens", "3", "--json"]
+    assert main([*base, "--echokv-q", "0.5"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["mode_at_end"] == "compressed" and out["switched_at"] == 0 and out["kept_fraction"] < 0.8
+    # the artifact was trained in float32 (a ratio is of the bytes of the dtype it was trained in)
+    assert main([*base, "--echokv-q", "0.5", "--artifact", str(tiny_artifact), "--memory-budget", "2000",
+                 "--dtype", "float32"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [name for name, _ in out["tier_changes"]] == ["echokv-q@0.5", "echokv"]
+    assert out["tier_at_end"] == "echokv" and out["cache_bytes"] < out["full_cache_bytes"]
+
+
 def test_prompt_files_that_are_not_text_files(monkeypatch, capsys, tmp_path):
     # issue #16: a folder as --prompt-file was "not found"; a non-UTF-8 file did not name the file
     _no_model_load(monkeypatch)

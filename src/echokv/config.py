@@ -182,11 +182,16 @@ class InfoConfig(ModelConfig):
 class GenerateConfig(ModelConfig):
     """``echokv generate``; the sampling defaults are also :func:`echokv.generation.generate`'s."""
 
-    artifact: str | None = option(None, "trained artifact folder (needed for compressed/auto)", role="input")
+    artifact: str | None = option(None, "trained artifact folder (compressed/auto need it or --echokv-q)",
+                                  role="input")
+    echokv_q: float | None = option(None, "EchoKV-Q, the fast codec (decodes as fast as full mode), at this "
+                                    "compression ratio, e.g. 0.5; fitted on the calibration text at start "
+                                    "(seconds). With --artifact and --memory-budget: the first tier, the artifact's "
+                                    "mix the next when the budget is passed again", check="ratio")
     prompt: str | None = option(None, "the prompt", one_of="prompt")
     prompt_file: str | None = option(None, "a file holding the prompt", one_of="prompt", role="input")
-    mode: str | None = option(None, "cache mode (default: auto with --switch-at or --memory-budget, else full)",
-                              choices=CACHE_MODES)
+    mode: str | None = option(None, "cache mode (default: auto with --switch-at or --memory-budget; else "
+                              "compressed with --echokv-q alone, full otherwise)", choices=CACHE_MODES)
     switch_at: int | None = option(None, "auto mode: compress from this many tokens", check="positive")
     memory_budget: int | None = option(None, "auto mode: compress above this many bytes", check="positive")
     full_window: int = option(0, "keep the last W tokens uncompressed", check="non_negative")

@@ -2,7 +2,7 @@
 tokens, a small codec protocol, and byte accounting for any cache.
 
 * :mod:`~echokv.cache.compressed`: ``CompressedCache`` (full mode, then compressed by a codec), ``FullCache``,
-  ``EchoKVCache``;
+  ``EchoKVCache``, ``mix_codec`` (an artifact's codec);
 * :mod:`~echokv.cache.tiers`: ``TieredCache`` (full, then each codec of a ladder in turn on memory pressure);
 * :mod:`~echokv.cache.layers`: ``GrowingLayer`` (appends in place), ``CompressedLayer`` (recent tokens + its
   group's store);
@@ -15,10 +15,10 @@ tokens, a small codec protocol, and byte accounting for any cache.
 
 from ..attention import echokv_attention
 from .codec import KVCodec
-from .compressed import CompressedCache, EchoKVCache, FullCache
+from .compressed import CompressedCache, EchoKVCache, FullCache, mix_codec
 from .layers import CompressedLayer, GrowingLayer
 from .store import Appender, GroupStore
 from .tiers import TieredCache
 
 __all__ = ["Appender", "CompressedCache", "CompressedLayer", "EchoKVCache", "FullCache", "GroupStore",
-           "GrowingLayer", "KVCodec", "TieredCache", "echokv_attention"]
+           "GrowingLayer", "KVCodec", "TieredCache", "echokv_attention", "mix_codec"]

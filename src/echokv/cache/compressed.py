@@ -391,21 +391,27 @@ class EchoKVCache(CompressedCache):
     """
 
     def __init__(self, model, artifact, mode: str | None = None, **kwargs):
-        import os
-
-        from ..artifact import load
-        from ..codecs import echokv_codec
-        from ..mixes import Mixes
-
-        _check_model(model)
-        if not isinstance(artifact, (Mixes, str, os.PathLike)):
-            raise TypeError(f"EchoKVCache needs an artifact: the folder `echokv train` wrote (str or path) or the "
-                            f"network echokv.training.train returned, got {artifact!r}")
-        network = artifact if isinstance(artifact, Mixes) else load(artifact, model)
-        devices = placement.layer_devices(model)
-        network.place([placement.group_device(g, devices) for g in network.layout.groups])
         if mode is None:  # a switch condition means auto mode
             auto = kwargs.get("switch_at_tokens") is not None or kwargs.get("memory_budget_bytes") is not None
             mode = "auto" if auto else "full"
         kwargs.setdefault("fast", attention.serves(model))
-        super().__init__(model, echokv_codec(network, model), mode=mode, **kwargs)
+        super().__init__(model, mix_codec(model, artifact), mode=mode, **kwargs)
+
+
+def mix_codec(model, artifact) -> KVCodec:
+    """The codec of a trained artifact (its folder, or the network :func:`echokv.training.train` returned), its
+    groups placed where their layers run."""
+    import os
+
+    from ..artifact import load
+    from ..codecs import echokv_codec
+    from ..mixes import Mixes
+
+    _check_model(model)
+    if not isinstance(artifact, (Mixes, str, os.PathLike)):
+        raise TypeError(f"EchoKVCache needs an artifact: the folder `echokv train` wrote (str or path) or the "
+                        f"network echokv.training.train returned, got {artifact!r}")
+    network = artifact if isinstance(artifact, Mixes) else load(artifact, model)
+    devices = placement.layer_devices(model)
+    network.place([placement.group_device(g, devices) for g in network.layout.groups])
+    return echokv_codec(network, model)

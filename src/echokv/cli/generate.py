@@ -35,7 +35,6 @@ def _read_prompt(cfg: GenerateConfig) -> str:
 def run(args) -> int:
     from transformers import TextStreamer
 
-    from ..cache import EchoKVCache, FullCache
     from ..generation import encode_prompt, generate
     from ..models import kv_geometry
     from ..placement import input_device
@@ -43,15 +42,23 @@ def run(args) -> int:
     cfg = from_args(args, GenerateConfig)
     text = _read_prompt(cfg)
     switch = [flag for flag, v in (("--switch-at", cfg.switch_at), ("--memory-budget", cfg.memory_budget)) if v]
-    if cfg.mode is None:  # as the library does: a switch condition means auto mode
-        cfg.mode = "auto" if switch else "full"
+    if cfg.mode is None:  # as the library does: a switch condition means auto mode; a codec asked for, compressed
+        cfg.mode = "auto" if switch else "compressed" if cfg.echokv_q and not cfg.artifact else "full"
     elif switch and cfg.mode != "auto":
         raise UsageError(f"{' and '.join(switch)} set(s) when auto mode switches, but --mode {cfg.mode} never "
                          "switches; drop --mode (auto is the default with them) or the switch")
-    if cfg.mode in ("compressed", "auto") and not cfg.artifact:
-        raise UsageError(f"--mode {cfg.mode} needs --artifact DIR (train one with `echokv train`)")
+    if cfg.mode in ("compressed", "auto") and not cfg.artifact and cfg.echokv_q is None:
+        raise UsageError(f"--mode {cfg.mode} needs --artifact DIR (train one with `echokv train`) or --echokv-q RATIO "
+                         "(the fast codec, no training)")
     if cfg.mode == "auto" and cfg.switch_at is None and cfg.memory_budget is None:
         raise UsageError("--mode auto needs --switch-at N (tokens) or --memory-budget BYTES")
+    if cfg.echokv_q == 0:
+        raise UsageError("--echokv-q 0 removes nothing: leave it out (full mode) or pass a ratio such as 0.5")
+    tiers = cfg.artifact is not None and cfg.echokv_q is not None
+    if tiers and (cfg.memory_budget is None or cfg.switch_at is not None):
+        raise UsageError("--echokv-q with --artifact makes tiers (full, then EchoKV-Q, then the artifact's mix), "
+                         "which switch on memory: pass --memory-budget BYTES"
+                         + (" instead of --switch-at" if cfg.switch_at is not None else ""))
     groups = None
     if cfg.artifact:
         from ..artifact import read_config
@@ -65,11 +72,7 @@ def run(args) -> int:
             f"the prompt has {ids.shape[1]} tokens; with --max-new-tokens {cfg.max_new_tokens} it exceeds the "
             f"model's context of {ctx} tokens: shorten the prompt or ask for fewer tokens"
         )
-    if cfg.artifact:
-        cache = EchoKVCache(model, cfg.artifact, mode=cfg.mode, switch_at_tokens=cfg.switch_at,
-                            memory_budget_bytes=cfg.memory_budget, full_window=cfg.full_window)
-    else:
-        cache = FullCache(model)
+    cache = _cache(cfg, model, tokenizer, tiers)
     streamer = None if cfg.json else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     new = generate(model, ids, cache, max_new_tokens=cfg.max_new_tokens, sample=cfg.sample,
                    temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, streamer=streamer,
@@ -79,6 +82,7 @@ def run(args) -> int:
         print(json.dumps({
             "text": tokenizer.decode(new, skip_special_tokens=True),
             "mode_at_end": report["mode"],
+            **({"tier_at_end": report["tier"], "tier_changes": report["tier_changes"]} if tiers else {}),
             "switched_at": report["switched_at"],
             "prompt_tokens": int(ids.shape[1]),
             "new_tokens": int(new.shape[0]),
@@ -87,9 +91,34 @@ def run(args) -> int:
             "kept_fraction": report["kept_fraction"],
         }))
     else:
+        tier = f" (tier {report['tier']})" if tiers else ""
         print(
-            f"\n[{report['mode']} mode at end; cache {report['cache_bytes'] / 1e6:.2f} MB of "
+            f"\n[{report['mode']} mode at end{tier}; cache {report['cache_bytes'] / 1e6:.2f} MB of "
             f"{report['full_cache_bytes'] / 1e6:.2f} MB full (kept {report['kept_fraction']:.3f})]",
             file=sys.stderr,
         )
     return 0
+
+
+def _cache(cfg: GenerateConfig, model, tokenizer, tiers: bool):
+    """The cache the flags ask for: full; the artifact's mix; EchoKV-Q; or the ladder full -> EchoKV-Q -> the mix."""
+    from .. import attention
+    from ..cache import CompressedCache, EchoKVCache, FullCache, TieredCache, mix_codec
+
+    if cfg.echokv_q is None:
+        if not cfg.artifact:
+            return FullCache(model)
+        return EchoKVCache(model, cfg.artifact, mode=cfg.mode, switch_at_tokens=cfg.switch_at,
+                           memory_budget_bytes=cfg.memory_budget, full_window=cfg.full_window)
+    from ..codecs.headq import fit_calibrated
+
+    try:
+        fast = fit_calibrated(model, tokenizer, cfg.echokv_q, progress=True)
+    except ValueError as exc:  # a model whose attention the fused kernel cannot serve
+        raise UsageError(str(exc)) from None
+    if tiers:
+        return TieredCache(model, {f"echokv-q@{cfg.echokv_q:g}": fast, "echokv": mix_codec(model, cfg.artifact)},
+                           memory_budget_bytes=cfg.memory_budget, full_window=cfg.full_window)
+    return CompressedCache(model, fast, mode=cfg.mode, switch_at_tokens=cfg.switch_at,
+                           memory_budget_bytes=cfg.memory_budget, full_window=cfg.full_window,
+                           fast=attention.serves(model))

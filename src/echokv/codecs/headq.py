@@ -347,6 +347,16 @@ def _query_metric(q2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
+def fit_calibrated(model, tokenizer, compression_ratio: float, **kwargs) -> HeadQuantCodec:
+    """:func:`fit` on echokv's calibration text (the split train uses; seconds on a small model)."""
+    from ..config import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS
+    from ..data import token_blocks
+    from ..placement import input_device
+
+    blocks = token_blocks(tokenizer, "calibration", CALIBRATION_TOKENS, CALIBRATION_SEQ_LEN)
+    return fit(model, blocks.to(input_device(model)), compression_ratio, **kwargs)
+
+
 def fit(model, blocks: torch.Tensor, compression_ratio: float, kernel: str = "auto",
         progress: bool = False, widths: tuple = CLASS_WIDTHS, context: int | None = None) -> HeadQuantCodec:
     """Fit the bases and the allocation on calibration ``blocks`` [N, T] (token ids) for a cache keeping

@@ -16,15 +16,9 @@ HELP = "speed and memory: stock vs echokv full vs compressed"
 def _fast_codecs(model, tokenizer, ratios: list[float], kernel: str, context: int | None) -> dict:
     """``{"echokv-q@R": codec}`` fitted on the calibration text (:func:`echokv.codecs.headq.fit`), each keeping
     ``1 - R`` of the full cache at ``context`` tokens, its exact ones included (None: its codes alone)."""
-    from echokv.codecs.headq import fit
-    from echokv.config import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS
-    from echokv.data import token_blocks
-    from echokv.placement import input_device
+    from echokv.codecs.headq import fit_calibrated
 
-    if not ratios:
-        return {}
-    blocks = token_blocks(tokenizer, "calibration", CALIBRATION_TOKENS, CALIBRATION_SEQ_LEN).to(input_device(model))
-    return {f"echokv-q@{r:g}": fit(model, blocks, r, kernel=kernel, context=context) for r in ratios}
+    return {f"echokv-q@{r:g}": fit_calibrated(model, tokenizer, r, kernel=kernel, context=context) for r in ratios}
 
 
 def _memory_bytes() -> int:
