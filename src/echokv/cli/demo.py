@@ -48,7 +48,9 @@ def _verdict(split: dict | None, tokenizer, tol: float) -> str:
 
 
 def run(args) -> int:
-    from ..cache import EchoKVCache
+    from ..attention import serves
+    from ..cache import CompressedCache, EchoKVCache
+    from ..codecs.headq import fit_calibrated
     from ..data import token_blocks
     from ..generation import divergence, encode_prompt, generate, near_tie
     from ..training import artifact_dir, train_or_reuse
@@ -83,6 +85,11 @@ def run(args) -> int:
     held = token_blocks(tokenizer, "evaluation", 1024, 1024)
     full_ppl, _ = _perplexity(model, EchoKVCache(model, path, mode="full"), held[:1])
     echo_ppl, echo_mem = _perplexity(model, EchoKVCache(model, path, mode="compressed"), held[:1])
+    # the fast codec at the same ratio (fitted in seconds): the tier to take first where decode speed matters
+    fast = None
+    if serves(model):
+        codec = fit_calibrated(model, tokenizer, cfg.compression_ratio)
+        fast = _perplexity(model, CompressedCache(model, codec, mode="compressed", fast=True), held[:1])
 
     bar = "=" * 100
     print(bar)
@@ -105,13 +112,15 @@ def run(args) -> int:
         print("  " + _verdict(split, tokenizer, tol))
     print(bar)
     print(f"held-out perplexity (1024 tokens, chunks of 128 through the cache): full {full_ppl:.2f}, "
-          f"echokv {echo_ppl:.2f} (kept {echo_mem['kept_fraction']:.3f})")
+          f"echokv {echo_ppl:.2f} (kept {echo_mem['kept_fraction']:.3f})"
+          + (f", echokv-q (the fast codec: `echokv generate --echokv-q {cfg.compression_ratio:g}`) {fast[0]:.2f} "
+             f"(kept {fast[1]['kept_fraction']:.3f})" if fast else ""))
     print(bar)
     summary = {
         "artifact": path,
         "compression_ratio": cfg.compression_ratio,
         "kept_fraction": report["kept_fraction"],
-        "perplexity": {"full": full_ppl, "echokv": echo_ppl},
+        "perplexity": {"full": full_ppl, "echokv": echo_ppl, **({"echokv-q": fast[0]} if fast else {})},
         "near_tie_tolerance": tol,
         "answers": [{"prompt": p, **{m: a[0] for m, a in ans.items()}, "divergence": split} for p, ans, split in rows],
     }
