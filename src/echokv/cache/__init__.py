@@ -3,6 +3,7 @@ tokens, a small codec protocol, and byte accounting for any cache.
 
 * :mod:`~echokv.cache.compressed`: ``CompressedCache`` (full mode, then compressed by a codec), ``FullCache``,
   ``EchoKVCache``, ``mix_codec`` (an artifact's codec);
+* :mod:`~echokv.cache.switch`: ``Switch``, when a cache leaves full mode (its mode, a token count, a byte budget);
 * :mod:`~echokv.cache.tiers`: ``TieredCache`` (full, then each codec of a ladder in turn on memory pressure);
 * :mod:`~echokv.cache.layers`: ``GrowingLayer`` (appends in place), ``CompressedLayer`` (recent tokens + its
   group's store);

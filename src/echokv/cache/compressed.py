@@ -15,7 +15,6 @@ call (:func:`echokv.generation.prefill` feeds a long prompt in chunks so the cac
 from __future__ import annotations
 
 import contextlib
-import numbers
 
 import torch
 from transformers import DynamicCache
@@ -28,11 +27,7 @@ from . import accounting
 from .codec import KVCodec
 from .layers import CompressedLayer, GrowingLayer
 from .store import GroupStore
-
-
-def _is_count(x, low: int) -> bool:
-    """An integer (not a bool: ``True`` is not a token count) of at least ``low``."""
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= low
+from .switch import Switch, is_count
 
 
 def _check_model(model) -> None:
@@ -48,6 +43,10 @@ def _describe(model) -> str:
     cfg = getattr(model.config, "text_config", None) or model.config
     return (f"{g.model_type}, {g.num_layers} layers, {g.num_kv_heads} KV heads x {g.head_dim}, hidden size "
             f"{getattr(cfg, 'hidden_size', '?')}, vocabulary {getattr(cfg, 'vocab_size', '?')}, {g.dtype}")
+
+
+def _switch_field(name: str) -> property:
+    return property(lambda self: getattr(self.switch, name), lambda self, value: setattr(self.switch, name, value))
 
 
 class CompressedCache(DynamicCache):
@@ -66,6 +65,10 @@ class CompressedCache(DynamicCache):
     """
 
     MODES = CACHE_MODES
+    # the switch's settings, as attributes of the cache
+    mode = _switch_field("mode")
+    switch_at_tokens = _switch_field("at_tokens")
+    memory_budget_bytes = _switch_field("budget_bytes")
 
     def __init__(
         self,
@@ -78,22 +81,9 @@ class CompressedCache(DynamicCache):
         fast: bool = False,
     ):
         _check_model(model)
-        if mode not in self.MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(self.MODES)}")
-        if switch_at_tokens is not None and not _is_count(switch_at_tokens, 1):
-            raise ValueError(f"switch_at_tokens must be a positive integer, got {switch_at_tokens!r}")
-        if memory_budget_bytes is not None and not _is_count(memory_budget_bytes, 1):
-            raise ValueError(f"memory_budget_bytes must be a positive integer, got {memory_budget_bytes!r}")
-        if not _is_count(full_window, 0):
+        switch = Switch(mode, switch_at_tokens, memory_budget_bytes)
+        if not is_count(full_window, 0):
             raise ValueError(f"full_window must be a non-negative integer, got {full_window!r}")
-        if mode == "auto" and switch_at_tokens is None and memory_budget_bytes is None:
-            raise ValueError("mode 'auto' needs switch_at_tokens or memory_budget_bytes")
-        if mode != "auto" and (switch_at_tokens is not None or memory_budget_bytes is not None):
-            given = "switch_at_tokens" if switch_at_tokens is not None else "memory_budget_bytes"
-            raise ValueError(f"{given} sets when auto mode switches, but mode {mode!r} never switches; pass "
-                             f"mode='auto' (the default when {given} is given) or leave {given} out")
-        switch_at_tokens = None if switch_at_tokens is None else int(switch_at_tokens)
-        memory_budget_bytes = None if memory_budget_bytes is None else int(memory_budget_bytes)
         full_window = int(full_window)
         super().__init__(config=model.config)
         self.geometry = kv_geometry(model)
@@ -117,9 +107,7 @@ class CompressedCache(DynamicCache):
                 if type(self.layers[i]) is not GrowingLayer:
                     raise ValueError(f"layer {i} is not a full-attention layer; the codec cannot compress it")
                 self.layers[i] = CompressedLayer(i, store, codec, fast_for, devices[i])
-        self.mode = mode
-        self.switch_at_tokens = switch_at_tokens
-        self.memory_budget_bytes = memory_budget_bytes
+        self.switch = switch
         self.full_window = full_window
         self.is_compressed = mode == "compressed"
         self.switched_at: int | None = 0 if self.is_compressed else None
@@ -275,11 +263,7 @@ class CompressedCache(DynamicCache):
         return self.layers[first].get_seq_length()
 
     def _should_switch(self) -> bool:
-        if self.mode != "auto":
-            return False
-        if self.switch_at_tokens is not None and self.seen_tokens() >= self.switch_at_tokens:
-            return True
-        return self.memory_budget_bytes is not None and self.nbytes() > self.memory_budget_bytes
+        return self.switch.due(self.seen_tokens(), self.nbytes)
 
     @contextlib.contextmanager
     def deferred(self):
@@ -391,6 +375,7 @@ class EchoKVCache(CompressedCache):
     """
 
     def __init__(self, model, artifact, mode: str | None = None, **kwargs):
+        _check_model(model)
         if mode is None:  # a switch condition means auto mode
             auto = kwargs.get("switch_at_tokens") is not None or kwargs.get("memory_budget_bytes") is not None
             mode = "auto" if auto else "full"
