@@ -32,9 +32,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .codecs import quant
-from .codecs.quant import _FP16_MAX as FP16_MAX
-from .codecs.quant import unpack
+from . import quantize as quant
+from .quantize import FP16_MAX, unpack
 
 #: precisions a component can be kept at (0: dropped). 2-bit codes were measured (SmolLM2, S=4, kept 0.125: mean
 #: attention-output error 0.047 with them, 0.056 without) but are left out: the issue asks for int8/int4 storage.

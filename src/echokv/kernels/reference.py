@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import torch
 
+from ..quantize import round_fp16
+
 WIDTHS = (16, 8, 4, 2)
 #: tokens per row of a per-channel scale (the kernels' token block)
 BLOCK = 64
@@ -178,12 +180,11 @@ def quantize_class(x: torch.Tensor, width: int) -> dict[str, torch.Tensor]:
     """x [..., n] float -> the stored tensors of one class of ``width`` 8 or 4 (one scale and zero per row).
 
     Scale rounded up and zero down to float16, so every value stays inside the code range."""
-    from ..codecs.quant import _round_fp16
 
     levels = 2**width - 1
     xf = x.float()
-    zero = _round_fp16(xf.amin(-1), up=False)
-    scale = _round_fp16((xf.amax(-1) - zero.float()) / levels, up=True)
+    zero = round_fp16(xf.amin(-1), up=False)
+    scale = round_fp16((xf.amax(-1) - zero.float()) / levels, up=True)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     codes = ((xf - zero.float()[..., None]) / scale.float()[..., None]).round_().clamp_(0, levels).to(torch.uint8)
     if width < 8:
@@ -196,7 +197,6 @@ def quantize_channels(x: torch.Tensor, width: int, skip: int = 0) -> dict[str, t
     """x [..., T, n] float -> the stored tensors of one class of ``width`` 8 or 4 with a scale and zero per channel and
     block of :data:`BLOCK` tokens ([..., ceil(T / BLOCK), n]). ``skip``: the first tokens do not count in their block's
     range (attention sinks kept exact: their codes are never read, and their outliers would coarsen the block)."""
-    from ..codecs.quant import _round_fp16
 
     levels = 2**width - 1
     xf = x.float()
@@ -212,8 +212,8 @@ def quantize_channels(x: torch.Tensor, width: int, skip: int = 0) -> dict[str, t
         part = xf[..., first:last, :]
         lo[..., b, :] = part.amin(-2) if last > first else 0.0
         hi[..., b, :] = part.amax(-2) if last > first else 0.0
-    zero = _round_fp16(lo, up=False)
-    scale = _round_fp16((hi - zero.float()) / levels, up=True)
+    zero = round_fp16(lo, up=False)
+    scale = round_fp16((hi - zero.float()) / levels, up=True)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     codes = ((span - zero.float()[..., None, :]) / scale.float()[..., None, :]).round_().clamp_(0, levels)
     codes = codes.flatten(-3, -2)[..., :t, :].to(torch.uint8)
