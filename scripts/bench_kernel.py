@@ -1,7 +1,7 @@
 """Micro benchmark of one decode-attention call (one layer, SmolLM2-135M geometry by default): the C++ kernel over
 coded K/V against bfloat16 full attention, interleaved, as medians of per-round speed ratios.
 
-    flock /tmp/echokv-timing.lock .venv/bin/python scripts/bench_kernel.py [--threads 2] [--rounds 15]
+    flock /tmp/echokv-timing.lock .venv/bin/python scripts/bench_kernel.py [--threads 2] [--rounds 15] [--flush 32]
 
 Baselines: (a) packed-GQA bf16 SDPA, q viewed as [B, H, R, d] (no enable_gqa), K/V bf16 [B, H, T, d]; (b) explicit
 bf16 ``q @ k^T`` -> float softmax -> ``p @ v``. Kernel variants: int8 (all channels at 8 bit), int4, int2, mixed class
@@ -55,11 +55,24 @@ def coded(x: torch.Tensor, widths, room: int, chan: bool = False) -> dict[str, t
     return store
 
 
+#: with --flush: a buffer written between timed calls, so that each call finds its K/V out of L2, as between the
+#: layers of a model (whose weights pass through the caches in between)
+FLUSH: torch.Tensor | None = None
+
+
 def timeit(fn, calls: int) -> float:
-    t = time.perf_counter()
+    if FLUSH is None:
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t) / calls
+    spent = 0.0
     for _ in range(calls):
+        FLUSH.add_(1.0)
+        t = time.perf_counter()
         fn()
-    return (time.perf_counter() - t) / calls
+        spent += time.perf_counter() - t
+    return spent / calls
 
 
 def bench(B: int, T: int, H: int, R: int, d: int, rounds: int, budget: float) -> dict[str, tuple[float, float]]:
@@ -107,13 +120,17 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=3, help="KV heads")
     ap.add_argument("--rows", type=int, default=3, help="query rows per KV head (the GQA group)")
     ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--flush", type=int, default=0, metavar="MB",
+                    help="write a buffer of MB megabytes between timed calls (evicts L2; 0: calls back to back)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global FLUSH
+    FLUSH = torch.ones(args.flush * (1 << 18)) if args.flush else None
     t0 = time.perf_counter()
     mod = cpu.load()
     print(f"kernel path: {kernels.path('auto')} ({mod.simd()}), load {time.perf_counter() - t0:.1f} s; "
           f"torch {torch.__version__}, {args.threads} threads, H={args.heads} R={args.rows} d={args.dim}, "
-          f"{args.rounds} rounds")
+          f"{args.rounds} rounds" + (f", {args.flush} MB written between calls" if args.flush else ""))
     print("speed = t(packed bf16 SDPA) / t(x), median of per-round ratios; time = median per call")
     # other processes on the cores distort multi-thread timings (a descheduled thread stalls the whole call)
     print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
