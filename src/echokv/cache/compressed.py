@@ -375,12 +375,12 @@ class EchoKVCache(CompressedCache):
     """
 
     def __init__(self, model, artifact, mode: str | None = None, **kwargs):
-        _check_model(model)
+        codec = mix_codec(model, artifact)
         if mode is None:  # a switch condition means auto mode
             auto = kwargs.get("switch_at_tokens") is not None or kwargs.get("memory_budget_bytes") is not None
             mode = "auto" if auto else "full"
         kwargs.setdefault("fast", attention.serves(model))
-        super().__init__(model, mix_codec(model, artifact), mode=mode, **kwargs)
+        super().__init__(model, codec, mode=mode, **kwargs)
 
 
 def mix_codec(model, artifact) -> KVCodec:
