@@ -85,6 +85,8 @@ def add_options(parser: argparse.ArgumentParser, *classes) -> None:
                     kwargs["nargs"] = "+"
                     hint = typing.get_args(hint)[0]
                 kwargs["type"] = CHECKS.get(meta.get("check"), hint)
+                if meta.get("check") == "ratio":
+                    kwargs["metavar"] = "RATIO"
                 if meta.get("choices"):
                     kwargs["choices"] = list(meta["choices"])
                 if required:
