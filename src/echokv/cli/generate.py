@@ -102,7 +102,6 @@ def run(args) -> int:
 
 def _cache(cfg: GenerateConfig, model, tokenizer, tiers: bool):
     """The cache the flags ask for: full; the artifact's mix; EchoKV-Q; or the ladder full -> EchoKV-Q -> the mix."""
-    from .. import attention
     from ..cache import CompressedCache, EchoKVCache, FullCache, TieredCache, mix_codec
 
     if cfg.echokv_q is None:
@@ -119,6 +118,6 @@ def _cache(cfg: GenerateConfig, model, tokenizer, tiers: bool):
     if tiers:
         return TieredCache(model, {f"echokv-q@{cfg.echokv_q:g}": fast, "echokv": mix_codec(model, cfg.artifact)},
                            memory_budget_bytes=cfg.memory_budget, full_window=cfg.full_window)
+    # fit refuses a model the fused kernel cannot serve, so the fast path always applies here
     return CompressedCache(model, fast, mode=cfg.mode, switch_at_tokens=cfg.switch_at,
-                           memory_budget_bytes=cfg.memory_budget, full_window=cfg.full_window,
-                           fast=attention.serves(model))
+                           memory_budget_bytes=cfg.memory_budget, full_window=cfg.full_window, fast=True)
