@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from echokv import attention, kernels
-from echokv.cache import CompressedCache
+from echokv.cache import CompressedCache, FullCache
 
 SPENT: dict[str, float] = {}
 
@@ -78,9 +78,8 @@ def main() -> None:
         for name in ("stock", "full", *codecs):
             scope = attention.implementation(model, "sdpa") if name == "stock" else attention.echokv_attention(model)
             with scope:
-                cache = (DynamicCache(config=model.config) if name == "stock" else
-                         CompressedCache(model, codecs.get(name) or fit(model, calibration, 0.5),
-                                         mode="full" if name == "full" else "compressed", fast=True))
+                cache = (DynamicCache(config=model.config) if name == "stock" else FullCache(model) if name == "full"
+                         else CompressedCache(model, codecs[name], mode="compressed", fast=True))
                 caches[name] = [cache, prefill(model, cache, ids)[:, None].argmax(-1)]
         names = list(caches)
         spent = {n: {"step": [], "kernel": 0.0, "cache": 0.0} for n in names}
