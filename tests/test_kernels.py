@@ -4,6 +4,11 @@ strided views into larger buffers, ragged masks, empty rows and splits, and the 
 from __future__ import annotations
 
 import logging
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +18,10 @@ from echokv.kernels import cpu, reference
 
 if cpu.compiler() is None:
     pytest.skip("no C++ compiler: the C++ kernel cannot be built", allow_module_level=True)
-#: the kernel's fixed-point query and weights on quantized classes (16 where the CPU has AVX512-VNNI, else 0: float)
+#: the kernel's fixed-point query on quantized key classes and softmax weights on quantized value classes (16 with
+#: AVX512-VNNI or AVX2, else 0: float; the two differ only in builds made for A/B timings)
 FIXED_POINT = cpu.load().fixed_point()
+FIXED_POINT_V = cpu.load().fixed_point_values()
 
 
 def _store(B, H, T, widths, dtype16=torch.bfloat16, seed=0, chan=False):
@@ -57,7 +64,8 @@ def _check(B=3, H=2, T=200, R=3, k_widths=((8, 64),), v_widths=None, dtype16=tor
         m = torch.arange(T)[None, :] >= (torch.arange(B) * T // (B + 1))[:, None]
     elif mask is not None:
         m = mask
-    want_out, want_lse = reference.attend(q, k, v, k_widths, v_widths, m, fixed_point=FIXED_POINT)
+    want_out, want_lse = reference.attend(q, k, v, k_widths, v_widths, m, fixed_point=FIXED_POINT,
+                                           fixed_point_values=FIXED_POINT_V)
     if "splits" in kw:
         kt, km = kernels._classes(k, k_widths)
         vt, vm = kernels._classes(v, v_widths)
@@ -217,7 +225,7 @@ def _check_merged(B=2, H=2, T=200, R=3, Te=5, d=64, k_widths=((8, 40), (4, 24)),
     elif exact_mask is not None:
         em = exact_mask
     want = reference.attend_merged(q_basis, q_exact, mean_score, k, v, k_widths, v_widths, m, ek, ev, em, v_dec,
-                                   v_mean, fixed_point=FIXED_POINT)
+                                   v_mean, fixed_point=FIXED_POINT, fixed_point_values=FIXED_POINT_V)
     got = kernels.attend_merged(q_basis, q_exact, mean_score, k, v, k_widths, v_widths, m, ek, ev, em, v_dec, v_mean,
                                 kernel="cpp")
     args = kernels.prepared(k, v, k_widths, v_widths)
@@ -301,7 +309,11 @@ def test_merged_torch_path_and_bad_shapes():
     vd, vm = torch.randn(H, 64, d), torch.randn(H, d)
     a = kernels.attend_merged(q, q, q[..., 0], k, v, kw, kw, None, ek, ev, None, vd, vm, kernel="torch")
     b = kernels.attend_merged(q, q, q[..., 0], k, v, kw, kw, None, ek, ev, None, vd, vm, kernel="cpp")
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * a.abs().max().item())
+    # the torch path is the float specification; the C++ kernel's reads the codes in fixed point where it does
+    want = reference.attend_merged(q, q, q[..., 0], k, v, kw, kw, None, ek, ev, None, vd, vm,
+                                   fixed_point=FIXED_POINT, fixed_point_values=FIXED_POINT_V)
+    torch.testing.assert_close(a, reference.attend_merged(q, q, q[..., 0], k, v, kw, kw, None, ek, ev, None, vd, vm))
+    torch.testing.assert_close(b, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     with pytest.raises(RuntimeError, match="v_dec"):
         kernels.attend_merged(q, q, q[..., 0], k, v, kw, kw, None, ek, ev, None, vd[:, :10], vm, kernel="cpp")
     with pytest.raises(RuntimeError, match="exact_k"):
@@ -341,10 +353,43 @@ def test_quantize_channels_round_trips_within_half_a_step_and_skips_sinks():
     assert st["4.s"][..., 0, :].float().max() < 5  # the sinks did not widen block 0
 
 
+#: -march values that select each x86 path of the kernel, the name it reports, and the CPU flags it needs to run
+TIERS = {"x86-64-v3": ("avx2", {"avx2", "fma", "f16c", "bmi2"}), "x86-64": ("portable", set())}
+
+
 def test_instructions_name_what_the_cpp_kernel_runs():
     assert kernels.instructions("torch") is None
-    assert kernels.instructions("cpp") in ("avx512-vnni", "avx512", "portable")
-    assert (kernels.instructions("cpp") == "avx512-vnni") == (FIXED_POINT == 16)
+    assert kernels.instructions("cpp") in ("avx512-vnni", "avx512", "avx2", "portable")
+    assert (kernels.instructions("cpp") in ("avx512-vnni", "avx2")) == (FIXED_POINT == 16)
+    assert (kernels.instructions("cpp") in ("avx512-vnni", "avx2")) == (FIXED_POINT_V == 16)
+    arch = os.environ.get(cpu.ARCH_ENV)
+    if arch in TIERS:  # a rerun of this file by the test below: the build is the path asked for
+        assert kernels.instructions("cpp") == TIERS[arch][0]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or bool(os.environ.get(cpu.ARCH_ENV)),
+                    reason="x86 only, and not inside the rerun itself")
+@pytest.mark.parametrize("arch", list(TIERS))
+def test_every_instruction_set_path_matches_the_reference(arch):
+    """This file again on a build for another x86 level (a user's CPU may lack what this one has): the AVX2 path
+    on an AVX-512 machine, the plain C++ path everywhere."""
+    name, needs = TIERS[arch]
+    if not needs <= _cpu_flags():
+        pytest.skip(f"this CPU cannot run {arch} code")
+    if kernels.instructions("cpp") == name:
+        pytest.skip(f"the default build is the {name} path, tested by the rest of this file")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                         env={**os.environ, cpu.ARCH_ENV: arch}, capture_output=True, text=True, timeout=1200,
+                         check=False)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
 
 
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])

@@ -86,7 +86,8 @@ _FUSED: bool | None = None
 
 
 def _fused(key) -> bool:
-    """Whether full-mode decode steps run the fused C++ kernel: 16-bit K/V on a CPU where it builds."""
+    """Whether full-mode decode steps run the fused C++ kernel: 16-bit K/V on a CPU where it builds with AVX2 or
+    AVX-512."""
     global _FUSED
     if key.device.type != "cpu" or key.dtype not in (torch.bfloat16, torch.float16) or key.stride(-1) != 1:
         return False
@@ -97,6 +98,8 @@ def _fused(key) -> bool:
 
         try:  # never an error inside a decode step: without the C++ kernel, SDPA runs
             _FUSED = os.environ.get("ECHOKV_KERNEL", "auto") not in ("torch", "triton") and cpu.available()[0]
+            # plain C++ (no AVX2 or AVX-512) reads 16-bit K/V slower than SDPA does
+            _FUSED = _FUSED and cpu.load().simd() != "portable"
         except (RuntimeError, OSError, ImportError):
             _FUSED = False
     return _FUSED

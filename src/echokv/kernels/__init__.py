@@ -65,6 +65,9 @@ def _cpp_reason() -> str | None:
     from . import cpu
 
     ok, why = cpu.available()
+    if ok and cpu.load().simd() == "portable":  # it runs, but is no faster than PyTorch: say so once
+        _warn_once("echokv kernels: the C++ kernel was built for a CPU without AVX2 or AVX-512 (plain C++): "
+                   "coded caches decode slower than full mode here")
     return None if ok else why
 
 
@@ -135,7 +138,7 @@ def path(kernel: str = "auto", device: str | torch.device = "cpu", widths=()) ->
 
 def instructions(kernel: str = "auto", device: str | torch.device = "cpu") -> str | None:
     """What the C++ kernel was compiled to use ("avx512-vnni": integer dot products, 16-bit fixed-point query and
-    weights; "avx512"; "portable"), or None when another path runs."""
+    weights; "avx512"; "avx2": 8 float lanes; "portable": plain C++), or None when another path runs."""
     if path(kernel, device) != "cpp":
         return None
     from . import cpu

@@ -2,9 +2,9 @@
 builder.
 
 The build is cached under ``$ECHOKV_KERNEL_CACHE`` or ``~/.cache/echokv/kernels``, in a folder named after the torch
-version and a hash of the source, the compiler flags and the CPU (the code is built with ``-march=native``), so it
-reruns only when one of them changes. A file lock keeps two processes from building at once. The build is silent
-unless it fails; a failure is remembered for the process, so it is paid once.
+version and a hash of the source, the compiler flags and the CPU (the code is built with ``-march=native``, or
+``-march=$ECHOKV_KERNEL_ARCH``), so it reruns only when one of them changes. A file lock keeps two processes from
+building at once. The build is silent unless it fails; a failure is remembered for the process, so it is paid once.
 """
 
 from __future__ import annotations
@@ -26,11 +26,16 @@ _module = None
 _error: str | None = None
 
 
+#: overrides -march=native on x86 (for example x86-64-v3: the AVX2 path; x86-64: plain C++), so that one machine
+#: can build and test every instruction-set path
+ARCH_ENV = "ECHOKV_KERNEL_ARCH"
+
+
 def _arch_flags() -> list[str]:
-    """Tune for this CPU (AVX-512 where it has it); nothing special on an unknown architecture."""
+    """Tune for this CPU (AVX-512 where it has it, else AVX2); nothing special on an unknown architecture."""
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64", "i686"):
-        return ["-march=native"]
+        return [f"-march={os.environ.get(ARCH_ENV, '').strip() or 'native'}"]
     if machine in ("aarch64", "arm64"):
         return ["-mcpu=native"]
     return []

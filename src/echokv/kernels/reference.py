@@ -156,11 +156,15 @@ def _weighted_values(p: torch.Tensor, v_store: dict, v_widths, bits: int) -> tor
 
 
 def attend(q: torch.Tensor, k_store: dict, v_store: dict, k_widths, v_widths,
-           mask: torch.Tensor | None = None, fixed_point: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+           mask: torch.Tensor | None = None, fixed_point: int = 0,
+           fixed_point_values: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, H, R, n_v], lse [B, H, R]) over the stored tokens (see the module docstring). ``fixed_point`` > 0:
-    the quantized classes read as integers, as a kernel with integer dot products does (the C++ kernel on a CPU with
-    AVX512-VNNI: ``cpu.load().fixed_point()``): the query rounded to that many bits on the keys
-    (:func:`scores_on_codes`), the softmax weights on the values (:func:`_weighted_values`)."""
+    the quantized classes read as integers, as a kernel with integer dot products does (the C++ kernel with
+    AVX512-VNNI or AVX2: ``cpu.load().fixed_point()``): the query rounded to that many bits on the keys
+    (:func:`scores_on_codes`), and the softmax weights on the values (:func:`_weighted_values`) to
+    ``fixed_point_values`` bits (None: the same; 0: float, as the AVX2 kernel: ``cpu.load().fixed_point_values()``)."""
+    if fixed_point_values is None:
+        fixed_point_values = fixed_point
     if fixed_point:
         scores = scores_on_codes(q, k_store, k_widths, fixed_point)
     else:
@@ -171,8 +175,8 @@ def attend(q: torch.Tensor, k_store: dict, v_store: dict, k_widths, v_widths,
     lse = torch.logsumexp(scores, dim=-1)
     p = torch.exp(scores - lse[..., None].clamp_min(torch.finfo(torch.float32).min))
     p = torch.nan_to_num(p, nan=0.0)
-    if fixed_point:
-        return _weighted_values(p, v_store, v_widths, fixed_point), lse
+    if fixed_point_values:
+        return _weighted_values(p, v_store, v_widths, fixed_point_values), lse
     return p @ dequantize(v_store, v_widths), lse
 
 
@@ -227,7 +231,7 @@ def attend_merged(q_basis: torch.Tensor, q_exact: torch.Tensor, mean_score: torc
                   v_store: dict, k_widths, v_widths, mask: torch.Tensor | None, exact_k: torch.Tensor,
                   exact_v: torch.Tensor, exact_mask: torch.Tensor | None, v_dec: torch.Tensor,
                   v_mean: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  fixed_point: int = 0) -> torch.Tensor:
+                  fixed_point: int = 0, fixed_point_values: int | None = None) -> torch.Tensor:
     """out [B, H, R, d] float32: one softmax over the stored tokens and ``Te`` exact ones, in the head's space.
 
     Stored token t: score ``q_basis[b, h, r] . key[b, h, t] + mean_score[b, h, r]``, visible where ``mask[b, t]``
@@ -235,9 +239,10 @@ def attend_merged(q_basis: torch.Tensor, q_exact: torch.Tensor, mean_score: torc
     Exact token e: score ``q_exact[b, h, r] . exact_k[b, h, e]``, visible where ``exact_mask[b, e]`` ([B, Te], or per
     row [B, R, Te]; None: all), value ``exact_v[b, h, e]`` (``exact_k``/``exact_v`` [B, H, Te, d], any float dtype).
     A row that sees nothing gets 0. ``parts``: the stored part's ``(out, lse)`` when already computed (by another
-    kernel); otherwise :func:`attend` computes it (with ``fixed_point``). ``mean_score`` may also be [B, H, R, 1]."""
+    kernel); otherwise :func:`attend` computes it (with ``fixed_point`` and ``fixed_point_values``). ``mean_score``
+    may also be [B, H, R, 1]."""
     out, lse = parts if parts is not None else attend(q_basis, k_store, v_store, k_widths, v_widths, mask,
-                                                      fixed_point)
+                                                      fixed_point, fixed_point_values)
     B, H, R = lse.shape
     stored = lse.float() + mean_score.float().reshape(B, H, R)  # [B, H, R]
     exact = q_exact.float() @ exact_k.float().transpose(-1, -2)  # [B, H, R, Te]

@@ -2,18 +2,21 @@
 //
 // Work items are (sequence, KV head, token split), run by at::parallel_for; each item walks its tokens in blocks
 // of 64 with an online softmax, and the splits are merged by log-sum-exp at the end. Per block:
-//   keys:   16-bit classes (and, without VNNI, every class) are widened to float into one L1 scratch row per token,
-//           each query row's dots taken over 16 tokens at a time and reduced by one transpose-add tree; with
-//           AVX512-VNNI, the quantized classes are widened to int16 into a second row (all per-channel classes side
-//           by side) and scored with the query rounded to 16-bit fixed point, 32 products per vpdpwssd;
-//   values: quantized classes (VNNI): the weights p_t * s_t rounded to 16-bit fixed point per block and row, token
-//           pairs laid out as int16 pairs by vpermt2b, one vpdpwssd per row and 16 channels, exact int32 per block;
+//   keys:   16-bit classes (and, without VNNI or AVX2, every class) are widened to float into one L1 scratch row per
+//           token, each query row's dots taken over 16 (AVX2: 8) tokens at a time and reduced by one transpose-add
+//           tree; with AVX512-VNNI or AVX2, the quantized classes are widened to int16 into a second row (all
+//           per-channel classes side by side) and scored with the query rounded to 16-bit fixed point, 32 products
+//           per vpdpwssd (AVX2: 16 per vpmaddwd + vpaddd);
+//   values: quantized classes (VNNI, AVX2): the weights p_t * s_t rounded to 16-bit fixed point per block and row,
+//           token pairs laid out as int16 pairs by vpermt2b (AVX2: vpunpcklbw), one vpdpwssd per row and 16 channels
+//           (AVX2: vpmaddwd + vpaddd per 8), exact int32 per block;
 //           otherwise acc += (p_t * s_t) * codes_t in float, the codes widened in registers, the accumulators blocked
 //           over (up to 4 rows) x (up to 64 channels); zero points: zacc += p_t * z_t.
 // The fixed-point rounding (a step of 2^-15 of the row's largest |q * s| or weight of the block) is part of the
 // specification: reference.attend(fixed_point=16) computes it, and the kernel agrees with it to 1e-4; the float
 // paths agree with reference.attend() to 1e-4. The AVX-512 paths are compiled where the target has them
-// (-march=native); otherwise a plain C++ path runs the same driver (x86 without AVX-512, ARM), in float.
+// (-march=native); without AVX-512, AVX2 + FMA + F16C run the float paths on 8 lanes (2-bit classes included);
+// otherwise a plain C++ path runs the same driver (older x86, ARM), in float.
 // 4-bit codes of the float value path are used in the order they unpack (per 16 stored bytes: the even channels,
 // then the odd ones), with the query permuted to match and the output permuted back.
 
@@ -36,6 +39,18 @@
 // weights in 16-bit fixed point, vpdpwssd products (vpermt2b pairs the tokens of the values).
 #define ECHOKV_VNNI 1
 #endif
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+// 8 float lanes, every class widened in registers (AMD Zen 1-3, Intel client CPUs without AVX-512); quantized
+// classes read as integers as with VNNI (vpmaddwd for vpdpwssd)
+#define ECHOKV_AVX2 1
+#include <immintrin.h>
+#endif
+// (-DECHOKV_FLOAT_KEYS / -DECHOKV_FLOAT_VALUES keep the AVX2 build on the float paths: for A/B timings)
+#if defined(ECHOKV_VNNI) || (defined(ECHOKV_AVX2) && !defined(ECHOKV_FLOAT_KEYS))
+#define ECHOKV_INT_KEYS 1  // quantized key classes scored on their codes with a 16-bit fixed-point query
+#endif
+#if defined(ECHOKV_VNNI) || (defined(ECHOKV_AVX2) && !defined(ECHOKV_FLOAT_VALUES))
+#define ECHOKV_INT_VALUES 1  // quantized value classes summed on their codes with 16-bit fixed-point weights
 #endif
 
 namespace {
@@ -57,7 +72,7 @@ struct Cls {
   int64_t sb = 0, sh = 0, st = 0, zb = 0, zh = 0, zt = 0;  // element strides (per channel: st, zt step a block)
   bool chan = false;  // keys: one scale and zero per channel and block of BT tokens (KIVI), not per token
   int foff = 0;       // keys: offset in the float scratch layout (the classes not scored on their codes)
-  bool ints = false;  // read as integers (VNNI): keys scored on their codes, values summed in channel order
+  bool ints = false;  // read as integers (VNNI, AVX2): keys scored on their codes, values summed in channel order
   int nvec = 0;       // ints: 32-lane int16 vectors of the class alone (its n lanes, zero padded)
   int loff = 0;       // ints, per channel: first of its n lanes in the row shared by the per-channel classes
 
@@ -569,6 +584,506 @@ float weights16(const float* w, int nt, int16_t* w16) {
 #endif  // ECHOKV_VNNI
 #endif  // ECHOKV_AVX512
 
+#ifdef ECHOKV_AVX2
+// ---------------------------------------------------------------------------------------------------------------
+// AVX2 primitives (8 float lanes, no masked byte loads): the layouts of the AVX-512 float path, 2-bit classes
+// included; a class's tail is copied into a zeroed buffer (never a read past its bytes) and stored through masks.
+// ---------------------------------------------------------------------------------------------------------------
+
+alignas(32) constexpr int32_t kLaneMask[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+
+// Lanes [0, k) set.
+inline __m256i mask8(int k) {
+  k = k < 0 ? 0 : k > 8 ? 8 : k;
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kLaneMask + 8 - k));
+}
+
+// m floats from p (lanes past m zero) and a store of m lanes: plain moves when m >= 8 (a masked store is slow on
+// AMD's cores, so only the tails take one).
+inline __m256 load8f(const float* p, int m) { return m >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask8(m)); }
+inline void store8f(float* p, __m256 v, int m) {
+  if (m >= 8) _mm256_storeu_ps(p, v);
+  else _mm256_maskstore_ps(p, mask8(m), v);
+}
+
+// `bytes` (<= 8) bytes from p, zero above, in registers: two overlapping loads, never a read past them (bytes
+// copied through memory would stall the wide load that follows them).
+inline uint64_t load_u64(const uint8_t* p, int bytes) {
+  if (bytes >= 8) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    return v;
+  }
+  if (bytes >= 4) {
+    uint32_t a, b;
+    std::memcpy(&a, p, 4);
+    std::memcpy(&b, p + bytes - 4, 4);
+    return uint64_t(a) | (uint64_t(b) << (8 * (bytes - 4)));
+  }
+  if (bytes >= 2) {
+    uint16_t a, b;
+    std::memcpy(&a, p, 2);
+    std::memcpy(&b, p + bytes - 2, 2);
+    return uint64_t(a) | (uint64_t(b) << (8 * (bytes - 2)));
+  }
+  return bytes == 1 ? p[0] : 0;
+}
+
+// `bytes` (<= 16) bytes from p, zero above.
+inline __m128i load_partial(const uint8_t* p, int bytes) {
+  if (bytes <= 8) return _mm_cvtsi64_si128(static_cast<long long>(load_u64(p, bytes)));
+  return _mm_set_epi64x(static_cast<long long>(load_u64(p + 8, bytes - 8)), static_cast<long long>(load_u64(p, 8)));
+}
+
+// Up to 8 bytes from p in the low half, zero above.
+inline __m128i load8b(const uint8_t* p, int bytes) {
+  return _mm_cvtsi64_si128(static_cast<long long>(load_u64(p, bytes)));
+}
+
+inline float reduce_add8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+
+inline float reduce_max8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+
+// Chunk j (8 channels of the padded layout) of one token, as float codes (zero past the class).
+template <int W, bool BF16>
+inline __m256 load_chunk8(const uint8_t* p, int j, int n) {
+  if constexpr (W == 16) {
+    const int m = n - 8 * j;
+    const __m128i x = m >= 8 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * j))
+                             : load_partial(p + 16 * j, 2 * m);
+    if constexpr (BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
+    else return _mm256_cvtph_ps(x);
+  } else if constexpr (W == 8) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(load8b(p + 8 * j, n - 8 * j)));
+  } else if constexpr (W == 4) {  // per 32 channels (16 bytes): the low nibbles of bytes 0-7, 8-15, then the high
+    const int off = 16 * (j >> 2) + 8 * (j & 1);
+    const __m256i w = _mm256_cvtepu8_epi32(load8b(p + off, n / 2 - off));
+    return _mm256_cvtepi32_ps((j & 2) ? _mm256_srli_epi32(w, 4) : _mm256_and_si256(w, _mm256_set1_epi32(15)));
+  } else {  // 2 bit, channel order, 4 per byte from the low bits
+    const int m = n - 8 * j;
+    uint32_t x = 0;
+    if (m >= 8) {
+      uint16_t y;
+      std::memcpy(&y, p + 2 * j, 2);
+      x = y;
+    } else if (m > 0) {
+      x = p[2 * j];  // n % 4 == 0: one byte left
+    }
+    const __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(x)),
+                                        _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14));
+    return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(3)));
+  }
+}
+
+// exp(x) for x <= 0 (the Cephes polynomial of exp512), exactly 0 for x = -inf.
+inline __m256 exp256(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
+  x = _mm256_max_ps(x, lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  // 2^n from the exponent bits: n >= -126 here, so a normal number
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(keep, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+// out[i] = sum of the 8 lanes of v[i].
+inline __m256 hsum8(const __m256* v) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+// A store of m lanes at o + pos that may write all 8 when they stay inside the row's `room` floats: what it writes
+// past the class is rewritten by the classes widened after it, or is padding (finite, dotted with a zero query).
+inline void store_room(float* o, int pos, __m256 v, int m, int room) { store8f(o + pos, v, pos + 8 <= room ? 8 : m); }
+
+// widen_block_avx on 8 lanes; room: floats of the row from the class's first (the classes are widened in order).
+template <int W, bool BF16>
+void widen_block_avx2(const Cls& c, const uint8_t* p0, int64_t dt, int nt, const float* sv, const float* zv,
+                      float* kbuf, int kstride, int room) {
+  const bool quant = W != 16;
+  for (int t = 0; t < nt; ++t) {
+    const uint8_t* p = p0 + t * dt;
+    float* o = kbuf + t * kstride;
+    const __m256 s = _mm256_set1_ps(quant && !c.chan ? sv[t] : 1.0f);
+    const __m256 z = _mm256_set1_ps(quant && !c.chan ? zv[t] : 0.0f);
+    if constexpr (W == 4) {  // compact layout: per 16 stored bytes (m of them), the m low nibbles, then the m high
+      const int nb = c.n / 2;
+      for (int k = 0; 16 * k < nb; ++k) {
+        const int m = std::min(16, nb - 16 * k);
+        __m256 lo[2], hi[2];
+        for (int h = 0; 8 * h < m; ++h) {
+          const int ms = std::min(8, m - 8 * h), a = 32 * k + 8 * h, e = 32 * k + m + 8 * h;
+          const __m256i w = _mm256_cvtepu8_epi32(load8b(p + 16 * k + 8 * h, ms));
+          lo[h] = _mm256_cvtepi32_ps(_mm256_and_si256(w, _mm256_set1_epi32(15)));
+          hi[h] = _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 4));
+          if (c.chan) {
+            lo[h] = _mm256_fmadd_ps(lo[h], load8f(sv + a, ms), load8f(zv + a, ms));
+            hi[h] = _mm256_fmadd_ps(hi[h], load8f(sv + e, ms), load8f(zv + e, ms));
+          } else {
+            lo[h] = _mm256_fmadd_ps(lo[h], s, z);
+            hi[h] = _mm256_fmadd_ps(hi[h], s, z);
+          }
+        }
+        // the low nibbles first: a full store of the second may run into the high ones' places
+        for (int h = 0; 8 * h < m; ++h) store_room(o, 32 * k + 8 * h, lo[h], std::min(8, m - 8 * h), room);
+        for (int h = 0; 8 * h < m; ++h) store_room(o, 32 * k + m + 8 * h, hi[h], std::min(8, m - 8 * h), room);
+      }
+    } else {
+      for (int j = 0; 8 * j < c.n; ++j) {
+        const __m256 x = load_chunk8<W, BF16>(p, j, c.n);
+        const int m = c.n - 8 * j;
+        if (quant && c.chan)
+          store_room(o, 8 * j, _mm256_fmadd_ps(x, load8f(sv + 8 * j, m), load8f(zv + 8 * j, m)), m, room);
+        else
+          store_room(o, 8 * j, quant ? _mm256_fmadd_ps(x, s, z) : x, m, room);
+      }
+    }
+  }
+}
+
+// dots[t] = q . kbuf[t] for t < nt, 8 tokens at a time (rows past nt, inside the BT-row scratch, are read).
+template <int NCH>
+void dots_avx2_n(const float* kbuf, int npad, const float* q, int nt, float* dots) {
+  const int nch = NCH > 0 ? NCH : npad / 8;
+  for (int t0 = 0; t0 < nt; t0 += 8) {
+    __m256 acc[8];
+    for (int i = 0; i < 8; ++i) {
+      const float* k = kbuf + (t0 + i) * npad;
+      __m256 a = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
+      for (int j = 1; j < nch; ++j) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * j), _mm256_loadu_ps(k + 8 * j), a);
+      acc[i] = a;
+    }
+    store8f(dots + t0, hsum8(acc), nt - t0);
+  }
+}
+
+void dots_avx2(const float* kbuf, int npad, const float* q, int nt, float* dots) {
+  switch (npad / 8) {
+    case 2: return dots_avx2_n<2>(kbuf, npad, q, nt, dots);
+    case 4: return dots_avx2_n<4>(kbuf, npad, q, nt, dots);
+    case 6: return dots_avx2_n<6>(kbuf, npad, q, nt, dots);
+    case 8: return dots_avx2_n<8>(kbuf, npad, q, nt, dots);
+    default: return dots_avx2_n<0>(kbuf, npad, q, nt, dots);
+  }
+}
+
+// acc[r][8 j0 .. 8 (j0 + NC)) += sum_t w[r][t] * codes_t, rows r0 .. r0 + NR, codes widened in registers.
+template <int W, bool BF16, int NR, int NC>
+void vacc_tile8(const Cls& c, const uint8_t* p0, int64_t dt, int nt, const float* w, float* acc, int accstride,
+                int r0, int j0) {
+  __m256 a[NR][NC];
+  for (int r = 0; r < NR; ++r)
+    for (int k = 0; k < NC; ++k) a[r][k] = _mm256_loadu_ps(acc + (r0 + r) * accstride + 8 * (j0 + k));
+  for (int t = 0; t < nt; ++t) {
+    const uint8_t* p = p0 + t * dt;
+    __m256 x[NC];
+    for (int k = 0; k < NC; ++k) x[k] = load_chunk8<W, BF16>(p, j0 + k, c.n);
+    for (int r = 0; r < NR; ++r) {
+      const __m256 wr = _mm256_broadcast_ss(w + (r0 + r) * BT + t);
+      for (int k = 0; k < NC; ++k) a[r][k] = _mm256_fmadd_ps(wr, x[k], a[r][k]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int k = 0; k < NC; ++k) _mm256_storeu_ps(acc + (r0 + r) * accstride + 8 * (j0 + k), a[r][k]);
+}
+
+// 16 registers: at most 3 rows x 4 chunks of accumulators per tile.
+template <int W, bool BF16, int NR>
+void vacc_rows8(const Cls& c, const uint8_t* p0, int64_t dt, int nt, const float* w, float* acc, int accstride,
+                int r0, int j0, int nc) {
+  switch (nc) {
+    case 1: return vacc_tile8<W, BF16, NR, 1>(c, p0, dt, nt, w, acc, accstride, r0, j0);
+    case 2: return vacc_tile8<W, BF16, NR, 2>(c, p0, dt, nt, w, acc, accstride, r0, j0);
+    case 3: return vacc_tile8<W, BF16, NR, 3>(c, p0, dt, nt, w, acc, accstride, r0, j0);
+    default: return vacc_tile8<W, BF16, NR, 4>(c, p0, dt, nt, w, acc, accstride, r0, j0);
+  }
+}
+
+template <int W, bool BF16>
+void vacc_avx2(const Cls& c, const uint8_t* p0, int64_t dt, int nt, int R, const float* w, float* acc,
+               int accstride) {
+  const int nch = c.npad / 8;
+  for (int j0 = 0; j0 < nch; j0 += 4) {
+    const int nc = std::min(4, nch - j0);
+    for (int r0 = 0; r0 < R; r0 += 3) {
+      switch (std::min(3, R - r0)) {
+        case 1: vacc_rows8<W, BF16, 1>(c, p0, dt, nt, w, acc, accstride, r0, j0, nc); break;
+        case 2: vacc_rows8<W, BF16, 2>(c, p0, dt, nt, w, acc, accstride, r0, j0, nc); break;
+        default: vacc_rows8<W, BF16, 3>(c, p0, dt, nt, w, acc, accstride, r0, j0, nc); break;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// AVX2 integer key scores: the VNNI path's layout and fixed-point query, with vpmaddwd + vpaddd for vpdpwssd (the
+// same exact int32 per lane).
+// ---------------------------------------------------------------------------------------------------------------
+
+// m (< 16) int16 lanes of v at o.
+inline void store16_tail(int16_t* o, __m256i v, int m) {
+  alignas(32) int16_t tmp[16];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), v);
+  if (m > 0) std::memcpy(o, tmp, 2 * m);
+}
+
+// 16 int16 lanes at o + pos, of which m belong to the class: all 16 written when they stay inside the row's room
+// (past the class: lanes of the classes widened after it, or zero-query padding), else only m.
+inline void store16_room(int16_t* o, int pos, __m256i v, int m, int room) {
+  if (m >= 16 || pos + 16 <= room) _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + pos), v);
+  else store16_tail(o + pos, v, m);
+}
+
+// widen16_block (see the VNNI path) on AVX2; room: lanes of the row from the class's first.
+template <int W>
+void widen16_block(const Cls& c, const uint8_t* p0, int64_t dt, int nt, int16_t* out, int stride, int room) {
+  for (int t = 0; t < nt; ++t) {
+    const uint8_t* p = p0 + t * dt;
+    int16_t* o = out + t * stride;
+    if constexpr (W == 8) {
+      for (int v = 0; 16 * v < c.n; ++v) {
+        const int m = c.n - 16 * v;
+        const __m128i x = m >= 16 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * v))
+                                  : load_partial(p + 16 * v, m);
+        store16_room(o, 16 * v, _mm256_cvtepu8_epi16(x), m, room);
+      }
+    } else if constexpr (W == 4) {
+      // the low nibbles before the high ones (a full store may run into their places); one load up to 32 channels
+      const int nb = c.n / 2;
+      const __m256i m15 = _mm256_set1_epi16(15);
+      if (nb <= 16) {
+        const __m256i w = _mm256_cvtepu8_epi16(nb == 16 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
+                                                        : load_partial(p, nb));
+        store16_room(o, 0, _mm256_and_si256(w, m15), nb, room);
+        store16_room(o, nb, _mm256_srli_epi16(w, 4), nb, room);
+        continue;
+      }
+      for (int half = 0; half < 2; ++half)
+        for (int u = 0; 16 * u < nb; ++u) {
+          const int m = nb - 16 * u;
+          const __m128i x = m >= 16 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * u))
+                                    : load_partial(p + 16 * u, m);
+          const __m256i w = _mm256_cvtepu8_epi16(x);
+          store16_room(o, half * nb + 16 * u, half ? _mm256_srli_epi16(w, 4) : _mm256_and_si256(w, m15), m, room);
+        }
+    } else {  // 2 bit: channel 4i + j at lane j * n/4 + i, written j by j for the same reason
+      const int nb = c.n / 4;
+      const __m256i three = _mm256_set1_epi16(3);
+      if (nb <= 16) {  // up to 64 channels: one load
+        const __m256i w = _mm256_cvtepu8_epi16(nb == 16 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
+                                                        : load_partial(p, nb));
+        for (int j = 0; j < 4; ++j)
+          store16_room(o, j * nb, _mm256_and_si256(_mm256_srli_epi16(w, 2 * j), three), nb, room);
+        continue;
+      }
+      for (int j = 0; j < 4; ++j)
+        for (int u = 0; 16 * u < nb; ++u) {
+          const int m = nb - 16 * u;
+          const __m128i x = m >= 16 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * u))
+                                    : load_partial(p + 16 * u, m);
+          const __m256i w = _mm256_cvtepu8_epi16(x);
+          store16_room(o, j * nb + 16 * u, _mm256_and_si256(_mm256_srli_epi16(w, 2 * j), three), m, room);
+        }
+    }
+  }
+}
+
+void widen16(const Cls& c, const uint8_t* p0, int64_t dt, int nt, int16_t* out, int stride) {
+  const int room = stride - c.loff;  // out points at the class's first lane of row 0
+  if (c.width == 8) widen16_block<8>(c, p0, dt, nt, out, stride, room);
+  else if (c.width == 4) widen16_block<4>(c, p0, dt, nt, out, stride, room);
+  else widen16_block<2>(c, p0, dt, nt, out, stride, room);
+}
+
+// max |q * s| over the class's channels (s per channel; null: 1).
+float query_max(const Cls& c, const float* q, const float* s) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 mx = _mm256_setzero_ps();
+  for (int i = 0; i < c.n; i += 8) {
+    __m256 x = load8f(q + i, c.n - i);
+    if (s) x = _mm256_mul_ps(x, load8f(s + i, c.n - i));
+    mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, x));
+  }
+  return reduce_max8(mx);
+}
+
+// q16[0, n) = round(q * s / scale) in the widened codes' lane order (0 where scale is 0); nat: n + 64 scratch.
+void query16(const Cls& c, const float* q, const float* s, float scale, int16_t* nat, int16_t* q16) {
+  if (!(scale > 0.0f)) {
+    std::fill(q16, q16 + c.n, int16_t(0));
+    return;
+  }
+  const __m256 sv = _mm256_set1_ps(scale);
+  int16_t* dst = c.width == 8 ? q16 : nat;
+  for (int i = 0; i < c.n; i += 8) {
+    __m256 x = load8f(q + i, c.n - i);
+    if (s) x = _mm256_mul_ps(x, load8f(s + i, c.n - i));
+    const __m256i r = _mm256_cvtps_epi32(_mm256_div_ps(x, sv));  // nearest, ties to even (MXCSR's default)
+    const __m128i packed = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    alignas(16) int16_t tmp[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(tmp), packed);
+    std::memcpy(dst + i, tmp, 2 * std::min(8, c.n - i));
+  }
+  if (c.width == 2) {  // natural order -> lane j * n/4 + i holds channel 4i + j
+    const int nb = c.n / 4;
+    for (int j = 0; j < 4; ++j)
+      for (int i = 0; i < nb; ++i) q16[j * nb + i] = nat[4 * i + j];
+  }
+  if (c.width == 4) {  // natural order -> the even channels, then the odd ones
+    const int nb = c.n / 2;
+    for (int i = 0; i < nb; ++i) q16[i] = nat[2 * i], q16[nb + i] = nat[2 * i + 1];
+  }
+}
+
+// dots[t] = kb[t] . q16 for t < nt, kb rows of 32 * nv lanes (exact int32 per lane, then summed in float; rows past
+// nt are read, dropped).
+template <int NV>
+void dots16_n(const int16_t* kb, const int16_t* q16, int nv, int nt, float* dots) {
+  const int n = 2 * (NV > 0 ? NV : nv);  // 16-lane vectors per row
+  for (int t0 = 0; t0 < nt; t0 += 8) {
+    __m256 acc[8];
+    for (int i = 0; i < 8; ++i) {
+      const int16_t* k = kb + (t0 + i) * 16 * n;
+      __m256i a = _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k)),
+                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q16)));
+      for (int v = 1; v < n; ++v)
+        a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + 16 * v)),
+                                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q16 + 16 * v))));
+      acc[i] = _mm256_cvtepi32_ps(a);
+    }
+    store8f(dots + t0, hsum8(acc), nt - t0);
+  }
+}
+
+void dots16(const int16_t* kb, const int16_t* q16, int nv, int nt, float* dots) {
+  switch (nv) {
+    case 1: return dots16_n<1>(kb, q16, nv, nt, dots);
+    case 2: return dots16_n<2>(kb, q16, nv, nt, dots);
+    case 4: return dots16_n<4>(kb, q16, nv, nt, dots);
+    default: return dots16_n<0>(kb, q16, nv, nt, dots);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// AVX2 integer values: the VNNI path's fixed-point weights; per pair of tokens and 16 channels the two tokens' codes
+// interleaved as int16 pairs (vpunpck + vpmovzxbw), one vpmaddwd + vpaddd per row and 8 channels (exact int32).
+// ---------------------------------------------------------------------------------------------------------------
+
+float block_max(const float* x, int n);
+
+// w16[0, nt) = round(w / step), step = max w / 32767 (returned; 0 and w16 0 when every w is 0), zero up to even nt.
+float weights16(const float* w, int nt, int16_t* w16) {
+  const float mx = block_max(w, nt);
+  const int ne = (nt + 1) / 2 * 2;
+  if (!(mx > 0.0f)) {
+    std::fill(w16, w16 + ne, int16_t(0));
+    return 0.0f;
+  }
+  const float step = mx / 32767.0f;
+  const __m256 sv = _mm256_set1_ps(step);
+  for (int i = 0; i < nt; i += 8) {
+    const __m256i r = _mm256_cvtps_epi32(_mm256_div_ps(load8f(w + i, nt - i), sv));
+    const __m128i packed = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    if (nt - i >= 8) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(w16 + i), packed);
+    } else {
+      alignas(16) int16_t tmp[8];
+      _mm_store_si128(reinterpret_cast<__m128i*>(tmp), packed);
+      std::memcpy(w16 + i, tmp, 2 * (nt - i));
+    }
+  }
+  if (ne > nt) w16[nt] = 0;
+  return step;
+}
+
+// Channels [c0, c0 + 16) of one token's value codes as bytes in channel order (m of them in the class; zero past
+// them). 2 bit: code << 2 (c % 4), the shift undone per channel on the int32 sums (a power of two: exact).
+template <int W>
+inline __m128i value_bytes(const uint8_t* p, int c0, int m) {
+  if constexpr (W == 8) {
+    return m >= 16 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + c0)) : load_partial(p + c0, m);
+  } else if constexpr (W == 4) {
+    const __m128i b = load8b(p + c0 / 2, (std::min(m, 16) + 1) / 2);
+    const __m128i m15 = _mm_set1_epi8(15);
+    return _mm_unpacklo_epi8(_mm_and_si128(b, m15), _mm_and_si128(_mm_srli_epi16(b, 4), m15));
+  } else {
+    const __m128i b = _mm_cvtsi64_si128(static_cast<long long>(load_u64(p + c0 / 4, (std::min(m, 16) + 3) / 4)));
+    const __m128i rep = _mm_shuffle_epi8(b, _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3));
+    return _mm_and_si128(rep, _mm_set1_epi32(static_cast<int>(0xC0300C03u)));
+  }
+}
+
+// acc[r][c0, c0 + 16 NC) += step[r] * sum_t w16[r][t] * codes_t for rows r0 .. r0 + NR (channel order).
+template <int W, int NR, int NC>
+void vacc16_tile(const uint8_t* p0, int64_t dt, int nt, int n, int c0, const int16_t* w16, const float* step,
+                 float* acc, int accstride, int r0) {
+  const int32_t* wp = reinterpret_cast<const int32_t*>(w16);
+  __m256i a[NR][2 * NC];
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < 2 * NC; ++j) a[r][j] = _mm256_setzero_si256();
+  for (int t = 0; t < nt; t += 2) {
+    const uint8_t* px = p0 + t * dt;
+    const bool two = t + 1 < nt;
+    __m256i pr[2 * NC];
+    for (int k = 0; k < NC; ++k) {
+      const int cc = c0 + 16 * k;
+      const __m128i x = value_bytes<W>(px, cc, n - cc);
+      const __m128i y = two ? value_bytes<W>(px + dt, cc, n - cc) : _mm_setzero_si128();
+      pr[2 * k] = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(x, y));
+      pr[2 * k + 1] = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(x, y));
+    }
+    for (int r = 0; r < NR; ++r) {
+      const __m256i wr = _mm256_set1_epi32(wp[(r0 + r) * (BT / 2) + t / 2]);
+      for (int j = 0; j < 2 * NC; ++j) a[r][j] = _mm256_add_epi32(a[r][j], _mm256_madd_epi16(pr[j], wr));
+    }
+  }
+  const __m256 unshift = W == 2 ? _mm256_setr_ps(1.0f, 0.25f, 0.0625f, 0.015625f, 1.0f, 0.25f, 0.0625f, 0.015625f)
+                                : _mm256_set1_ps(1.0f);
+  for (int r = 0; r < NR; ++r) {
+    const __m256 sv = _mm256_mul_ps(_mm256_set1_ps(step[r0 + r]), unshift);
+    float* o = acc + (r0 + r) * accstride + c0;
+    for (int j = 0; j < 2 * NC; ++j)
+      _mm256_storeu_ps(o + 8 * j, _mm256_fmadd_ps(sv, _mm256_cvtepi32_ps(a[r][j]), _mm256_loadu_ps(o + 8 * j)));
+  }
+}
+
+template <int W>
+void vacc16(const Cls& c, const uint8_t* p0, int64_t dt, int nt, int R, const int16_t* w16, const float* step,
+            float* acc, int accstride) {
+  // 16 registers: 3 rows x 16 channels, or 2 rows x 32, of accumulators per tile
+  for (int r0 = 0; r0 < R; r0 += 3) {
+    const int nr = std::min(3, R - r0);
+    for (int c0 = 0; c0 < c.n; c0 += nr == 3 ? 16 : 32) {
+      const bool wide = nr < 3 && c.n - c0 > 16;
+      if (nr == 3) vacc16_tile<W, 3, 1>(p0, dt, nt, c.n, c0, w16, step, acc, accstride, r0);
+      else if (nr == 2) wide ? vacc16_tile<W, 2, 2>(p0, dt, nt, c.n, c0, w16, step, acc, accstride, r0)
+                             : vacc16_tile<W, 2, 1>(p0, dt, nt, c.n, c0, w16, step, acc, accstride, r0);
+      else wide ? vacc16_tile<W, 1, 2>(p0, dt, nt, c.n, c0, w16, step, acc, accstride, r0)
+                : vacc16_tile<W, 1, 1>(p0, dt, nt, c.n, c0, w16, step, acc, accstride, r0);
+    }
+  }
+}
+#endif  // ECHOKV_AVX2
+
 // ---------------------------------------------------------------------------------------------------------------
 // Dispatch of the primitives
 // ---------------------------------------------------------------------------------------------------------------
@@ -582,6 +1097,13 @@ void widen_block(const Cls& c, const uint8_t* p0, int64_t dt, int nt, const floa
                                    : widen_block_avx<16, false>(c, p0, dt, nt, sv, zv, o, kstride);
   if (c.width == 8) return widen_block_avx<8, true>(c, p0, dt, nt, sv, zv, o, kstride);
   if (c.width == 4) return widen_block_avx<4, true>(c, p0, dt, nt, sv, zv, o, kstride);
+#elif defined(ECHOKV_AVX2)
+  const int room = kstride - c.foff;
+  if (c.width == 16) return c.bf16 ? widen_block_avx2<16, true>(c, p0, dt, nt, sv, zv, o, kstride, room)
+                                   : widen_block_avx2<16, false>(c, p0, dt, nt, sv, zv, o, kstride, room);
+  if (c.width == 8) return widen_block_avx2<8, true>(c, p0, dt, nt, sv, zv, o, kstride, room);
+  if (c.width == 4) return widen_block_avx2<4, true>(c, p0, dt, nt, sv, zv, o, kstride, room);
+  return widen_block_avx2<2, true>(c, p0, dt, nt, sv, zv, o, kstride, room);
 #endif
   {  // portable, and 2-bit classes without VNNI
   for (int t = 0; t < nt; ++t) {
@@ -619,6 +1141,16 @@ void load_sz(const Cls& c, int64_t b, int64_t h, int64_t t0, int nt, float* sv, 
     }
     return;
   }
+#elif defined(ECHOKV_AVX2)
+  if (c.st == 1 && c.zt == 1) {
+    int i = 0;
+    for (; i + 8 <= nt; i += 8) {
+      _mm256_storeu_ps(sv + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
+      _mm256_storeu_ps(zv + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z + i))));
+    }
+    for (; i < nt; ++i) sv[i] = static_cast<float>(s[i]), zv[i] = static_cast<float>(z[i]);
+    return;
+  }
 #endif
   for (int i = 0; i < nt; ++i) sv[i] = static_cast<float>(s[i * c.st]), zv[i] = static_cast<float>(z[i * c.zt]);
 }
@@ -651,6 +1183,12 @@ float dotf(const float* a, const float* b, int n) {
     acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), acc);
   }
   return _mm512_reduce_add_ps(acc);
+#elif defined(ECHOKV_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  for (int i = 0; i < n; i += 8) {
+    acc = _mm256_fmadd_ps(load8f(a + i, n - i), load8f(b + i, n - i), acc);
+  }
+  return reduce_add8(acc);
 #else
   float acc = 0.0f;
   for (int i = 0; i < n; ++i) acc += a[i] * b[i];
@@ -669,6 +1207,14 @@ float scale_query(float* q, const float* s, const float* z, int n) {
     _mm512_mask_storeu_ps(q + i, k, _mm512_mul_ps(x, _mm512_maskz_loadu_ps(k, s + i)));
   }
   return _mm512_reduce_add_ps(a);
+#elif defined(ECHOKV_AVX2)
+  __m256 a = _mm256_setzero_ps();
+  for (int i = 0; i < n; i += 8) {
+    const __m256 x = load8f(q + i, n - i);
+    a = _mm256_fmadd_ps(x, load8f(z + i, n - i), a);
+    store8f(q + i, _mm256_mul_ps(x, load8f(s + i, n - i)), n - i);
+  }
+  return reduce_add8(a);
 #else
   float acc = 0.0f;
   for (int i = 0; i < n; ++i) acc += q[i] * z[i], q[i] *= s[i];
@@ -683,6 +1229,14 @@ float block_max(const float* x, int n) {
   for (int i = 0; i < n; i += 16)
     m = _mm512_max_ps(m, _mm512_mask_loadu_ps(_mm512_set1_ps(NEG_INF), lanes(n - i), x + i));
   return _mm512_reduce_max_ps(m);
+#elif defined(ECHOKV_AVX2)
+  const __m256 ninf = _mm256_set1_ps(NEG_INF);
+  __m256 m = ninf;
+  for (int i = 0; i < n; i += 8) {
+    const __m256 v = load8f(x + i, n - i);
+    m = _mm256_max_ps(m, n - i >= 8 ? v : _mm256_blendv_ps(ninf, v, _mm256_castsi256_ps(mask8(n - i))));
+  }
+  return reduce_max8(m);
 #else
   float m = NEG_INF;
   for (int i = 0; i < n; ++i) m = std::max(m, x[i]);
@@ -701,6 +1255,14 @@ float value_weights(const float* p, const float* s, const float* z, int n, float
     acc = _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(k, z + i), acc);
   }
   return _mm512_reduce_add_ps(acc);
+#elif defined(ECHOKV_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  for (int i = 0; i < n; i += 8) {
+    const __m256 pv = load8f(p + i, n - i);
+    store8f(w + i, _mm256_mul_ps(pv, load8f(s + i, n - i)), n - i);
+    acc = _mm256_fmadd_ps(pv, load8f(z + i, n - i), acc);
+  }
+  return reduce_add8(acc);
 #else
   float zs = 0.0f;
   for (int i = 0; i < n; ++i) w[i] = p[i] * s[i], zs += p[i] * z[i];
@@ -711,6 +1273,8 @@ float value_weights(const float* p, const float* s, const float* z, int n, float
 void dots(const float* kbuf, int npad, const float* q, int nt, float* out) {
 #ifdef ECHOKV_AVX512
   dots_avx(kbuf, npad, q, nt, out);
+#elif defined(ECHOKV_AVX2)
+  dots_avx2(kbuf, npad, q, nt, out);
 #else
   for (int t = 0; t < nt; ++t) {
     const float* k = kbuf + t * npad;
@@ -729,6 +1293,12 @@ void vacc(const Cls& c, const uint8_t* p0, int64_t dt, int nt, int R, const floa
                                    : vacc_avx<16, false>(c, p0, dt, nt, R, w, acc, accstride);
   if (c.width == 8) return vacc_avx<8, true>(c, p0, dt, nt, R, w, acc, accstride);
   if (c.width == 4) return vacc_avx<4, true>(c, p0, dt, nt, R, w, acc, accstride);
+#elif defined(ECHOKV_AVX2)
+  if (c.width == 16) return c.bf16 ? vacc_avx2<16, true>(c, p0, dt, nt, R, w, acc, accstride)
+                                   : vacc_avx2<16, false>(c, p0, dt, nt, R, w, acc, accstride);
+  if (c.width == 8) return vacc_avx2<8, true>(c, p0, dt, nt, R, w, acc, accstride);
+  if (c.width == 4) return vacc_avx2<4, true>(c, p0, dt, nt, R, w, acc, accstride);
+  return vacc_avx2<2, true>(c, p0, dt, nt, R, w, acc, accstride);
 #endif
   // portable, and 2-bit classes without VNNI
   for (int t = 0; t < nt; ++t) widen_token_scalar(c, p0 + t * dt, vbuf + t * c.npad);
@@ -755,6 +1325,16 @@ float exp_shift(const float* x, float m, int n, float* p) {
     sum = _mm512_add_ps(sum, e2);
   }
   return _mm512_reduce_add_ps(sum);
+#elif defined(ECHOKV_AVX2)
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 sum = _mm256_setzero_ps();
+  for (int i = 0; i < n; i += 8) {
+    __m256 e = exp256(_mm256_sub_ps(load8f(x + i, n - i), mv));
+    if (n - i < 8) e = _mm256_and_ps(e, _mm256_castsi256_ps(mask8(n - i)));
+    store8f(p + i, e, n - i);
+    sum = _mm256_add_ps(sum, e);
+  }
+  return reduce_add8(sum);
 #else
   float sum = 0.0f;
   for (int i = 0; i < n; ++i) sum += (p[i] = exp_scalar(x[i] - m));
@@ -851,19 +1431,19 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
   const int64_t T = infer_t(k_tensors, k_meta, infer_t(v_tensors, v_meta, -1));
   TORCH_CHECK(T >= 0, "echokv attend: no stored class to attend over");
   std::vector<Cls> vc = parse_classes(v_tensors, v_meta, B, H, T, "value");
-#ifdef ECHOKV_VNNI
+#ifdef ECHOKV_INT_VALUES
   for (Cls& c : vc) c.ints = c.width != 16;  // summed with 16-bit fixed-point weights, in channel order
 #endif
   std::vector<Cls> kc = parse_classes(k_tensors, k_meta, B, H, T, "key");
   const int kept_k = kc.empty() ? 0 : kc.back().off + kc.back().n;
   const int nv = vc.empty() ? 0 : vc.back().off + vc.back().n;
-  // Key classes scored on their integer codes (VNNI) leave the float scratch layout; the others are packed in it.
+  // Key classes scored on their integer codes (VNNI, AVX2) leave the float scratch layout; the others are packed in it.
   // Per-channel ones share one widened row and one rounded query (one dot per token); per-token ones dot alone.
   int kflt = 0, tlanes = 32, glanes = 0;
   std::vector<int> ik, gk;  // integer classes: per token, per channel
   for (size_t ci = 0; ci < kc.size(); ++ci) {
     Cls& c = kc[ci];
-#ifdef ECHOKV_VNNI
+#ifdef ECHOKV_INT_KEYS
     if (c.width != 16) {
       c.ints = true;
       c.nvec = (c.n + 31) / 32;
@@ -915,7 +1495,7 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
     const std::vector<float> ones(BT, 1.0f), zeros(BT, 0.0f);
     bool chan = false;  // per-channel key classes: their scales fold into a per-block query, their zeros into a bias
     for (const Cls& c : kc) chan |= c.chan && !c.ints;
-#ifdef ECHOKV_VNNI
+#ifdef ECHOKV_INT_KEYS
     // integer classes: widened codes, the rounded queries (per token: once per item), scales in channel order
     const int gvec = (glanes + 31) / 32, lmax = std::max(32 * gvec, tlanes);
     std::vector<int16_t> kb16(BT * lmax), q16(R * ik.size() * tlanes), qg(std::max(32 * gvec, 32)), nat(lmax + 64);
@@ -943,7 +1523,7 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
           float* dst = qperm.data() + r * kpad + c.foff;
           for (int i = 0; i < c.n; ++i) dst[compact_index(c, i)] = qr[c.off + i];
         }
-#ifdef ECHOKV_VNNI
+#ifdef ECHOKV_INT_KEYS
         for (size_t j = 0; j < ik.size(); ++j) {
           const Cls& c = kc[ik[j]];
           const size_t at = r * ik.size() + j;
@@ -1002,7 +1582,7 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
           if (chan)
             for (int t = 0; t < nt; ++t) sr[t] += bias[r];
         }
-#ifdef ECHOKV_VNNI
+#ifdef ECHOKV_INT_KEYS
         if (!gk.empty()) {
           for (int ci : gk) {
             const Cls& c = kc[ci];
@@ -1068,7 +1648,7 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
             for (int64_t r = 0; r < R; ++r)
               zacc[r * vc.size() + ci] += value_weights(p.data() + r * BT, sbuf.data(), zbuf.data(), nt,
                                                         w.data() + r * BT);
-#ifdef ECHOKV_VNNI
+#ifdef ECHOKV_INT_VALUES
             if (c.ints) {
               for (int64_t r = 0; r < R; ++r) wstep[r] = weights16(w.data() + r * BT, nt, w16.data() + r * BT);
               if (c.width == 8)
@@ -1181,6 +1761,15 @@ inline __m512 load_row(const void* p, Row t, int i, __mmask16 k) {
   if (t == Row::BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
   return _mm512_cvtph_ps(x);
 }
+#elif defined(ECHOKV_AVX2)
+// Channels [i, i + 8) of a row (m of them left; zero past them).
+inline __m256 load_row8(const void* p, Row t, int i, int m) {
+  if (t == Row::F32) return load8f(static_cast<const float*>(p) + i, m);
+  const uint8_t* b = static_cast<const uint8_t*>(p) + 2 * i;
+  const __m128i x = m >= 8 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(b)) : load_partial(b, 2 * m);
+  if (t == Row::BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
+  return _mm256_cvtph_ps(x);
+}
 #endif
 
 inline float row_at(const void* p, Row t, int i) {
@@ -1198,6 +1787,12 @@ float row_dot(const float* q, const void* x, Row t, int d) {
     a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, q + i), load_row(x, t, i, k), a);
   }
   return _mm512_reduce_add_ps(a);
+#elif defined(ECHOKV_AVX2)
+  __m256 a = _mm256_setzero_ps();
+  for (int i = 0; i < d; i += 8) {
+    a = _mm256_fmadd_ps(load8f(q + i, d - i), load_row8(x, t, i, d - i), a);
+  }
+  return reduce_add8(a);
 #else
   float a = 0.0f;
   for (int i = 0; i < d; ++i) a += q[i] * row_at(x, t, i);
@@ -1212,6 +1807,11 @@ void row_axpy(float w, const void* x, Row t, int d, float* acc) {
   for (int i = 0; i < d; i += 16) {
     const __mmask16 k = lanes(d - i);
     _mm512_mask_storeu_ps(acc + i, k, _mm512_fmadd_ps(wv, load_row(x, t, i, k), _mm512_maskz_loadu_ps(k, acc + i)));
+  }
+#elif defined(ECHOKV_AVX2)
+  const __m256 wv = _mm256_set1_ps(w);
+  for (int i = 0; i < d; i += 8) {
+    store8f(acc + i, _mm256_fmadd_ps(wv, load_row8(x, t, i, d - i), load8f(acc + i, d - i)), d - i);
   }
 #else
   for (int i = 0; i < d; ++i) acc[i] += w * row_at(x, t, i);
@@ -1490,8 +2090,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v_mean"), py::arg("splits") = 0);
   m.def("attend_full", &attend_full, "echokv full-mode decode attention over 16-bit K/V, out in q's dtype",
         py::arg("q"), py::arg("scaling"), py::arg("key"), py::arg("value"), py::arg("mask") = py::none());
-  m.def("fixed_point", []() {  // bits of the query and weights on quantized classes (0: float; reference.attend)
-#ifdef ECHOKV_VNNI
+  m.def("fixed_point", []() {  // bits of the query on quantized key classes (0: float; reference.attend)
+#ifdef ECHOKV_INT_KEYS
+    return 16;
+#else
+    return 0;
+#endif
+  });
+  m.def("fixed_point_values", []() {  // bits of the softmax weights on quantized value classes (0: float)
+#ifdef ECHOKV_INT_VALUES
     return 16;
 #else
     return 0;
@@ -1502,6 +2109,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return std::string("avx512-vnni");
 #elif defined(ECHOKV_AVX512)
     return std::string("avx512");
+#elif defined(ECHOKV_AVX2)
+    return std::string("avx2");
 #else
     return std::string("portable");
 #endif
