@@ -97,9 +97,8 @@ def _fused(key) -> bool:
         from .kernels import cpu
 
         try:  # never an error inside a decode step: without the C++ kernel, SDPA runs
-            _FUSED = os.environ.get("ECHOKV_KERNEL", "auto") not in ("torch", "triton") and cpu.available()[0]
-            # plain C++ (no AVX2 or AVX-512) reads 16-bit K/V slower than SDPA does
-            _FUSED = _FUSED and cpu.load().simd() != "portable"
+            _FUSED = (os.environ.get("ECHOKV_KERNEL", "auto") not in ("torch", "triton") and cpu.available()[0]
+                      and not cpu.plain())
         except (RuntimeError, OSError, ImportError):
             _FUSED = False
     return _FUSED

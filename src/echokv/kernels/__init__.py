@@ -27,6 +27,7 @@ ENV = "ECHOKV_KERNEL"
 
 log = logging.getLogger("echokv")
 _warned: set[str] = set()
+_checked: set[str] = set()  # checks made once per process
 _triton = None
 _triton_error: str | None = None
 
@@ -65,9 +66,11 @@ def _cpp_reason() -> str | None:
     from . import cpu
 
     ok, why = cpu.available()
-    if ok and cpu.load().simd() == "portable":  # it runs, but is no faster than PyTorch: say so once
-        _warn_once("echokv kernels: the C++ kernel was built for a CPU without AVX2 or AVX-512 (plain C++): "
-                   "coded caches decode slower than full mode here")
+    if ok and "plain" not in _checked:  # once: a plain build runs, but no faster than PyTorch, so say so
+        _checked.add("plain")
+        if cpu.plain():
+            _warn_once("echokv kernels: the C++ kernel was built for a CPU without AVX2 or AVX-512 (plain C++): "
+                       "coded caches decode slower than full mode here")
     return None if ok else why
 
 
@@ -138,7 +141,8 @@ def path(kernel: str = "auto", device: str | torch.device = "cpu", widths=()) ->
 
 def instructions(kernel: str = "auto", device: str | torch.device = "cpu") -> str | None:
     """What the C++ kernel was compiled to use ("avx512-vnni": integer dot products, 16-bit fixed-point query and
-    weights; "avx512"; "avx2": 8 float lanes; "portable": plain C++), or None when another path runs."""
+    weights; "avx512"; "avx2": 8 lanes, integer reads with vpmaddwd; "portable": plain C++), or None when another path
+    runs."""
     if path(kernel, device) != "cpp":
         return None
     from . import cpu

@@ -132,6 +132,12 @@ def _short(exc: BaseException) -> str:
     return (text.splitlines() or [type(exc).__name__])[0][:300]
 
 
+def plain() -> bool:
+    """Whether the loaded kernel is the plain C++ build (no AVX2 or AVX-512): it runs, but reads 16-bit K/V slower
+    than PyTorch's SDPA, so full mode keeps SDPA and coded caches warn."""
+    return load().simd() == "portable"
+
+
 def available() -> tuple[bool, str]:
     """(True, "") when the kernel loads, else (False, the reason)."""
     try:

@@ -15,8 +15,8 @@
 // The fixed-point rounding (a step of 2^-15 of the row's largest |q * s| or weight of the block) is part of the
 // specification: reference.attend(fixed_point=16) computes it, and the kernel agrees with it to 1e-4; the float
 // paths agree with reference.attend() to 1e-4. The AVX-512 paths are compiled where the target has them
-// (-march=native); without AVX-512, AVX2 + FMA + F16C run the float paths on 8 lanes (2-bit classes included);
-// otherwise a plain C++ path runs the same driver (older x86, ARM), in float.
+// (-march=native); without AVX-512, AVX2 + FMA + F16C run 16-bit classes in float on 8 lanes and quantized ones as
+// integers (the VNNI specification); otherwise a plain C++ path runs the same driver (older x86, ARM), in float.
 // 4-bit codes of the float value path are used in the order they unpack (per 16 stored bytes: the even channels,
 // then the odd ones), with the query permuted to match and the output permuted back.
 
@@ -587,7 +587,8 @@ float weights16(const float* w, int nt, int16_t* w16) {
 #ifdef ECHOKV_AVX2
 // ---------------------------------------------------------------------------------------------------------------
 // AVX2 primitives (8 float lanes, no masked byte loads): the layouts of the AVX-512 float path, 2-bit classes
-// included; a class's tail is copied into a zeroed buffer (never a read past its bytes) and stored through masks.
+// included; a class's tail is read by overlapping register loads (never past its bytes) and stored through a mask
+// only where a full store would land on what is already written.
 // ---------------------------------------------------------------------------------------------------------------
 
 alignas(32) constexpr int32_t kLaneMask[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
