@@ -56,6 +56,11 @@
 namespace {
 
 constexpr int BT = 64;  // tokens per block: the widened key block stays in L1
+#if defined(ECHOKV_AVX2)
+constexpr int ROWPAD = 16;  // int16 lanes past a widened key row: AVX2's stores of a class tail take all 16 lanes
+#else
+constexpr int ROWPAD = 0;  // (AVX-512 masks its tails)
+#endif
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 struct Cls {
@@ -411,10 +416,10 @@ void query16(const Cls& c, const float* q, const float* s, float scale, int16_t*
   }
 }
 
-// dots[t] = kb[t] . q16 for t < nt, kb rows of 32 * nv lanes (exact int32 per lane, then summed in float; rows past
-// nt are read, dropped).
+// dots[t] = kb[t] . q16 for t < nt, kb rows of 32 * nv lanes every rs lanes (exact int32 per lane, then summed in
+// float; rows past nt are read, dropped).
 template <int NV>
-void dots16_n(const int16_t* kb, const int16_t* q16, int nv, int nt, float* dots) {
+void dots16_n(const int16_t* kb, const int16_t* q16, int nv, int nt, float* dots, int rs) {
   constexpr int CAP = NV > 0 ? NV : 8;
   __m512i qv[CAP];
   const int n = NV > 0 ? NV : nv;
@@ -422,7 +427,7 @@ void dots16_n(const int16_t* kb, const int16_t* q16, int nv, int nt, float* dots
   for (int t0 = 0; t0 < nt; t0 += 16) {
     __m512 acc[16];
     for (int i = 0; i < 16; ++i) {
-      const int16_t* k = kb + (t0 + i) * 32 * n;
+      const int16_t* k = kb + (t0 + i) * rs;
       __m512i a = _mm512_setzero_si512();
       for (int v = 0; v < n; ++v)
         a = _mm512_dpwssd_epi32(a, _mm512_loadu_si512(k + 32 * v), v < CAP ? qv[v] : _mm512_loadu_si512(q16 + 32 * v));
@@ -432,12 +437,12 @@ void dots16_n(const int16_t* kb, const int16_t* q16, int nv, int nt, float* dots
   }
 }
 
-void dots16(const int16_t* kb, const int16_t* q16, int nv, int nt, float* dots) {
+void dots16(const int16_t* kb, const int16_t* q16, int nv, int nt, float* dots, int rs) {
   switch (nv) {
-    case 1: return dots16_n<1>(kb, q16, nv, nt, dots);
-    case 2: return dots16_n<2>(kb, q16, nv, nt, dots);
-    case 4: return dots16_n<4>(kb, q16, nv, nt, dots);
-    default: return dots16_n<0>(kb, q16, nv, nt, dots);
+    case 1: return dots16_n<1>(kb, q16, nv, nt, dots, rs);
+    case 2: return dots16_n<2>(kb, q16, nv, nt, dots, rs);
+    case 4: return dots16_n<4>(kb, q16, nv, nt, dots, rs);
+    default: return dots16_n<0>(kb, q16, nv, nt, dots, rs);
   }
 }
 
@@ -955,15 +960,15 @@ void query16(const Cls& c, const float* q, const float* s, float scale, int16_t*
   }
 }
 
-// dots[t] = kb[t] . q16 for t < nt, kb rows of 32 * nv lanes (exact int32 per lane, then summed in float; rows past
-// nt are read, dropped).
+// dots[t] = kb[t] . q16 for t < nt, kb rows of 32 * nv lanes every rs lanes (exact int32 per lane, then summed in
+// float; rows past nt are read, dropped).
 template <int NV>
-void dots16_n(const int16_t* kb, const int16_t* q16, int nv, int nt, float* dots) {
+void dots16_n(const int16_t* kb, const int16_t* q16, int nv, int nt, float* dots, int rs) {
   const int n = 2 * (NV > 0 ? NV : nv);  // 16-lane vectors per row
   for (int t0 = 0; t0 < nt; t0 += 8) {
     __m256 acc[8];
     for (int i = 0; i < 8; ++i) {
-      const int16_t* k = kb + (t0 + i) * 16 * n;
+      const int16_t* k = kb + (t0 + i) * rs;
       __m256i a = _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k)),
                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q16)));
       for (int v = 1; v < n; ++v)
@@ -975,12 +980,12 @@ void dots16_n(const int16_t* kb, const int16_t* q16, int nv, int nt, float* dots
   }
 }
 
-void dots16(const int16_t* kb, const int16_t* q16, int nv, int nt, float* dots) {
+void dots16(const int16_t* kb, const int16_t* q16, int nv, int nt, float* dots, int rs) {
   switch (nv) {
-    case 1: return dots16_n<1>(kb, q16, nv, nt, dots);
-    case 2: return dots16_n<2>(kb, q16, nv, nt, dots);
-    case 4: return dots16_n<4>(kb, q16, nv, nt, dots);
-    default: return dots16_n<0>(kb, q16, nv, nt, dots);
+    case 1: return dots16_n<1>(kb, q16, nv, nt, dots, rs);
+    case 2: return dots16_n<2>(kb, q16, nv, nt, dots, rs);
+    case 4: return dots16_n<4>(kb, q16, nv, nt, dots, rs);
+    default: return dots16_n<0>(kb, q16, nv, nt, dots, rs);
   }
 }
 
@@ -1172,7 +1177,30 @@ void load_sz_nat(const Cls& c, int64_t b, int64_t h, int64_t t0, float* sv, floa
   const int64_t row = t0 / BT;
   const at::Half* s = c.s + b * c.sb + h * c.sh + row * c.st;
   const at::Half* z = c.z + b * c.zb + h * c.zh + row * c.zt;
-  for (int ch = 0; ch < c.n; ++ch) sv[ch] = static_cast<float>(s[ch]), zv[ch] = static_cast<float>(z[ch]);
+  int ch = 0;
+#if defined(ECHOKV_AVX512) || defined(ECHOKV_AVX2)
+  for (; ch + 8 <= c.n; ch += 8) {  // F16C: the scalar at::Half conversion cost more than the block's dots
+    _mm256_storeu_ps(sv + ch, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + ch))));
+    _mm256_storeu_ps(zv + ch, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z + ch))));
+  }
+#endif
+  for (; ch < c.n; ++ch) sv[ch] = static_cast<float>(s[ch]), zv[ch] = static_cast<float>(z[ch]);
+}
+
+// vis[t] = mask of token t (bool bytes, stride mt) for t < nt; any / all: whether some / every token is visible.
+void visibility(const uint8_t* m, int64_t mt, int nt, uint8_t* vis, bool& any, bool& all) {
+  int t = 0, seen = 0;
+#if defined(ECHOKV_AVX512) || defined(ECHOKV_AVX2)
+  if (mt == 1)  // one compare per 32 tokens (every block of a padded batch or with sinks takes this)
+    for (; t + 32 <= nt; t += 32) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + t));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(vis + t), x);
+      seen += 32 - __builtin_popcount(static_cast<unsigned>(
+                       _mm256_movemask_epi8(_mm256_cmpeq_epi8(x, _mm256_setzero_si256()))));
+    }
+#endif
+  for (; t < nt; ++t) seen += (vis[t] = m[t * mt]) != 0;
+  any = seen > 0, all = seen == nt;
 }
 
 // sum of a[i] * b[i] for i < n.
@@ -1497,9 +1525,11 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
     bool chan = false;  // per-channel key classes: their scales fold into a per-block query, their zeros into a bias
     for (const Cls& c : kc) chan |= c.chan && !c.ints;
 #ifdef ECHOKV_INT_KEYS
-    // integer classes: widened codes, the rounded queries (per token: once per item), scales in channel order
+    // integer classes: widened codes (ROWPAD lanes past the longest row, so that a tail's full-width store stays
+    // in its row), the rounded queries (per token: once per item), scales in channel order
     const int gvec = (glanes + 31) / 32, lmax = std::max(32 * gvec, tlanes);
-    std::vector<int16_t> kb16(BT * lmax), q16(R * ik.size() * tlanes), qg(std::max(32 * gvec, 32)), nat(lmax + 64);
+    std::vector<int16_t> kb16(BT * (lmax + ROWPAD)), q16(R * ik.size() * tlanes), qg(std::max(32 * gvec, 32)),
+        nat(lmax + 64);
     std::vector<int16_t> w16(R * BT);
     std::vector<float> wstep(R);
     std::vector<float> iscale(R * ik.size()), isum(R * ik.size()), idots(BT), isb(std::max<int64_t>(BT, dq) + 16),
@@ -1545,12 +1575,7 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
         const int nt = static_cast<int>(std::min<int64_t>(BT, T - t0));
         bool any = true, all = true;
         if (mp) {
-          any = false;
-          for (int t = 0; t < nt; ++t) {
-            vis[t] = mp[b * mb + (t0 + t) * mt];
-            any |= vis[t] != 0;
-            all &= vis[t] != 0;
-          }
+          visibility(mp + b * mb + t0 * mt, mt, nt, vis.data(), any, all);
           if (!any) continue;  // left padding: the whole block is skipped
         }
         // Scores: all key classes dequantized into one scratch row per token, then one dot per row. A per-channel
@@ -1587,7 +1612,7 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
         if (!gk.empty()) {
           for (int ci : gk) {
             const Cls& c = kc[ci];
-            widen16(c, c.tok(b, h, t0), c.dt, nt, kb16.data() + c.loff, 32 * gvec);
+            widen16(c, c.tok(b, h, t0), c.dt, nt, kb16.data() + c.loff, 32 * gvec + ROWPAD);
             load_sz_nat(c, b, h, t0, isb.data() + c.off, izb.data() + c.off);
           }
           for (int64_t r = 0; r < R; ++r) {
@@ -1600,18 +1625,18 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
               query16(c, qr + c.off, isb.data() + c.off, scale, nat.data(), qg.data() + c.loff);
               bias_r += dotf(qr + c.off, izb.data() + c.off, c.n);
             }
-            dots16(kb16.data(), qg.data(), gvec, nt, idots.data());
+            dots16(kb16.data(), qg.data(), gvec, nt, idots.data(), 32 * gvec + ROWPAD);
             float* sr = sc.data() + r * BT;
             for (int t = 0; t < nt; ++t) sr[t] += scale * idots[t] + bias_r;
           }
         }
         for (size_t j = 0; j < ik.size(); ++j) {
           const Cls& c = kc[ik[j]];
-          widen16(c, c.tok(b, h, t0), c.dt, nt, kb16.data(), 32 * c.nvec);
+          widen16(c, c.tok(b, h, t0), c.dt, nt, kb16.data(), 32 * c.nvec + ROWPAD);
           load_sz(c, b, h, t0, nt, isb.data(), izb.data());
           for (int64_t r = 0; r < R; ++r) {
             const size_t at = r * ik.size() + j;
-            dots16(kb16.data(), q16.data() + at * tlanes, c.nvec, nt, idots.data());
+            dots16(kb16.data(), q16.data() + at * tlanes, c.nvec, nt, idots.data(), 32 * c.nvec + ROWPAD);
             const float scale = iscale[at], sum = isum[at];
             float* sr = sc.data() + r * BT;
             for (int t = 0; t < nt; ++t) sr[t] += scale * isb[t] * idots[t] + izb[t] * sum;
