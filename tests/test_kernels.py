@@ -450,3 +450,21 @@ def test_full_step_equals_one_16bit_class(q_dtype):
     want, _ = kernels.attend(q.float() * 0.125, kv, vv, ((16, 64),), ((16, 64),), mask, kernel="cpp")
     assert got.dtype == q_dtype
     torch.testing.assert_close(got, want.to(q_dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("width", [8, 4, 2])
+@pytest.mark.parametrize("T,skip", [(64, 0), (64, 4), (70, 4), (5, 2), (130, 70), (3, 5)])
+def test_cpp_encoding_equals_the_reference_bit_for_bit(width, T, skip):
+    g = torch.Generator().manual_seed(T + width)
+    z = torch.randn(2, 3, T, 40, generator=g) * torch.logspace(-3, 5, 40)  # tiny to past float16's range
+    z[0, 1, :, :8] = 0.25  # constant channels and rows: scale 0 -> 1
+    z[1, 2, min(2, T - 1)] = -7.0
+    part = z[..., 4:36]  # a view, as the codec's classes are
+    for per_channel in (True, False):
+        want = (reference.quantize_channels(part, width, skip=skip) if per_channel
+                else reference.quantize_class(part, width))
+        got = kernels.quantize(part, width, per_channel, skip=skip, cpp=True)
+        assert want.keys() == got.keys()
+        for key in want:
+            assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+            assert torch.equal(got[key], want[key]), (key, per_channel)

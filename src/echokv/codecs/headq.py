@@ -83,6 +83,9 @@ class HeadQuantCodec(KVCodec):
         n_sink = min(self.sink_tokens - start, keys[0].shape[-2]) if start < self.sink_tokens else 0
         if n_sink > 0:  # kept exact too (their codes are masked out when read): only in the first block's tensors
             out["sink.k"], out["sink.v"] = keys[0][..., :n_sink, :].clone(), values[0][..., :n_sink, :].clone()
+        if self._path is None:
+            self._path = self.kernel_path(keys[0].device)
+        cpp = self._path == "cpp" and keys[0].device.type == "cpu"  # (a store may live elsewhere than the reads)
         for kind, x in (("k", keys[0]), ("v", values[0])):
             p = self.params[layer]
             m, u = p[f"{kind}_mean"].to(x.device), p[f"{kind}_encode"].to(x.device)
@@ -96,10 +99,10 @@ class HeadQuantCodec(KVCodec):
                     out[f"{kind}16"] = part.clamp(-65504, 65504).to(torch.float16)
                 elif kind == "k":  # a block's sinks do not widen its scales (their exact copies are read)
                     out.update({kind + name: t for name, t in
-                                quantize_channels(part, width, skip=n_sink).items()})
+                                kernels.quantize(part, width, True, skip=n_sink, cpp=cpp).items()})
                 else:  # scales and zeros [B, H, T, 1]: the store grows every tensor along dim -2
                     out.update({kind + name: t if name == str(width) else t[..., None]
-                                for name, t in quantize_class(part, width).items()})
+                                for name, t in kernels.quantize(part, width, False, cpp=cpp).items()})
                 s += n
         return out
 

@@ -223,6 +223,20 @@ def attend_merged_prepared(q_basis: torch.Tensor, q_exact: torch.Tensor, mean_sc
 _NONE = torch.empty(0)
 
 
+def quantize(z: torch.Tensor, width: int, per_channel: bool, skip: int = 0, cpp: bool = False) -> dict:
+    """One class of a block of tokens (z [B, H, T, n] float32) as stored: :func:`reference.quantize_channels`
+    (``per_channel``) or :func:`reference.quantize_class`, bit for bit; ``cpp``: by the C++ kernel (the caller
+    resolved the path to "cpp"), one call instead of ~30."""
+    if not cpp:
+        return (reference.quantize_channels(z, width, skip=skip) if per_channel
+                else reference.quantize_class(z, width))
+    from . import cpu
+
+    codes, scale, zero = cpu.load().quantize(z, width, per_channel, skip)
+    key = str(width)
+    return {key: codes, key + ".s": scale, key + ".z": zero}
+
+
 def attend_step(q: torch.Tensor, scaling: float, k_basis: torch.Tensor, k_mean: torch.Tensor, args: tuple,
                 mask: torch.Tensor | None, sink_k: torch.Tensor | None, sink_v: torch.Tensor | None,
                 exact_k: torch.Tensor, exact_v: torch.Tensor, exact_mask: torch.Tensor | None, v_dec: torch.Tensor,

@@ -2098,6 +2098,100 @@ at::Tensor attend_full(const at::Tensor& q, double scaling, const at::Tensor& ke
   return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Encoding: one class of a block of tokens to codes, float16 scale and zero (reference.quantize_class and
+// quantize_channels, bit for bit): a decode step that completes a block encodes every layer, and ~30 PyTorch calls
+// per class cost more there than the attention of the step.
+// ---------------------------------------------------------------------------------------------------------------
+namespace {
+
+uint16_t half_bits(float x) { return c10::Half(x).x; }
+float half_value(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
+
+// x rounded to float16 towards +inf (up) or -inf, so that the result bounds x (quantize.round_fp16).
+uint16_t round_half(float x, bool up) {
+  const float c = std::min(std::max(x, -65504.0f), 65504.0f);
+  uint16_t h = half_bits(c);
+  const float v = half_value(h);
+  if (up ? v < x : v > x) {  // one step towards the bound (IEEE nextafter on the float16 bits)
+    const bool neg = h & 0x8000u, zero = (h & 0x7FFFu) == 0;
+    if (up) h = zero ? 0x0001u : neg ? h - 1 : h + 1;
+    else h = zero ? 0x8001u : neg ? h + 1 : h - 1;
+  }
+  return h;
+}
+
+}  // namespace
+
+// z [B, H, T, n] float32 (the last dimension contiguous) -> (codes uint8 [B, H, T, n * width / 8], scale, zero
+// float16): per_channel, one scale and zero per channel and block of BT tokens ([B, H, ceil(T / BT), n]; the first
+// `skip` tokens do not count in their block's range), else one per token ([B, H, T]).
+std::vector<at::Tensor> quantize(const at::Tensor& z, int64_t width, bool per_channel, int64_t skip) {
+  TORCH_CHECK(z.dim() == 4 && z.scalar_type() == at::kFloat && z.device().is_cpu() && (z.size(3) <= 1 || z.stride(3) == 1),
+              "echokv quantize: z must be a CPU float32 [B, H, T, n] tensor, contiguous in the last dimension, got ",
+              z.sizes());
+  TORCH_CHECK(width == 8 || width == 4 || width == 2, "echokv quantize: width must be 8, 4 or 2, got ", width);
+  const int64_t B = z.size(0), H = z.size(1), T = z.size(2), n = z.size(3), per = 8 / width;
+  TORCH_CHECK(n % per == 0, "echokv quantize: a ", width, "-bit class needs a multiple of ", per, " channels, got ", n);
+  const float levels = static_cast<float>((1 << width) - 1);
+  const int64_t rows = per_channel ? (T + BT - 1) / BT : T;
+  auto codes = at::zeros({B, H, T, n / per}, z.options().dtype(at::kByte));
+  auto scale = at::empty(per_channel ? std::vector<int64_t>{B, H, rows, n} : std::vector<int64_t>{B, H, T},
+                         z.options().dtype(at::kHalf));
+  auto zero = at::empty_like(scale);
+  const float* zp = z.data_ptr<float>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  uint16_t* sp = reinterpret_cast<uint16_t*>(scale.data_ptr<at::Half>());
+  uint16_t* op = reinterpret_cast<uint16_t*>(zero.data_ptr<at::Half>());
+  const int64_t s0 = z.stride(0), s1 = z.stride(1), s2 = z.stride(2);
+  std::vector<float> lo(n), hi(n), sf(n), zf(n);
+  auto put = [&](int64_t bh, int64_t t, int64_t c, float x, float zz, float ss) {
+    const float q = std::min(std::max(std::nearbyint((x - zz) / ss), 0.0f), levels);  // ties to even, as round_()
+    cp[(bh * T + t) * (n / per) + c / per] |= static_cast<uint8_t>(static_cast<int>(q) << (width * (c % per)));
+  };
+  auto bounds = [&](float l, float h, uint16_t& zb, uint16_t& sb) {
+    zb = round_half(l, false);
+    sb = round_half((h - half_value(zb)) / levels, true);
+    if (half_value(sb) == 0.0f) sb = half_bits(1.0f);
+  };
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t bh = b * H + h;
+      const float* base = zp + b * s0 + h * s1;
+      if (!per_channel) {
+        for (int64_t t = 0; t < T; ++t) {
+          const float* x = base + t * s2;
+          float l = x[0], u = x[0];
+          for (int64_t c = 1; c < n; ++c) l = std::min(l, x[c]), u = std::max(u, x[c]);
+          uint16_t zb, sb;
+          bounds(l, u, zb, sb);
+          sp[bh * T + t] = sb, op[bh * T + t] = zb;
+          const float zz = half_value(zb), ss = half_value(sb);
+          for (int64_t c = 0; c < n; ++c) put(bh, t, c, x[c], zz, ss);
+        }
+        continue;
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t last = std::min((r + 1) * BT, T), first = std::max(r * BT, std::min(skip, last));
+        for (int64_t c = 0; c < n; ++c) lo[c] = first < last ? base[first * s2 + c] : 0.0f, hi[c] = lo[c];
+        for (int64_t t = first + 1; t < last; ++t)
+          for (int64_t c = 0; c < n; ++c) {
+            const float x = base[t * s2 + c];
+            lo[c] = std::min(lo[c], x), hi[c] = std::max(hi[c], x);
+          }
+        for (int64_t c = 0; c < n; ++c) {
+          uint16_t zb, sb;
+          bounds(lo[c], hi[c], zb, sb);
+          sp[(bh * rows + r) * n + c] = sb, op[(bh * rows + r) * n + c] = zb;
+          zf[c] = half_value(zb), sf[c] = half_value(sb);
+        }
+        for (int64_t t = r * BT; t < last; ++t)
+          for (int64_t c = 0; c < n; ++c) put(bh, t, c, base[t * s2 + c], zf[c], sf[c]);
+      }
+    }
+  return {codes, scale, zero};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend", &attend, "echokv fused decode attention over per-head coded K/V (see echokv/kernels/reference.py)",
         py::arg("q"), py::arg("k_tensors"), py::arg("k_meta"), py::arg("v_tensors"), py::arg("v_meta"),
@@ -2114,6 +2208,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k_meta"), py::arg("v_tensors"), py::arg("v_meta"), py::arg("mask"), py::arg("sink_k"),
         py::arg("sink_v"), py::arg("exact_k"), py::arg("exact_v"), py::arg("exact_mask"), py::arg("v_dec"),
         py::arg("v_mean"), py::arg("splits") = 0);
+  m.def("quantize", &quantize,
+        "echokv encoding of one class: codes (packed), float16 scale and zero, per token or per channel and block",
+        py::arg("z"), py::arg("width"), py::arg("per_channel"), py::arg("skip") = 0);
   m.def("attend_full", &attend_full, "echokv full-mode decode attention over 16-bit K/V, out in q's dtype",
         py::arg("q"), py::arg("scaling"), py::arg("key"), py::arg("value"), py::arg("mask") = py::none());
   m.def("fixed_point", []() {  // bits of the query on quantized key classes (0: float; reference.attend)
