@@ -36,8 +36,8 @@ class Appender:
             room = spare_room(end)
             if not room:  # one C++ call: a recent window below SPARE_ROOM tokens reallocates at every decode step,
                 # and three Python-level slicings per layer cost 4x this (1.7 ms per SmolLM2 step)
-                view = (torch.cat([current.to(new.dtype), new], -2) if held else new).contiguous()
-                view = view.clone() if view is new else view  # (never an alias of the caller's tensor)
+                view = (torch.cat([current.to(new.dtype), new], -2).contiguous() if held
+                        else new.clone(memory_format=torch.contiguous_format))  # never an alias of the caller's
                 self.buffers[name] = (view, view)
                 return view
             grown = new.new_empty(*new.shape[:-2], end + room, new.shape[-1])

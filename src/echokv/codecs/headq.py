@@ -83,9 +83,7 @@ class HeadQuantCodec(KVCodec):
         n_sink = min(self.sink_tokens - start, keys[0].shape[-2]) if start < self.sink_tokens else 0
         if n_sink > 0:  # kept exact too (their codes are masked out when read): only in the first block's tensors
             out["sink.k"], out["sink.v"] = keys[0][..., :n_sink, :].clone(), values[0][..., :n_sink, :].clone()
-        if self._path is None:
-            self._path = self.kernel_path(keys[0].device)
-        cpp = self._path == "cpp" and keys[0].device.type == "cpu"  # (a store may live elsewhere than the reads)
+        cpp = self._path_on(keys[0].device) == "cpp"
         for kind, x in (("k", keys[0]), ("v", values[0])):
             p = self.params[layer]
             m, u = p[f"{kind}_mean"].to(x.device), p[f"{kind}_encode"].to(x.device)
@@ -118,7 +116,14 @@ class HeadQuantCodec(KVCodec):
 
     @kernel.setter
     def kernel(self, value: str) -> None:
-        self._kernel, self._path = value, None
+        self._kernel, self._paths = value, {}
+
+    def _path_on(self, device: torch.device) -> str:
+        """:meth:`kernel_path`, once per device (a codec's groups may be stored on several)."""
+        path = self._paths.get(device)
+        if path is None:
+            path = self._paths[device] = self.kernel_path(device)
+        return path
 
     def kernel_path(self, device) -> str:
         """The kernel that reads this codec's classes on ``device`` (:func:`echokv.kernels.path`): cpp, triton or
@@ -198,9 +203,8 @@ class HeadQuantCodec(KVCodec):
             past_mask = codes if past_mask is None else past_mask & codes
             if mask is not None:  # the mask's columns in the order of the exact tokens: sinks, then the recent ones
                 mask = torch.cat([mask[..., :tc], mask[..., :ns], mask[..., tc:]], dim=-1)
-        if self._path is None:
-            self._path = self.kernel_path(q.device)
-        if self._path == "cpp" and tq == 1 and (mask is None or mask.dtype == torch.bool):
+        path = self._path_on(q.device)
+        if path == "cpp" and tq == 1 and (mask is None or mask.dtype == torch.bool):
             # one call: the query folded into the bases, the stored tokens, the exact ones (sinks, then recent) and
             # the value basis, merged in C++ (a decode step's few PyTorch calls per layer cost as much as its reads)
             exact_mask = None if mask is None else mask[:, 0, -1, tc:]
@@ -212,11 +216,11 @@ class HeadQuantCodec(KVCodec):
         if ns:
             recent_k, recent_v = torch.cat([sink_k, recent_k], dim=-2), torch.cat([sink_v, recent_v], dim=-2)
         # the stored tokens: the query in the key basis, scores on the codes, the weighted sum in the value basis
-        if self._path == "cpp":
+        if path == "cpp":
             out, lse = kernels.attend_prepared(qs @ ku, self._prepared(layer, stored), past_mask)
         else:
             out, lse = kernels.attend(qs @ ku, self._classes(stored, "k"), self._classes(stored, "v"),
-                                      self.widths[layer]["k"], self.widths[layer]["v"], past_mask, kernel=self._path)
+                                      self.widths[layer]["k"], self.widths[layer]["v"], past_mask, kernel=path)
         # merged with the recent (exact) tokens: the stored part is one more score, its log-sum-exp (plus the key
         # mean's score, the same for every stored token), whose value is its weighted sum
         recent = qs @ recent_k.transpose(-1, -2).float()  # [B, H, rows, Tr]
