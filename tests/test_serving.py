@@ -291,6 +291,55 @@ def test_vllm_keeps_the_artifacts_rows_and_answers_like_echokvs_own_cache(smollm
         assert all(same), same
 
 
+@pytest.fixture(scope="module")
+def smollm2_q(smollm2_fp32, tmp_path_factory):
+    from echokv.codecs.headq import fit_calibrated, save
+
+    model, tokenizer = smollm2_fp32
+    codec = fit_calibrated(model, tokenizer, 0.5, element_bytes=2)  # the ratio of a 16-bit cache
+    return save(codec, tmp_path_factory.mktemp("q") / "q0.5", model, 0.5)
+
+
+@torch.no_grad()
+def _greedy_q(model, ids, n, eos, folder):
+    """Greedy tokens through echokv's own cache with the EchoKV-Q codec, compressed from the first token."""
+    from echokv.attention import echokv_attention
+    from echokv.cache import CompressedCache
+    from echokv.codecs.headq import load
+    from echokv.generation import prefill
+
+    cache = CompressedCache(model, load(folder), mode="compressed", fast=True)
+    out = []
+    with echokv_attention(model):
+        logits = prefill(model, cache, torch.tensor([ids]))
+        while len(out) < n and int(logits[0].argmax()) not in eos:
+            out.append(int(logits[0].argmax()))
+            logits = prefill(model, cache, torch.tensor([out[-1:]]), chunk_size=1)
+    return out
+
+
+@serve
+def test_vllm_serves_echokv_q_in_pages_and_answers_like_echokvs_own_cache(smollm2_folder, smollm2_fp32, smollm2_q,
+                                                                          tmp_path):
+    from echokv.codecs.headq import load
+    from echokv.serving.pages import page_bytes
+    from echokv.serving.server import BLOCK_SIZE, Server
+    from echokv.serving.vllm import serve_args
+
+    model, tokenizer = smollm2_fp32
+    codec = load(smollm2_q)
+    per_token = sum(page_bytes(w, 3, BLOCK_SIZE) for w in codec.widths.values())
+    eos = {tokenizer.eos_token_id}
+    story = tokenizer("Once upon a time there was a lighthouse keeper who counted ships. " * 40)["input_ids"]
+    prompts = [*_prompt_ids(tokenizer), story[:300], story[:600]]  # the last in two prefill chunks of 512
+    with Server(smollm2_folder, tmp_path / "q.log", (*serve_args(smollm2_q), "--max-num-batched-tokens", "512")) as srv:
+        tokens = srv.kv_cache_tokens()
+        assert 0 <= 2**30 - tokens * per_token < BLOCK_SIZE * per_token  # pages of codes, counted by vLLM
+        assert tokens / (2**30 // 46080) > 3.8  # float32 K/V against codes of half a 16-bit cache
+        same = [_served(srv, ids, 80, eos) == _greedy_q(model, ids, 80, eos, smollm2_q) for ids in prompts]
+        assert all(same), same
+
+
 @serve
 def test_vllm_refuses_an_artifact_for_another_model_in_one_line(smollm2_folder, tmp_path):
     from echokv.artifact import save

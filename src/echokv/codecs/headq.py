@@ -251,6 +251,70 @@ class HeadQuantCodec(KVCodec):
         return sum(t.numel() * t.element_size() for p in self.params.values() for t in p.values())
 
 
+# -- files (what a serving engine loads: the bases and the allocation, fitted in the main environment) -----------
+#: the two files of a saved codec
+CODEC_JSON, CODEC_WEIGHTS = "echokv-q.json", "echokv-q.safetensors"
+
+
+def save(codec: HeadQuantCodec, out, model, compression_ratio: float):
+    """Write ``codec`` (fitted on ``model``) to the new folder ``out``: bases as safetensors, the allocation, the
+    model's geometry and K/V fingerprints and the weights' sha256 as JSON. Returns ``out``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from ..artifact import fingerprints, sha256_file
+    from ..models import kv_geometry
+    from ..util import atomic_dir
+
+    with atomic_dir(out, flag=None) as tmp:
+        tensors = {f"{layer}.{name}": t.contiguous() for layer, p in codec.params.items() for name, t in p.items()}
+        save_file(tensors, str(tmp / CODEC_WEIGHTS))
+        config = {"format": "echokv-q", "version": 1, "compression_ratio": compression_ratio,
+                  "dtype": str(codec.dtype).removeprefix("torch."),
+                  "widths": {str(layer): {k: [list(c) for c in w[k]] for k in KINDS} for layer, w in codec.widths.items()},
+                  "model": {"name": getattr(model.config, "_name_or_path", ""),
+                            "geometry": kv_geometry(model).to_dict(), **fingerprints(model)},
+                  "sha256": sha256_file(tmp / CODEC_WEIGHTS)}
+        (tmp / CODEC_JSON).write_text(json.dumps(config, indent=1))
+    return out
+
+
+def read_config(path) -> dict | None:
+    """A saved codec's JSON (None where ``path`` holds none)."""
+    import json
+    from pathlib import Path
+
+    file = Path(path).expanduser() / CODEC_JSON
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def load(path, kernel: str = "auto") -> HeadQuantCodec:
+    """The codec :func:`save` wrote (its weights' checksum checked; ValueError, one line, on any mismatch)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from ..artifact import sha256_file
+
+    folder = Path(path).expanduser()
+    config = read_config(folder)
+    if config is None or config.get("format") != "echokv-q":
+        raise ValueError(f"{folder} holds no EchoKV-Q codec ({CODEC_JSON}): write one with python -m "
+                         "echokv.serving.export --echokv-q RATIO")
+    if sha256_file(folder / CODEC_WEIGHTS) != config["sha256"]:
+        raise ValueError(f"{folder / CODEC_WEIGHTS} does not match the checksum in {CODEC_JSON}: the file was "
+                         "changed or cut short; write the codec again")
+    params: dict[int, dict[str, torch.Tensor]] = {}
+    for name, t in load_file(str(folder / CODEC_WEIGHTS)).items():
+        layer, key = name.split(".", 1)
+        params.setdefault(int(layer), {})[key] = t
+    widths = {int(layer): {k: tuple(tuple(c) for c in w[k]) for k in KINDS} for layer, w in config["widths"].items()}
+    if set(widths) != set(params):
+        raise ValueError(f"{folder}: the allocation and the bases name different layers; write the codec again")
+    return HeadQuantCodec(params, widths, getattr(torch, config["dtype"]), kernel=kernel)
+
+
 # -- fitting ---------------------------------------------------------------------------------------------------------
 def _candidates(d: int, widths=CLASS_WIDTHS) -> list[tuple]:
     """Every layout the allocator weighs for a head of ``d`` channels: per width of ``widths`` (in falling order) a
@@ -365,13 +429,16 @@ def fit_calibrated(model, tokenizer, compression_ratio: float, **kwargs) -> Head
 
 
 def fit(model, blocks: torch.Tensor, compression_ratio: float, kernel: str = "auto",
-        progress: bool = False, widths: tuple = CLASS_WIDTHS, context: int | None = None) -> HeadQuantCodec:
+        progress: bool = False, widths: tuple = CLASS_WIDTHS, context: int | None = None,
+        element_bytes: int | None = None) -> HeadQuantCodec:
     """Fit the bases and the allocation on calibration ``blocks`` [N, T] (token ids) for a cache keeping
     ``1 - compression_ratio`` of the full cache's bytes (stored codes, scales and zero points), with classes of
     ``widths`` (a subset of :data:`CLASS_WIDTHS`). ``context``: the number of tokens at which the whole cache,
     its exact tokens included (the sinks' copies and the recent tokens short of a block, :func:`exact_tokens`) and
     the room its buffers reserve to grow into (:func:`~echokv.cache.store.spare_room`), holds at most that share of
-    the full cache's stored bytes; None: the coded tokens alone keep it (the rest comes on top)."""
+    the full cache's stored bytes; None: the coded tokens alone keep it (the rest comes on top). ``element_bytes``:
+    of the full cache whose bytes the ratio counts (None: the model's dtype; 2: a 16-bit cache, for a model run in
+    float32)."""
     from ..attention import serves
     from ..models import kv_geometry
     from ..stats.capture import capture
@@ -436,7 +503,7 @@ def fit(model, blocks: torch.Tensor, compression_ratio: float, kernel: str = "au
         energy = float(ct[:, picked].pow(2).sum()) or 1.0
         memo: dict = {}  # a class's error depends on its width and channels only: measured once
         errors[(layer, kind)] = [(w, token_bytes(w, kind), _error(z, w, std, kind, memo) / energy) for w in cands]
-    full = 2 * geo.head_dim * geo.bytes_per_element  # K and V bytes per token and head
+    full = 2 * geo.head_dim * (element_bytes or geo.bytes_per_element)  # K and V bytes per token and head
     chosen = allocate(errors, kept * full / 2 * len(errors))
     widths = {layer: {kind: chosen[(layer, kind)] for kind in KINDS} for layer in layers}
     return HeadQuantCodec(params, widths, next(model.parameters()).dtype, kernel=kernel)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..artifact import ArtifactError, hash_kv_weights, load, read_config
-from ..mixes import Mixes
+from ..codecs import headq
 from ..models import kv_geometry
 
 
@@ -52,10 +52,11 @@ def _checkpoint_kv(folder: Path, num_layers: int):
         yield ts
 
 
-def load_for_engine(artifact, hf_config, model_folder) -> Mixes:
-    """The artifact's :class:`~echokv.mixes.Mixes`, after checking it is one the engine can keep (retained
-    components covering every layer) and made for the served model (geometry and K/V weights of the
-    checkpoint in ``model_folder``). Raises :class:`ServeError` (one line) otherwise.
+def load_for_engine(artifact, hf_config, model_folder):
+    """The artifact's :class:`~echokv.mixes.Mixes` (or an EchoKV-Q codec's :class:`HeadQuantCodec`, a folder
+    :func:`echokv.codecs.headq.save` wrote), after checking it is one the engine can keep (covering every layer) and
+    made for the served model (geometry and K/V weights of the checkpoint in ``model_folder``). Raises
+    :class:`ServeError` (one line) otherwise.
 
     An engine builds its model under the model's default dtype; artifacts are float32, and are checked and loaded
     as such whatever the default."""
@@ -67,10 +68,11 @@ def load_for_engine(artifact, hf_config, model_folder) -> Mixes:
         torch.set_default_dtype(default)
 
 
-def _load_for_engine(artifact, hf_config, model_folder) -> Mixes:
+def _load_for_engine(artifact, hf_config, model_folder):
     path = Path(str(artifact)).expanduser()
+    fast = headq.read_config(path) if path.is_dir() else None
     try:
-        config = read_config(path)
+        config = fast or read_config(path)
     except ArtifactError as exc:
         raise ServeError(str(exc)) from None
     geo = kv_geometry(hf_config).to_dict()
@@ -80,7 +82,7 @@ def _load_for_engine(artifact, hf_config, model_folder) -> Mixes:
             raise ServeError(f"{path} was trained for a model with {key}={want.get(key)}, but the served model has "
                              f"{geo.get(key)} (artifact model: {config['model'].get('name')}); train an artifact "
                              "for this model")
-    layers = config["layout"]["layers"]
+    layers = [int(x) for x in config["widths"]] if fast else config["layout"]["layers"]
     if sorted(layers) != geo["full_attention_layers"]:
         raise ServeError(f"{path} compresses layers {layers} only; the engine keeps one cache layout for every "
                          "layer, so the artifact must compress all of them (train it with the default layers)")
@@ -94,6 +96,6 @@ def _load_for_engine(artifact, hf_config, model_folder) -> Mixes:
         raise ServeError(f"{path} was trained on a different model than {folder} (its K/V projection weights "
                          f"differ; artifact model: {config['model'].get('name')}); train an artifact for this model")
     try:
-        return load(path)
-    except ArtifactError as exc:
+        return headq.load(path) if fast else load(path)
+    except (ArtifactError, ValueError) as exc:
         raise ServeError(str(exc)) from None

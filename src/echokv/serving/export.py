@@ -1,6 +1,7 @@
 """A model echokv loads (the embedded GGUF by default) as a plain safetensors folder that a serving engine loads.
 
     python -m echokv.serving.export OUT [--model smollm2-135m] [--dtype float32]
+    python -m echokv.serving.export OUT --echokv-q 0.5     # EchoKV-Q's codec for the engine, fitted here
 
 transformers 5 keeps GGUF weights packed and will not save them: the model is loaded dequantized (as echokv always
 loads it), its weights are copied into a plain model of the same config, and that is saved. The folder is also
@@ -62,14 +63,37 @@ def export(out, model: str = DEFAULT_MODEL, dtype: str = "float32") -> Path:
     return out
 
 
+def export_codec(out, compression_ratio: float, model: str = DEFAULT_MODEL) -> Path:
+    """Fit EchoKV-Q on the calibration text for ``model`` and write it to the new folder ``out`` (what an engine
+    serving that model takes as ``echokv_artifact``). The ratio is of a 16-bit cache whatever the engine's dtype, as
+    the mix artifacts' rows are (fitted in float32, the allocator would otherwise aim at twice the bytes)."""
+    from ..codecs.headq import fit_calibrated, save
+    from ..util import check_output_dir
+
+    if not 0 < compression_ratio < 1:
+        raise ValueError(f"--echokv-q must be between 0 and 1 (the fraction of the cache removed), got "
+                         f"{compression_ratio}")
+    out = Path(out).expanduser()
+    check_output_dir(out, False, True, flag=None)  # before the model is loaded
+    loaded, tokenizer = load_model(model, dtype="float32")
+    codec = fit_calibrated(loaded, tokenizer, compression_ratio, progress=True, element_bytes=2)
+    return save(codec, out, loaded, compression_ratio)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m echokv.serving.export", description=__doc__.split("\n")[0])
     parser.add_argument("out", help="a new folder")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--dtype", default="float32", help="float32 (serve it with --dtype float32) or bfloat16")
+    parser.add_argument("--echokv-q", type=float, default=None, metavar="RATIO",
+                        help="write EchoKV-Q's codec at this compression ratio (fitted on the calibration text) "
+                             "instead of the model")
     args = parser.parse_args(argv)
     try:
-        print(export(args.out, args.model, args.dtype))
+        if args.echokv_q is not None:
+            print(export_codec(args.out, args.echokv_q, args.model))
+        else:
+            print(export(args.out, args.model, args.dtype))
     except (OSError, ValueError) as exc:
         print(f"echokv export: {exc}", file=sys.stderr)
         return 1

@@ -27,7 +27,12 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
+from ..pages import PageFormat, Pages, Sequence, attend, page_bytes
 from ..rows import KVSerde
+
+#: engine steps after which a sequence's exact tokens are dropped if no request has shown its first page (a finished
+#: request's are dropped sooner: when its first page is seen inside another request's table)
+STALE_STEPS = 4096
 
 
 class GroupState:
@@ -60,6 +65,43 @@ class GroupState:
     def read(self, slots: torch.Tensor) -> torch.Tensor:
         """The rows [1, T, nbytes] stored at ``slots``."""
         return torch.cat([cache[slots] for cache in self.caches()], dim=-1)[None, :, : self.nbytes]
+
+
+class HeadQState:
+    """An engine's EchoKV-Q codec (every layer's pages: :mod:`echokv.serving.pages`) and its sequences' exact
+    tokens (the sinks' copies and the block being filled), keyed by each sequence's first page."""
+
+    def __init__(self, codec, heads: int):
+        self.codec, self.heads = codec, heads
+        self.first = min(codec.widths)
+        self.formats = {layer: PageFormat(w, heads) for layer, w in codec.widths.items()}
+        self.sequences: dict[int, Sequence] = {}
+        self.pages: dict[int, tuple] = {}  # layer -> (its cache tensor, Pages)
+        self.step = 0
+
+    def chunk(self, layer: int, block_size: int) -> int:
+        return page_bytes(self.codec.widths[layer], self.heads, block_size)
+
+    def pages_of(self, layer: int, cache: torch.Tensor) -> Pages:
+        memo = self.pages.get(layer)
+        if memo is None or memo[0] is not cache:
+            memo = self.pages[layer] = (cache, Pages(cache, self.formats[layer]))
+        return memo[1]
+
+    def new_step(self, m) -> None:
+        """Forget the exact tokens of sequences that ended (their first page now serves another request)."""
+        self.step += 1
+        firsts, used = set(), set()
+        bs = next(iter(self.pages.values()))[1].tokens if self.pages else 1
+        for i, t in enumerate(m.seq_lens.tolist()[: m.num_reqs]):
+            row = m.block_table[i, : -(-t // bs)].tolist()
+            firsts.add(row[0])
+            used.update(row[1:])
+        for key in list(self.sequences):
+            if key in firsts:
+                self.sequences[key].step = self.step
+            elif key in used or self.step - self.sequences[key].step > STALE_STEPS:
+                del self.sequences[key]
 
 
 class EchoKVBackend(AttentionBackend):
@@ -130,6 +172,8 @@ class EchoKVImpl(AttentionImpl):
         if attn_metadata is None:  # the profiling run
             return output
         m: EchoKVMetadata = attn_metadata
+        if isinstance(self.state, HeadQState):
+            return self._forward_headq(query, key, value, kv_cache, m, output)
         st, n = self.state, m.num_actual_tokens
         qsl, seq = m.query_start_loc_cpu.tolist(), m.seq_lens.tolist()
         st.pending[self.index] = (key[:n], value[:n])
@@ -156,4 +200,26 @@ class EchoKVImpl(AttentionImpl):
                 q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
                 enable_gqa=self.num_heads > self.num_kv_heads)
             output[q0:q1] = o[0].transpose(0, 1).to(output.dtype)
+        return output
+
+    def _forward_headq(self, query, key, value, kv_cache, m: EchoKVMetadata, output):
+        """EchoKV-Q: each request's coded blocks read in place by the fused kernel (:func:`~echokv.serving.pages.attend`)."""
+        st = self.state
+        pages = st.pages_of(self.layer, kv_cache)
+        if self.layer == st.first:
+            st.new_step(m)
+        qsl, seq = m.query_start_loc_cpu.tolist(), m.seq_lens.tolist()
+        for i in range(m.num_reqs):
+            q0, q1 = qsl[i], qsl[i + 1]
+            if q1 == q0:
+                continue
+            past = seq[i] - (q1 - q0)
+            table = m.block_table[i]
+            first = int(table[0])
+            if past == 0 and self.layer == st.first:
+                st.sequences[first] = Sequence()
+                st.sequences[first].step = st.step
+            out = attend(st.codec, self.layer, pages, st.sequences[first], table, past, query[q0:q1],
+                         key[q0:q1], value[q0:q1], self.scale)
+            output[q0:q1] = out.to(output.dtype)
         return output

@@ -39,8 +39,19 @@ def check(vllm_config):
 class EchoKVVerifyConfig(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
-        mixes = check(vllm_config)
-        layout = mixes.layout
+        loaded = check(vllm_config)
+        artifact = vllm_config.model_config.hf_config.echokv_artifact
+        if not hasattr(loaded, "layout"):  # EchoKV-Q: pages of whole 64-token blocks
+            from ...codecs.headq import TOKEN_BLOCK
+
+            block = vllm_config.cache_config.block_size
+            if block is None or block % TOKEN_BLOCK:
+                refuse(f"EchoKV-Q codes blocks of {TOKEN_BLOCK} tokens: pass --block-size {TOKEN_BLOCK} or a "
+                       f"multiple of it (got {block})")
+            logger.warning("echokv: serving the EchoKV-Q codec %s (fused kernel path: %s)", artifact,
+                           loaded.kernel_path("cpu"))
+            return
+        layout = loaded.layout
         logger.warning("echokv: serving %s: %d groups, kept fraction %.4f of a %d-bit cache",
                        vllm_config.model_config.hf_config.echokv_artifact, len(layout.groups),
                        layout.kept_fraction(), layout.element_bits)

@@ -1,0 +1,112 @@
+"""EchoKV-Q's codes in a serving engine's pages (echokv/serving/pages.py): the bytes round-trip, and a sequence
+read from shuffled pages attends exactly as the codec does on its own store (main environment; no vLLM)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from echokv.codecs.headq import TOKEN_BLOCK, fit, load, save
+from echokv.serving.pages import PageFormat, Pages, Sequence, attend, page_bytes
+from echokv.tiny import tiny_model
+
+LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model("llama", head_dim=32)
+    codec = fit(model, torch.randint(3, 250, (4, 64), generator=torch.Generator().manual_seed(0)), 0.75)
+    return model, codec
+
+
+def _kv(h, t, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, h, t, d, generator=g), torch.randn(1, h, t, d, generator=g)
+
+
+def test_the_page_bytes_are_the_stored_tensors(setup):
+    _, codec = setup
+    h, d = codec.params[LAYER]["k_mean"].shape
+    k, v = _kv(h, 3 * TOKEN_BLOCK, d)
+    stored = codec.encode(codec.groups.index([LAYER]), [k], [v], start=TOKEN_BLOCK)
+    fmt = PageFormat(codec.widths[LAYER], h)
+    packed = fmt.pack(stored)
+    assert packed.shape == (3, fmt.block_bytes)
+    cache = torch.zeros(5, 2 * TOKEN_BLOCK, page_bytes(codec.widths[LAYER], h, 2 * TOKEN_BLOCK), dtype=torch.uint8)
+    pages = Pages(cache, fmt)
+    table = torch.tensor([4, 0])  # the sequence's blocks 0-1 in page 4, block 2 in page 0
+    pages.write(table, 0, packed)
+    back = pages.read(table, 3)
+    assert set(back) == set(stored)
+    for name, t in stored.items():
+        assert torch.equal(back[name], t), name
+    # the codes take what the codec counts, padded to whole rows
+    assert cache[1:4].count_nonzero() == 0
+
+
+def test_page_sizes_are_checked():
+    with pytest.raises(ValueError, match="multiple of EchoKV-Q's block"):
+        page_bytes({"k": ((8, 8),), "v": ((8, 8),)}, 2, 100)
+
+
+def _reference(codec, h, keys, values, q, past, scaling):
+    """What the codec's own store gives for a call of q at positions past.. (the cache's semantics)."""
+    n = q.shape[0]
+    coded = past // TOKEN_BLOCK * TOKEN_BLOCK
+    recent_k, recent_v = keys[:, :, coded : past + n], values[:, :, coded : past + n]
+    qq = q.transpose(0, 1)[None]
+    if coded and n == 1:
+        stored = codec.encode(codec.groups.index([LAYER]), [keys[:, :, :coded]], [values[:, :, :coded]], start=0)
+        return codec._attend(LAYER, stored, qq, recent_k, recent_v, None, scaling)[0]
+    past_k, past_v = keys[:, :, :0], values[:, :, :0]
+    if coded:
+        stored = codec.encode(codec.groups.index([LAYER]), [keys[:, :, :coded]], [values[:, :, :coded]], start=0)
+        past_k, past_v = codec.decode(LAYER, stored)
+    kk, vv = torch.cat([past_k, recent_k], dim=2), torch.cat([past_v, recent_v], dim=2)
+    t = kk.shape[2]
+    mask = torch.arange(t) <= t - n + torch.arange(n)[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scaling, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+def test_a_sequence_in_pages_attends_as_the_codec(setup):
+    _, codec = setup
+    h, d = codec.params[LAYER]["k_mean"].shape
+    hq = 2 * h
+    total = 3 * TOKEN_BLOCK + 30
+    keys, values = _kv(h, total, d, seed=1)
+    qs = torch.randn(total, hq, d, generator=torch.Generator().manual_seed(2))
+    fmt = PageFormat(codec.widths[LAYER], h)
+    cache = torch.zeros(6, 2 * TOKEN_BLOCK, page_bytes(codec.widths[LAYER], h, 2 * TOKEN_BLOCK), dtype=torch.uint8)
+    pages, seq, table = Pages(cache, fmt), Sequence(), torch.tensor([5, 2, 3])
+    scaling = d**-0.5
+    calls = [70, 30, *[1] * 38, 5, *[1] * (total - 143)]  # a prefill, a chunk, decode steps, a few queries
+    assert sum(calls) == total
+    past = 0
+    for n in calls:
+        q = qs[past : past + n]
+        k, v = keys[0, :, past : past + n].transpose(0, 1), values[0, :, past : past + n].transpose(0, 1)
+        out = attend(codec, LAYER, pages, seq, table, past, q, k, v, scaling)
+        want = _reference(codec, h, keys, values, q, past, scaling)
+        if n == 1 or past < TOKEN_BLOCK or n > 16:  # the same kernel or the same rebuild: the same numbers
+            torch.testing.assert_close(out, want, rtol=0, atol=1e-6, msg=f"call at {past}")
+        else:  # a few queries: the kernel's fixed-point read against the rebuild
+            torch.testing.assert_close(out, want, rtol=0, atol=5e-2, msg=f"call at {past}")
+        past += n
+    assert sorted(seq.sinks) == [LAYER] and seq.sinks[LAYER][0].shape[2] == 4
+
+
+def test_a_saved_codec_loads_as_it_was(setup, tmp_path):
+    model, codec = setup
+    save(codec, tmp_path / "q", model, 0.75)
+    back = load(tmp_path / "q")
+    assert back.widths == codec.widths and back.dtype == codec.dtype
+    for layer, p in codec.params.items():
+        for name, t in p.items():
+            assert torch.equal(back.params[layer][name], t)
+    (tmp_path / "q" / "echokv-q.safetensors").write_bytes(b"x" * 10)
+    with pytest.raises(ValueError, match="checksum"):
+        load(tmp_path / "q")
+    with pytest.raises(ValueError, match="holds no EchoKV-Q codec"):
+        load(tmp_path)
