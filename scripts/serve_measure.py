@@ -3,8 +3,12 @@ and throughput, full engine against compressed engine. Main environment; the ser
 
     flock /work/scratch/locks/heavy .venv/bin/python scripts/serve_measure.py ARTIFACT MODEL_FOLDER OUT_FOLDER \
         [--samples 10] [--requests 32]
+    # speed only, stock engine against the compressed one in one run (concurrency 1 / 8 / 32, and where the stock
+    # engine's KV blocks are the limit): OUT_FOLDER/speed.json
+    .venv/bin/python scripts/serve_measure.py --speed ARTIFACT MODEL_FOLDER OUT_FOLDER
 
-MODEL_FOLDER: python -m echokv.serving.export (float32). Writes OUT_FOLDER/serve.json and the server logs.
+MODEL_FOLDER: python -m echokv.serving.export (float32). ARTIFACT: a mix artifact (echokv train) or an EchoKV-Q
+codec (python -m echokv.serving.export OUT --echokv-q 0.5). Writes OUT_FOLDER/serve.json and the server logs.
 """
 
 from __future__ import annotations
@@ -103,9 +107,12 @@ def throughput(srv, tokenizer, n_requests, concurrency=8, prompt_tokens=256, new
     from echokv.data import load_text
 
     words = load_text("evaluation").split()
+    per = 2 * prompt_tokens  # words per prompt (more than enough tokens), wrapping around the text
     prompts = []
     for i in range(n_requests):
-        ids = tokenizer(" ".join(words[i * 400 : (i + 1) * 400]), add_special_tokens=False)["input_ids"]
+        start = i * per % max(1, len(words) - per)
+        ids = tokenizer(" ".join(words[start : start + per]), add_special_tokens=False)["input_ids"]
+        assert len(ids) >= prompt_tokens, "the evaluation text is too short for these prompts"
         prompts.append(ids[:prompt_tokens])
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(concurrency) as pool:
@@ -128,7 +135,54 @@ def too_long(srv, max_model_len):
     return {"error": error, "still_serving": bool(srv.complete("Hello", 4)["token_ids"])}
 
 
+#: the KV-bound case: prompts long enough that the stock engine's 1 GiB (float32) holds about a third of them
+KV_BOUND = {"requests": 32, "concurrency": 32, "prompt_tokens": 2048, "new_tokens": 64}
+
+
+def speed(a) -> int:
+    """Stock engine against the compressed one, the same requests in one run: KV blocks, throughput at
+    concurrency 1 / 8 / 32 (both fit), and where the stock engine's KV blocks are the limit."""
+    from echokv.models import load_model
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _, tokenizer = load_model("smollm2-135m", dtype="float32")
+    result = {"artifact": a.artifact, "block_size": BLOCK_SIZE, "kv_cache_gib": 1, "dtype": "float32"}
+    extra = ["--max-num-batched-tokens", str(CHUNK), "--no-enable-prefix-caching"]
+    for mode in ("stock", "compressed"):
+        args = extra + (serve_args(a.artifact) if mode == "compressed" else [])
+        t1 = time.perf_counter()
+        with Server(a.model_folder, out / f"speed-{mode}.log", args, max_num_seqs=32) as srv:
+            cell = {"startup_seconds": round(time.perf_counter() - t1, 1), "kv_cache_tokens": srv.kv_cache_tokens()}
+            cell["kv_cache_blocks"] = cell["kv_cache_tokens"] // BLOCK_SIZE
+            for c in (1, 8, 32):
+                cell[f"concurrency_{c}"] = throughput(srv, tokenizer, a.requests, concurrency=c)
+                print(mode, c, cell[f"concurrency_{c}"], flush=True)
+            cell["kv_bound"] = throughput(srv, tokenizer, **KV_BOUND)
+            print(mode, "kv-bound", cell["kv_bound"], flush=True)
+        result[mode] = cell
+    st, co = result["stock"], result["compressed"]
+    result["compressed_vs_stock_blocks"] = round(co["kv_cache_blocks"] / st["kv_cache_blocks"], 3)
+    for c in (1, 8, 32):
+        result[f"compressed_vs_stock_throughput_c{c}"] = round(
+            co[f"concurrency_{c}"]["requests_per_s"] / st[f"concurrency_{c}"]["requests_per_s"], 3)
+    result["compressed_vs_stock_throughput"] = result["compressed_vs_stock_throughput_c8"]
+    result["compressed_vs_stock_throughput_kv_bound"] = round(
+        co["kv_bound"]["requests_per_s"] / st["kv_bound"]["requests_per_s"], 3)
+    (out / "speed.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k.startswith("compressed_vs")}))
+    return 0
+
+
 def main() -> int:
+    if "--speed" in sys.argv:
+        p = argparse.ArgumentParser()
+        p.add_argument("--speed", action="store_true")
+        p.add_argument("artifact")
+        p.add_argument("model_folder")
+        p.add_argument("out")
+        p.add_argument("--requests", type=int, default=32)
+        return speed(p.parse_args())
     p = argparse.ArgumentParser()
     p.add_argument("artifact")
     p.add_argument("model_folder")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from echokv.codecs.headq import TOKEN_BLOCK, fit, load, save
-from echokv.serving.pages import PageFormat, Pages, Sequence, attend, page_bytes
+from echokv.codecs.headq import TOKEN_BLOCK, fit, load, save, token_bytes
+from echokv.serving.pages import PageFormat, Pages, Sequence, attend, decode, page_bytes
 from echokv.tiny import tiny_model
 
 LAYER = 1
@@ -32,7 +32,7 @@ def test_the_page_bytes_are_the_stored_tensors(setup):
     stored = codec.encode(codec.groups.index([LAYER]), [k], [v], start=TOKEN_BLOCK)
     fmt = PageFormat(codec.widths[LAYER], h)
     packed = fmt.pack(stored)
-    assert packed.shape == (3, fmt.block_bytes)
+    assert packed.shape == (3, fmt.block_bytes) and fmt.block_bytes % (2 * TOKEN_BLOCK) == 0
     cache = torch.zeros(5, 2 * TOKEN_BLOCK, page_bytes(codec.widths[LAYER], h, 2 * TOKEN_BLOCK), dtype=torch.uint8)
     pages = Pages(cache, fmt)
     table = torch.tensor([4, 0])  # the sequence's blocks 0-1 in page 4, block 2 in page 0
@@ -41,8 +41,10 @@ def test_the_page_bytes_are_the_stored_tensors(setup):
     assert set(back) == set(stored)
     for name, t in stored.items():
         assert torch.equal(back[name], t), name
-    # the codes take what the codec counts, padded to whole rows
-    assert cache[1:4].count_nonzero() == 0
+    assert cache[1:4].count_nonzero() == 0 and cache[0, TOKEN_BLOCK:].count_nonzero() == 0
+    # the bytes are what the codec counts, padded to an even number per token
+    counted = sum(token_bytes(codec.widths[LAYER][kind], kind) for kind in ("k", "v")) * h
+    assert counted <= fmt.block_bytes / TOKEN_BLOCK < counted + 2
 
 
 def test_page_sizes_are_checked():
@@ -79,7 +81,7 @@ def test_a_sequence_in_pages_attends_as_the_codec(setup):
     qs = torch.randn(total, hq, d, generator=torch.Generator().manual_seed(2))
     fmt = PageFormat(codec.widths[LAYER], h)
     cache = torch.zeros(6, 2 * TOKEN_BLOCK, page_bytes(codec.widths[LAYER], h, 2 * TOKEN_BLOCK), dtype=torch.uint8)
-    pages, seq, table = Pages(cache, fmt), Sequence(), torch.tensor([5, 2, 3])
+    pages, seq, table = Pages(cache, fmt), Sequence(3), torch.tensor([5, 2, 3])
     scaling = d**-0.5
     calls = [70, 30, *[1] * 38, 5, *[1] * (total - 143)]  # a prefill, a chunk, decode steps, a few queries
     assert sum(calls) == total
@@ -94,7 +96,34 @@ def test_a_sequence_in_pages_attends_as_the_codec(setup):
         else:  # a few queries: the kernel's fixed-point read against the rebuild
             torch.testing.assert_close(out, want, rtol=0, atol=5e-2, msg=f"call at {past}")
         past += n
-    assert sorted(seq.sinks) == [LAYER] and seq.sinks[LAYER][0].shape[2] == 4
+    torch.testing.assert_close(pages.exact.sink_k[3], keys[0, :, :4])  # the sinks, exact
+
+
+def test_a_batch_of_decode_steps_is_each_sequences_own(setup):
+    _, codec = setup
+    h, d = codec.params[LAYER]["k_mean"].shape
+    hq, scaling = 2 * h, d**-0.5
+    lengths = [TOKEN_BLOCK + 3, 3 * TOKEN_BLOCK - 2, 2 * TOKEN_BLOCK + 40]  # one completes a block after 2 steps
+    g = torch.Generator().manual_seed(3)
+    chunk = page_bytes(codec.widths[LAYER], h, 2 * TOKEN_BLOCK)
+    fmt = PageFormat(codec.widths[LAYER], h)
+    # two engines holding the same sequences in different pages: one steps them together, one alone
+    together, alone = (Pages(torch.zeros(8, 2 * TOKEN_BLOCK, chunk, dtype=torch.uint8), fmt) for _ in range(2))
+    tables = [torch.tensor([0, 5]), torch.tensor([3, 1]), torch.tensor([7, 2])]
+    seqs = {"together": [Sequence(i) for i in (2, 0, 9)], "alone": [Sequence(i) for i in range(3)]}
+    for i, t in enumerate(lengths):
+        q, k, v = torch.randn(t, hq, d, generator=g), torch.randn(t, h, d, generator=g), torch.randn(t, h, d, generator=g)
+        for pages, key in ((together, "together"), (alone, "alone")):
+            attend(codec, LAYER, pages, seqs[key][i], tables[i], 0, q, k, v, scaling)
+    for step in range(4):
+        q, k, v = torch.randn(3, hq, d, generator=g), torch.randn(3, h, d, generator=g), torch.randn(3, h, d, generator=g)
+        pasts = [t + step for t in lengths]
+        out = decode(codec, LAYER, together, seqs["together"], tables, pasts, q, k, v, scaling)
+        for i in range(3):
+            own = attend(codec, LAYER, alone, seqs["alone"][i], tables[i], pasts[i], q[i : i + 1], k[i : i + 1],
+                         v[i : i + 1], scaling)
+            torch.testing.assert_close(out[i : i + 1], own, rtol=0, atol=1e-5, msg=f"step {step}, sequence {i}")
+    assert torch.equal(together.cache, alone.cache)  # the block completed in the batch was coded the same
 
 
 def test_a_saved_codec_loads_as_it_was(setup, tmp_path):

@@ -240,17 +240,20 @@ def quantize(z: torch.Tensor, width: int, per_channel: bool, skip: int = 0, cpp:
 def attend_step(q: torch.Tensor, scaling: float, k_basis: torch.Tensor, k_mean: torch.Tensor, args: tuple,
                 mask: torch.Tensor | None, sink_k: torch.Tensor | None, sink_v: torch.Tensor | None,
                 exact_k: torch.Tensor, exact_v: torch.Tensor, exact_mask: torch.Tensor | None, v_dec: torch.Tensor,
-                v_mean: torch.Tensor) -> torch.Tensor:
+                v_mean: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step in one C++ call (the caller resolved the path to "cpp"): out [B, H, R, d] in q's dtype, the
     same as :func:`attend_merged_prepared` on ``q_basis = (q * scaling) @ k_basis``, ``q_exact = q * scaling``,
     ``mean_score = q_exact . k_mean`` and the exact tokens ``cat([sink_k, exact_k])`` (likewise for values, in that
     order for ``exact_mask``), without those tensors being built in PyTorch. q [B, H, R, d] (any float dtype,
     contiguous in the last dimension); k_basis [H, d, n_k], k_mean, v_mean [H, d], v_dec [H, n_v, d] float32
-    contiguous; sinks None or [B, H, Ts, d]."""
+    contiguous; sinks None or [B, H, Ts, d]. ``table`` int64 [B, blocks]: the stored tensors are pages of blocks
+    (codes [P, H, 64, *], per-channel scales [P, H, 1, n], per-token ones [P, H, 64]) and row b's j-th block of 64
+    tokens is block ``table[b, j]`` (a serving engine's layout, :mod:`echokv.serving.pages`; ``mask`` [B, 64 blocks])."""
     from . import cpu
 
     return cpu.load().attend_step(q, scaling, k_basis, k_mean, *args, mask, _NONE if sink_k is None else sink_k,
-                                  _NONE if sink_v is None else sink_v, exact_k, exact_v, exact_mask, v_dec, v_mean)
+                                  _NONE if sink_v is None else sink_v, exact_k, exact_v, exact_mask, v_dec, v_mean,
+                                  table=table)
 
 
 def attend_merged(q_basis: torch.Tensor, q_exact: torch.Tensor, mean_score: torch.Tensor, k_store: dict,

@@ -14,7 +14,7 @@ import torch
 
 from .. import kernels
 from ..cache.layers import FAST_MAX_QUERIES
-from ..codecs.headq import KINDS, TOKEN_BLOCK, HeadQuantCodec
+from ..codecs.headq import KINDS, SINK_TOKENS, TOKEN_BLOCK, HeadQuantCodec
 
 
 class PageFormat:
@@ -45,81 +45,128 @@ class PageFormat:
                         self.row.append((name + part, row, 1, torch.float16))
                         row += 2 * heads
         self.row_bytes = row + row % 2
-        self.block_bytes = TOKEN_BLOCK * self.row_bytes + tail
+        # a whole number of even bytes per token, so that an engine page is its blocks back to back, and block j of
+        # the cache sits at j * block_bytes (the kernel's block table indexes them)
+        self.block_bytes = -(-(TOKEN_BLOCK * self.row_bytes + tail) // (2 * TOKEN_BLOCK)) * 2 * TOKEN_BLOCK
 
     def pack(self, stored: dict) -> torch.Tensor:
         """uint8 [blocks, block_bytes] from :meth:`HeadQuantCodec.encode`'s tensors of whole blocks (batch 1)."""
         t = next(x for name, x in stored.items() if not name.startswith("sink")).shape[2]
         blocks = t // TOKEN_BLOCK
-        rows = torch.zeros(t, self.row_bytes, dtype=torch.uint8)
-        for name, off, k, dtype in self.row:
+        out = torch.zeros(blocks, self.block_bytes, dtype=torch.uint8)
+        rows = out[:, : TOKEN_BLOCK * self.row_bytes].view(blocks, TOKEN_BLOCK, self.row_bytes)
+        for name, off, k, _ in self.row:
             x = stored[name][0].reshape(self.heads, t, k).transpose(0, 1).contiguous()  # [T, H, k]
-            rows[:, off : off + self.heads * k * x.element_size()] = x.view(torch.uint8).reshape(t, -1)
-        out = [rows.view(blocks, -1)]
-        for name, _, k, _ in self.block:
-            out.append(stored[name][0].transpose(0, 1).contiguous().view(torch.uint8).reshape(blocks, -1))
-        return torch.cat(out, dim=1)
+            rows[..., off : off + self.heads * k * x.element_size()] = x.view(torch.uint8).reshape(
+                blocks, TOKEN_BLOCK, -1)
+        tails = out[:, TOKEN_BLOCK * self.row_bytes :]
+        for name, off, k, _ in self.block:
+            tails[:, off : off + 2 * self.heads * k] = stored[name][0].transpose(0, 1).contiguous().view(
+                torch.uint8).reshape(blocks, -1)
+        return out
 
-    def stored(self, tokens: torch.Tensor, tails: torch.Tensor) -> dict:
-        """The codec's stored tensors (batch 1, as :meth:`HeadQuantCodec.encode` names and shapes them) as views of
-        gathered ``tokens`` uint8 [T, row_bytes] and ``tails`` [blocks, block_bytes - 64 row_bytes]."""
-        out = {}
-        t, h = tokens.shape[0], self.heads
+    def blocks(self, cache: torch.Tensor) -> dict:
+        """The stored tensors of every block of ``cache`` (uint8, ``block_bytes`` per block, contiguous), as views,
+        block-major: codes [P, H, 64, *], values' scales and zeros [P, H, 64, 1], keys' [P, H, 1, n]."""
+        flat = cache.view(-1, self.block_bytes)
+        rows = flat[:, : TOKEN_BLOCK * self.row_bytes].view(-1, TOKEN_BLOCK, self.row_bytes)
+        tails = flat[:, TOKEN_BLOCK * self.row_bytes :]
+        h, out = self.heads, {}
         for name, off, k, dtype in self.row:
             size = 2 if dtype == torch.float16 else 1
-            out[name] = tokens[:, off : off + h * k * size].view(dtype).view(t, h, k).transpose(0, 1)[None]
+            x = rows[..., off : off + h * k * size].view(dtype)
+            out[name] = x.view(-1, TOKEN_BLOCK, h, k).transpose(1, 2)
         for name, off, k, _ in self.block:
-            out[name] = tails[:, off : off + 2 * h * k].view(torch.float16).view(-1, h, k).transpose(0, 1)[None]
+            out[name] = tails[:, off : off + 2 * h * k].view(torch.float16).view(-1, h, 1, k)
         return out
 
 
+def gathered(blocks: dict, index: torch.Tensor) -> dict:
+    """The blocks ``index`` of :meth:`PageFormat.blocks` as one sequence, in the codec's batch-1 layout (a copy)."""
+    out = {}
+    for name, t in blocks.items():
+        x = t[index]  # [n, H, 64 or 1, *]
+        out[name] = x.transpose(0, 1).reshape(1, x.shape[1], -1, x.shape[3])  # [1, H, n * 64 (keys' scales: n), *]
+    return out
+
+
 class Pages:
-    """One layer's engine cache ``[pages, tokens, chunk]`` uint8 seen as blocks of ``fmt``."""
+    """One layer's engine cache ``[pages, tokens, chunk]`` uint8 (:func:`page_bytes` per token) seen as blocks of
+    ``fmt``: block ``page * tokens / 64 + j`` is the page's j-th. Beside it, :class:`Exact`: the layer's exact
+    tokens of every sequence."""
 
     def __init__(self, cache: torch.Tensor, fmt: PageFormat):
-        pages, self.tokens = cache.shape[0], cache.shape[1]
+        self.tokens = cache.shape[1]
         self.per_page = self.tokens // TOKEN_BLOCK
-        flat = cache.view(pages, -1)[:, : self.per_page * fmt.block_bytes].view(pages, self.per_page, -1)
-        split = TOKEN_BLOCK * fmt.row_bytes
-        self.fmt, self.rows, self.tails = fmt, flat[..., :split], flat[..., split:]
+        self.fmt, self.cache = fmt, cache.view(-1, fmt.block_bytes)
+        self.blocks = fmt.blocks(cache)
+        self.exact = Exact()
+        self.args = None  # the kernel's class arguments over self.blocks (built on first use)
 
-    def where(self, block_table: torch.Tensor, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(page, slot in page) of a sequence's blocks ``first .. first + count``."""
+    def index(self, block_table: torch.Tensor, first: int, count: int) -> torch.Tensor:
+        """The block numbers of a sequence's blocks ``first .. first + count`` (int64)."""
         j = torch.arange(first, first + count)
-        return block_table[j // self.per_page].long(), j % self.per_page
+        return block_table[j // self.per_page].long() * self.per_page + j % self.per_page
 
     def write(self, block_table: torch.Tensor, first: int, packed: torch.Tensor) -> None:
-        page, slot = self.where(block_table, first, packed.shape[0])
-        split = self.rows.shape[-1]
-        self.rows[page, slot] = packed[:, :split]
-        self.tails[page, slot] = packed[:, split:]
+        self.cache[self.index(block_table, first, packed.shape[0])] = packed
 
     def read(self, block_table: torch.Tensor, count: int) -> dict:
-        """The stored tensors of a sequence's first ``count`` blocks (one gather of their bytes)."""
-        page, slot = self.where(block_table, 0, count)
-        tokens = self.rows[page, slot].view(count * TOKEN_BLOCK, -1)
-        return self.fmt.stored(tokens, self.tails[page, slot])
+        """The stored tensors of a sequence's first ``count`` blocks (a copy, the codec's layout)."""
+        return gathered(self.blocks, self.index(block_table, 0, count))
+
+
+class Exact:
+    """One layer's exact tokens of every sequence, by slot: the block being filled (fewer than 64 tokens,
+    ``fill_k/fill_v`` [S, H, 64, d]) and the sinks' copies (``sink_k/sink_v`` [S, H, sinks, d], kept when the first
+    block is coded). One tensor per kind, so that a decode step gathers a batch's in one call."""
+
+    def __init__(self):
+        self.fill_k = self.fill_v = self.sink_k = self.sink_v = None
+
+    def reserve(self, slot: int, like: torch.Tensor, sinks: int = SINK_TOKENS) -> None:
+        """Room for ``slot`` (its tensors shaped and typed like ``like`` [*, H, *, d])."""
+        if self.fill_k is not None and slot < self.fill_k.shape[0]:
+            return
+        n = max(2 * slot, 8)
+        h, d = like.shape[1], like.shape[-1]
+        grown = [like.new_zeros(n, h, t, d) for t in (TOKEN_BLOCK, TOKEN_BLOCK, sinks, sinks)]
+        if self.fill_k is not None:
+            for new, old in zip(grown, (self.fill_k, self.fill_v, self.sink_k, self.sink_v)):
+                new[: old.shape[0]] = old
+        self.fill_k, self.fill_v, self.sink_k, self.sink_v = grown
 
 
 def page_bytes(widths: dict, heads: int, tokens: int) -> int:
-    """Bytes per token of an engine page of ``tokens`` tokens (a multiple of the block), even (vLLM's specs count
-    K and V halves)."""
+    """Bytes per token of an engine page of ``tokens`` tokens (a multiple of the block): its blocks back to back."""
     if tokens % TOKEN_BLOCK:
         raise ValueError(f"the engine's block size ({tokens}) must be a multiple of EchoKV-Q's block of "
                          f"{TOKEN_BLOCK} tokens: pass --block-size {TOKEN_BLOCK * max(1, tokens // TOKEN_BLOCK)}")
-    need = tokens // TOKEN_BLOCK * PageFormat(widths, heads).block_bytes
-    per = -(-need // tokens)
-    return per + per % 2
+    return PageFormat(widths, heads).block_bytes // TOKEN_BLOCK
 
 
 class Sequence:
-    """One sequence's exact tokens beside its pages, per layer: the sinks' copies (kept when its first block is
-    coded) and the block being filled (fewer than 64 tokens)."""
+    """One sequence of an engine: its slot in every layer's :class:`Exact`."""
 
-    def __init__(self):
-        self.sinks: dict[int, tuple] = {}
-        self.filling: dict[int, tuple] = {}
+    def __init__(self, slot: int):
+        self.slot = slot
         self.step = 0  # the engine step that last touched it
+
+
+def _kernel_args(codec: HeadQuantCodec, layer: int, pages: Pages) -> tuple:
+    """The kernel's class arguments over every block of ``pages`` (built once per cache tensor)."""
+    if pages.args is None:
+        w = codec.widths[layer]
+        pages.args = kernels.prepared(codec._classes(pages.blocks, "k"), codec._classes(pages.blocks, "v"), w["k"],
+                                      w["v"])
+    return pages.args
+
+
+def _fused(codec, layer, pages, rows, table, codes, sink_k, sink_v, exact_k, exact_v, mask, scaling):
+    ku, _, vu, _ = codec._read(layer, rows.device)
+    k_mean, v_mean = codec._step_read(layer, rows.device)
+    return kernels.attend_step(rows, scaling, ku, k_mean, _kernel_args(codec, layer, pages), codes, sink_k, sink_v,
+                               exact_k, exact_v, mask, vu, v_mean, table=table)
 
 
 def attend(codec: HeadQuantCodec, layer: int, pages: Pages, seq: Sequence, block_table: torch.Tensor, past: int,
@@ -127,19 +174,18 @@ def attend(codec: HeadQuantCodec, layer: int, pages: Pages, seq: Sequence, block
     """One sequence's attention in ``layer`` for this call's tokens (positions ``past ..``; q [n, Hq, d], k/v
     [n, H, d]) over its coded blocks, its exact tokens and these, as echokv's own cache reads them (exact within
     a call, blocks coded after it); then these tokens are stored: whole blocks coded into ``pages``, the rest kept
-    exact in ``seq``. Returns [n, Hq, d]."""
+    exact in ``pages.exact``. Returns [n, Hq, d]."""
     n, hq, d = q.shape
     h = k.shape[1]
     coded, keep = divmod(past, TOKEN_BLOCK)
+    ex, i = pages.exact, seq.slot
     new_k, new_v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, H, n, d]
+    ex.reserve(i, new_k)
     if keep:
-        fk, fv = seq.filling[layer]
-        new_k, new_v = torch.cat([fk[:, :, :keep], new_k], dim=2), torch.cat([fv[:, :, :keep], new_v], dim=2)
+        new_k = torch.cat([ex.fill_k[i : i + 1, :, :keep], new_k], dim=2)
+        new_v = torch.cat([ex.fill_v[i : i + 1, :, :keep], new_v], dim=2)
     if coded and n <= FAST_MAX_QUERIES and codec._path_on(q.device) == "cpp":  # the fused kernel, pages in place
-        stored = pages.read(block_table, coded)
-        sink_k, sink_v = seq.sinks[layer]
-        w = codec.widths[layer]
-        args = kernels.prepared(codec._classes(stored, "k"), codec._classes(stored, "v"), w["k"], w["v"])
+        sink_k, sink_v = ex.sink_k[i : i + 1], ex.sink_v[i : i + 1]
         codes = torch.ones(1, coded * TOKEN_BLOCK, dtype=torch.bool)
         codes[:, : sink_k.shape[2]] = False  # the sinks' exact copies are read instead
         rep = hq // h
@@ -148,16 +194,14 @@ def attend(codec: HeadQuantCodec, layer: int, pages: Pages, seq: Sequence, block
         if n > 1:  # row (r, t) sees the sinks, the block being filled and this call's tokens up to t
             te = sink_k.shape[2] + keep + n
             mask = (torch.arange(te) <= te - n + torch.arange(n)[:, None]).repeat(rep, 1)[None]
-        ku, _, vu, _ = codec._read(layer, q.device)
-        k_mean, v_mean = codec._step_read(layer, q.device)
-        out = kernels.attend_step(rows, scaling, ku, k_mean, args, codes, sink_k, sink_v, new_k, new_v, mask, vu,
-                                  v_mean)
+        out = _fused(codec, layer, pages, rows, pages.index(block_table, 0, coded)[None], codes, sink_k, sink_v,
+                     new_k, new_v, mask, scaling)
         out = out[0].view(h, rep, n, d).permute(2, 0, 1, 3).reshape(n, hq, d)
     else:  # no coded block yet, or a prefill chunk: the coded blocks rebuilt (the explicit path), then SDPA
         keys, values = new_k, new_v
         if coded:
             stored = pages.read(block_table, coded)
-            stored["sink.k"], stored["sink.v"] = seq.sinks[layer]
+            stored["sink.k"], stored["sink.v"] = ex.sink_k[i : i + 1], ex.sink_v[i : i + 1]
             past_k, past_v = codec.decode(layer, stored)
             keys, values = torch.cat([past_k.to(k.dtype), keys], dim=2), torch.cat([past_v.to(v.dtype), values], dim=2)
         t = keys.shape[2]
@@ -170,12 +214,53 @@ def attend(codec: HeadQuantCodec, layer: int, pages: Pages, seq: Sequence, block
         stored = codec.encode(codec.groups.index([layer]), [new_k[:, :, :full]], [new_v[:, :, :full]],
                               start=coded * TOKEN_BLOCK)
         if not coded:
-            seq.sinks[layer] = (stored.pop("sink.k"), stored.pop("sink.v"))
+            sink_k, sink_v = stored.pop("sink.k"), stored.pop("sink.v")
+            ex.sink_k[i, :, : sink_k.shape[2]], ex.sink_v[i, :, : sink_v.shape[2]] = sink_k[0], sink_v[0]
         pages.write(block_table, coded, pages.fmt.pack(stored))
     rest = new_k.shape[2] - full
     if rest:
-        if layer not in seq.filling:
-            seq.filling[layer] = (new_k.new_empty(1, h, TOKEN_BLOCK, d), new_v.new_empty(1, h, TOKEN_BLOCK, d))
-        fk, fv = seq.filling[layer]
-        fk[:, :, :rest], fv[:, :, :rest] = new_k[:, :, full:], new_v[:, :, full:]
+        ex.fill_k[i, :, :rest], ex.fill_v[i, :, :rest] = new_k[0, :, full:], new_v[0, :, full:]
     return out
+
+
+def batch_blocks(pages: Pages, tables: list[torch.Tensor], coded: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's block table [B, max coded] (int64) and its coded tokens' mask [B, 64 max coded] (the sinks' codes
+    masked: their exact copies are read). The same for every layer of one engine step."""
+    b, most = len(tables), max(coded)
+    table = torch.zeros(b, most, dtype=torch.long)
+    codes = torch.zeros(b, most * TOKEN_BLOCK, dtype=torch.bool)
+    for i, t in enumerate(tables):
+        table[i, : coded[i]] = pages.index(t, 0, coded[i])
+        codes[i, SINK_TOKENS : coded[i] * TOKEN_BLOCK] = True
+    return table, codes
+
+
+def decode(codec: HeadQuantCodec, layer: int, pages: Pages, seqs: list[Sequence], tables: list[torch.Tensor],
+           pasts: list[int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+           blocks: tuple | None = None) -> torch.Tensor:
+    """One decode step of several sequences, each with a coded block (``pasts`` >= 64), in one call of the fused
+    kernel (their blocks through a block table; q [B, Hq, d], k/v [B, H, d], one token each); the same as
+    :func:`attend` per sequence. ``blocks``: :func:`batch_blocks` of the batch (computed here if None). Returns
+    [B, Hq, d]."""
+    b, hq, d = q.shape
+    h = k.shape[1]
+    keep = [p % TOKEN_BLOCK for p in pasts]
+    table, codes = blocks or batch_blocks(pages, tables, [p // TOKEN_BLOCK for p in pasts])
+    ex = pages.exact
+    slots = torch.tensor([s.slot for s in seqs])
+    ex.reserve(max(s.slot for s in seqs), k[:, :, None])
+    at = torch.tensor(keep)
+    ex.fill_k[slots, :, at], ex.fill_v[slots, :, at] = k, v
+    te = max(keep) + 1
+    mask = None  # (every row sees all its exact tokens: no mask, as the cache's own step passes none)
+    if min(keep) + 1 < te:
+        mask = torch.cat([torch.ones(b, SINK_TOKENS, dtype=torch.bool), torch.arange(te) <= at[:, None]], dim=1)
+    out = _fused(codec, layer, pages, q.view(b, h, hq // h, d), table, codes, ex.sink_k[slots], ex.sink_v[slots],
+                 ex.fill_k[slots, :, :te], ex.fill_v[slots, :, :te], mask, scaling)
+    for i, seq in enumerate(seqs):
+        if keep[i] == TOKEN_BLOCK - 1:  # the block is complete: coded into the pages
+            j = seq.slot
+            stored = codec.encode(codec.groups.index([layer]), [ex.fill_k[j : j + 1]], [ex.fill_v[j : j + 1]],
+                                  start=pasts[i] - keep[i])
+            pages.write(tables[i], pasts[i] // TOKEN_BLOCK, pages.fmt.pack(stored))
+    return out.view(b, hq, d)

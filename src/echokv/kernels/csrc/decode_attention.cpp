@@ -1452,18 +1452,38 @@ struct Partials {
 // The split, online-softmax pass over the stored tokens (the arguments of attend below).
 Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_tensors,
                          const std::vector<int64_t>& k_meta, const std::vector<at::Tensor>& v_tensors,
-                         const std::vector<int64_t>& v_meta, const std::optional<at::Tensor>& mask, int64_t splits) {
+                         const std::vector<int64_t>& v_meta, const std::optional<at::Tensor>& mask, int64_t splits,
+                         const std::optional<at::Tensor>& table = std::nullopt) {
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(),
               "echokv attend: q must be a contiguous float32 [B, H, R, d] tensor");
   TORCH_CHECK(q.device().is_cpu(), "echokv attend: the C++ kernel runs on CPU tensors");
   const int64_t B = q.size(0), H = q.size(1), R = q.size(2), dq = q.size(3);
-  const int64_t T = infer_t(k_tensors, k_meta, infer_t(v_tensors, v_meta, -1));
+  int64_t T = infer_t(k_tensors, k_meta, infer_t(v_tensors, v_meta, -1));
   TORCH_CHECK(T >= 0, "echokv attend: no stored class to attend over");
-  std::vector<Cls> vc = parse_classes(v_tensors, v_meta, B, H, T, "value");
+  // Paged (a serving engine's pages): the stored tensors hold blocks of BT tokens, [P, H, BT, *] (per-channel
+  // scales [P, H, 1, n]), and row b's block j is block table[b, j] of them.
+  const int64_t* tp = nullptr;
+  int64_t tstride = 0, SB = B;
+  if (table.has_value() && table->defined()) {
+    TORCH_CHECK(table->dim() == 2 && table->size(0) == B && table->scalar_type() == at::kLong &&
+                    table->stride(1) == 1 && table->device().is_cpu(),
+                "echokv attend: table must be int64 [B, blocks] = [", B, ", blocks], got ", table->sizes());
+    TORCH_CHECK(T == BT, "echokv attend: paged classes hold blocks of ", BT, " tokens, got ", T);
+    for (size_t i = 0; i < k_meta.size() / 2; ++i)
+      if (k_meta[2 * i + 1] > 0) SB = k_tensors[3 * i].size(0);
+    tp = table->data_ptr<int64_t>();
+    tstride = table->stride(0);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < table->size(1); ++j)
+        TORCH_CHECK(tp[b * tstride + j] >= 0 && tp[b * tstride + j] < SB, "echokv attend: table entry ",
+                    tp[b * tstride + j], " is not one of the ", SB, " stored blocks");
+  }
+  std::vector<Cls> vc = parse_classes(v_tensors, v_meta, SB, H, T, "value");
 #ifdef ECHOKV_INT_VALUES
   for (Cls& c : vc) c.ints = c.width != 16;  // summed with 16-bit fixed-point weights, in channel order
 #endif
-  std::vector<Cls> kc = parse_classes(k_tensors, k_meta, B, H, T, "key");
+  std::vector<Cls> kc = parse_classes(k_tensors, k_meta, SB, H, T, "key");
+  if (tp) T = table->size(1) * BT;
   const int kept_k = kc.empty() ? 0 : kc.back().off + kc.back().n;
   const int nv = vc.empty() ? 0 : vc.back().off + vc.back().n;
   // Key classes scored on their integer codes (VNNI, AVX2) leave the float scratch layout; the others are packed in it.
@@ -1573,6 +1593,8 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
       for (int64_t blk = blk0; blk < blk1; ++blk) {
         const int64_t t0 = blk * BT;
         const int nt = static_cast<int>(std::min<int64_t>(BT, T - t0));
+        // the stored tensors' (batch, token) of this block: paged, its own block of BT tokens
+        const int64_t pb = tp ? tp[b * tstride + blk] : b, pt = tp ? 0 : t0;
         bool any = true, all = true;
         if (mp) {
           visibility(mp + b * mb + t0 * mt, mt, nt, vis.data(), any, all);
@@ -1588,18 +1610,18 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
         for (const Cls& c : kc) {
           if (c.ints) continue;
           if (c.chan) {
-            load_sz_chan(c, b, h, t0, sbuf.data(), zbuf.data());
+            load_sz_chan(c, pb, h, pt, sbuf.data(), zbuf.data());
             for (int64_t r = 0; r < R; ++r) {
               float* qb = qblk.data() + r * kpad + c.foff;
               bias[r] += scale_query(qb, sbuf.data(), zbuf.data(), c.n);
             }
             Cls bare = c;
             bare.chan = false;
-            widen_block(bare, c.tok(b, h, t0), c.dt, nt, ones.data(), zeros.data(), kbuf.data(), kpad);
+            widen_block(bare, c.tok(pb, h, pt), c.dt, nt, ones.data(), zeros.data(), kbuf.data(), kpad);
             continue;
           }
-          if (c.width != 16) load_sz(c, b, h, t0, nt, sbuf.data(), zbuf.data());
-          widen_block(c, c.tok(b, h, t0), c.dt, nt, sbuf.data(), zbuf.data(), kbuf.data(), kpad);
+          if (c.width != 16) load_sz(c, pb, h, pt, nt, sbuf.data(), zbuf.data());
+          widen_block(c, c.tok(pb, h, pt), c.dt, nt, sbuf.data(), zbuf.data(), kbuf.data(), kpad);
         }
         for (int64_t r = 0; r < R; ++r) {
           float* sr = sc.data() + r * BT;
@@ -1612,8 +1634,8 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
         if (!gk.empty()) {
           for (int ci : gk) {
             const Cls& c = kc[ci];
-            widen16(c, c.tok(b, h, t0), c.dt, nt, kb16.data() + c.loff, 32 * gvec + ROWPAD);
-            load_sz_nat(c, b, h, t0, isb.data() + c.off, izb.data() + c.off);
+            widen16(c, c.tok(pb, h, pt), c.dt, nt, kb16.data() + c.loff, 32 * gvec + ROWPAD);
+            load_sz_nat(c, pb, h, pt, isb.data() + c.off, izb.data() + c.off);
           }
           for (int64_t r = 0; r < R; ++r) {
             const float* qr = qp + ((b * H + h) * R + r) * dq;
@@ -1632,8 +1654,8 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
         }
         for (size_t j = 0; j < ik.size(); ++j) {
           const Cls& c = kc[ik[j]];
-          widen16(c, c.tok(b, h, t0), c.dt, nt, kb16.data(), 32 * c.nvec + ROWPAD);
-          load_sz(c, b, h, t0, nt, isb.data(), izb.data());
+          widen16(c, c.tok(pb, h, pt), c.dt, nt, kb16.data(), 32 * c.nvec + ROWPAD);
+          load_sz(c, pb, h, pt, nt, isb.data(), izb.data());
           for (int64_t r = 0; r < R; ++r) {
             const size_t at = r * ik.size() + j;
             dots16(kb16.data(), q16.data() + at * tlanes, c.nvec, nt, idots.data(), 32 * c.nvec + ROWPAD);
@@ -1670,7 +1692,7 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
           const Cls& c = vc[ci];
           const float* wp = p.data();
           if (c.width != 16) {
-            load_sz(c, b, h, t0, nt, sbuf.data(), zbuf.data());
+            load_sz(c, pb, h, pt, nt, sbuf.data(), zbuf.data());
             for (int64_t r = 0; r < R; ++r)
               zacc[r * vc.size() + ci] += value_weights(p.data() + r * BT, sbuf.data(), zbuf.data(), nt,
                                                         w.data() + r * BT);
@@ -1678,20 +1700,20 @@ Partials stored_partials(const at::Tensor& q, const std::vector<at::Tensor>& k_t
             if (c.ints) {
               for (int64_t r = 0; r < R; ++r) wstep[r] = weights16(w.data() + r * BT, nt, w16.data() + r * BT);
               if (c.width == 8)
-                vacc16<8>(c, c.tok(b, h, t0), c.dt, nt, static_cast<int>(R), w16.data(), wstep.data(),
+                vacc16<8>(c, c.tok(pb, h, pt), c.dt, nt, static_cast<int>(R), w16.data(), wstep.data(),
                           acc.data() + c.poff, vpad);
               else if (c.width == 4)
-                vacc16<4>(c, c.tok(b, h, t0), c.dt, nt, static_cast<int>(R), w16.data(), wstep.data(),
+                vacc16<4>(c, c.tok(pb, h, pt), c.dt, nt, static_cast<int>(R), w16.data(), wstep.data(),
                           acc.data() + c.poff, vpad);
               else
-                vacc16<2>(c, c.tok(b, h, t0), c.dt, nt, static_cast<int>(R), w16.data(), wstep.data(),
+                vacc16<2>(c, c.tok(pb, h, pt), c.dt, nt, static_cast<int>(R), w16.data(), wstep.data(),
                           acc.data() + c.poff, vpad);
               continue;
             }
 #endif
             wp = w.data();
           }
-          vacc(c, c.tok(b, h, t0), c.dt, nt, static_cast<int>(R), wp, acc.data() + c.poff, vpad, vbuf.data());
+          vacc(c, c.tok(pb, h, pt), c.dt, nt, static_cast<int>(R), wp, acc.data() + c.poff, vpad, vbuf.data());
         }
       }
       // The item's partial, in the natural channel order.
@@ -1863,7 +1885,8 @@ at::Tensor merged_impl(const at::Tensor& q_basis, const at::Tensor& q_exact, con
                        const std::optional<at::Tensor>& mask, const at::Tensor& sink_k, const at::Tensor& sink_v,
                        const at::Tensor& exact_k, const at::Tensor& exact_v,
                        const std::optional<at::Tensor>& exact_mask, const at::Tensor& v_dec,
-                       const at::Tensor& v_mean, int64_t splits) {
+                       const at::Tensor& v_mean, int64_t splits,
+                       const std::optional<at::Tensor>& table = std::nullopt) {
   TORCH_CHECK(q_basis.dim() == 4, "echokv attend_merged: q_basis must be [B, H, R, n]");
   const int64_t B = q_basis.size(0), H = q_basis.size(1), R = q_basis.size(2);
   TORCH_CHECK(q_exact.dim() == 4 && q_exact.size(0) == B && q_exact.size(1) == H && q_exact.size(2) == R &&
@@ -1911,7 +1934,7 @@ at::Tensor merged_impl(const at::Tensor& q_basis, const at::Tensor& q_exact, con
     eme = m.stride(m.dim() - 1);
   }
 
-  const Partials P = stored_partials(q_basis, k_tensors, k_meta, v_tensors, v_meta, mask, splits);
+  const Partials P = stored_partials(q_basis, k_tensors, k_meta, v_tensors, v_meta, mask, splits, table);
   const int64_t S = P.S;
   const int nv = P.nv;
   TORCH_CHECK(v_dec.dim() == 3 && v_dec.size(0) == H && v_dec.size(1) == nv && v_dec.size(2) == d &&
@@ -2036,7 +2059,7 @@ at::Tensor attend_step(const at::Tensor& q, double scaling, const at::Tensor& k_
                        const std::optional<at::Tensor>& mask, const at::Tensor& sink_k, const at::Tensor& sink_v,
                        const at::Tensor& exact_k, const at::Tensor& exact_v,
                        const std::optional<at::Tensor>& exact_mask, const at::Tensor& v_dec,
-                       const at::Tensor& v_mean, int64_t splits) {
+                       const at::Tensor& v_mean, int64_t splits, const std::optional<at::Tensor>& table) {
   TORCH_CHECK(q.dim() == 4 && q.device().is_cpu() && (q.size(3) <= 1 || q.stride(3) == 1),
               "echokv attend_step: q must be a CPU [B, H, R, d] tensor, contiguous in the last dimension, got ",
               q.sizes());
@@ -2080,7 +2103,7 @@ at::Tensor attend_step(const at::Tensor& q, double scaling, const at::Tensor& k_
         msp[i] = m;
       }
   at::Tensor out = merged_impl(qb, qe, ms, k_tensors, k_meta, v_tensors, v_meta, mask, sink_k, sink_v, exact_k,
-                               exact_v, exact_mask, v_dec, v_mean, splits);
+                               exact_v, exact_mask, v_dec, v_mean, splits, table);
   return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 
@@ -2207,7 +2230,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("scaling"), py::arg("k_basis"), py::arg("k_mean"), py::arg("k_tensors"),
         py::arg("k_meta"), py::arg("v_tensors"), py::arg("v_meta"), py::arg("mask"), py::arg("sink_k"),
         py::arg("sink_v"), py::arg("exact_k"), py::arg("exact_v"), py::arg("exact_mask"), py::arg("v_dec"),
-        py::arg("v_mean"), py::arg("splits") = 0);
+        py::arg("v_mean"), py::arg("splits") = 0, py::arg("table") = py::none());
   m.def("quantize", &quantize,
         "echokv encoding of one class: codes (packed), float16 scale and zero, per token or per channel and block",
         py::arg("z"), py::arg("width"), py::arg("per_channel"), py::arg("skip") = 0);

@@ -27,7 +27,8 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
-from ..pages import PageFormat, Pages, Sequence, attend, page_bytes
+from ...codecs.headq import TOKEN_BLOCK
+from ..pages import PageFormat, Pages, Sequence, attend, batch_blocks, decode, page_bytes
 from ..rows import KVSerde
 
 #: engine steps after which a sequence's exact tokens are dropped if no request has shown its first page (a finished
@@ -74,10 +75,14 @@ class HeadQState:
     def __init__(self, codec, heads: int):
         self.codec, self.heads = codec, heads
         self.first = min(codec.widths)
+        self.fused = codec.kernel_path("cpu") == "cpp"  # else every call rebuilds the coded blocks (explicit path)
         self.formats = {layer: PageFormat(w, heads) for layer, w in codec.widths.items()}
         self.sequences: dict[int, Sequence] = {}
+        self.free: list[int] = []  # slots of ended sequences (Exact's rows), reused first
+        self.slots = 0  # slots handed out
         self.pages: dict[int, tuple] = {}  # layer -> (its cache tensor, Pages)
         self.step = 0
+        self.blocks: tuple | None = None  # this step's batch_blocks (the same for every layer)
 
     def chunk(self, layer: int, block_size: int) -> int:
         return page_bytes(self.codec.widths[layer], self.heads, block_size)
@@ -101,7 +106,19 @@ class HeadQState:
             if key in firsts:
                 self.sequences[key].step = self.step
             elif key in used or self.step - self.sequences[key].step > STALE_STEPS:
-                del self.sequences[key]
+                self.free.append(self.sequences.pop(key).slot)
+
+    def start(self, first: int) -> None:
+        """A new sequence whose first page is ``first`` (its earlier holder, if any, has ended)."""
+        old = self.sequences.pop(first, None)
+        if old:
+            slot = old.slot
+        elif self.free:
+            slot = self.free.pop()
+        else:
+            slot, self.slots = self.slots, self.slots + 1
+        self.sequences[first] = Sequence(slot)
+        self.sequences[first].step = self.step
 
 
 class EchoKVBackend(AttentionBackend):
@@ -203,23 +220,36 @@ class EchoKVImpl(AttentionImpl):
         return output
 
     def _forward_headq(self, query, key, value, kv_cache, m: EchoKVMetadata, output):
-        """EchoKV-Q: each request's coded blocks read in place by the fused kernel (:func:`~echokv.serving.pages.attend`)."""
+        """EchoKV-Q: the decode steps of requests with a coded block in one call of the fused kernel (their pages
+        through a block table: :func:`~echokv.serving.pages.decode`); prefill chunks and short requests one by one
+        (:func:`~echokv.serving.pages.attend`)."""
         st = self.state
         pages = st.pages_of(self.layer, kv_cache)
         if self.layer == st.first:
             st.new_step(m)
         qsl, seq = m.query_start_loc_cpu.tolist(), m.seq_lens.tolist()
+        batch: list[int] = []
         for i in range(m.num_reqs):
             q0, q1 = qsl[i], qsl[i + 1]
             if q1 == q0:
                 continue
             past = seq[i] - (q1 - q0)
-            table = m.block_table[i]
-            first = int(table[0])
+            first = int(m.block_table[i, 0])
             if past == 0 and self.layer == st.first:
-                st.sequences[first] = Sequence()
-                st.sequences[first].step = st.step
-            out = attend(st.codec, self.layer, pages, st.sequences[first], table, past, query[q0:q1],
+                st.start(first)
+            if q1 - q0 == 1 and past >= TOKEN_BLOCK and st.fused:
+                batch.append(i)
+                continue
+            out = attend(st.codec, self.layer, pages, st.sequences[first], m.block_table[i], past, query[q0:q1],
                          key[q0:q1], value[q0:q1], self.scale)
             output[q0:q1] = out.to(output.dtype)
+        if batch:
+            rows = torch.tensor([qsl[i] for i in batch])
+            seqs = [st.sequences[int(m.block_table[i, 0])] for i in batch]
+            tables, pasts = [m.block_table[i] for i in batch], [seq[i] - 1 for i in batch]
+            if self.layer == st.first:
+                st.blocks = batch_blocks(pages, tables, [p // TOKEN_BLOCK for p in pasts])
+            out = decode(st.codec, self.layer, pages, seqs, tables, pasts, query[rows], key[rows], value[rows],
+                         self.scale, st.blocks)
+            output[rows] = out.to(output.dtype)
         return output
