@@ -136,7 +136,7 @@ def too_long(srv, max_model_len):
 
 
 #: the KV-bound case: prompts long enough that the stock engine's 1 GiB (float32) holds about a third of them
-KV_BOUND = {"requests": 32, "concurrency": 32, "prompt_tokens": 2048, "new_tokens": 64}
+KV_BOUND = {"n_requests": 32, "concurrency": 32, "prompt_tokens": 2048, "new_tokens": 64}
 
 
 def speed(a) -> int:
@@ -161,6 +161,7 @@ def speed(a) -> int:
             cell["kv_bound"] = throughput(srv, tokenizer, **KV_BOUND)
             print(mode, "kv-bound", cell["kv_bound"], flush=True)
         result[mode] = cell
+        (out / "speed.partial.json").write_text(json.dumps(result, indent=2))  # a cell is not lost to a later one
     st, co = result["stock"], result["compressed"]
     result["compressed_vs_stock_blocks"] = round(co["kv_cache_blocks"] / st["kv_cache_blocks"], 3)
     for c in (1, 8, 32):
@@ -170,6 +171,7 @@ def speed(a) -> int:
     result["compressed_vs_stock_throughput_kv_bound"] = round(
         co["kv_bound"]["requests_per_s"] / st["kv_bound"]["requests_per_s"], 3)
     (out / "speed.json").write_text(json.dumps(result, indent=2))
+    (out / "speed.partial.json").unlink()
     print(json.dumps({k: v for k, v in result.items() if k.startswith("compressed_vs")}))
     return 0
 

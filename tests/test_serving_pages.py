@@ -139,3 +139,52 @@ def test_a_saved_codec_loads_as_it_was(setup, tmp_path):
         load(tmp_path / "q")
     with pytest.raises(ValueError, match="holds no EchoKV-Q codec"):
         load(tmp_path)
+
+
+def test_an_engine_step_mixes_prefills_and_decode_steps_and_reuses_ended_sequences_slots(setup):
+    """Engine.forward as vLLM calls it (every request's tokens in one flat batch) against each sequence alone."""
+    from echokv.serving.pages import Engine
+
+    _, codec = setup
+    h, d = codec.params[LAYER]["k_mean"].shape
+    hq, scaling, tokens = 2 * h, d**-0.5, 2 * TOKEN_BLOCK
+    chunk = page_bytes(codec.widths[LAYER], h, tokens)
+    engine = Engine(codec, h)
+    engine.first = LAYER  # this test runs one layer
+    cache = torch.zeros(12, tokens, chunk, dtype=torch.uint8)
+    alone = Pages(torch.zeros(12, tokens, chunk, dtype=torch.uint8), PageFormat(codec.widths[LAYER], h))
+    table = torch.tensor([[0, 4, 8], [1, 5, 9], [2, 6, 10]])
+    g = torch.Generator().manual_seed(4)
+    lengths, own = [0, 0, 0], [Sequence(i) for i in range(3)]
+
+    def step(new: list[int]):
+        n = sum(new)
+        q, k, v = torch.randn(n, hq, d, generator=g), torch.randn(n, h, d, generator=g), torch.randn(n, h, d, generator=g)
+        qsl = [0]
+        for c in new:
+            qsl.append(qsl[-1] + c)
+        seq_lens = [t + c for t, c in zip(lengths, new)]
+        out = engine.forward(LAYER, q, k, v, cache, qsl, seq_lens, table, 3, torch.zeros(n, hq, d), scaling)
+        for i, c in enumerate(new):
+            want = attend(codec, LAYER, alone, own[i], table[i], lengths[i], q[qsl[i] : qsl[i + 1]],
+                          k[qsl[i] : qsl[i + 1]], v[qsl[i] : qsl[i + 1]], scaling)
+            torch.testing.assert_close(out[qsl[i] : qsl[i + 1]], want, rtol=0, atol=1e-5)
+            lengths[i] += c
+
+    step([100, 70, 3])  # three prefills
+    for _ in range(3):
+        step([1, 1, 1])  # two decode through the batch, one short one alone
+    step([1, 1, 90])  # a prefill chunk beside two decode steps
+    assert sorted(s.slot for s in engine.sequences.values()) == [0, 1, 2]
+    assert torch.equal(cache, alone.cache.view_as(cache))
+    # request 2 ends; a new request gets its first page: the same slot, its exact tokens started afresh
+    old = engine.sequences[2].slot
+    lengths[2], own[2] = 0, Sequence(2)
+    step([1, 1, 5])
+    assert engine.sequences[2].slot == old and len(engine.sequences) == 3
+    # request 1 ends (it leaves the batch) and its first page turns up inside another request's table: its slot is
+    # freed, and the next new sequence takes it
+    engine.new_step([2 * tokens + 1, lengths[2] + 1], torch.tensor([[0, 1, 8], [2, 6, 10]]), tokens)
+    assert 1 not in engine.sequences and engine.free == [1]
+    engine.start(11)
+    assert engine.sequences[11].slot == 1 and not engine.free

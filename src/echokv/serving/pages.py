@@ -264,3 +264,98 @@ def decode(codec: HeadQuantCodec, layer: int, pages: Pages, seqs: list[Sequence]
                                   start=pasts[i] - keep[i])
             pages.write(tables[i], pasts[i] // TOKEN_BLOCK, pages.fmt.pack(stored))
     return out.view(b, hq, d)
+
+
+#: engine steps after which a sequence's exact tokens are dropped if no request has shown its first page (a finished
+#: request's are dropped sooner: when its first page is seen inside another request's table)
+STALE_STEPS = 4096
+
+
+class Engine:
+    """A serving engine's EchoKV-Q: every layer's :class:`Pages` and the sequences' slots, each sequence known by
+    its first page (stable while it runs, prefix caching off). An engine step calls :meth:`forward` per layer, in
+    layer order."""
+
+    def __init__(self, codec: HeadQuantCodec, heads: int):
+        self.codec, self.heads = codec, heads
+        self.first = min(codec.widths)
+        self.fused = codec.kernel_path("cpu") == "cpp"  # else every call rebuilds the coded blocks (explicit path)
+        self.formats = {layer: PageFormat(w, heads) for layer, w in codec.widths.items()}
+        self.sequences: dict[int, Sequence] = {}
+        self.free: list[int] = []  # slots of ended sequences, reused first
+        self.slots = 0  # slots handed out
+        self.pages: dict[int, tuple] = {}  # layer -> (its cache tensor, Pages)
+        self.step = 0
+        self.blocks: tuple | None = None  # this step's batch_blocks (the same for every layer)
+
+    def chunk(self, layer: int, block_size: int) -> int:
+        """Bytes per token of ``layer``'s cache (:func:`page_bytes`)."""
+        return page_bytes(self.codec.widths[layer], self.heads, block_size)
+
+    def pages_of(self, layer: int, cache: torch.Tensor) -> Pages:
+        memo = self.pages.get(layer)
+        if memo is None or memo[0] is not cache:
+            memo = self.pages[layer] = (cache, Pages(cache, self.formats[layer]))
+        return memo[1]
+
+    def new_step(self, seq_lens: list[int], block_table: torch.Tensor, tokens: int) -> None:
+        """Forget the sequences that ended (their first page now inside another request's table, or unseen for
+        :data:`STALE_STEPS` steps): their slots are reused."""
+        self.step += 1
+        firsts, used = set(), set()
+        for i, t in enumerate(seq_lens):
+            row = block_table[i, : -(-t // tokens)].tolist()
+            firsts.add(row[0])
+            used.update(row[1:])
+        for key in list(self.sequences):
+            if key in firsts:
+                self.sequences[key].step = self.step
+            elif key in used or self.step - self.sequences[key].step > STALE_STEPS:
+                self.free.append(self.sequences.pop(key).slot)
+
+    def start(self, first: int) -> None:
+        """A new sequence whose first page is ``first`` (its earlier holder, if any, has ended)."""
+        old = self.sequences.pop(first, None)
+        if old:
+            slot = old.slot
+        elif self.free:
+            slot = self.free.pop()
+        else:
+            slot, self.slots = self.slots, self.slots + 1
+        self.sequences[first] = Sequence(slot)
+        self.sequences[first].step = self.step
+
+    def forward(self, layer: int, query, key, value, cache, qsl: list[int], seq_lens: list[int],
+                block_table: torch.Tensor, num_reqs: int, output, scale: float):
+        """One layer of an engine step: request i's tokens are rows ``qsl[i]:qsl[i + 1]`` of query [N, Hq, d] and
+        key/value [N, H, d], its length with them ``seq_lens[i]``, its pages ``block_table[i]``. Decode steps of
+        requests with a coded block go through the fused kernel in one call (:func:`decode`); prefill chunks and
+        short requests one by one (:func:`attend`). Writes ``output`` [N, Hq, d]; returns it."""
+        pages = self.pages_of(layer, cache)
+        if layer == self.first:
+            self.new_step(seq_lens[:num_reqs], block_table, pages.tokens)
+        batch: list[int] = []
+        for i in range(num_reqs):
+            q0, q1 = qsl[i], qsl[i + 1]
+            if q1 == q0:
+                continue
+            past = seq_lens[i] - (q1 - q0)
+            first = int(block_table[i, 0])
+            if past == 0 and layer == self.first:
+                self.start(first)
+            if q1 - q0 == 1 and past >= TOKEN_BLOCK and self.fused:
+                batch.append(i)
+                continue
+            out = attend(self.codec, layer, pages, self.sequences[first], block_table[i], past, query[q0:q1],
+                         key[q0:q1], value[q0:q1], scale)
+            output[q0:q1] = out.to(output.dtype)
+        if batch:
+            rows = torch.tensor([qsl[i] for i in batch])
+            seqs = [self.sequences[int(block_table[i, 0])] for i in batch]
+            tables, pasts = [block_table[i] for i in batch], [seq_lens[i] - 1 for i in batch]
+            if layer == self.first:
+                self.blocks = batch_blocks(pages, tables, [p // TOKEN_BLOCK for p in pasts])
+            out = decode(self.codec, layer, pages, seqs, tables, pasts, query[rows], key[rows], value[rows], scale,
+                         self.blocks)
+            output[rows] = out.to(output.dtype)
+        return output

@@ -27,13 +27,8 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
-from ...codecs.headq import TOKEN_BLOCK
-from ..pages import PageFormat, Pages, Sequence, attend, batch_blocks, decode, page_bytes
+from ..pages import Engine
 from ..rows import KVSerde
-
-#: engine steps after which a sequence's exact tokens are dropped if no request has shown its first page (a finished
-#: request's are dropped sooner: when its first page is seen inside another request's table)
-STALE_STEPS = 4096
 
 
 class GroupState:
@@ -66,59 +61,6 @@ class GroupState:
     def read(self, slots: torch.Tensor) -> torch.Tensor:
         """The rows [1, T, nbytes] stored at ``slots``."""
         return torch.cat([cache[slots] for cache in self.caches()], dim=-1)[None, :, : self.nbytes]
-
-
-class HeadQState:
-    """An engine's EchoKV-Q codec (every layer's pages: :mod:`echokv.serving.pages`) and its sequences' exact
-    tokens (the sinks' copies and the block being filled), keyed by each sequence's first page."""
-
-    def __init__(self, codec, heads: int):
-        self.codec, self.heads = codec, heads
-        self.first = min(codec.widths)
-        self.fused = codec.kernel_path("cpu") == "cpp"  # else every call rebuilds the coded blocks (explicit path)
-        self.formats = {layer: PageFormat(w, heads) for layer, w in codec.widths.items()}
-        self.sequences: dict[int, Sequence] = {}
-        self.free: list[int] = []  # slots of ended sequences (Exact's rows), reused first
-        self.slots = 0  # slots handed out
-        self.pages: dict[int, tuple] = {}  # layer -> (its cache tensor, Pages)
-        self.step = 0
-        self.blocks: tuple | None = None  # this step's batch_blocks (the same for every layer)
-
-    def chunk(self, layer: int, block_size: int) -> int:
-        return page_bytes(self.codec.widths[layer], self.heads, block_size)
-
-    def pages_of(self, layer: int, cache: torch.Tensor) -> Pages:
-        memo = self.pages.get(layer)
-        if memo is None or memo[0] is not cache:
-            memo = self.pages[layer] = (cache, Pages(cache, self.formats[layer]))
-        return memo[1]
-
-    def new_step(self, m) -> None:
-        """Forget the exact tokens of sequences that ended (their first page now serves another request)."""
-        self.step += 1
-        firsts, used = set(), set()
-        bs = next(iter(self.pages.values()))[1].tokens if self.pages else 1
-        for i, t in enumerate(m.seq_lens.tolist()[: m.num_reqs]):
-            row = m.block_table[i, : -(-t // bs)].tolist()
-            firsts.add(row[0])
-            used.update(row[1:])
-        for key in list(self.sequences):
-            if key in firsts:
-                self.sequences[key].step = self.step
-            elif key in used or self.step - self.sequences[key].step > STALE_STEPS:
-                self.free.append(self.sequences.pop(key).slot)
-
-    def start(self, first: int) -> None:
-        """A new sequence whose first page is ``first`` (its earlier holder, if any, has ended)."""
-        old = self.sequences.pop(first, None)
-        if old:
-            slot = old.slot
-        elif self.free:
-            slot = self.free.pop()
-        else:
-            slot, self.slots = self.slots, self.slots + 1
-        self.sequences[first] = Sequence(slot)
-        self.sequences[first].step = self.step
 
 
 class EchoKVBackend(AttentionBackend):
@@ -189,7 +131,7 @@ class EchoKVImpl(AttentionImpl):
         if attn_metadata is None:  # the profiling run
             return output
         m: EchoKVMetadata = attn_metadata
-        if isinstance(self.state, HeadQState):
+        if isinstance(self.state, Engine):  # EchoKV-Q: serving/pages.py
             return self._forward_headq(query, key, value, kv_cache, m, output)
         st, n = self.state, m.num_actual_tokens
         qsl, seq = m.query_start_loc_cpu.tolist(), m.seq_lens.tolist()
@@ -220,36 +162,5 @@ class EchoKVImpl(AttentionImpl):
         return output
 
     def _forward_headq(self, query, key, value, kv_cache, m: EchoKVMetadata, output):
-        """EchoKV-Q: the decode steps of requests with a coded block in one call of the fused kernel (their pages
-        through a block table: :func:`~echokv.serving.pages.decode`); prefill chunks and short requests one by one
-        (:func:`~echokv.serving.pages.attend`)."""
-        st = self.state
-        pages = st.pages_of(self.layer, kv_cache)
-        if self.layer == st.first:
-            st.new_step(m)
-        qsl, seq = m.query_start_loc_cpu.tolist(), m.seq_lens.tolist()
-        batch: list[int] = []
-        for i in range(m.num_reqs):
-            q0, q1 = qsl[i], qsl[i + 1]
-            if q1 == q0:
-                continue
-            past = seq[i] - (q1 - q0)
-            first = int(m.block_table[i, 0])
-            if past == 0 and self.layer == st.first:
-                st.start(first)
-            if q1 - q0 == 1 and past >= TOKEN_BLOCK and st.fused:
-                batch.append(i)
-                continue
-            out = attend(st.codec, self.layer, pages, st.sequences[first], m.block_table[i], past, query[q0:q1],
-                         key[q0:q1], value[q0:q1], self.scale)
-            output[q0:q1] = out.to(output.dtype)
-        if batch:
-            rows = torch.tensor([qsl[i] for i in batch])
-            seqs = [st.sequences[int(m.block_table[i, 0])] for i in batch]
-            tables, pasts = [m.block_table[i] for i in batch], [seq[i] - 1 for i in batch]
-            if self.layer == st.first:
-                st.blocks = batch_blocks(pages, tables, [p // TOKEN_BLOCK for p in pasts])
-            out = decode(st.codec, self.layer, pages, seqs, tables, pasts, query[rows], key[rows], value[rows],
-                         self.scale, st.blocks)
-            output[rows] = out.to(output.dtype)
-        return output
+        return self.state.forward(self.layer, query, key, value, kv_cache, m.query_start_loc_cpu.tolist(),
+                                  m.seq_lens.tolist(), m.block_table, m.num_reqs, output, self.scale)

@@ -14,9 +14,10 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from ...codecs.headq import HeadQuantCodec
+from ..pages import Engine
 from ..rope import RopeHost
 from ..rows import KVSerde
-from .backend import EchoKVBackend, GroupState, HeadQState
+from .backend import EchoKVBackend, GroupState
 from .config import check
 
 #: the groups of the model being built (set by EchoKVLlamaForCausalLM around its layers' construction)
@@ -26,14 +27,14 @@ _BUILDING: dict = {}
 class EchoKVAttention(Attention):
     """vLLM's Attention whose cache spec is the layer's chunk of its group's rows."""
 
-    def __init__(self, *args, echokv_state: GroupState | HeadQState, echokv_layer: int, **kwargs):
+    def __init__(self, *args, echokv_state: GroupState | Engine, echokv_layer: int, **kwargs):
         super().__init__(*args, attn_backend=EchoKVBackend, echokv_state=echokv_state, echokv_layer=echokv_layer,
                          **kwargs)
         self.echokv_state, self.echokv_layer = echokv_state, echokv_layer
 
     def get_kv_cache_spec(self, vllm_config):
         state, block = self.echokv_state, vllm_config.cache_config.block_size
-        half = (state.chunk(self.echokv_layer, block) if isinstance(state, HeadQState) else state.chunk) // 2
+        half = (state.chunk(self.echokv_layer, block) if isinstance(state, Engine) else state.chunk) // 2
         return FullAttentionSpec(block_size=vllm_config.cache_config.block_size, num_kv_heads=1, head_size=half,
                                  head_size_v=half, dtype=torch.uint8)
 
@@ -54,7 +55,7 @@ class EchoKVLlamaAttention(LlamaAttention):
         self.attn = EchoKVAttention(self.num_heads, self.head_dim, self.scaling, num_kv_heads=self.num_kv_heads,
                                     cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.attn",
                                     echokv_state=state, echokv_layer=layer, echokv_index=index)
-        if not isinstance(state, HeadQState):
+        if not isinstance(state, Engine):
             state.layers[index] = self.attn
 
 
@@ -68,7 +69,7 @@ class EchoKVLlamaForCausalLM(LlamaForCausalLM):
         loaded = check(vllm_config)
         hf = vllm_config.model_config.hf_config
         if isinstance(loaded, HeadQuantCodec):
-            _BUILDING.update(headq=HeadQState(loaded, hf.num_key_value_heads))
+            _BUILDING.update(headq=Engine(loaded, hf.num_key_value_heads))
         else:
             serde = KVSerde(loaded, RopeHost(hf, vllm_config.model_config.dtype))
             _BUILDING.update(serde=serde, groups=[GroupState(serde, g) for g in range(len(serde.codec.groups))])
