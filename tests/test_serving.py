@@ -341,6 +341,17 @@ def test_vllm_serves_echokv_q_in_pages_and_answers_like_echokvs_own_cache(smollm
 
 
 @serve
+def test_vllm_refuses_echokv_q_pages_that_split_its_blocks_in_one_line(smollm2_folder, smollm2_q, tmp_path):
+    from echokv.serving.server import Server
+    from echokv.serving.vllm import serve_args
+
+    srv = Server(smollm2_folder, tmp_path / "refused.log", serve_args(smollm2_q), timeout=300)
+    srv.cmd[srv.cmd.index("--block-size") + 1] = "32"
+    with pytest.raises(RuntimeError, match="status 1: .*echokv: EchoKV-Q codes blocks of 64 tokens: pass --block-size"):
+        srv.start()
+
+
+@serve
 def test_vllm_refuses_an_artifact_for_another_model_in_one_line(smollm2_folder, tmp_path):
     from echokv.artifact import save
     from echokv.models import load_model
