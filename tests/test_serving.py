@@ -234,11 +234,17 @@ def _greedy(model, ids, n, eos, artifact=None):
     (exact within a forward call, compressed afterwards, as the vLLM backend does)."""
     from transformers import DynamicCache
 
-    from echokv.attention import echokv_attention
     from echokv.cache import EchoKVCache
-    from echokv.generation import prefill
 
     cache = DynamicCache() if artifact is None else EchoKVCache(model, artifact, mode="compressed")
+    return _greedy_in(model, cache, ids, n, eos)
+
+
+@torch.no_grad()
+def _greedy_in(model, cache, ids, n, eos):
+    from echokv.attention import echokv_attention
+    from echokv.generation import prefill
+
     out = []
     with echokv_attention(model):
         logits = prefill(model, cache, torch.tensor([ids]))
@@ -303,19 +309,10 @@ def smollm2_q(smollm2_fp32, tmp_path_factory):
 @torch.no_grad()
 def _greedy_q(model, ids, n, eos, folder):
     """Greedy tokens through echokv's own cache with the EchoKV-Q codec, compressed from the first token."""
-    from echokv.attention import echokv_attention
     from echokv.cache import CompressedCache
     from echokv.codecs.headq import load
-    from echokv.generation import prefill
 
-    cache = CompressedCache(model, load(folder), mode="compressed", fast=True)
-    out = []
-    with echokv_attention(model):
-        logits = prefill(model, cache, torch.tensor([ids]))
-        while len(out) < n and int(logits[0].argmax()) not in eos:
-            out.append(int(logits[0].argmax()))
-            logits = prefill(model, cache, torch.tensor([out[-1:]]), chunk_size=1)
-    return out
+    return _greedy_in(model, CompressedCache(model, load(folder), mode="compressed", fast=True), ids, n, eos)
 
 
 @serve
