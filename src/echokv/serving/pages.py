@@ -186,8 +186,7 @@ def attend(codec: HeadQuantCodec, layer: int, pages: Pages, seq: Sequence, block
         new_v = torch.cat([ex.fill_v[i : i + 1, :, :keep], new_v], dim=2)
     if coded and n <= FAST_MAX_QUERIES and codec._path_on(q.device) == "cpp":  # the fused kernel, pages in place
         sink_k, sink_v = ex.sink_k[i : i + 1], ex.sink_v[i : i + 1]
-        codes = torch.ones(1, coded * TOKEN_BLOCK, dtype=torch.bool)
-        codes[:, : sink_k.shape[2]] = False  # the sinks' exact copies are read instead
+        codes = codec._sink_mask(1, coded * TOKEN_BLOCK, sink_k.shape[2], q.device)  # the sinks' exact copies read
         rep = hq // h
         rows = q.view(n, h, rep, d).permute(1, 2, 0, 3).reshape(1, h, rep * n, d)  # rows (copy, token)
         mask = None

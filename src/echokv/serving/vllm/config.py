@@ -39,11 +39,11 @@ def check(vllm_config):
 class EchoKVVerifyConfig(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
+        from ...codecs.headq import TOKEN_BLOCK, HeadQuantCodec
+
         loaded = check(vllm_config)
         artifact = vllm_config.model_config.hf_config.echokv_artifact
-        if not hasattr(loaded, "layout"):  # EchoKV-Q: pages of whole 64-token blocks
-            from ...codecs.headq import TOKEN_BLOCK
-
+        if isinstance(loaded, HeadQuantCodec):  # EchoKV-Q: pages of whole 64-token blocks
             block = vllm_config.cache_config.block_size
             if block is None or block % TOKEN_BLOCK:
                 refuse(f"EchoKV-Q codes blocks of {TOKEN_BLOCK} tokens: pass --block-size {TOKEN_BLOCK} or a "
@@ -52,6 +52,5 @@ class EchoKVVerifyConfig(VerifyAndUpdateConfig):
                            loaded.kernel_path("cpu"))
             return
         layout = loaded.layout
-        logger.warning("echokv: serving %s: %d groups, kept fraction %.4f of a %d-bit cache",
-                       vllm_config.model_config.hf_config.echokv_artifact, len(layout.groups),
-                       layout.kept_fraction(), layout.element_bits)
+        logger.warning("echokv: serving %s: %d groups, kept fraction %.4f of a %d-bit cache", artifact,
+                       len(layout.groups), layout.kept_fraction(), layout.element_bits)
