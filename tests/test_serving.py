@@ -241,13 +241,13 @@ def _greedy(model, ids, n, eos, artifact=None):
 
 
 @torch.no_grad()
-def _greedy_in(model, cache, ids, n, eos):
+def _greedy_in(model, cache, ids, n, eos, start=0):
     from echokv.attention import echokv_attention
     from echokv.generation import prefill
 
     out = []
     with echokv_attention(model):
-        logits = prefill(model, cache, torch.tensor([ids]))
+        logits = prefill(model, cache, torch.tensor([ids[start:]]))
         while len(out) < n and int(logits[0].argmax()) not in eos:
             out.append(int(logits[0].argmax()))
             logits = prefill(model, cache, torch.tensor([out[-1:]]), chunk_size=1)
@@ -335,6 +335,59 @@ def test_vllm_serves_echokv_q_in_pages_and_answers_like_echokvs_own_cache(smollm
         assert tokens / (2**30 // 46080) > 3.8  # float32 K/V against codes of half a 16-bit cache
         same = [_served(srv, ids, 80, eos) == _greedy_q(model, ids, 80, eos, smollm2_q) for ids in prompts]
         assert all(same), same
+
+
+@torch.no_grad()
+def _greedy_restored(model, codec, ids, stored, n, eos):
+    """transformers' greedy tokens when the prompt's first ``stored`` tokens' K/V went through the offload codes."""
+    from transformers import DynamicCache
+
+    from echokv.serving import offload
+
+    past = model(torch.tensor([ids[:stored]]), use_cache=True).past_key_values
+    cache = DynamicCache()
+    for layer, kv in enumerate(past.layers):
+        tensors = offload.encode(codec, layer, kv.keys[0].transpose(0, 1), kv.values[0].transpose(0, 1))
+        k, v = offload.decode(codec, layer, tensors)
+        cache.update(k.transpose(0, 1)[None], v.transpose(0, 1)[None], layer)
+    return _greedy_in(model, cache, ids, n, eos, start=stored)
+
+
+@serve
+def test_vllm_offloads_a_full_engines_kv_as_codes_and_answers_from_them_as_transformers_does(
+        smollm2_folder, smollm2_fp32, smollm2_q, tmp_path):
+    import json
+
+    from echokv.codecs.headq import load
+    from echokv.serving.server import BLOCK_SIZE, Server
+
+    model, tokenizer = smollm2_fp32
+    codec = load(smollm2_q)
+    eos = {tokenizer.eos_token_id}
+    text = tokenizer.decode(tokenizer("The lighthouse keeper counted ships. " * 60)["input_ids"][:260])
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q + "\n\n" + text}],
+                                             add_generation_prompt=True, tokenize=True, return_dict=False)
+               for q in PROMPTS]
+    prompts.append(tokenizer(text)["input_ids"][:2 * BLOCK_SIZE + 1])  # whole blocks and one token: stored too
+    store = tmp_path / "store"
+    config = {"kv_connector": "EchoKVOffloadConnector", "kv_connector_module_path": "echokv.serving.vllm.offload",
+              "kv_role": "kv_both", "kv_connector_extra_config": {"shared_storage_path": str(store),
+                                                                  "echokv_codec": str(smollm2_q)}}
+    args = ["--no-enable-prefix-caching", "--kv-transfer-config", json.dumps(config)]
+    with Server(smollm2_folder, tmp_path / "offload.log", args) as srv:
+        first = [_served(srv, ids, 32, eos) for ids in prompts]  # computed; each prompt's K/V stored as codes
+        again = [_served(srv, ids, 32, eos) for ids in prompts]  # the stored prefix restored, the rest computed
+    assert first == [_greedy(model, ids, 32, eos) for ids in prompts]
+    log = (tmp_path / "offload.log").read_text()
+    assert log.count("K/V restored from") == len(prompts) and "refused" not in log
+    stored = [(len(ids) - 1) // BLOCK_SIZE * BLOCK_SIZE for ids in prompts]
+    same = [a == _greedy_restored(model, codec, ids, n, 32, eos) for a, ids, n in zip(again, prompts, stored)]
+    assert all(same), (same, again)
+    folders = list(store.iterdir())
+    assert len(folders) == len(prompts)
+    for folder in folders:
+        full = json.loads((folder / "kv.json").read_text())["tokens"] * 30 * 2 * 3 * 64 * 2  # the K/V at 16 bits
+        assert 0.45 < (folder / "kv.safetensors").stat().st_size / full < 0.55
 
 
 @serve

@@ -188,3 +188,60 @@ def test_an_engine_step_mixes_prefills_and_decode_steps_and_reuses_ended_sequenc
     assert 1 not in engine.sequences and engine.free == [1]
     engine.start(11)
     assert engine.sequences[11].slot == 1 and not engine.free
+
+
+# -- offloading a full engine's K/V as codes (echokv/serving/offload.py) ----------------------------------------------
+def _vec_write(k, v, key_cache, value_cache, slots):
+    """vLLM 0.16's CPU ``vec`` layout: per block and head, keys [head_dim, block_size], values [block_size, head_dim]."""
+    size = key_cache.shape[2]
+    for t, s in enumerate(slots.tolist()):
+        b, o = divmod(s, size)
+        key_cache[b].view(key_cache.shape[1], -1, size)[:, :, o] = k[t]
+        value_cache[b, :, o] = v[t]
+
+
+def test_the_offload_layout_is_learned_from_the_engines_write():
+    from echokv.serving import offload
+
+    heads, size, dim = 2, 32, 16
+    for dtype in (torch.float32, torch.bfloat16):
+        where_k, where_v = offload.probe(_vec_write, size, heads, dim, dtype)
+        caches = [torch.zeros(4, heads, size, dim, dtype=dtype) for _ in range(2)]
+        slots = torch.tensor([70, 71, 5, 100, 127, 64])  # ragged, across blocks
+        k, v = torch.randn(6, heads, dim).to(dtype), torch.randn(6, heads, dim).to(dtype)
+        _vec_write(k, v, *caches, slots)
+        assert torch.equal(offload.read_slots(caches[0], where_k, slots), k)
+        assert torch.equal(offload.read_slots(caches[1], where_v, slots), v)
+        again = [torch.zeros_like(c) for c in caches]
+        offload.write_slots(again[0], where_k, slots, k)
+        offload.write_slots(again[1], where_v, slots, v)
+        assert all(torch.equal(a, c) for a, c in zip(again, caches))
+    with pytest.raises(RuntimeError, match="unknown cache layout"):  # a write that loses elements is no layout
+        offload.probe(lambda k, v, kc, vc, s: kc.zero_(), size, heads, dim, torch.float32)
+
+
+def test_offloaded_kv_restores_what_the_codec_reads_and_is_refused_when_changed(setup, tmp_path):
+    from echokv.serving import offload
+
+    _, codec = setup
+    h, d = codec.params[LAYER]["k_mean"].shape
+    k, v = _kv(h, 2 * TOKEN_BLOCK, d, seed=3)
+    tensors = offload.encode(codec, LAYER, k[0].transpose(0, 1), v[0].transpose(0, 1))
+    back_k, back_v = offload.decode(codec, LAYER, tensors)
+    want_k, want_v = codec.decode(LAYER, codec.encode(codec.groups.index([LAYER]), [k], [v]))
+    assert torch.equal(back_k, want_k[0].transpose(0, 1)) and torch.equal(back_v, want_v[0].transpose(0, 1))
+    assert torch.equal(back_k[: codec.sink_tokens], k[0, :, : codec.sink_tokens].transpose(0, 1))  # sinks exact
+    assert tensors[f"{LAYER}.pages"].numel() == 2 * PageFormat(codec.widths[LAYER], h).block_bytes
+
+    folder = tmp_path / "prompt"
+    offload.save(folder, tensors, "codec-a", 2 * TOKEN_BLOCK)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompt"]  # complete, nothing beside it
+    loaded = offload.load(folder, "codec-a")
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+    assert "another EchoKV-Q codec" in offload.check(folder, "codec-b")
+    data = bytearray((folder / "kv.safetensors").read_bytes())
+    data[-1] ^= 1
+    (folder / "kv.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        offload.load(folder, "codec-a")
+    assert "incomplete" in offload.check(tmp_path / "absent", "codec-a")
