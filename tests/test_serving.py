@@ -391,6 +391,22 @@ def test_vllm_offloads_a_full_engines_kv_as_codes_and_answers_from_them_as_trans
 
 
 @serve
+def test_the_offload_connector_refuses_a_folder_without_a_codec_in_one_line(smollm2_folder, tmp_path):
+    import json
+
+    from echokv.serving.server import Server
+
+    config = {"kv_connector": "EchoKVOffloadConnector", "kv_connector_module_path": "echokv.serving.vllm.offload",
+              "kv_role": "kv_both", "kv_connector_extra_config": {"shared_storage_path": str(tmp_path / "store"),
+                                                                  "echokv_codec": str(tmp_path)}}
+    srv = Server(smollm2_folder, tmp_path / "refused.log", ["--kv-transfer-config", json.dumps(config)], timeout=300)
+    with pytest.raises(RuntimeError, match="exited with status 1"):
+        srv.start()
+    assert "echokv: EchoKVOffloadConnector needs kv_connector_extra_config.echokv_codec, an EchoKV-Q codec folder" \
+        in (tmp_path / "refused.log").read_text()
+
+
+@serve
 def test_vllm_refuses_echokv_q_pages_that_split_its_blocks_in_one_line(smollm2_folder, smollm2_q, tmp_path):
     from echokv.serving.server import Server
     from echokv.serving.vllm import serve_args

@@ -21,7 +21,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.example_connector import (
 )
 from vllm.model_executor.models.utils import extract_layer_index
 
-from ...codecs.headq import HeadQuantCodec, read_config
+from ...codecs.headq import read_config
 from .. import offload
 from ..check import ServeError, load_for_engine
 from . import logger
@@ -33,15 +33,13 @@ class EchoKVOffloadConnector(ExampleConnector):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         model_config = vllm_config.model_config
         path = self._kv_transfer_config.get_from_extra_config("echokv_codec", None)
-        if not path:
-            refuse("EchoKVOffloadConnector needs kv_connector_extra_config.echokv_codec (an EchoKV-Q codec folder)")
+        if not path or read_config(path) is None:
+            refuse(f"EchoKVOffloadConnector needs kv_connector_extra_config.echokv_codec, an EchoKV-Q codec folder "
+                   f"(got {path!r}): write one with python -m echokv.serving.export OUT --echokv-q 0.5")
         try:
             codec = load_for_engine(path, model_config.hf_config, model_config.model)
         except ServeError as exc:
             refuse(str(exc))
-        if not isinstance(codec, HeadQuantCodec):
-            refuse(f"{path} is a cross-layer artifact; the offload connector stores EchoKV-Q codes: write a codec "
-                   "with python -m echokv.serving.export OUT --echokv-q RATIO")
         self.codec, self.codec_id = codec, read_config(path)["sha256"]
         self.layers = len(codec.groups)
         self._held: dict[str, dict] = {}  # folder -> the tensors of the layers saved so far
