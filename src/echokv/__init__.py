@@ -30,24 +30,7 @@ _EXPORTS = {
 }
 _ALIASES = {"load_artifact": ("artifact", "load"), "save_artifact": ("artifact", "save")}
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "CompressedCache",
-    "EchoKVCache",
-    "FullCache",
-    "KVGeometry",
-    "TrainConfig",
-    "__version__",
-    "echokv_attention",
-    "encode_prompt",
-    "generate",
-    "kv_geometry",
-    "load_artifact",
-    "load_model",
-    "prefill",
-    "save_artifact",
-    "train",
-]
+__all__ = ["__version__"] + list(_EXPORTS) + list(_ALIASES)
 
 
 def __getattr__(name: str):

@@ -67,7 +67,9 @@ def _kv_weights(mod) -> list[torch.Tensor | None]:
             None if b is None else b[q + kv : q + 2 * kv]]
 
 
-def _fingerprint(model, via: torch.dtype | None = None) -> str:
+def fingerprint(model, via: torch.dtype | None = None) -> str:
+    """sha256 of every layer's K/V projection weights, rounded to bfloat16 so that float32 and
+    bfloat16 loads of the same checkpoint agree (``via``: through that dtype first)."""
     def layers():
         for _, mod in sorted(attention_modules(model).items()):
             with onloaded(mod):  # weights accelerate offloaded are meta outside a forward
@@ -89,19 +91,13 @@ def hash_kv_weights(layers, via: torch.dtype | None = None) -> str:
     return h.hexdigest()
 
 
-def fingerprint(model) -> str:
-    """sha256 of every layer's K/V projection weights, rounded to bfloat16 so that float32 and
-    bfloat16 loads of the same checkpoint agree."""
-    return _fingerprint(model)
-
-
 def fingerprints(model) -> dict[str, str]:
     """The K/V weights' fingerprints an artifact records: ``kv_fingerprint`` (:func:`fingerprint`) and
     ``kv_fingerprint_fp16``, the same through float16 first. A float16 load rounds the weights to float16,
     which bfloat16 rounding of the float32 weights does not reproduce; through float16 first, the float32 and
     float16 loads of one checkpoint agree (measured on SmolLM2-135M: float32, float16 and bfloat16 loads match
     the artifact of any of the first two)."""
-    return {"kv_fingerprint": _fingerprint(model), "kv_fingerprint_fp16": _fingerprint(model, torch.float16)}
+    return {"kv_fingerprint": fingerprint(model), "kv_fingerprint_fp16": fingerprint(model, torch.float16)}
 
 
 def _versions() -> dict:
@@ -112,23 +108,19 @@ def _versions() -> dict:
     return {"echokv": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path) -> str:
+    """sha256 of a file's bytes."""
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with Path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def sha256_file(path) -> str:
-    """sha256 of a file's bytes."""
-    return _sha256(Path(path))
-
-
 def weights_checksum(path, config: dict | None = None) -> str:
     """sha256 of an artifact's weights: what its ``config.json`` records, else read from the file."""
     sums = (config or {}).get("checksums") or {}
-    return sums.get(WEIGHTS) or sums.get(OLD_NAMES[WEIGHTS]) or _sha256(stage_file(Path(path), 2))
+    return sums.get(WEIGHTS) or sums.get(OLD_NAMES[WEIGHTS]) or sha256_file(stage_file(Path(path), 2))
 
 
 def _config_bytes(config: dict) -> bytes:
@@ -186,7 +178,7 @@ def save(
         stage1_state = stage1_state if stage1_state is not None else getattr(network, "stage1_state", None)
         if stage1_state is not None:
             save_file(_pack(stage1_state), str(tmp / STAGE1_WEIGHTS), metadata=meta)
-        config["checksums"] = {name: _sha256(tmp / name) for name in STAGE_FILES.values() if (tmp / name).is_file()}
+        config["checksums"] = {n: sha256_file(tmp / n) for n in STAGE_FILES.values() if (tmp / n).is_file()}
         (tmp / CONFIG).write_bytes(_config_bytes(config))
         if report is not None:
             (tmp / REPORT).write_text(json.dumps(report, indent=2))
@@ -276,7 +268,7 @@ def _check_checksums(folder: Path, config: dict, raw: bytes) -> None:
         if present and name not in sums:
             raise _fail(file, f"records no checksum of {name}, which was written with the artifact: the file is "
                         "corrupt")
-        if present and _sha256(path) != sums[name]:
+        if present and sha256_file(path) != sums[name]:
             raise _fail(path, "does not match the checksum recorded when the artifact was written: the "
                         "file is truncated or corrupt")
 
@@ -461,8 +453,7 @@ def load(path: str | Path, model=None, stage: int = 2) -> Mixes:
     if not weights.is_file():
         raise ArtifactError(f"{path} has no stage-{stage} weights ({weights.name}); load stage 2 instead")
     try:
-        state = load_file(str(weights))
-        network.load_state_dict(state, strict=True)
+        network.load_state_dict(load_file(str(weights)), strict=True)
     except (SafetensorError, OSError, RuntimeError, ValueError, IndexError, KeyError) as exc:
         raise _fail(weights, f"could not be loaded into the network ({type(exc).__name__}: {exc})") from None
     bad = [name for name, t in network.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]

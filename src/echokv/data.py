@@ -13,10 +13,8 @@ The literary texts are public domain (the first three come from the Canterbury C
 ``brotli`` sdist, *Botchan* from Project Gutenberg EBook #8868 as shipped in the ``sentencepiece`` sdist), with
 Project Gutenberg headers and licence boilerplate removed. The two splits share no document.
 
-With ``paths=`` the user's own text replaces the default source: the files (a folder contributes its ``*.txt``
-files sorted by name) are read as UTF-8 in the given order, joined with a blank line, and cut into two halves at
-the first line break at or after the middle character: the first half is the calibration split, the second the
-evaluation split.
+With ``paths=`` the user's own text replaces the default source, cut into a calibration and an evaluation half
+(:func:`load_text`).
 
 :func:`token_blocks` tokenizes a split (no special tokens) and cuts it into consecutive blocks;
 :func:`available_tokens` and :func:`require_tokens` tell, cheaply and before any model work, whether a split is
@@ -67,11 +65,7 @@ class TextTooShortError(ValueError):
         self.requested = requested
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Sources
-# ----------------------------------------------------------------------------------------------------------
-
-
+# -- sources ----------------------------------------------------------------------------------------------
 def _check_split(split: str) -> str:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: pass split='calibration' or split='evaluation'")
@@ -157,20 +151,20 @@ def _read_user_file(path: Path) -> str:
 
 def _user_signature(files: list[Path]) -> tuple:
     """Identifies the user's text for caching: resolved path, size and modification time of every file."""
-    sig = []
-    for f in files:
-        st = f.stat()
-        sig.append((str(f.resolve()), st.st_size, st.st_mtime_ns))
-    return tuple(sig)
+    return tuple((str(f.resolve()), (st := f.stat()).st_size, st.st_mtime_ns) for f in files)
+
+
+def _halves(text: str) -> tuple[str, str]:
+    """``text`` cut at the first line break at or after its middle character."""
+    newline = text.find("\n", len(text) // 2)
+    cut = newline + 1 if newline != -1 else len(text) // 2
+    return text[:cut], text[cut:]
 
 
 @lru_cache(maxsize=8)
 def _user_splits(signature: tuple) -> tuple[str, str]:
     text = _USER_JOINER.join(_read_user_file(Path(p)) for p, _, _ in signature)
-    middle = len(text) // 2
-    newline = text.find("\n", middle)
-    cut = newline + 1 if newline != -1 else middle
-    calibration, evaluation = text[:cut], text[cut:]
+    calibration, evaluation = _halves(text)
     if not calibration.strip() or not evaluation.strip():
         names = ", ".join(p for p, _, _ in signature)
         raise ValueError(
@@ -219,7 +213,6 @@ def text_source_info(paths: str | os.PathLike | list | tuple | None = None) -> d
             "documents": [{"file": str(f)} for f in files],
         }
     manifest = _manifest()
-    docs = manifest["documents"]
     return {
         "name": DEFAULT_SOURCE,
         "description": manifest["description"],
@@ -228,7 +221,7 @@ def text_source_info(paths: str | os.PathLike | list | tuple | None = None) -> d
         "n_chars": {split: len(_default_text(split)) for split in SPLITS},
         "documents": [
             {k: d[k] for k in ("file", "split", "title", "author", "kind", "licence", "origin", "n_chars")}
-            for d in docs
+            for d in manifest["documents"]
         ],
         "data_dir": str(_DATA_DIR),
     }
@@ -252,17 +245,13 @@ def haystack_sources(split: str = "test", paths=None) -> list[dict]:
            for name in section["splits"][split]]
     if paths is not None:  # the evaluation half of the user's text (never its calibration half), cut in two
         text = load_text("evaluation", paths)
-        newline = text.find("\n", len(text) // 2)
-        cut = newline + 1 if newline != -1 else len(text) // 2
-        part = text[cut:] if split == "test" else text[:cut]
+        dev, test = _halves(text)
+        part = test if split == "test" else dev
         out.append({"name": "user", "kind": "user text", "text": part if part.strip() else text})
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Tokens
-# ----------------------------------------------------------------------------------------------------------
-
+# -- tokens -----------------------------------------------------------------------------------------------
 _TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
 _TOKEN_CACHE_MAX = 16
 

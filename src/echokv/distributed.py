@@ -119,22 +119,16 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
 
 def sum_float(x: float) -> float:
     """A number summed over the ranks."""
-    if not active():
-        return x
-    return float(all_sum(torch.tensor([float(x)], dtype=torch.float64))[0])
+    return float(all_sum(torch.tensor([float(x)], dtype=torch.float64))[0]) if active() else x
 
 
 def sum_int(x: int) -> int:
-    if not active():
-        return x
-    return int(all_sum(torch.tensor([int(x)], dtype=torch.int64))[0])
+    return int(all_sum(torch.tensor([int(x)], dtype=torch.int64))[0]) if active() else x
 
 
 def pooled_mean(mean: torch.Tensor, count: int) -> torch.Tensor:
     """The mean over every rank's rows from this rank's ``mean`` of ``count`` rows."""
-    if not active():
-        return mean
-    return all_sum(mean * count) / sum_int(count)
+    return all_sum(mean * count) / sum_int(count) if active() else mean
 
 
 def sum_gradients(params: Iterable[torch.nn.Parameter]) -> None:

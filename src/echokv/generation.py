@@ -11,6 +11,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from .attention import echokv_attention, runs_sdpa, serves
+from .cache import CompressedCache, FullCache
 from .config import GenerateConfig
 from .models import cache_kwarg
 
@@ -55,9 +57,7 @@ def prefill(model, cache, input_ids, attention_mask=None, chunk_size: int = PREF
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if not isinstance(exact_prompt, bool):
         raise TypeError(f"exact_prompt must be True or False, got {exact_prompt!r}")
-    check_model = getattr(cache, "check_model", None)
-    if check_model is not None:
-        check_model(model)
+    getattr(cache, "check_model", lambda _: None)(model)  # an echokv cache refuses another model
     start = cache.get_seq_length()
     if attention_mask is None:
         _refuse_unmasked_padding(model, input_ids, None, "prefill")
@@ -198,16 +198,11 @@ def generate(model, input_ids: torch.Tensor, cache=None, *, max_new_tokens: int 
     each row answers as it would alone (its tokens are moved after its padding first, because the rows share the
     cache's slots). Rows that begin or end with different runs of the pad token and no mask are refused.
     """
-    from .attention import echokv_attention, runs_sdpa, serves
-    from .cache import CompressedCache, FullCache
-
     _check_call(model, input_ids, "generate")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     cache = FullCache(model) if cache is None else cache
-    check_model = getattr(cache, "check_model", None)
-    if check_model is not None:
-        check_model(model)
+    getattr(cache, "check_model", lambda _: None)(model)  # an echokv cache refuses another model
     held = cache.get_seq_length()
     mask = None
     if attention_mask is None:
@@ -274,8 +269,6 @@ def divergence(model, input_ids: torch.Tensor, reference: torch.Tensor, answer: 
     margin is within the rounding of the model's dtype (:func:`near_tie`). ``make_cache()`` builds a cache like the
     one that produced ``answer``; ``reference_cache()`` one like the reference's (default: the full cache). Both are
     replayed as :func:`generate` runs them: the prompt but its last token prefilled, then one token per step."""
-    from .cache import FullCache
-
     n = min(len(reference), len(answer))
     differs = (reference[:n] != answer[:n]).nonzero()
     if not len(differs):
@@ -285,8 +278,6 @@ def divergence(model, input_ids: torch.Tensor, reference: torch.Tensor, answer: 
     steps = torch.cat([input_ids[0, -1:], reference[:i].to(input_ids.device)])
 
     def replay(cache) -> torch.Tensor:
-        from .attention import echokv_attention, serves
-
         scope = echokv_attention(model) if serves(model) and hasattr(cache, "fast") else contextlib.nullcontext()
         with scope:
             if input_ids.shape[1] > 1:

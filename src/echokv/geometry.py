@@ -49,8 +49,6 @@ def check_device(device) -> torch.device:
 
 
 @dataclass
-
-
 class KVGeometry:
     """What a model's KV cache holds per token."""
 

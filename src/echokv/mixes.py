@@ -352,14 +352,13 @@ def component_errors(z: torch.Tensor, widths=WIDTHS, group: int = QUANT_GROUP) -
     return torch.stack(out, 1)
 
 
-def allocate(errors: list[torch.Tensor], budget_bits: float, widths=WIDTHS, group: int = QUANT_GROUP,
-             fixed: list[int | None] | None = None) -> tuple[list[list[int]], float]:
+def allocate(errors: list[torch.Tensor], budget_bits: float, widths=WIDTHS,
+             group: int = QUANT_GROUP) -> tuple[list[list[int]], float]:
     """Widths of every component under one byte budget: greedily, the step (a component to a larger width) that
     removes the most weighted error per bit, until the budget is spent.
 
     ``errors[i]`` [r_i, len(widths)]: the error of part i's components at each width, already weighted by what
-    an error of that part costs. ``fixed[i]``: a width every kept component of part i must have (the heads
-    variant keeps whole heads at one precision), or None. Returns the widths and the bits spent per token.
+    an error of that part costs. Returns the widths and the bits spent per token.
     """
     state = [torch.zeros(e.shape[0], dtype=torch.long) for e in errors]
     heap: list = []
@@ -368,8 +367,6 @@ def allocate(errors: list[torch.Tensor], budget_bits: float, widths=WIDTHS, grou
         j = int(state[pi][c])
         best = None
         for jj in range(j + 1, len(widths)):
-            if fixed and fixed[pi] is not None and widths[jj] != fixed[pi]:
-                continue
             cost = cost_bits(widths[jj], group) - cost_bits(widths[j], group)
             gain = float(errors[pi][c, j] - errors[pi][c, jj])
             if best is None or gain / cost > best[0]:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import placement
 from .geometry import (  # noqa: F401 - re-exported: echokv.models is where users find them
     DTYPES,
     SUPPORTED_MODEL_TYPES,
@@ -32,6 +33,7 @@ from .geometry import (  # noqa: F401 - re-exported: echokv.models is where user
     resolve_dtype,
     text_config,
 )
+from .selection import make_groups
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -173,7 +175,6 @@ def _tiny(name: str, dtype: torch.dtype):
     tokenizer = ByT5Tokenizer(extra_ids=0)
     model = tiny_model(arch, dtype=dtype, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                        eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
-    model.echokv_name = name
     return model, tokenizer
 
 
@@ -214,7 +215,8 @@ def load_model(
     if name.startswith("tiny-") and not Path(name).exists():
         model, tokenizer = _tiny(name, torch_dtype)
         if placed is not None:
-            return _dispatched(model, placed, groups, keep_groups_on_device).eval(), tokenizer
+            mapping, folder = _checked(model, placed, groups, keep_groups_on_device)
+            return placement.dispatch(model, mapping, folder).eval(), tokenizer
         return model.to(dev).eval(), tokenizer
     source, gguf_file = _resolve_source(name)
     _require("transformers", "loading a model", "pip install transformers")
@@ -230,10 +232,8 @@ def load_model(
         if name == "gemma3-270m":
             _check_gemma_tokenizer(tokenizer)
         if placed is not None:  # resolved and checked on an empty model before any weight loads
-            from . import placement
-
-            mapping = _planned(source, kwargs, torch_dtype, attn_implementation, placed, groups, keep_groups_on_device)
-            folder = placement.offload_folder(mapping, placed[2])
+            mapping, folder = _planned(source, kwargs, torch_dtype, attn_implementation, placed, groups,
+                                       keep_groups_on_device)
             if gguf_file is None:  # loaded in place
                 load_kwargs = {"device_map": mapping, "offload_folder": folder}
         model = AutoModelForCausalLM.from_pretrained(
@@ -257,8 +257,6 @@ def load_model(
 
 def _placement_request(device_map, max_memory, offload_folder, dev: torch.device) -> tuple:
     """(map, max memory, folder) as given, checked before anything loads."""
-    from .placement import PlacementError, check_offload_folder, parse_device_map, parse_max_memory
-
     if device_map is None:
         raise ModelLoadError("--max-memory and --offload-folder apply to a model split by --device-map; pass "
                              "--device-map auto (or a map)")
@@ -266,45 +264,30 @@ def _placement_request(device_map, max_memory, offload_folder, dev: torch.device
         raise ModelLoadError(f"pass --device ({dev}) or --device-map, not both: the map says where every module goes")
     try:
         if offload_folder is not None:
-            check_offload_folder(offload_folder)
-        return parse_device_map(device_map), parse_max_memory(max_memory), offload_folder
-    except PlacementError as exc:
+            placement.check_offload_folder(offload_folder)
+        return placement.parse_device_map(device_map), placement.parse_max_memory(max_memory), offload_folder
+    except placement.PlacementError as exc:
         raise ModelLoadError(str(exc)) from None
 
 
-def _checked(model, placed: tuple, groups, keep: bool) -> dict:
-    """The resolved map of ``model`` (real or empty), its groups checked."""
-    from . import placement
-
+def _checked(model, placed: tuple, groups, keep: bool) -> tuple[dict, str | None]:
+    """The resolved map of ``model`` (real or empty), its groups checked, and the folder of "disk" weights."""
     try:
         mapping = placement.resolve(model, placed[0], placed[1])
         if groups is not None:
             if isinstance(groups, int):
-                from .selection import make_groups
-
                 layers = kv_geometry(model).full_attention_layers
                 groups = make_groups(layers, min(groups, len(layers)))
             if keep and isinstance(placed[0], str):  # a strategy's map is moved to fit the groups
                 mapping = placement.align(model, mapping, groups)
             placement.check_groups(model, groups, placement.execution_devices(model, mapping), keep)
+        return mapping, placement.offload_folder(mapping, placed[2])
     except placement.PlacementError as exc:
         raise ModelLoadError(str(exc)) from None
-    return mapping
 
 
-def _dispatched(model, placed: tuple, groups, keep: bool):
-    from . import placement
-
-    mapping = _checked(model, placed, groups, keep)
-    try:
-        folder = placement.offload_folder(mapping, placed[2])
-    except placement.PlacementError as exc:
-        raise ModelLoadError(str(exc)) from None
-    return placement.dispatch(model, mapping, folder)
-
-
-def _planned(source: str, kwargs: dict, dtype, attn_implementation, placed: tuple, groups, keep: bool) -> dict:
-    """The map of a Hub, folder or GGUF model, resolved on an empty (meta) model built from its configuration."""
+def _planned(source: str, kwargs: dict, dtype, attn_implementation, placed: tuple, groups, keep: bool):
+    """:func:`_checked` for a Hub, folder or GGUF model, on an empty (meta) model made from its config."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -21,6 +21,7 @@ refuses such a map instead (:func:`check_groups`).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import re
@@ -28,6 +29,7 @@ import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -81,25 +83,24 @@ def parse_device_map(value) -> str | dict | None:
 def _device_value(value, module: str):
     """A device map value as accelerate takes it: an int (GPU index), ``"cpu"``, ``"disk"`` or a torch device
     string this torch can use."""
-
+    where = f"device map: module {module or '(whole model)'!r} ->"
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise PlacementError(f"device map: module {module or '(whole model)'!r} -> {value!r} is not a device; use a "
-                             "GPU index, 'cpu', 'disk', 'cuda:N' or 'mps'")
+        raise PlacementError(f"{where} {value!r} is not a device; use a GPU index, 'cpu', 'disk', "
+                             "'cuda:N' or 'mps'")
     if value in OFFLOADED:
         return value
     if isinstance(value, int):
         if value < 0:
-            raise PlacementError(f"device map: module {module or '(whole model)'!r} -> {value}: a GPU index is >= 0")
+            raise PlacementError(f"{where} {value}: a GPU index is >= 0")
         target = f"cuda:{value}"
     else:
         target = value
     if target == "meta":
-        raise PlacementError(f"device map: module {module or '(whole model)'!r} -> 'meta' holds no weights; use "
-                             "'disk' to offload them")
+        raise PlacementError(f"{where} 'meta' holds no weights; use 'disk' to offload them")
     try:
         check_device(target)
     except ModelLoadError as exc:
-        raise PlacementError(f"device map: module {module or '(whole model)'!r} -> {value!r}: {exc}") from None
+        raise PlacementError(f"{where} {value!r}: {exc}") from None
     return value
 
 
@@ -186,7 +187,6 @@ def _torch_device(value) -> torch.device:
 
 def execution_devices(model, mapping: dict) -> dict[int, torch.device]:
     """layer -> the device its attention runs on under ``mapping`` (before or after dispatch)."""
-
     names = {id(m): n for n, m in model.named_modules()}
     main = main_device(mapping)
     out = {}
@@ -199,7 +199,6 @@ def execution_devices(model, mapping: dict) -> dict[int, torch.device]:
 def layer_devices(model) -> dict[int, torch.device]:
     """layer -> the device its K/V are computed on: for a dispatched model, the execution device of accelerate's
     hook on the layer's attention (or on a module holding it), else where the layer's weights are."""
-
     mods = dict(model.named_modules())
     names = {id(m): n for n, m in mods.items()}
     out = {}
@@ -271,7 +270,6 @@ def align(model, mapping: dict, groups: list[list[int]]) -> dict:
     """``mapping`` (a strategy's) with every group that runs on two devices moved whole to its group device: the
     map a strategy gives with ``keep_groups_on_device``. That device then holds up to S/2 layers more than the
     strategy planned for it (logged)."""
-
     devices = execution_devices(model, mapping)
     names = {id(m): n for n, m in model.named_modules()}
     attn = attention_modules(model)
@@ -296,7 +294,6 @@ def align(model, mapping: dict, groups: list[list[int]]) -> dict:
 
 def check_groups(model, groups: list[list[int]], devices: dict[int, torch.device], keep_on_device: bool) -> None:
     """Refuse (``keep_on_device``) or report a placement that runs a group's layers on two devices."""
-
     split = split_groups(groups, devices)
     if not split:
         return
@@ -349,8 +346,6 @@ def readable(modules: dict) -> dict:
     """Attention modules (layer -> module) whose ``o_proj.weight`` and ``scaling`` training reads on the CPU, where
     its statistics and stage 2 run: a module whose weight is elsewhere (an accelerator, or offloaded by accelerate:
     meta outside a forward) is replaced by a view holding a CPU copy of its ``o_proj`` weight."""
-    from types import SimpleNamespace
-
     out = {}
     for layer, mod in modules.items():
         if mod.o_proj.weight.device.type == "cpu":
@@ -365,8 +360,6 @@ def readable(modules: dict) -> dict:
 def onloaded(module: torch.nn.Module):
     """Within the block, the weights of ``module`` and its submodules that accelerate offloaded (meta outside a
     forward) are in place on their execution device."""
-    import contextlib
-
     from accelerate.utils import align_module_device
 
     stack = contextlib.ExitStack()

@@ -1,16 +1,10 @@
-"""Retained-head selection: which (layer, head) pairs the compressed cache keeps.
+"""Retained-head selection: which (layer, head) pairs the compressed cache keeps, per group of S consecutive
+full-attention layers (sliding-window layers are left alone), for keys and values apart. Every discarded pair
+is rebuilt from all the retained pairs of its group.
 
-Layers whose attention sees the whole context (sliding-window layers are left alone) are split into
-consecutive groups of S layers. Every discarded pair of a group is reconstructed from retained pairs of
-the same group. Keys and values get their own retained sets.
-
-Layouts
-- ``data`` (the default, measured best): per group, greedily keep the heads that best explain the others
-  (least ridge residual, computed from calibration second moments); a discarded head is predicted from all
-  retained heads of its group. Reaches any ratio exactly (up to one head).
-- ``paper`` (EchoKV section 3): the first layer of each group is kept whole (the "global" input) and every
-  other layer keeps its first m heads (the "local" input); a discarded head is predicted from [global, its
-  own layer's local heads].
+* ``data`` (the default, measured best): per group, greedily keep the heads that best explain the others
+  (least ridge residual, from calibration second moments); reaches any ratio exactly (up to one head);
+* ``paper`` (EchoKV section 3): the first layer of each group kept whole, and the first m heads of the others.
 
 The compression ratio is the fraction of the cache removed (kvpress convention): 0.5 keeps half.
 """
@@ -28,6 +22,13 @@ def check_ratio(ratio: float, what: str = "compression ratio") -> float:
     if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
         raise ValueError(f"{what} must be in [0, 1) (the fraction of the KV cache removed), got {ratio!r}")
     return float(ratio)
+
+
+def check_m(m, num_kv_heads: int) -> None:
+    """The paper layout's local input size: heads kept in each non-first layer of a group."""
+    if not isinstance(m, int) or not 0 <= m <= num_kv_heads:
+        raise ValueError(f"local input size m={m!r} does not fit this model: it must be in "
+                         f"[0, {num_kv_heads}]")
 
 
 def make_groups(layers: list[int], group_size: int) -> list[list[int]]:
@@ -75,20 +76,13 @@ class HeadLayout:
     def retained_in_layer(self, kind: str, layer: int) -> list[int]:
         return [h for (lay, h) in self.retained(kind) if lay == layer]
 
-    def group_of(self, layer: int) -> int:
-        for g, group in enumerate(self.groups):
-            if layer in group:
-                return g
-        raise KeyError(layer)
-
 
 def paper_layout(
     layers: list[int], num_kv_heads: int, group_size: int, m: int, inputs: str = "global+local"
 ) -> HeadLayout:
     """First layer of each group whole + the first ``m`` heads of every other layer."""
     groups = make_groups(layers, group_size)
-    if not isinstance(m, int) or not 0 <= m <= num_kv_heads:
-        raise ValueError(f"local input size m={m!r} does not fit this model: it must be in [0, {num_kv_heads}]")
+    check_m(m, num_kv_heads)
     kept = []
     for group in groups:
         kept += [(group[0], h) for h in range(num_kv_heads)]
@@ -115,8 +109,7 @@ def nearest_paper_layout(layers, num_kv_heads, ratio, group_size=None, m=None, i
         make_groups(layers, group_size)
         options = [o for o in options if o["group_size"] == group_size]
     if m is not None:
-        if not isinstance(m, int) or not 0 <= m <= num_kv_heads:
-            raise ValueError(f"local input size m={m!r} does not fit this model: it must be in [0, {num_kv_heads}]")
+        check_m(m, num_kv_heads)
         options = [o for o in options if o["m"] == m]
     # closest ratio; then the smaller group (cheaper, more local)
     best = min(options, key=lambda o: (round(abs(o["compression_ratio"] - ratio), 9), o["group_size"]))

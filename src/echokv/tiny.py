@@ -13,14 +13,7 @@ ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3", "qwen3", "phi3")
 
 
 def tiny_config(arch: str = "llama", **overrides):
-    from transformers import (
-        Gemma3TextConfig,
-        LlamaConfig,
-        MistralConfig,
-        Phi3Config,
-        Qwen2Config,
-        Qwen3Config,
-    )
+    import transformers
 
     common = {
         "vocab_size": 256,
@@ -36,30 +29,23 @@ def tiny_config(arch: str = "llama", **overrides):
         "pad_token_id": 0,
         "tie_word_embeddings": False,
     }
-    if arch == "llama":
-        cfg = LlamaConfig(**{**common, **overrides})
-    elif arch == "mistral":
-        cfg = MistralConfig(**{**common, "sliding_window": None, **overrides})
-    elif arch == "qwen2":
-        cfg = Qwen2Config(**{**common, "use_sliding_window": False, **overrides})
-    elif arch == "gemma3":
-        gemma = dict(
-            common,
-            num_hidden_layers=6,
-            head_dim=32,
-            sliding_window=16,
-            layer_types=["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 2
-            + ["full_attention"],
-            query_pre_attn_scalar=32,
-        )
-        cfg = Gemma3TextConfig(**{**gemma, **overrides})
-    elif arch == "qwen3":
-        cfg = Qwen3Config(**{**common, "use_sliding_window": False, **overrides})
-    elif arch == "phi3":
-        cfg = Phi3Config(**{**common, "sliding_window": None, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
-                            "attention_dropout": 0.0, **overrides})
-    else:
+    # per architecture: its configuration class and what it changes of the common settings
+    configs = {
+        "llama": ("LlamaConfig", {}),
+        "mistral": ("MistralConfig", {"sliding_window": None}),
+        "qwen2": ("Qwen2Config", {"use_sliding_window": False}),
+        "gemma3": ("Gemma3TextConfig", {"num_hidden_layers": 6, "head_dim": 32, "sliding_window": 16,
+                                        "layer_types": ["sliding_attention"] * 2 + ["full_attention"]
+                                        + ["sliding_attention"] * 2 + ["full_attention"],
+                                        "query_pre_attn_scalar": 32}),
+        "qwen3": ("Qwen3Config", {"use_sliding_window": False}),
+        "phi3": ("Phi3Config", {"sliding_window": None, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                                "attention_dropout": 0.0}),
+    }
+    if arch not in configs:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    name, changes = configs[arch]
+    cfg = getattr(transformers, name)(**{**common, **changes, **overrides})
     cfg._attn_implementation = "sdpa"
     return cfg
 

@@ -51,7 +51,7 @@ from .mixes import (
 )
 from .models import kv_geometry
 from .placement import readable
-from .selection import _budgets, data_layout, make_groups, nearest_paper_layout
+from .selection import _budgets, check_m, data_layout, make_groups, nearest_paper_layout
 from .stats.capture import attention_modules
 from .stats.collect import collect
 from .stats.rope import Rope, rotate, unrotate
@@ -73,10 +73,8 @@ def validate(cfg: TrainConfig, model, reachable: bool = True) -> None:
     layers = geo.full_attention_layers
     if cfg.group_size is not None:
         make_groups(layers, cfg.group_size)
-    if cfg.m is not None and not (isinstance(cfg.m, int) and 0 <= cfg.m <= geo.num_kv_heads):
-        raise ValueError(
-            f"local input size m={cfg.m!r} does not fit this model: it must be in [0, {geo.num_kv_heads}]"
-        )
+    if cfg.m is not None:
+        check_m(cfg.m, geo.num_kv_heads)
     for name in ("calib_tokens", "seq_len", "stage2_batch", "heldout_tokens"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
@@ -168,18 +166,26 @@ class Features:
                     ks.append(unrotate(k, cos, sin).transpose(1, 2).flatten(2))
                     vs.append(v.transpose(1, 2).flatten(2))
                     self.q[layer] = q[:, :, self.pos]
-                    n_rep = q.shape[1] // k.shape[1]
-                    out = self._attend(self.q[layer], k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1),
-                                       modules[layer])
-                    self.ref[layer] = out
+                    self.ref[layer] = out = self._attend(self.q[layer], k, v, modules[layer])
                     self.den += float(out.pow(2).sum())
                 self.x[gi, "k"], self.x[gi, "v"] = torch.cat(ks, -1), torch.cat(vs, -1)
         self.den = distributed.sum_float(self.den)
 
     def _attend(self, q, k, v, module):
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=module.scaling)
+        """The attention output (after ``o_proj``) of the queries ``q`` over K/V of fewer heads (GQA)."""
+        n_rep = q.shape[1] // k.shape[1]
+        o = F.scaled_dot_product_attention(q, k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1),
+                                           attn_mask=self.mask, scale=module.scaling)
         b, hq, tq, d = o.shape
         return o.transpose(1, 2).reshape(b, tq, hq * d) @ module.o_proj.weight.float().T
+
+    def _layer_output(self, lay: MixLayout, rebuilt: dict, j: int, layer: int, q) -> torch.Tensor:
+        """The output of ``layer`` (the ``j``-th of its group; ``q`` its queries) over the K/V in its group's
+        ``rebuilt`` features, the keys rotated to their positions."""
+        h, d = lay.num_kv_heads, lay.head_dim
+        cols = slice(j * h * d, (j + 1) * h * d)
+        k, v = (rebuilt[kind][..., cols].unflatten(-1, (h, d)).transpose(1, 2) for kind in KINDS)
+        return self._attend(q, rotate(k, self.cos[layer], self.sin[layer]), v, self.modules[layer])
 
     def encode(self, mixes: Mixes, quantized: bool = True) -> None:
         """Fix every sample's components as the cache stores them (the encoder does not change in stage 2)."""
@@ -198,19 +204,11 @@ class Features:
             if not len(local):  # none of the batch is this rank's
                 return torch.zeros(())
         pick = (lambda x: x) if batch is None else (lambda x: x[local if self.index is not None else batch])
-        lay = mixes.layout
-        h, d = lay.num_kv_heads, lay.head_dim
         total = 0.0
         for gi, group in enumerate(self.groups):
             rebuilt = {kind: mixes.decode(mixes.index(gi, kind), pick(self.z[gi, kind])) for kind in KINDS}
             for j, layer in enumerate(group):
-                cols = slice(j * h * d, (j + 1) * h * d)
-                k = rebuilt["k"][..., cols].unflatten(-1, (h, d)).transpose(1, 2)
-                v = rebuilt["v"][..., cols].unflatten(-1, (h, d)).transpose(1, 2)
-                k = rotate(k, self.cos[layer], self.sin[layer])
-                q = pick(self.q[layer])
-                n_rep = q.shape[1] // h
-                out = self._attend(q, k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1), self.modules[layer])
+                out = self._layer_output(mixes.layout, rebuilt, j, layer, pick(self.q[layer]))
                 total = total + (out - pick(self.ref[layer])).pow(2).sum()
         scale = 1.0 if batch is None else self.n / len(batch)
         return total * scale / max(self.den, 1e-30)
@@ -233,7 +231,6 @@ class Features:
                 num, den = distributed.sum_float(num), distributed.sum_float(den)
                 out[kind] = num / max(den, 1e-30)
         return out
-
 
     def details(self, mixes: Mixes) -> dict:
         """Where the error is (:mod:`echokv_lab.referee`): per layer and KV head the relative error of keys (pre-RoPE)
@@ -258,12 +255,7 @@ class Features:
                         heads[kind] = (err.sum((0, 1, 3)) / x.pow(2).sum((0, 1, 3)).clamp_min(1e-30)).tolist()
                         pos_num[kind] += err.sum((0, 2, 3))
                         pos_den[kind] += x.pow(2).sum((0, 2, 3))
-                    k = rebuilt["k"][..., cols].unflatten(-1, (h, d)).transpose(1, 2)
-                    v = rebuilt["v"][..., cols].unflatten(-1, (h, d)).transpose(1, 2)
-                    k = rotate(k, self.cos[layer], self.sin[layer])
-                    n_rep = self.q[layer].shape[1] // h
-                    o = self._attend(self.q[layer], k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1),
-                                     self.modules[layer])
+                    o = self._layer_output(lay, rebuilt, j, layer, self.q[layer])
                     diff, ref = (o - self.ref[layer]).pow(2), self.ref[layer].pow(2)
                     out_num += diff.sum((0, 2))
                     out_den += ref.sum((0, 2))
@@ -428,8 +420,7 @@ def stage2(mixes: Mixes, train: Features, held: Features, cfg: TrainConfig) -> d
             out["skipped"] = f"stage 1 is already lossless (held-out output error {start:.2g} < {LOSSLESS:g})"
         return out
     params = mixes.trainable()
-    for p in mixes.parameters():
-        p.requires_grad_(False)
+    mixes.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
@@ -481,8 +472,7 @@ def train(model, tokenizer, cfg: TrainConfig, calib=None, held=None, layout=None
     keep = cal_index[cal_index < kept]
     groups = layout.groups if layout is not None else make_groups(
         geo.full_attention_layers, cfg.group_size or min(4, len(geo.full_attention_layers)))
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     modules = readable(attention_modules(model))
 
     t1 = time.perf_counter()

@@ -66,33 +66,30 @@ class OutputFolderError(FileExistsError):
     a folder holding files echokv did not write, a file, or an existing folder without ``overwrite``."""
 
 
+def _head(path: Path, n: int) -> bytes | None:
+    """The first ``n`` bytes of a file, None where it cannot be read."""
+    try:
+        with path.open("rb") as f:
+            return f.read(n)
+    except OSError:
+        return None
+
+
 def _names_format(prefix: str, within: int) -> Callable[[Path], bool]:
     """A file whose first ``within`` bytes name the format ``prefix`` (an artifact's ``config.json``, whose first
     key it is; a weights file, whose header metadata holds it). Read as bytes, so that a truncated or corrupt
     file of echokv's is still recognised as its own (and may be replaced by a new one)."""
-    needle = f'"format": "{prefix}'.encode()
-    compact = f'"format":"{prefix}'.encode()
+    needle, compact = f'"format": "{prefix}'.encode(), f'"format":"{prefix}'.encode()
 
     def check(path: Path) -> bool:
-        try:
-            with path.open("rb") as f:
-                head = f.read(within)
-        except OSError:
-            return False
+        head = _head(path, within) or b""
         return needle in head or compact in head
 
     return check
 
 
 def _starts_with(prefix: bytes) -> Callable[[Path], bool]:
-    def check(path: Path) -> bool:
-        try:
-            with path.open("rb") as f:
-                return f.read(len(prefix)) == prefix
-        except OSError:
-            return False
-
-    return check
+    return lambda path: _head(path, len(prefix)) == prefix
 
 
 def _json_file(path: Path) -> bool:
@@ -101,11 +98,7 @@ def _json_file(path: Path) -> bool:
 
 def _matplotlib_png(path: Path) -> bool:
     """A PNG drawn by matplotlib (its ``Software`` text chunk), as every figure of echokv is."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(4096)
-    except OSError:
-        return False
+    head = _head(path, 4096) or b""
     return head.startswith(b"\x89PNG\r\n\x1a\n") and b"Matplotlib" in head
 
 
@@ -219,13 +212,10 @@ def check_output_dir(out, overwrite: bool, replace: bool = True, tidy: bool = Tr
     out = Path(out).expanduser()
     if tidy:
         clean_stale(out)
-    if replace:
-        why = _protected(out)
-        if why is not None:
-            raise OutputFolderError(
-                f"refusing to use {out} ({why}) as an output folder: echokv replaces its output folder as a "
-                f"whole; pass a new folder, e.g. {out / 'echokv-out'}"
-            )
+    why = _protected(out) if replace else None
+    if why is not None:
+        raise OutputFolderError(f"refusing to use {out} ({why}) as an output folder: echokv replaces its "
+                                f"output folder as a whole; pass a new folder, e.g. {out / 'echokv-out'}")
     if out.is_symlink() and replace:
         raise OutputFolderError(f"output path {out} is a symbolic link; echokv does not replace links, pass the "
                                 "folder itself or a new one")
@@ -300,10 +290,8 @@ def _alive(pid: int) -> bool:
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
+    except OSError as exc:  # (PermissionError: alive, another user's)
+        return not isinstance(exc, ProcessLookupError)
     return True
 
 

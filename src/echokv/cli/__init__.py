@@ -141,13 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"echokv: {where}{_interrupted(args, started)}", file=sys.stderr)
         return 130
-    except USER_ERRORS as exc:
+    except (*USER_ERRORS, OSError, distributed.PeerLost) as exc:
         if args.debug:
             raise
         print(f"echokv: error: {where}{error_line(exc)}", file=sys.stderr)
-        return 2
-    except (OSError, distributed.PeerLost) as exc:  # the machine, not the input: a full disk, a lost rank
-        if args.debug:
-            raise
-        print(f"echokv: error: {where}{error_line(exc)}", file=sys.stderr)
-        return 2 if getattr(exc, "errno", None) == errno.ENAMETOOLONG else 1  # (but a path too long is the input's)
+        # another OSError or a lost rank is the machine's, not the input's (1), but for a path too long
+        return 2 if isinstance(exc, USER_ERRORS) or getattr(exc, "errno", None) == errno.ENAMETOOLONG else 1

@@ -95,13 +95,10 @@ def add_options(parser: argparse.ArgumentParser, *classes) -> None:
                     kwargs["help"] += f" (default: {field.default})"
             if not required:
                 kwargs["default"] = field.default
-            group = parser
-            if meta.get("one_of"):
-                tag = meta["one_of"]
-                if tag not in exclusive:
-                    exclusive[tag] = parser.add_mutually_exclusive_group(required=True)
-                group = exclusive[tag]
-            group.add_argument(*flags(field), **kwargs)
+            tag = meta.get("one_of")  # a required group of which exactly one is given
+            if tag and tag not in exclusive:
+                exclusive[tag] = parser.add_mutually_exclusive_group(required=True)
+            (exclusive[tag] if tag else parser).add_argument(*flags(field), **kwargs)
 
 
 def from_args(args: argparse.Namespace, cls):

@@ -1,14 +1,8 @@
-"""A full engine's K/V offloaded as EchoKV-Q codes and restored as K/V: full -> compressed -> full (pure torch:
-tested in the main environment; the vLLM connector uses it).
-
-A prompt's K/V is stored as one folder: ``kv.safetensors`` (per layer its blocks as :class:`~.pages.PageFormat`
-bytes and its sinks' exact copies) and ``kv.json`` (the codec's checksum, the token count, the file's sha256). A
-folder whose codec or checksum does not match is refused, never used.
-
-vLLM's CPU cache does not keep K/V token-major: per block and head its ``vec`` kernels write keys as
-``[head_dim, block_size]`` and values as ``[block_size, head_dim]``, its ``amx`` kernels pack both for tiles (vLLM
-0.16 ``csrc/cpu/cpu_attn_*.hpp``). :func:`probe` learns where each (token, head, channel) lands from the engine's own
-write op, so that reading and writing follow whatever layout the engine uses.
+"""A full engine's K/V stored as EchoKV-Q codes and restored as K/V (pure torch; the vLLM connector uses it): per
+prompt ``kv.safetensors`` (per layer its blocks as :class:`~.pages.PageFormat` bytes, its sinks exact) and ``kv.json``
+(the codec's and the file's sha256: a mismatch is refused, never used). vLLM's CPU cache is not token-major (its
+``vec`` kernels keep keys as ``[head_dim, block_size]`` per block and head, ``amx`` packs both for tiles), so
+:func:`probe` learns the layout from the engine's own write op.
 """
 
 from __future__ import annotations
@@ -17,8 +11,11 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from ..artifact import sha256_file
 from ..codecs.headq import HeadQuantCodec
+from ..util import atomic_dir
 from .pages import PageFormat, gathered
 
 FILES = ("kv.safetensors", "kv.json")
@@ -79,11 +76,6 @@ def decode(codec: HeadQuantCodec, layer: int, tensors: dict) -> tuple[torch.Tens
 
 def save(folder, tensors: dict, codec_id: str, tokens: int) -> None:
     """Write a prompt's tensors to the new ``folder`` (complete or absent: written beside it, then renamed)."""
-    from safetensors.torch import save_file
-
-    from ..artifact import sha256_file
-    from ..util import atomic_dir
-
     with atomic_dir(folder, flag=None) as tmp:
         save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp / FILES[0]))
         (tmp / FILES[1]).write_text(json.dumps({"codec": codec_id, "tokens": tokens,
@@ -92,8 +84,6 @@ def save(folder, tensors: dict, codec_id: str, tokens: int) -> None:
 
 def check(folder, codec_id: str) -> str | None:
     """Why the stored ``folder`` cannot be used (one line), or None when it can."""
-    from ..artifact import sha256_file
-
     folder = Path(folder)
     if not all((folder / f).is_file() for f in FILES):
         return f"{folder}: incomplete ({' and '.join(FILES)} expected)"
@@ -107,8 +97,6 @@ def check(folder, codec_id: str) -> str | None:
 
 def load(folder, codec_id: str) -> dict:
     """The tensors :func:`save` wrote (ValueError, one line, where :func:`check` refuses them)."""
-    from safetensors.torch import load_file
-
     why = check(folder, codec_id)
     if why:
         raise ValueError(why)

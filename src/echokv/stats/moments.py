@@ -1,20 +1,16 @@
-"""Second moments of KV heads: the sufficient statistics of stage 1, selection and similarity.
+"""Second moments of KV heads, streamed a block of tokens at a time in float64: the sufficient statistics of
+stage 1, selection and similarity.
 
-Keys are cached after the rotary embedding (RoPE), which rotates each pair of dimensions
-(i, i + d/2) by an angle that depends on the token's position. Writing that pair as one complex
-number z_i, RoPE multiplies z_i by e^{j theta_i t}. A map between heads commutes with RoPE, for every
-position, exactly when it mixes heads frequency by frequency with one complex coefficient each:
-    z_target,i = sum_s c_{s,i} z_s,i
-So keys are reconstructed in that form, directly from the post-RoPE keys the cache already holds: no
-position bookkeeping, exact under any position (left padding included), and foldable into the query
-for the fast decode path. Values have no RoPE and get a full linear map with bias.
-
-Both statistics stream: :meth:`add` takes a block of tokens at a time, in float64.
+:class:`ValueMoments`: a mean and covariance (values, and keys before or after RoPE). :class:`KeyMoments`: the
+per-frequency complex Gram matrices of post-RoPE keys (each pair of dimensions (i, i + d/2) as one complex
+number, which RoPE multiplies by e^{j theta_i t}): maps between heads that commute with RoPE, for similarity.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .. import distributed
 
 RIDGE = 1e-3  # relative to the mean diagonal of the normal equations
 
@@ -49,8 +45,6 @@ class ValueMoments:
     def pool(self) -> None:
         """Sum the streams over data-parallel ranks (:mod:`echokv.distributed`): the moments of every rank's
         tokens."""
-        from .. import distributed
-
         self.count = distributed.sum_int(self.count)
         self.total, self.outer = distributed.all_sum(self.total), distributed.all_sum(self.outer)
         self._cov = None
@@ -67,20 +61,8 @@ class ValueMoments:
         return self._cov
 
     def _idx(self, heads: list[int]) -> torch.Tensor:
-        return torch.cat([torch.arange(h * self.d, (h + 1) * self.d) for h in heads]) if heads else torch.zeros(
-            0, dtype=torch.long
-        )
-
-    def solve(self, src: list[int], tgt: int, ridge: float = RIDGE):
-        """Ridge regression of head ``tgt`` on heads ``src``: weight [d, len(src)*d] and bias [d]."""
-        cov, mu = self.cov, self.total / max(self.count, 1)
-        s, t = self._idx(src), self._idx([tgt])
-        if len(s) == 0:
-            return torch.zeros(self.d, 0, dtype=torch.float64), mu[t]
-        a = cov[s[:, None], s]
-        a = a + ridge * a.diagonal().mean().clamp_min(1e-12) * torch.eye(len(s), dtype=a.dtype)
-        w = torch.linalg.solve(a, cov[s][:, t]).T  # [d, |s|]
-        return w, mu[t] - w @ mu[s]
+        cols = [torch.arange(h * self.d, (h + 1) * self.d) for h in heads]
+        return torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long)
 
     def residual(self, src: list[int], tgt: list[int], ridge: float = RIDGE) -> float:
         """Expected squared error summed over ``tgt`` heads when each is predicted from ``src``."""
@@ -93,11 +75,9 @@ class ValueMoments:
             return c_tt
         # all targets at once: same normal equations for every target
         s_idx = self._idx(src)
-        a = cov[s_idx[:, None], s_idx]
-        a = a + ridge * a.diagonal().mean().clamp_min(1e-12) * torch.eye(len(s_idx), dtype=a.dtype)
-        c_st = cov[s_idx[:, None], t_idx]
+        c_ss, c_st = cov[s_idx[:, None], s_idx], cov[s_idx[:, None], t_idx]
+        a = c_ss + ridge * c_ss.diagonal().mean().clamp_min(1e-12) * torch.eye(len(s_idx), dtype=cov.dtype)
         w = torch.linalg.solve(a, c_st)  # [|s|, |t|]
-        c_ss = cov[s_idx[:, None], s_idx]
         return c_tt - 2 * float((w * c_st).sum()) + float((w * (c_ss @ w)).sum())
 
     def energy(self, heads: list[int]) -> float:
@@ -150,8 +130,6 @@ class KeyMoments:
 
     def pool(self) -> None:
         """Sum the streams over data-parallel ranks (:mod:`echokv.distributed`)."""
-        from .. import distributed
-
         self.count = distributed.sum_int(self.count)
         self.gram = torch.view_as_complex(distributed.all_sum(torch.view_as_real(self.gram)).contiguous())
 
@@ -183,4 +161,3 @@ class KeyMoments:
     def energy(self, heads: list[int]) -> float:
         g = self.gram / max(self.count, 1)
         return float(sum(g[:, h, h].real.sum() for h in heads))
-

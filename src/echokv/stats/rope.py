@@ -1,7 +1,5 @@
-"""The model's RoPE, applied and undone: post-RoPE keys as cached are rotated back to pre-RoPE (the low-rank
-baselines project there) and forward again, with the model's own cos/sin (rotate-half layout, transformers'
-``rotate_half``). Why EchoKV itself never needs this: :mod:`echokv.stats.moments`.
-"""
+"""The model's RoPE, applied and undone: post-RoPE keys as cached are rotated back to pre-RoPE (where EchoKV
+and the low-rank baselines encode them) and forward again, with the model's own cos/sin (``rotate_half``)."""
 
 from __future__ import annotations
 

@@ -87,8 +87,7 @@ class EchoKVOffloadConnector(ExampleConnector):
                 offload.save(folder, self._held.pop(folder), self.codec_id, len(slots))
 
     def start_load_kv(self, forward_context, **kwargs) -> None:
-        metadata = forward_context.attn_metadata
-        if metadata is None:
+        if (metadata := forward_context.attn_metadata) is None:
             return
         isa = next(iter(metadata.values())).isa if isinstance(metadata, dict) else metadata.isa
         for request in self._get_connector_metadata().requests:
@@ -99,8 +98,7 @@ class EchoKVOffloadConnector(ExampleConnector):
             slots = request.slot_mapping.long()
             logger.info("echokv: %d tokens' K/V restored from %s", len(slots), folder)
             for name, module in forward_context.no_compile_layers.items():
-                caches = getattr(module, "kv_cache", None)
-                if caches is None:
+                if (caches := getattr(module, "kv_cache", None)) is None:
                     continue
                 kv = caches[forward_context.virtual_engine]
                 where_k, where_v = self._layout(isa, kv)
