@@ -269,21 +269,21 @@ def offload(a) -> int:
     return 0
 
 
+def _parser(flag: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    p.add_argument(flag, action="store_true")
+    for name in ("artifact", "model_folder", "out"):
+        p.add_argument(name)
+    return p
+
+
 def main() -> int:
     if "--offload" in sys.argv:
-        p = argparse.ArgumentParser()
-        p.add_argument("--offload", action="store_true")
-        p.add_argument("artifact")
-        p.add_argument("model_folder")
-        p.add_argument("out")
+        p = _parser("--offload")
         p.add_argument("--samples", type=int, default=4, help="NIAH samples per task and length")
         return offload(p.parse_args())
     if "--speed" in sys.argv:
-        p = argparse.ArgumentParser()
-        p.add_argument("--speed", action="store_true")
-        p.add_argument("artifact")
-        p.add_argument("model_folder")
-        p.add_argument("out")
+        p = _parser("--speed")
         p.add_argument("--requests", type=int, default=32)
         p.add_argument("--concurrency", type=lambda x: [int(c) for c in x.split(",")], default=[1, 8, 32])
         p.add_argument("--no-kv-bound", dest="kv_bound", action="store_false",
