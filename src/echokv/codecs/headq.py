@@ -25,7 +25,11 @@ step's attention, so it runs once per block.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file, save_file
 
 from .. import kernels
 from ..cache.codec import KVCodec
@@ -73,8 +77,9 @@ class HeadQuantCodec(KVCodec):
         self.kernel = kernel
         self.groups = [[layer] for layer in sorted(params)]
         self._reads: dict = {}  # (layer, device) -> the basis columns the read path uses
-        self._args: dict = {}  # layer -> (a stored tensor, the kernel's arguments for that snapshot)
         self._sinks: tuple = (None, None)  # ((batch, stored length, sinks, device), the codes' mask)
+        # self._steps (the kernel setter): layer -> (a stored tensor, (batch, device), the one-call step's arguments)
+        self._leads: dict = {}  # layer -> the name of a stored tensor that grows with the store
 
     # -- storing ---------------------------------------------------------------------------------------------
     def encode(self, group, keys, values, start: int = 0):
@@ -116,7 +121,7 @@ class HeadQuantCodec(KVCodec):
 
     @kernel.setter
     def kernel(self, value: str) -> None:
-        self._kernel, self._paths = value, {}
+        self._kernel, self._paths, self._steps = value, {}, {}
 
     def _path_on(self, device: torch.device) -> str:
         """:meth:`kernel_path`, once per device (a codec's groups may be stored on several)."""
@@ -131,36 +136,22 @@ class HeadQuantCodec(KVCodec):
         return kernels.path(self.kernel, device, [c for w in self.widths.values() for kind in KINDS for c in w[kind]])
 
     def _prepared(self, layer: int, stored: dict) -> tuple:
-        """The kernel's arguments for ``layer``'s stored tensors, rebuilt only when the store has grown."""
-        first = next(t for n, t in stored.items() if not n.startswith("sink"))  # a tensor the store grows
-        memo = self._args.get(layer)
-        if memo is None or memo[0] is not first:
-            w = self.widths[layer]
-            memo = (first, kernels.prepared(self._classes(stored, "k"), self._classes(stored, "v"), w["k"], w["v"]))
-            self._args[layer] = memo
-        return memo[1]
+        """The kernel's arguments for ``layer``'s stored tensors (a decode step's are kept by :meth:`_one_call`)."""
+        w = self.widths[layer]
+        return kernels.prepared(self._classes(stored, "k"), self._classes(stored, "v"), w["k"], w["v"])
 
     def _kept(self, layer: int, kind: str) -> int:
         return sum(n for _, n in self.widths[layer][kind])
 
     def _read(self, layer: int, device) -> tuple:
-        """The read path's constants: key basis columns [H, d, n_k], key mean [H, d, 1], value basis rows
-        [H, n_v, d], value mean [H, 1, d] (one copy per device)."""
+        """The read path's constants: key basis columns [H, d, n_k], key mean [H, d], value basis rows [H, n_v, d],
+        value mean [H, d] (one copy per device)."""
         key = (layer, device)
         if key not in self._reads:
             p = self.params[layer]
             nk, nv = self._kept(layer, "k"), self._kept(layer, "v")
             self._reads[key] = tuple(t.to(device).contiguous() for t in (
-                p["k_basis"][..., :nk], p["k_mean"][..., None], p["v_basis"][..., :nv].transpose(1, 2),
-                p["v_mean"][:, None]))
-        return self._reads[key]
-
-    def _step_read(self, layer: int, device) -> tuple:
-        """Key and value means as [H, d] (the one-call decode step's forms of :meth:`_read`'s)."""
-        key = (layer, device, "step")
-        if key not in self._reads:
-            _, km, _, vm = self._read(layer, device)
-            self._reads[key] = (km[..., 0], vm[:, 0])
+                p["k_basis"][..., :nk], p["k_mean"], p["v_basis"][..., :nv].transpose(1, 2), p["v_mean"]))
         return self._reads[key]
 
     # -- reading ---------------------------------------------------------------------------------------------
@@ -184,34 +175,49 @@ class HeadQuantCodec(KVCodec):
         stored = dict(stored)  # the tensors as they are now: the cache may append to its store before the call
         return lambda q, k, v, mask, scaling: self._attend(layer, stored, q, k, v, mask, scaling)
 
+    def _one_call(self, layer: int, stored: dict, b: int, device) -> tuple | None:
+        """The one-call decode step's arguments besides the query, the recent tokens and padding (None off the C++
+        path), rebuilt only when the store grows: gathered at every step, they cost 40% more Python per layer than
+        full mode's step."""
+        lead = self._leads.get(layer) or self._leads.setdefault(layer, next(n for n in stored if n[:4] != "sink"))
+        first, memo = stored[lead], self._steps.get(layer)
+        if memo is None or memo[0] is not first or memo[1] != (b, device):
+            step = None
+            if self._path_on(device) == "cpp":
+                sink_k = stored.get("sink.k")  # the sinks' codes are not read: their exact copies are
+                codes = None if sink_k is None else self._sink_mask(b, first.shape[-2], sink_k.shape[-2], device)
+                step = (self._read(layer, device), self._prepared(layer, stored), codes, sink_k, stored.get("sink.v"))
+            memo = self._steps[layer] = (first, (b, device), step)
+        return memo[2]
+
     def _attend(self, layer, stored, q, recent_k, recent_v, mask, scaling):
         b, hq, tq, d = q.shape
         h = recent_k.shape[1]
         rows = hq // h * tq
-        ku, km, vu, vm = self._read(layer, q.device)
-        tc = next(t for n, t in stored.items() if not n.startswith("sink")).shape[-2]
-        sink_k, sink_v = stored.get("sink.k"), stored.get("sink.v")
-        ns = 0 if sink_k is None else sink_k.shape[-2]
-        past_mask = None
-        if mask is not None:
-            seen = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-            past_mask = seen[:, 0, -1, :tc]  # stored tokens are in every query's past: one row says who is padding
-            if bool(past_mask.all()):
-                past_mask = None
-        if ns:  # the sinks' codes are not read: their exact copies are
-            codes = self._sink_mask(b, tc, ns, q.device)
-            past_mask = codes if past_mask is None else past_mask & codes
-            if mask is not None:  # the mask's columns in the order of the exact tokens: sinks, then the recent ones
-                mask = torch.cat([mask[..., :tc], mask[..., :ns], mask[..., tc:]], dim=-1)
-        path = self._path_on(q.device)
-        if path == "cpp" and tq == 1 and (mask is None or mask.dtype == torch.bool):
+        step = self._one_call(layer, stored, b, q.device) if tq == 1 else None
+        past_mask = None if step is None else step[2]
+        if mask is not None or step is None:
+            tc = next(t for n, t in stored.items() if not n.startswith("sink")).shape[-2]
+            sink_k, sink_v = stored.get("sink.k"), stored.get("sink.v")
+            ns = 0 if sink_k is None else sink_k.shape[-2]
+            if mask is not None:
+                seen = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+                past_mask = seen[:, 0, -1, :tc]  # stored tokens are in every query's past: one row says who pads
+                past_mask = None if bool(past_mask.all()) else past_mask
+            if ns:  # the sinks' codes are not read: their exact copies are
+                codes = self._sink_mask(b, tc, ns, q.device)
+                past_mask = codes if past_mask is None else past_mask & codes
+                if mask is not None:  # the mask's columns in the order of the exact tokens: sinks, then the recent
+                    mask = torch.cat([mask[..., :tc], mask[..., :ns], mask[..., tc:]], dim=-1)
+        if step is not None and (mask is None or mask.dtype == torch.bool):
             # one call: the query folded into the bases, the stored tokens, the exact ones (sinks, then recent) and
             # the value basis, merged in C++ (a decode step's few PyTorch calls per layer cost as much as its reads)
-            exact_mask = None if mask is None else mask[:, 0, -1, tc:]
-            k_mean, v_mean = self._step_read(layer, q.device)
-            res = kernels.attend_step(q.reshape(b, h, rows, d), scaling, ku, k_mean, self._prepared(layer, stored),
-                                      past_mask, sink_k, sink_v, recent_k, recent_v, exact_mask, vu, v_mean)
+            (ku, k_mean, vu, v_mean), args, _, sink_k, sink_v = step
+            res = kernels.attend_step(q.reshape(b, h, rows, d), scaling, ku, k_mean, args, past_mask, sink_k, sink_v,
+                                      recent_k, recent_v, None if mask is None else mask[:, 0, -1, tc:], vu, v_mean)
             return res.reshape(b, hq, tq, d).transpose(1, 2)
+        ku, km, vu, vm = self._read(layer, q.device)
+        path = self._path_on(q.device)
         qs = q.reshape(b, h, rows, d).float() * scaling
         if ns:
             recent_k, recent_v = torch.cat([sink_k, recent_k], dim=-2), torch.cat([sink_v, recent_v], dim=-2)
@@ -234,8 +240,8 @@ class HeadQuantCodec(KVCodec):
                 shaped.masked_fill_(~mask[:, :, None, :, tc:], float("-inf"))
             else:
                 shaped.add_(mask[:, :, None, :, tc:].float())
-        p = torch.softmax(torch.cat([(qs @ km).add_(lse[..., None]), recent], dim=-1), dim=-1)
-        res = (out @ vu).add_(vm).mul_(p[..., :1]).add_(p[..., 1:] @ recent_v.float())
+        p = torch.softmax(torch.cat([(qs @ km[..., None]).add_(lse[..., None]), recent], dim=-1), dim=-1)
+        res = (out @ vu).add_(vm[:, None]).mul_(p[..., :1]).add_(p[..., 1:] @ recent_v.float())
         return res.to(q.dtype).reshape(b, hq, tq, d).transpose(1, 2).contiguous()
 
     def _sink_mask(self, b: int, tc: int, ns: int, device) -> torch.Tensor:
@@ -259,10 +265,6 @@ CODEC_JSON, CODEC_WEIGHTS = "echokv-q.json", "echokv-q.safetensors"
 def save(codec: HeadQuantCodec, out, model, compression_ratio: float):
     """Write ``codec`` (fitted on ``model``) to the new folder ``out``: bases as safetensors, the allocation, the
     model's geometry and K/V fingerprints and the weights' sha256 as JSON. Returns ``out``."""
-    import json
-
-    from safetensors.torch import save_file
-
     from ..artifact import fingerprints, sha256_file
     from ..models import kv_geometry
     from ..util import atomic_dir
@@ -282,19 +284,12 @@ def save(codec: HeadQuantCodec, out, model, compression_ratio: float):
 
 def read_config(path) -> dict | None:
     """A saved codec's JSON (None where ``path`` holds none)."""
-    import json
-    from pathlib import Path
-
     file = Path(path).expanduser() / CODEC_JSON
     return json.loads(file.read_text()) if file.is_file() else None
 
 
 def load(path, kernel: str = "auto") -> HeadQuantCodec:
     """The codec :func:`save` wrote (its weights' checksum checked; ValueError, one line, on any mismatch)."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
     from ..artifact import sha256_file
 
     folder = Path(path).expanduser()

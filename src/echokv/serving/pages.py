@@ -163,8 +163,7 @@ def _kernel_args(codec: HeadQuantCodec, layer: int, pages: Pages) -> tuple:
 
 
 def _fused(codec, layer, pages, rows, table, codes, sink_k, sink_v, exact_k, exact_v, mask, scaling):
-    ku, _, vu, _ = codec._read(layer, rows.device)
-    k_mean, v_mean = codec._step_read(layer, rows.device)
+    ku, k_mean, vu, v_mean = codec._read(layer, rows.device)
     return kernels.attend_step(rows, scaling, ku, k_mean, _kernel_args(codec, layer, pages), codes, sink_k, sink_v,
                                exact_k, exact_v, mask, vu, v_mean, table=table)
 
