@@ -177,8 +177,8 @@ class HeadQuantCodec(KVCodec):
 
     def _one_call(self, layer: int, stored: dict, b: int, device) -> tuple | None:
         """The one-call decode step's arguments besides the query, the recent tokens and padding (None off the C++
-        path), rebuilt only when the store grows: gathered at every step, they cost 40% more Python per layer than
-        full mode's step."""
+        path), rebuilt only when the store grows: gathered at every step, they cost a step half again as much Python
+        per layer as full mode's."""
         lead = self._leads.get(layer) or self._leads.setdefault(layer, next(n for n in stored if n[:4] != "sink"))
         first, memo = stored[lead], self._steps.get(layer)
         if memo is None or memo[0] is not first or memo[1] != (b, device):
