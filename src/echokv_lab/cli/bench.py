@@ -51,14 +51,6 @@ def _check_budgets(cfg: BenchConfig, texts: list[str], budgets: list, geometry: 
                              f"would hold nothing; pass at least 1x or {one} bytes")
 
 
-def _kernel_build(cfg) -> str | None:
-    """Where the C++ kernel that ran came from ("prebuilt (avx2)", "built here"), None on another path."""
-    from echokv import kernels
-    from echokv.kernels import cpu
-
-    return cpu.origin if kernels.path(cfg.kernel, cfg.device) == "cpp" else None
-
-
 def run(args) -> int:
     from echokv import kernels
     from echokv.artifact import load, read_config
@@ -153,13 +145,13 @@ def run(args) -> int:
                   + " | throughput vs full: "
                   + ", ".join(f"{v} {x:.2f}" for v, x in r["budget_throughput_vs_full"].items() if x is not None),
                   flush=True)
+    path = kernels.path(cfg.kernel, cfg.device) if codecs else None
     meta = {"model": cfg.model, "artifact": str(cfg.artifact), "decode_tokens": cfg.decode_tokens,
             "repeats": cfg.repeats, "threads": torch.get_num_threads(), "dtype": cfg.dtype,
             "compare_dtype": cfg.compare_dtype, "kv_budget": cfg.kv_budget, "budget_context": cfg.budget_context,
             "codec_ratios": ratios, "kernel": cfg.kernel,
-            "kernel_path": kernels.path(cfg.kernel, cfg.device) if codecs else None,
-            "kernel_instructions": kernels.instructions(cfg.kernel, cfg.device) if codecs else None,
-            "kernel_build": _kernel_build(cfg) if codecs else None}
+            "kernel_path": path, "kernel_instructions": kernels.instructions(cfg.kernel, cfg.device) if codecs else None,
+            "kernel_build": kernels.cpu.origin if path == "cpp" else None}  # "prebuilt (avx2)" or "built here"
     written = bench.write(results, meta, cfg.out, budget)
     print("written " + ", ".join(str(p) for p in written))
     return 0
