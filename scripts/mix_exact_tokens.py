@@ -27,6 +27,7 @@ from echokv.models import cache_kwarg, load_model
 
 SINKS = 4
 PATCH = {"sinks": False}
+VARIANTS = {"mix": (False, 0), "mix+sinks": (True, 0), "mix+recent64": (False, 64), "mix+sinks+recent64": (True, 64)}
 _encode, _decode = MixCodec.encode, MixCodec.decode
 
 
@@ -52,6 +53,7 @@ def decode(self, layer, stored):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("artifact", type=Path)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = ap.parse_args()
     if not (args.artifact / "config.json").is_file():
         sys.exit(f"{args.artifact}: not an artifact folder (no config.json); make one with echokv train --out DIR")
@@ -68,9 +70,8 @@ def main() -> None:
                               .logits.float() for s in range(768, 1024, 64)], 1)
 
     full = [logits(FullCache(model), blocks[i: i + 1]) for i in range(blocks.shape[0])]
-    for name, sinks, window in (("mix", False, 0), ("mix+sinks", True, 0), ("mix+recent64", False, 64),
-                                ("mix+sinks+recent64", True, 64)):
-        PATCH["sinks"] = sinks
+    for name in args.variants:
+        PATCH["sinks"], window = VARIANTS[name]
         kls, kept = [], []
         for i, ref in enumerate(full):
             cache = EchoKVCache(model, args.artifact, mode="compressed", fast=False, full_window=window)

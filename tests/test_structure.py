@@ -76,3 +76,45 @@ def test_the_reader_sees_relative_imports():
     assert "echokv.training" in _imported(PACKAGE / "cli" / "demo.py")
     assert "echokv.cache.codec" in _imported(PACKAGE / "codecs" / "mix.py")
     assert "echokv.attention" in _imported(PACKAGE / "cache" / "layers.py")
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import graph's circles: each strongly connected component of more than one module (Tarjan)."""
+    index, low, stack, out = {}, {}, [], []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            part = stack[stack.index(v):]
+            del stack[stack.index(v):]
+            if len(part) > 1:
+                out.append(sorted(part))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    # a module's own ancestor packages are left out: Python imports them before the module, so `from . import x`
+    # (which names the package) cannot close a circle
+    mods = {_module(p): p for p in SOURCES}
+    return {m: {d for d in _imported(p) if d in mods and d != m and not m.startswith(d + ".")}
+            for m, p in mods.items()}
+
+
+def test_the_library_has_no_import_circles():
+    # imports inside functions count: they are how circles hide
+    assert _cycles(_graph()) == []
+
+
+def test_the_circle_finder_finds_a_circle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
