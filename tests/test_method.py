@@ -95,7 +95,36 @@ def test_stage2_is_deterministic_with_a_seed():
 def test_the_network_reports_its_size():
     recon, report = train_tiny(tiny_model(), steps=0)
     n = recon.num_parameters()
-    assert n > 0 and report["network_bytes"] == 4 * n
+    assert n > 0 and report["network_bytes"] == 4 * n  # a float32 model's network: float32
+    recon, report = train_tiny(tiny_model(dtype=torch.bfloat16), steps=0)
+    n = recon.num_parameters()
+    decoders = sum(p.numel() for name, p in recon.params.items() if name.endswith("_R"))
+    assert n > decoders > 0 and report["network_bytes"] == 4 * n - 2 * decoders  # a 16-bit one's decoders: bf16
+
+
+def test_the_decoders_are_stored_in_bfloat16_and_load_back_as_trained(tmp_path):
+    from safetensors import safe_open
+
+    model = tiny_model(dtype=torch.bfloat16)
+    net, report = train_tiny(model, steps=2)
+    artifact.save(net, model, tmp_path / "a", report)
+    with safe_open(str(tmp_path / "a" / artifact.WEIGHTS), "pt") as f:
+        dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}  # noqa: SIM118
+    assert {d for n, d in dtypes.items() if n.endswith("_R")} == {"BF16"}
+    assert {d for n, d in dtypes.items() if not n.endswith("_R")} == {"F32"}
+    loaded = artifact.load(tmp_path / "a", model)
+    assert all(torch.equal(t, loaded.state_dict()[n]) for n, t in net.state_dict().items())  # rounded when trained
+    # an artifact written before (float32 decoders) still loads
+    artifact.save(net, model, tmp_path / "old", report)
+    state = {n: t.float() for n, t in net.state_dict().items()}
+    from safetensors.torch import save_file
+
+    save_file(state, str(tmp_path / "old" / artifact.WEIGHTS), metadata={"format": artifact.FORMAT + artifact.WITH_CHECKSUMS})
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    config["checksums"][artifact.WEIGHTS] = artifact.sha256_file(tmp_path / "old" / artifact.WEIGHTS)
+    artifact.rewrite_config(tmp_path / "old", config)
+    old = artifact.load(tmp_path / "old", model)
+    assert all(torch.equal(t, old.state_dict()[n]) for n, t in net.state_dict().items())
 
 
 def test_artifact_round_trip_gives_identical_tensors(tmp_path):

@@ -169,7 +169,7 @@ def save(
         "training": (report or {}).get("config", {}),
         "versions": _versions(),
     }
-    tensors = _pack(network.state_dict())
+    tensors = _pack(network.state_dict(), network)
     # one metadata key: safetensors writes its metadata in no fixed order, and the format must open the file (so
     # that a truncated artifact of echokv's is still recognised as its own, util.OWN_FILES)
     meta = {"format": FORMAT + WITH_CHECKSUMS}
@@ -177,7 +177,7 @@ def save(
         save_file(tensors, str(tmp / WEIGHTS), metadata=meta)
         stage1_state = stage1_state if stage1_state is not None else getattr(network, "stage1_state", None)
         if stage1_state is not None:
-            save_file(_pack(stage1_state), str(tmp / STAGE1_WEIGHTS), metadata=meta)
+            save_file(_pack(stage1_state, network), str(tmp / STAGE1_WEIGHTS), metadata=meta)
         config["checksums"] = {n: sha256_file(tmp / n) for n in STAGE_FILES.values() if (tmp / n).is_file()}
         (tmp / CONFIG).write_bytes(_config_bytes(config))
         if report is not None:
@@ -357,11 +357,12 @@ def _check_weights(file: Path, network: Mixes, head_dim: int) -> None:
     stored, _ = _header(file)
     left = dict(stored)
     for name, tensor in network.state_dict().items():
-        want = (tuple(tensor.shape), _DTYPES.get(tensor.dtype, str(tensor.dtype)))
+        want = (tuple(tensor.shape), _DTYPES[network.stored_dtype(name)])
         _need(name in stored, file, f"lacks tensor {name}, which {CONFIG}'s layout needs")
         left.pop(name)
-        _need(stored[name] == want, file, f"tensor {name} is {stored[name][1]} {list(stored[name][0])}, but "
-              f"{CONFIG}'s layout and head_dim {head_dim} need {want[1]} {list(want[0])}")
+        # (artifacts written before the bfloat16 decoders hold float32 ones)
+        _need(stored[name] in (want, (want[0], "F32")), file, f"tensor {name} is {stored[name][1]} "
+              f"{list(stored[name][0])}, but {CONFIG}'s layout and head_dim {head_dim} need {want[1]} {list(want[0])}")
     _need(not left, file, f"holds tensors {CONFIG}'s layout has no place for ({', '.join(sorted(left)[:4])})")
 
 
@@ -424,15 +425,13 @@ def check_compatible(config: dict, model, path="artifact") -> None:
             f"was trained on (in {trained}; artifact model: {config['model'].get('name')}). If this is the same "
             f"model, load it in {trained} (--dtype {trained}); otherwise train an artifact for this model"
         )
-    raise ArtifactError(
-        f"{path} was trained on a different model (its K/V projection weights differ; artifact model: "
-        f"{config['model'].get('name')}); train an artifact for this model"
-    )
+    raise ArtifactError(f"{path} was trained on a different model (its K/V projection weights differ; artifact model: "
+                        f"{config['model'].get('name')}); train an artifact for this model")
 
 
-def _pack(state: dict) -> dict[str, torch.Tensor]:
-    """float32 tensors to save."""
-    return {name: t.detach().contiguous().float() for name, t in state.items()}
+def _pack(state: dict, network: Mixes) -> dict[str, torch.Tensor]:
+    """The tensors to save, each in its stored dtype (:meth:`~echokv.mixes.Mixes.stored_dtype`)."""
+    return {name: t.detach().contiguous().to(network.stored_dtype(name)) for name, t in state.items()}
 
 
 def load(path: str | Path, model=None, stage: int = 2) -> Mixes:

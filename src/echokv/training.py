@@ -501,6 +501,7 @@ def train(model, tokenizer, cfg: TrainConfig, calib=None, held=None, layout=None
     t2 = time.perf_counter()
     s2 = stage2(mixes, train_set, held_set, cfg)
     stage2_seconds = time.perf_counter() - t2
+    mixes.round_to_stored()
     with torch.no_grad():
         kv2 = held_set.kv_error(mixes)
         held_set.encode(mixes, quantized=False)
