@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from echokv.cache import EchoKVCache, FullCache
-from echokv.codecs.mix import MixCodec
+from echokv.cache import FullCache
+from echokv.codecs.mix import EchoKVCache, MixCodec
 from echokv.config import CALIBRATION_TOKENS
 from echokv.data import token_blocks
 from echokv.generation import prefill

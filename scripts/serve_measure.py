@@ -51,7 +51,7 @@ def greedy(model, ids, max_tokens, eos, artifact=None):
     from transformers import DynamicCache
 
     from echokv.attention import echokv_attention
-    from echokv.cache import EchoKVCache
+    from echokv.codecs.mix import EchoKVCache
     from echokv.generation import prefill
 
     cache = DynamicCache() if artifact is None else EchoKVCache(model, artifact, mode="compressed")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from echokv.cache import EchoKVCache, FullCache, echokv_attention
+from echokv.cache import FullCache, echokv_attention
+from echokv.codecs.mix import EchoKVCache
 from echokv.generation import encode_prompt, generate, prefill
 from echokv.models import ModelLoadError, cache_kwarg, check_device, load_model
 from echokv.tiny import tiny_model

@@ -121,12 +121,11 @@ def test_budget_batches_are_the_largest_that_fit_the_bytes_actually_held():
 
 def test_bench_refuses_a_bad_budget_before_loading_the_model(monkeypatch, capsys, tmp_path):
     from echokv.cli import main
-    from echokv.config import ModelConfig
 
     def boom(config):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(ModelConfig, "load", boom)
+    monkeypatch.setattr("echokv.models.load_configured", boom)
     base = ["bench", "--artifact", str(tmp_path), "--out", str(tmp_path / "out")]
     assert main([*base, "--kv-budget", "4x,lots"]) == 2
     assert "--kv-budget entry 'lots' is not a positive size" in capsys.readouterr().err
@@ -146,7 +145,6 @@ def test_budgets_that_parse_but_cannot_run_are_refused_before_the_model_loads(mo
     # issue #29: a huge budget failed with a traceback after the prefills, a tiny one wrote an empty plot
     from echokv import artifact
     from echokv.cli import main
-    from echokv.config import ModelConfig
 
     model = tiny_model()
     recon, report = train_tiny(model, steps=0)
@@ -155,7 +153,7 @@ def test_budgets_that_parse_but_cannot_run_are_refused_before_the_model_loads(mo
     def boom(config, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(ModelConfig, "load", boom)
+    monkeypatch.setattr("echokv.models.load_configured", boom)
     argv = ["bench", "--artifact", str(art), "--out", str(tmp_path / "out"), "--contexts", "none",
             "--kv-budget", f"2x,{budget}"]
     assert main(argv) == 2

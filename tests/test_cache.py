@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from echokv.cache import Appender, EchoKVCache, GrowingLayer, echokv_attention
+from echokv.cache import Appender, GrowingLayer, echokv_attention
+from echokv.codecs.mix import EchoKVCache
 from echokv.generation import encode_prompt, prefill
 from echokv.tiny import ARCHITECTURES, tiny_model
 from helpers import exact_tiny_llama, one_head_layout, train_tiny

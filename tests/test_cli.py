@@ -17,12 +17,11 @@ def _err(capsys) -> str:
 
 def _no_model_load(monkeypatch):
     """Fail loudly if a command tries to load a model before validating its input."""
-    from echokv.config import ModelConfig
 
     def boom(config):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(ModelConfig, "load", boom)
+    monkeypatch.setattr("echokv.models.load_configured", boom)
 
 
 @pytest.mark.parametrize(

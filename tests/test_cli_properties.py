@@ -117,12 +117,11 @@ def command_lines(draw, root: Path, name: str):
 @pytest.fixture
 def no_model(monkeypatch):
     from echokv import kernels
-    from echokv.config import ModelConfig
 
     def load(config, **kwargs):
         raise Reached
 
-    monkeypatch.setattr(ModelConfig, "load", load)
+    monkeypatch.setattr("echokv.models.load_configured", load)
     monkeypatch.setattr(kernels, "path", lambda kernel="auto", device=None: kernel)  # no C++ build
 
 

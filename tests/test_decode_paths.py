@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from echokv.attention import echokv_attention
-from echokv.cache import EchoKVCache
+from echokv.codecs.mix import EchoKVCache
 from echokv.generation import near_tie, prefill
 from echokv.tiny import ARCHITECTURES, tiny_model
 from helpers import train_tiny

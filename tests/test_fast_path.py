@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from echokv import attention
-from echokv.cache import EchoKVCache, echokv_attention
+from echokv.cache import echokv_attention
+from echokv.codecs.mix import EchoKVCache
 from echokv.generation import generate
 from echokv.tiny import tiny_model
 from helpers import train_tiny

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from echokv import artifact
-from echokv.cache import EchoKVCache, echokv_attention
+from echokv.cache import echokv_attention
+from echokv.codecs.mix import EchoKVCache
 from echokv.config import TrainConfig
 from echokv.tiny import tiny_model
 from echokv.training import validate

@@ -8,7 +8,7 @@ import torch
 
 from echokv.attention import echokv_attention
 from echokv.cache import CompressedCache
-from echokv.codecs import echokv_codec
+from echokv.codecs.mix import MixCodec
 from echokv.config import TrainConfig
 from echokv.mixes import (
     WIDTHS,
@@ -103,7 +103,7 @@ def test_the_learned_mix_codec_at_full_rank_is_exact():
     ids = torch.randint(3, 250, (2, 30))
     full = model(ids).logits
     for fast in (False, True):
-        logits, _ = _decode_steps(model, echokv_codec(_full_rank_mixes(model), model), ids, 20, fast)
+        logits, _ = _decode_steps(model, MixCodec(_full_rank_mixes(model), model), ids, 20, fast)
         assert torch.allclose(logits, full, atol=1e-4), fast
 
 
@@ -119,7 +119,7 @@ def test_pre_rope_heads_are_exact_at_any_position_with_left_padding():
     mask[1, :7] = 0
     ref = model(ids, attention_mask=mask).logits
     for fast in (False, True):
-        logits, _ = _decode_steps(model, echokv_codec(net, model), ids, 90, fast, mask)
+        logits, _ = _decode_steps(model, MixCodec(net, model), ids, 90, fast, mask)
         assert torch.allclose(logits[0], ref[0], atol=1e-3), fast
         assert torch.allclose(logits[1, 7:], ref[1, 7:], atol=1e-3), fast
 
@@ -130,7 +130,7 @@ def test_mid_sequence_switch_keeps_the_prefix_and_fast_equals_explicit(variant):
     net, _ = train_tiny(model, steps=2, variant=variant, compression_ratio=0.5, group_size=2)
     ids = torch.randint(3, 250, (2, 40))
     full = model(ids).logits
-    got = {fast: _decode_steps(model, echokv_codec(net, model), ids, 25, fast)[0] for fast in (False, True)}
+    got = {fast: _decode_steps(model, MixCodec(net, model), ids, 25, fast)[0] for fast in (False, True)}
     assert torch.equal(got[False][:, :25], full[:, :25]) or torch.allclose(got[False][:, :25], full[:, :25], atol=1e-6)
     assert torch.allclose(got[True], got[False], atol=1e-4)
 
@@ -141,7 +141,7 @@ def test_quantized_storage_bytes_equal_the_accounting(ratio):
     net, report = train_tiny(model, steps=0, variant="mix", compression_ratio=ratio, group_size=2)
     assert report["kept_fraction"] == pytest.approx(1 - ratio, abs=0.02)
     ids = torch.randint(3, 250, (1, 48))
-    _, cache = _decode_steps(model, echokv_codec(net, model), ids, 40, fast=True)
+    _, cache = _decode_steps(model, MixCodec(net, model), ids, 40, fast=True)
     assert cache.kept_fraction() == pytest.approx(net.layout.kept_fraction(), abs=1e-9)
     assert report["width_counts"]["4"] + report["width_counts"]["8"] > 0
 
@@ -151,7 +151,7 @@ def test_decoding_holds_one_groups_dequantized_components_at_a_time():
     of the compressed cache."""
     model = tiny_model("llama", dtype=torch.bfloat16)
     net, _ = train_tiny(model, steps=0, variant="mix", compression_ratio=0.5, group_size=1)
-    codec = echokv_codec(net, model)
+    codec = MixCodec(net, model)
     assert len(codec.groups) > 1
     _, cache = _decode_steps(model, codec, torch.randint(3, 250, (1, 30)), 10, fast=True)
     assert {group for group, _ in codec._memo} == {len(codec.groups) - 1}

@@ -29,12 +29,11 @@ def saved(tmp_path_factory):
 
 
 def _no_model_load(monkeypatch):
-    from echokv.config import ModelConfig
 
     def boom(config):
         raise AssertionError("the model was loaded before the output folder was checked")
 
-    monkeypatch.setattr(ModelConfig, "load", boom)
+    monkeypatch.setattr("echokv.models.load_configured", boom)
 
 
 def _user_files(folder: Path) -> dict[str, str]:
@@ -306,12 +305,11 @@ def test_no_command_writes_over_its_inputs(saved, tmp_path, monkeypatch, capsys,
 
 
 def test_bench_refuses_to_replace_an_earlier_bench_json_without_overwrite(saved, tmp_path, monkeypatch, capsys):
-    from echokv.config import ModelConfig
 
     def load(config, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(ModelConfig, "load", load)
+    monkeypatch.setattr("echokv.models.load_configured", load)
     out = tmp_path / "bench"
     out.mkdir()
     (out / "bench.json").write_text('{"mine": 1}')

@@ -11,7 +11,7 @@ import torch
 
 from echokv import placement
 from echokv.artifact import fingerprint
-from echokv.cache import EchoKVCache
+from echokv.codecs.mix import EchoKVCache
 from echokv.generation import generate
 from echokv.models import ModelLoadError, load_model
 from echokv.stats.collect import collect

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from echokv.attention import echokv_attention
-from echokv.cache import EchoKVCache
+from echokv.codecs.mix import EchoKVCache
 from echokv.generation import encode_prompt, near_tie
 
 pytestmark = pytest.mark.real_model

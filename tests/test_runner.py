@@ -143,12 +143,11 @@ def test_longbench_suite_needs_valid_data(tmp_path):
 
 def test_cli_rejects_before_loading_the_model(monkeypatch, tmp_path, capsys):
     from echokv import cli
-    from echokv.config import ModelConfig
 
     def no_load(config):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(ModelConfig, "load", no_load)
+    monkeypatch.setattr("echokv.models.load_configured", no_load)
     assert cli.main(["eval", "--methods", "full,bogus", "--out", str(tmp_path / "a")]) == 2
     assert "unknown method(s) bogus" in capsys.readouterr().err
     assert cli.main(["eval", "--compression-ratios", "1.2", "--out", str(tmp_path / "b")]) == 2
@@ -251,9 +250,8 @@ def test_artifact_of_the_other_variant_is_an_error_not_a_training(tiny_artifact,
 
 def test_cli_other_variant_exits_2_without_traceback(tiny_artifact, tmp_path, monkeypatch, capsys):
     from echokv import cli
-    from echokv.config import ModelConfig
 
-    monkeypatch.setattr(ModelConfig, "load", lambda self: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr("echokv.models.load_configured", lambda self: (_ for _ in ()).throw(AssertionError("loaded")))
     rc = cli.main(["eval", "--methods", "echokv", "--artifacts", tiny_artifact, "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "'heads' variant but echokv needs the 'mix' variant" in err and "Traceback" not in err

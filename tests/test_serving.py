@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from echokv.cache import CompressedCache
-from echokv.codecs import echokv_codec
+from echokv.codecs.mix import MixCodec
 from echokv.serving.rope import RopeHost
 from echokv.serving.rows import KVSerde
 from echokv.tiny import tiny_model
@@ -41,7 +41,7 @@ def test_serde_rebuilds_what_the_cache_rebuilds_from_the_artifacts_bytes(tiny_mi
     data = serde.encode(keys, values, torch.arange(ids.shape[1]))
     back_k, back_v = serde.decode(data)
 
-    cache = CompressedCache(model, echokv_codec(mixes, model), mode="compressed")
+    cache = CompressedCache(model, MixCodec(mixes, model), mode="compressed")
     with torch.no_grad():
         model(ids, past_key_values=cache, use_cache=True)
     empty = keys.new_zeros(1, keys.shape[2], 0, keys.shape[3])
@@ -234,7 +234,7 @@ def _greedy(model, ids, n, eos, artifact=None):
     (exact within a forward call, compressed afterwards, as the vLLM backend does)."""
     from transformers import DynamicCache
 
-    from echokv.cache import EchoKVCache
+    from echokv.codecs.mix import EchoKVCache
 
     cache = DynamicCache() if artifact is None else EchoKVCache(model, artifact, mode="compressed")
     return _greedy_in(model, cache, ids, n, eos)

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from echokv import cli
-from echokv.config import ModelConfig
 from echokv.models import kv_geometry
 from echokv.stats.moments import KeyMoments, ValueMoments
 from echokv.tiny import tiny_model
@@ -174,7 +173,7 @@ def cli_env(tmp_path, monkeypatch):
     text = tmp_path / "text.txt"
     text.write_text(("The quick brown fox jumps over the lazy dog.\n" * 40), encoding="utf-8")
     model = tiny_model("gemma3")
-    monkeypatch.setattr(ModelConfig, "load", lambda config: (model, _CharTokenizer()))
+    monkeypatch.setattr("echokv.models.load_configured", lambda config: (model, _CharTokenizer()))
     base = ["analyze", "--text", str(text), "--calib-tokens", "96", "--seq-len", "48"]
     return tmp_path, base
 

@@ -104,16 +104,31 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def _graph() -> dict[str, set[str]]:
-    # a module's own ancestor packages are left out: Python imports them before the module, so `from . import x`
-    # (which names the package) cannot close a circle
+    # importing a.b.c runs a/b/__init__ first, so each imported module's packages count too; a module's own
+    # ancestor packages are left out (Python imports them before the module: `from . import x` closes no circle)
     mods = {_module(p): p for p in SOURCES}
-    return {m: {d for d in _imported(p) if d in mods and d != m and not m.startswith(d + ".")}
-            for m, p in mods.items()}
+
+    def with_packages(name):
+        parts = name.split(".")
+        return {".".join(parts[:i]) for i in range(2, len(parts) + 1)}
+
+    return {m: {d for name in _imported(p) for d in with_packages(name)
+                if d in mods and d != m and not m.startswith(d + ".")} for m, p in mods.items()}
 
 
 def test_the_library_has_no_import_circles():
     # imports inside functions count: they are how circles hide
     assert _cycles(_graph()) == []
+
+
+def test_the_library_has_layers():
+    # the same at the level of subpackages and top-level modules (cache, codecs, config, ...): no import runs back
+    # up, so the units sort into layers, each importing only those below it
+    unit = lambda m: ".".join(m.split(".")[:2])
+    units: dict[str, set[str]] = {}
+    for m, deps in _graph().items():
+        units.setdefault(unit(m), set()).update(unit(d) for d in deps if unit(d) != unit(m))
+    assert _cycles(units) == []
 
 
 def test_the_circle_finder_finds_a_circle():

@@ -11,8 +11,8 @@ import torch
 from echokv.attention import echokv_attention
 from echokv.cache import CompressedCache
 from echokv.cache.tiers import TieredCache
-from echokv.codecs import echokv_codec
 from echokv.codecs.headq import fit
+from echokv.codecs.mix import MixCodec
 from echokv.generation import prefill
 from echokv.tiny import tiny_model
 from helpers import train_tiny
@@ -22,7 +22,7 @@ from helpers import train_tiny
 def ladder():
     model = tiny_model("llama")
     q = fit(model, torch.randint(3, 250, (4, 64), generator=torch.Generator().manual_seed(0)), 0.5)
-    mix = echokv_codec(train_tiny(model, steps=2, compression_ratio=0.875)[0], model)
+    mix = MixCodec(train_tiny(model, steps=2, compression_ratio=0.875)[0], model)
     return model, q, mix
 
 

@@ -20,7 +20,7 @@ _EXPORTS = {
     "load_model": "models",
     "TrainConfig": "config",
     "train": "training",
-    "EchoKVCache": "cache",
+    "EchoKVCache": "codecs.mix",
     "CompressedCache": "cache",
     "FullCache": "cache",
     "echokv_attention": "attention",

@@ -13,9 +13,13 @@ from __future__ import annotations
 import json
 from dataclasses import MISSING, asdict, dataclass, field
 
-from .models import DEFAULT_MODEL, DTYPES
+from .geometry import DTYPES
 from .selection import INPUTS, check_ratio
-from .stats.moments import RIDGE
+
+#: the model every command loads unless told otherwise (an embedded GGUF, :mod:`echokv.models`)
+DEFAULT_MODEL = "smollm2-135m"
+#: stage-1 ridge, relative to the mean diagonal of the normal equations
+RIDGE = 1e-3
 
 #: EchoKV's variants, one network (:mod:`echokv.mixes`) with a choice of encoder per kind: ``mix`` (learned
 #: components: mixes of a group's heads, each kept at the precision the byte budget gives it), ``heads`` (the
@@ -69,15 +73,6 @@ class ModelConfig:
     keep_groups_on_device: bool = option(False, "keep each group of layers (which share stored components) on one "
                                          "device: --device-map auto moves a split group whole, a given map that "
                                          "splits one is refused")
-
-    def load(self, groups: int | list[list[int]] | None = None):
-        """``(model, tokenizer)`` (:func:`echokv.models.load_model`); ``groups``: the layer groups the command
-        compresses (S, or an artifact's), checked against the device map."""
-        from .models import load_model
-
-        return load_model(self.model, dtype=self.dtype, device=self.device, device_map=self.device_map,
-                          max_memory=self.max_memory, offload_folder=self.offload_folder, groups=groups,
-                          keep_groups_on_device=self.keep_groups_on_device)
 
 
 #: stage-2 learning rate. Stage 2 trains decoders on fixed components, which 1e-3 overshoots (SmolLM2 at ratio

@@ -91,9 +91,7 @@ def _default_document(name: str) -> str:
         raise ValueError(f"SOURCES.json lists no document {name!r}")
     path = _DATA_DIR / name
     if not path.is_file():
-        raise FileNotFoundError(
-            f"the bundled text file {path} is missing; reinstall echokv, or {_PATHS_HINT}"
-        )
+        raise FileNotFoundError(f"the bundled text file {path} is missing; reinstall echokv, or {_PATHS_HINT}")
     text = path.read_bytes().decode("utf-8").replace("\r\n", "\n")
     if hashlib.sha256(text.encode("utf-8")).hexdigest() != meta["sha256"]:
         raise ValueError(
@@ -116,9 +114,7 @@ def _expand_paths(paths) -> list[Path]:
     elif isinstance(paths, (list, tuple)):
         items = list(paths)
     else:
-        raise TypeError(
-            f"paths must be a str, a Path or a list of them, not {type(paths).__name__}; {_PATHS_HINT}"
-        )
+        raise TypeError(f"paths must be a str, a Path or a list of them, not {type(paths).__name__}; {_PATHS_HINT}")
     if not items:
         raise ValueError(f"paths is an empty list; {_PATHS_HINT}, or paths=None for the bundled text")
     files: list[Path] = []
@@ -167,10 +163,8 @@ def _user_splits(signature: tuple) -> tuple[str, str]:
     calibration, evaluation = _halves(text)
     if not calibration.strip() or not evaluation.strip():
         names = ", ".join(p for p, _, _ in signature)
-        raise ValueError(
-            f"the text in {names} is too short to split into calibration and evaluation halves "
-            f"({len(text)} characters); pass more text"
-        )
+        raise ValueError(f"the text in {names} is too short to split into calibration and evaluation halves "
+                         f"({len(text)} characters); pass more text")
     return calibration, evaluation
 
 

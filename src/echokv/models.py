@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from . import placement
+from .config import DEFAULT_MODEL
 from .geometry import (  # noqa: F401 - re-exported: echokv.models is where users find them
     DTYPES,
     SUPPORTED_MODEL_TYPES,
@@ -34,8 +35,6 @@ from .geometry import (  # noqa: F401 - re-exported: echokv.models is where user
     text_config,
 )
 from .selection import make_groups
-
-DEFAULT_MODEL = "smollm2-135m"
 
 # Embedded models: name -> (pip package holding the GGUF, file name, install hint).
 EMBEDDED = {
@@ -120,19 +119,15 @@ def _resolve_source(name: str) -> tuple[str, str | None]:
             ggufs = sorted(p.name for p in path.glob("*.gguf"))
             if len(ggufs) == 1:
                 return str(path), ggufs[0]
-            raise ModelLoadError(
-                f"{path} has no config.json"
-                + (f" and several GGUF files ({', '.join(ggufs)}); pass one of them" if ggufs else "")
-            )
+            raise ModelLoadError(f"{path} has no config.json"
+                                 + (f" and several GGUF files ({', '.join(ggufs)}); pass one of them" if ggufs else ""))
         _check_model_folder(path)
         return str(path), None
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1)
     if looks_like_path or "/" not in name:
-        raise ModelLoadError(
-            f"unknown model {name!r}: pass an embedded name ({', '.join(EMBEDDED)}), "
-            "a Hugging Face Hub id such as 'meta-llama/Llama-3.1-8B-Instruct', a local model folder, "
-            "or a .gguf file"
-        )
+        raise ModelLoadError(f"unknown model {name!r}: pass an embedded name ({', '.join(EMBEDDED)}), "
+                             "a Hugging Face Hub id such as 'meta-llama/Llama-3.1-8B-Instruct', a local model folder, "
+                             "or a .gguf file")
     return name, None  # a Hub id
 
 
@@ -143,11 +138,9 @@ def _check_gemma_tokenizer(tokenizer) -> None:
     if tokenizer.bos_token_id is None or not ids or ids[0] != tokenizer.bos_token_id or len(ids) > 8:
         import transformers
 
-        raise ModelLoadError(
-            f"transformers {transformers.__version__} converts the Gemma-3 GGUF tokenizer incorrectly "
-            f"('The capital of France is' -> {len(ids)} tokens, first {ids[:1]}); use the newest "
-            "transformers (the main environment), not the 5.2.x 'peers' environment"
-        )
+        raise ModelLoadError(f"transformers {transformers.__version__} converts the Gemma-3 GGUF tokenizer incorrectly "
+                             f"('The capital of France is' -> {len(ids)} tokens, first {ids[:1]}); use the newest "
+                             "transformers (the main environment), not the 5.2.x 'peers' environment")
 
 
 def cache_kwarg(model, cache) -> dict:
@@ -176,6 +169,13 @@ def _tiny(name: str, dtype: torch.dtype):
     model = tiny_model(arch, dtype=dtype, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                        eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     return model, tokenizer
+
+
+def load_configured(cfg, groups: int | list[list[int]] | None = None):
+    """:func:`load_model` with a command's options; ``groups`` (S, or an artifact's) checked against the device map."""
+    return load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map,
+                      max_memory=cfg.max_memory, offload_folder=cfg.offload_folder, groups=groups,
+                      keep_groups_on_device=cfg.keep_groups_on_device)
 
 
 def load_model(

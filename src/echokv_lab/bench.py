@@ -48,7 +48,8 @@ import torch
 
 from echokv import plotting
 from echokv.attention import echokv_attention, implementation
-from echokv.cache import EchoKVCache, accounting
+from echokv.cache import accounting
+from echokv.codecs.mix import EchoKVCache
 from echokv.generation import PREFILL_CHUNK, prefill
 from echokv.models import cache_kwarg
 

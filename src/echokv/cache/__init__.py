@@ -1,8 +1,8 @@
 """The KV cache: transformers' per-layer protocol, with groups of layers that share one store of compressed
 tokens, a small codec protocol, and byte accounting for any cache.
 
-* :mod:`~echokv.cache.compressed`: ``CompressedCache`` (full mode, then compressed by a codec), ``FullCache``,
-  ``EchoKVCache``, ``mix_codec`` (an artifact's codec);
+* :mod:`~echokv.cache.compressed`: ``CompressedCache`` (full mode, then compressed by a codec), ``FullCache``;
+  an artifact's cache and codec (``EchoKVCache``, ``mix_codec``) live with its codec, :mod:`echokv.codecs.mix`;
 * :mod:`~echokv.cache.switch`: ``Switch``, when a cache leaves full mode (its mode, a token count, a byte budget);
 * :mod:`~echokv.cache.tiers`: ``TieredCache`` (full, then each codec of a ladder in turn on memory pressure);
 * :mod:`~echokv.cache.layers`: ``GrowingLayer`` (appends in place), ``CompressedLayer`` (recent tokens + its
@@ -16,10 +16,11 @@ tokens, a small codec protocol, and byte accounting for any cache.
 
 from ..attention import echokv_attention
 from .codec import KVCodec
-from .compressed import CompressedCache, EchoKVCache, FullCache, mix_codec
+from .compressed import CompressedCache, FullCache
 from .layers import CompressedLayer, GrowingLayer
 from .store import Appender, GroupStore
 from .tiers import TieredCache
 
-__all__ = ["Appender", "CompressedCache", "CompressedLayer", "EchoKVCache", "FullCache", "GroupStore",
-           "GrowingLayer", "KVCodec", "TieredCache", "echokv_attention", "mix_codec"]
+__all__ = ["Appender", "CompressedCache", "CompressedLayer", "FullCache", "GroupStore", "GrowingLayer", "KVCodec",
+           "TieredCache", "echokv_attention"]
+

@@ -30,7 +30,7 @@ from .store import GroupStore
 from .switch import Switch, is_count
 
 
-def _check_model(model) -> None:
+def check_model(model) -> None:
     if not (hasattr(model, "config") and hasattr(model, "parameters")):
         raise TypeError(f"a cache needs the model it is used with (a transformers causal LM, e.g. from "
                         f"echokv.load_model), got {type(model).__name__}: {model!r:.80}")
@@ -80,7 +80,7 @@ class CompressedCache(DynamicCache):
         full_window: int = 0,
         fast: bool = False,
     ):
-        _check_model(model)
+        check_model(model)
         switch = Switch(mode, switch_at_tokens, memory_budget_bytes)
         if not is_count(full_window, 0):
             raise ValueError(f"full_window must be a non-negative integer, got {full_window!r}")
@@ -162,7 +162,7 @@ class CompressedCache(DynamicCache):
 
     def check_model(self, model) -> None:
         """Refuse a model other than the one the cache was made for: ``ValueError`` naming both."""
-        _check_model(model)
+        check_model(model)
         theirs = _describe(model)
         if theirs != self.made_for:
             raise ValueError(f"this cache was made for another model ({self.made_for}) than the one it is used "
@@ -365,38 +365,3 @@ class FullCache(CompressedCache):
     def compress(self) -> None:
         pass
 
-
-class EchoKVCache(CompressedCache):
-    """EchoKV cache: ``EchoKVCache(model, artifact_dir_or_network, switch_at_tokens=4096)``.
-
-    ``fast=True`` (the default where it applies) decodes compressed layers with the fast attention of
-    :mod:`echokv.codecs.mix` inside the echokv attention scope (:func:`echokv.generate` opens it);
-    ``fast=False`` always rebuilds K/V explicitly (the reference).
-    """
-
-    def __init__(self, model, artifact, mode: str | None = None, **kwargs):
-        codec = mix_codec(model, artifact)
-        if mode is None:  # a switch condition means auto mode
-            auto = kwargs.get("switch_at_tokens") is not None or kwargs.get("memory_budget_bytes") is not None
-            mode = "auto" if auto else "full"
-        kwargs.setdefault("fast", attention.serves(model))
-        super().__init__(model, codec, mode=mode, **kwargs)
-
-
-def mix_codec(model, artifact) -> KVCodec:
-    """The codec of a trained artifact (its folder, or the network :func:`echokv.training.train` returned), its
-    groups placed where their layers run."""
-    import os
-
-    from ..artifact import load
-    from ..codecs import echokv_codec
-    from ..mixes import Mixes
-
-    _check_model(model)
-    if not isinstance(artifact, (Mixes, str, os.PathLike)):
-        raise TypeError(f"EchoKVCache needs an artifact: the folder `echokv train` wrote (str or path) or the "
-                        f"network echokv.training.train returned, got {artifact!r}")
-    network = artifact if isinstance(artifact, Mixes) else load(artifact, model)
-    devices = placement.layer_devices(model)
-    network.place([placement.group_device(g, devices) for g in network.layout.groups])
-    return echokv_codec(network, model)

@@ -49,10 +49,12 @@ def _verdict(split: dict | None, tokenizer, tol: float) -> str:
 
 def run(args) -> int:
     from ..attention import serves
-    from ..cache import CompressedCache, EchoKVCache
+    from ..cache import CompressedCache
     from ..codecs.headq import fit_calibrated
+    from ..codecs.mix import EchoKVCache
     from ..data import token_blocks
     from ..generation import divergence, encode_prompt, generate, near_tie
+    from ..models import load_configured
     from ..training import artifact_dir, train_or_reuse
     from ..util import atomic_dir, check_output_dir
 
@@ -63,7 +65,7 @@ def run(args) -> int:
     check_output_dir(out, overwrite=True, replace=False)  # writable, before any work
     if out.is_dir():  # the artifact kept there is reused or replaced: only if it is echokv's own
         check_output_dir(artifact_dir(out, train_cfg), overwrite=True)
-    model, tokenizer = cfg.load()
+    model, tokenizer = load_configured(cfg)
     path, report = train_or_reuse(model, tokenizer, artifact_dir(out, train_cfg), train_cfg)
 
     rows = []

@@ -36,7 +36,7 @@ def run(args) -> int:
     from transformers import TextStreamer
 
     from ..generation import encode_prompt, generate
-    from ..models import kv_geometry
+    from ..models import kv_geometry, load_configured
     from ..placement import input_device
 
     cfg = from_args(args, GenerateConfig)
@@ -64,7 +64,7 @@ def run(args) -> int:
         from ..artifact import read_config
 
         groups = read_config(cfg.artifact)["layout"]["groups"]  # complete and well-formed, before the model loads
-    model, tokenizer = cfg.load(groups=groups)
+    model, tokenizer = load_configured(cfg, groups=groups)
     ids = encode_prompt(tokenizer, text, None if cfg.chat == "auto" else cfg.chat == "on").to(input_device(model))
     ctx = kv_geometry(model).max_context
     if ctx and ids.shape[1] + cfg.max_new_tokens > ctx:
@@ -102,7 +102,8 @@ def run(args) -> int:
 
 def _cache(cfg: GenerateConfig, model, tokenizer, tiers: bool):
     """The cache the flags ask for: full; the artifact's mix; EchoKV-Q; or the ladder full -> EchoKV-Q -> the mix."""
-    from ..cache import CompressedCache, EchoKVCache, FullCache, TieredCache, mix_codec
+    from ..cache import CompressedCache, FullCache, TieredCache
+    from ..codecs.mix import EchoKVCache, mix_codec
 
     if cfg.echokv_q is None:
         if not cfg.artifact:

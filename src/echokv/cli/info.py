@@ -12,10 +12,10 @@ HELP = "KV geometry of a model"
 
 
 def run(args) -> int:
-    from ..models import kv_geometry
+    from ..models import kv_geometry, load_configured
 
     cfg = from_args(args, InfoConfig)
-    model, _ = cfg.load()  # also the tiny random models of echokv.tiny: tiny-llama, tiny-gemma3, ...
+    model, _ = load_configured(cfg)  # also the tiny random models of echokv.tiny: tiny-llama, tiny-gemma3, ...
     geo = kv_geometry(model)
     if cfg.json:
         print(json.dumps({"model": cfg.model, **geo.to_dict()}))

@@ -14,6 +14,7 @@ HELP = "train an EchoKV network (stage 1 + stage 2) and write an artifact"
 def run(args) -> int:
     from .. import artifact, distributed
     from ..data import require_tokens
+    from ..models import load_configured
     from ..training import check_data_parallel, train, validate
     from ..util import check_output_dir
 
@@ -25,7 +26,7 @@ def run(args) -> int:
     cfg.progress = cfg.progress and distributed.is_main()
     # the groups training makes (S = 4 unless given; the paper layout searches S, so its map is not checked)
     groups = cfg.group_size or (4 if cfg.variant == "mix" or cfg.layout == "data" else None)
-    model, tokenizer = from_args(args, ModelConfig).load(groups=groups)
+    model, tokenizer = load_configured(from_args(args, ModelConfig), groups=groups)
     validate(cfg, model)
     require_tokens(tokenizer, "calibration", cfg.calib_tokens, cfg.seq_len, cfg.text_paths)
     require_tokens(tokenizer, "evaluation", cfg.heldout_tokens, cfg.seq_len, cfg.text_paths)

@@ -11,9 +11,3 @@ How a codec's parameters are fitted, and how a method is run and reported, is th
 * :mod:`~echokv.codecs.quant`: group-wise integer codes.
 """
 
-
-def echokv_codec(network, model):
-    """The codec of a trained EchoKV network (:class:`~echokv.mixes.Mixes`): :class:`~echokv.codecs.mix.MixCodec`."""
-    from .mix import MixCodec
-
-    return MixCodec(network, model)

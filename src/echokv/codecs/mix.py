@@ -14,9 +14,14 @@ and shared by its S layers.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from .. import attention, placement
+from ..artifact import load
 from ..cache.codec import KVCodec
+from ..cache.compressed import CompressedCache, check_model
 from ..mixes import FLOAT_WIDTHS, FP16_MAX, KINDS, Mixes, dequantize, quantize
 from ..stats.rope import Rope, unrotate
 from .fast import attention_weights
@@ -172,4 +177,35 @@ class MixCodec(KVCodec):
         return out.to(q.dtype).reshape(b, hq, tq, d).transpose(1, 2).contiguous()
 
 
-__all__ = ["KINDS", "MixCodec"]
+
+class EchoKVCache(CompressedCache):
+    """EchoKV cache: ``EchoKVCache(model, artifact_dir_or_network, switch_at_tokens=4096)``.
+
+    ``fast=True`` (the default where it applies) decodes compressed layers with the fast attention of
+    :mod:`echokv.codecs.mix` inside the echokv attention scope (:func:`echokv.generate` opens it);
+    ``fast=False`` always rebuilds K/V explicitly (the reference).
+    """
+
+    def __init__(self, model, artifact, mode: str | None = None, **kwargs):
+        codec = mix_codec(model, artifact)
+        if mode is None:  # a switch condition means auto mode
+            auto = kwargs.get("switch_at_tokens") is not None or kwargs.get("memory_budget_bytes") is not None
+            mode = "auto" if auto else "full"
+        kwargs.setdefault("fast", attention.serves(model))
+        super().__init__(model, codec, mode=mode, **kwargs)
+
+
+def mix_codec(model, artifact) -> KVCodec:
+    """The codec of a trained artifact (its folder, or the network :func:`echokv.training.train` returned), its
+    groups placed where their layers run."""
+    check_model(model)
+    if not isinstance(artifact, (Mixes, str, os.PathLike)):
+        raise TypeError(f"EchoKVCache needs an artifact: the folder `echokv train` wrote (str or path) or the "
+                        f"network echokv.training.train returned, got {artifact!r}")
+    network = artifact if isinstance(artifact, Mixes) else load(artifact, model)
+    devices = placement.layer_devices(model)
+    network.place([placement.group_device(g, devices) for g in network.layout.groups])
+    return MixCodec(network, model)
+
+
+__all__ = ["KINDS", "EchoKVCache", "MixCodec", "mix_codec"]

@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import distributed
-
-RIDGE = 1e-3  # relative to the mean diagonal of the normal equations
+from ..config import RIDGE
 
 
 def to_complex(k: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ def run(args) -> int:
     """Cheap checks (out folder, --layers format) before loading the model, checks that need the model or
     tokenizer (layer range, memory, text length) before the capture; the folder is written atomically."""
     from echokv.data import require_tokens, token_blocks
-    from echokv.models import kv_geometry
+    from echokv.models import kv_geometry, load_configured
     from echokv.util import check_output_dir
     from echokv_lab import similarity
 
@@ -27,7 +27,7 @@ def run(args) -> int:
         return _referee(cfg, out)
     if cfg.layers is not None:
         similarity.parse_layers(cfg.layers)
-    model, tokenizer = cfg.load()
+    model, tokenizer = load_configured(cfg)
     geo = kv_geometry(model)
     layers = similarity.resolve_layers(geo, cfg.layers)
     similarity.check_size(geo, layers)
@@ -65,10 +65,11 @@ def run(args) -> int:
 
 def _referee(cfg: AnalyzeConfig, out: Path) -> int:
     from echokv import artifact
+    from echokv.models import load_configured
     from echokv_lab import referee
 
     artifact.read_config(cfg.artifact)  # a broken artifact is refused before the model loads
-    model, tokenizer = cfg.load()
+    model, tokenizer = load_configured(cfg)
     result = referee.analyze(model, tokenizer, cfg.artifact, cfg.seq_len, cfg.text)
     written = referee.write(result, out, cfg.overwrite)
     ac = result["across_sources"]

@@ -55,7 +55,7 @@ def run(args) -> int:
     from echokv import kernels
     from echokv.artifact import load, read_config
     from echokv.data import require_tokens, token_blocks
-    from echokv.models import kv_geometry
+    from echokv.models import kv_geometry, load_configured
     from echokv.placement import input_device
     from echokv.util import check_output_dir, parse_csv
     from echokv_lab import bench
@@ -87,7 +87,7 @@ def run(args) -> int:
     config = read_config(cfg.artifact)
     if budgets:
         _check_budgets(cfg, texts, budgets, config["model"]["geometry"])
-    model, tokenizer = cfg.load(groups=config["layout"]["groups"])
+    model, tokenizer = load_configured(cfg, groups=config["layout"]["groups"])
     geo = kv_geometry(model)
     longest = max(contexts + ([cfg.budget_context] if budgets else []))
     if geo.max_context and longest + cfg.decode_tokens > geo.max_context:
@@ -122,7 +122,7 @@ def run(args) -> int:
     if cfg.compare_dtype not in ("none", cfg.dtype):
         from dataclasses import replace
 
-        other, _ = replace(cfg, dtype=cfg.compare_dtype, offload_folder=None).load()  # (its own offload folder)
+        other, _ = load_configured(replace(cfg, dtype=cfg.compare_dtype, offload_folder=None))  # (its own offload folder)
         for n, r in zip(contexts, results, strict=True):
             d = bench.dtype_context({cfg.dtype: model, cfg.compare_dtype: other}, text[:, :n], cfg.decode_tokens,
                                     cfg.repeats)

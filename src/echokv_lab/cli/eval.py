@@ -46,9 +46,10 @@ def run(args) -> int:
                           model_name=cfg.model, dtype=cfg.dtype, inputs_file=cfg.inputs)
     quiet_gguf_dtype_warning()
     from echokv.artifact import read_config
+    from echokv.models import load_configured
 
     groups = [g for path in cfg.artifacts or [] for g in read_config(path)["layout"]["groups"]]
-    model, tokenizer = cfg.load(groups=groups or None)
+    model, tokenizer = load_configured(cfg, groups=groups or None)
     rows = runner.execute(job, model, tokenizer, progress=distributed.is_main())
     errors = [r for r in rows if r.get("error")]
     if not distributed.is_main():  # rank 0 reports for all (the same rows, so the same exit status)

@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 
 from echokv import artifact as art
-from echokv.codecs import echokv_codec
+from echokv.codecs.mix import MixCodec
 from echokv.config import DEFAULT_VARIANT, TrainConfig
 from echokv.training import artifact_dir, train_or_reuse
 from echokv_lab.methods.base import Method, register
@@ -69,7 +69,7 @@ class EchoKVMethod(Method):
         self._network = art.load(self.artifact, model, stage=self.stage)
 
     def make_codec(self, model):
-        return echokv_codec(self._network, model)
+        return MixCodec(self._network, model)
 
     @property
     def achieved_kept_fraction(self) -> float:
