@@ -23,4 +23,3 @@ from .tiers import TieredCache
 
 __all__ = ["Appender", "CompressedCache", "CompressedLayer", "FullCache", "GroupStore", "GrowingLayer", "KVCodec",
            "TieredCache", "echokv_attention"]
-

@@ -30,7 +30,7 @@ from .store import GroupStore
 from .switch import Switch, is_count
 
 
-def check_model(model) -> None:
+def require_model(model) -> None:
     if not (hasattr(model, "config") and hasattr(model, "parameters")):
         raise TypeError(f"a cache needs the model it is used with (a transformers causal LM, e.g. from "
                         f"echokv.load_model), got {type(model).__name__}: {model!r:.80}")
@@ -80,7 +80,7 @@ class CompressedCache(DynamicCache):
         full_window: int = 0,
         fast: bool = False,
     ):
-        check_model(model)
+        require_model(model)
         switch = Switch(mode, switch_at_tokens, memory_budget_bytes)
         if not is_count(full_window, 0):
             raise ValueError(f"full_window must be a non-negative integer, got {full_window!r}")
@@ -162,7 +162,7 @@ class CompressedCache(DynamicCache):
 
     def check_model(self, model) -> None:
         """Refuse a model other than the one the cache was made for: ``ValueError`` naming both."""
-        check_model(model)
+        require_model(model)
         theirs = _describe(model)
         if theirs != self.made_for:
             raise ValueError(f"this cache was made for another model ({self.made_for}) than the one it is used "

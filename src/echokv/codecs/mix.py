@@ -21,7 +21,7 @@ import torch
 from .. import attention, placement
 from ..artifact import load
 from ..cache.codec import KVCodec
-from ..cache.compressed import CompressedCache, check_model
+from ..cache.compressed import CompressedCache, require_model
 from ..mixes import FLOAT_WIDTHS, FP16_MAX, KINDS, Mixes, dequantize, quantize
 from ..stats.rope import Rope, unrotate
 from .fast import attention_weights
@@ -177,7 +177,6 @@ class MixCodec(KVCodec):
         return out.to(q.dtype).reshape(b, hq, tq, d).transpose(1, 2).contiguous()
 
 
-
 class EchoKVCache(CompressedCache):
     """EchoKV cache: ``EchoKVCache(model, artifact_dir_or_network, switch_at_tokens=4096)``.
 
@@ -198,7 +197,7 @@ class EchoKVCache(CompressedCache):
 def mix_codec(model, artifact) -> KVCodec:
     """The codec of a trained artifact (its folder, or the network :func:`echokv.training.train` returned), its
     groups placed where their layers run."""
-    check_model(model)
+    require_model(model)
     if not isinstance(artifact, (Mixes, str, os.PathLike)):
         raise TypeError(f"EchoKVCache needs an artifact: the folder `echokv train` wrote (str or path) or the "
                         f"network echokv.training.train returned, got {artifact!r}")
